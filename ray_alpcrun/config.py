@@ -1,0 +1,112 @@
+"""Settings, in one place: frozen dataclasses built from ``METALCORE_*``
+environment variables and command-line flags. Nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ray_alpcrun.errors import ConfigError
+from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
+from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
+
+ENV_API_KEY = "METALCORE_API_KEY"
+ENV_WORKER_NODE = "METALCORE_WORKER_NODE"
+ENV_WORKER_POD = "METALCORE_WORKER_POD"
+ENV_QUEUE_ADDR = "METALCORE_QUEUE_MANAGER_ADDR"
+ENV_CACHE_ADDR = "METALCORE_CACHE_ADDR"
+ENV_CENTRAL_CACHE_ADDR = "METALCORE_CENTRAL_CACHE_ADDR"
+ENV_LOG_LEVEL = "METALCORE_LOG_LEVEL"
+ENV_NUM_THREADS = "METALCORE_NUM_THREADS"
+
+DEFAULT_QUEUE_ADDR = "127.0.0.1:1337"
+DEFAULT_CENTRAL_CACHE_ADDR = "127.0.0.1:2337"
+DEFAULT_NODE_CACHE_ADDR = "127.0.0.1:3337"
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    """A snapshot of the ``METALCORE_*`` variables; ``None`` where unset or empty."""
+
+    api_key: str | None = None
+    worker_node: str | None = None
+    worker_pod: str | None = None
+    queue_addr: str | None = None
+    cache_addr: str | None = None
+    central_cache_addr: str | None = None
+    log_level: str | None = None
+    num_threads: int | None = None
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> Env:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        threads = get(ENV_NUM_THREADS)
+        try:
+            num_threads = int(threads) if threads is not None else None
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_NUM_THREADS} must be an integer, got {threads!r}") from exc
+        return cls(
+            api_key=get(ENV_API_KEY),
+            worker_node=get(ENV_WORKER_NODE),
+            worker_pod=get(ENV_WORKER_POD),
+            queue_addr=get(ENV_QUEUE_ADDR),
+            cache_addr=get(ENV_CACHE_ADDR),
+            central_cache_addr=get(ENV_CENTRAL_CACHE_ADDR),
+            log_level=get(ENV_LOG_LEVEL),
+            num_threads=num_threads,
+        )
+
+
+def default_node() -> str:
+    """Outside Kubernetes the node is this host."""
+    return socket.gethostname()
+
+
+def default_pod() -> str:
+    """Outside Kubernetes a pod name that is unique per process on this host."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def check_address(address: str, what: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{what} must be HOST:PORT, got {address!r}")
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """How to reach the ALPCRUN.CH services (queue manager and caches)."""
+
+    queue_address: str = DEFAULT_QUEUE_ADDR
+    cache_address: str = DEFAULT_NODE_CACHE_ADDR
+    central_cache_address: str = DEFAULT_CENTRAL_CACHE_ADDR
+    api_key: str | None = None
+    proto_package: str = DEFAULT_PROTO_PACKAGE
+    tls: TlsFiles | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        check_address(self.queue_address, "queue address")
+        check_address(self.cache_address, "cache address")
+        check_address(self.central_cache_address, "central cache address")
+        if self.max_message_bytes <= 0:
+            raise ConfigError("max_message_bytes must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    node: str = field(default_factory=default_node)
+    pod: str = field(default_factory=default_pod)
+
+    def __post_init__(self) -> None:
+        if not self.node or not self.pod:
+            raise ConfigError("worker node and pod must not be empty")

@@ -1,0 +1,263 @@
+"""The one place that converts between protobuf and the project's own types.
+
+gRPC calls in this project are registered with the (de)serialisers below, so
+that servers, clients and workers send and receive ``ray_alpcrun.types``
+objects and never see ``*_pb2`` classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from google.protobuf.message import DecodeError
+
+from ray_alpcrun._proto import ghpc_pb2 as pb
+from ray_alpcrun.errors import ProtocolError
+from ray_alpcrun.types import (
+    Batch,
+    Instruction,
+    InstructionType,
+    Message,
+    Session,
+    SessionAttributes,
+    SharedData,
+    Status,
+    WorkerState,
+    WorkerStatus,
+)
+
+# --- durations -------------------------------------------------------------
+
+
+def _duration_to_s(d: Any) -> float:
+    return float(d.seconds) + d.nanos / 1e9
+
+
+def _set_duration(d: Any, seconds: float) -> None:
+    whole = int(seconds)
+    d.seconds = whole
+    d.nanos = int(round((seconds - whole) * 1e9))
+
+
+# --- sessions --------------------------------------------------------------
+
+
+def session_to_pb(s: Session) -> pb.Session:
+    msg = pb.Session(id=s.id)
+    msg.app.id = s.app_id
+    a = s.attributes
+    if a is not None:
+        out = msg.attributes
+        out.priority = a.priority
+        out.client_id = a.client_id
+        if a.min_workers is not None:
+            out.min_workers = a.min_workers
+        if a.max_workers is not None:
+            out.max_workers = a.max_workers
+        if a.idle_timeout_s is not None:
+            _set_duration(out.idle_timeout, a.idle_timeout_s)
+        out.preemptible = a.preemptible
+        out.cleanup_on_client_exit = a.cleanup_on_client_exit
+        out.max_inflight_batches_per_worker = a.max_inflight_batches_per_worker
+        out.tags.extend(a.tags)
+    return msg
+
+
+def session_from_pb(msg: pb.Session) -> Session:
+    attrs = None
+    if msg.HasField("attributes"):
+        a = msg.attributes
+        attrs = SessionAttributes(
+            priority=a.priority,
+            client_id=a.client_id,
+            min_workers=a.min_workers if a.HasField("min_workers") else None,
+            max_workers=a.max_workers if a.HasField("max_workers") else None,
+            idle_timeout_s=_duration_to_s(a.idle_timeout) if a.HasField("idle_timeout") else None,
+            preemptible=a.preemptible,
+            cleanup_on_client_exit=a.cleanup_on_client_exit,
+            max_inflight_batches_per_worker=a.max_inflight_batches_per_worker,
+            tags=tuple(a.tags),
+        )
+    return Session(id=msg.id, app_id=msg.app.id, attributes=attrs)
+
+
+# --- batches ---------------------------------------------------------------
+
+
+def batch_to_pb(b: Batch) -> pb.Batch:
+    msg = pb.Batch(id=b.id, session_id=b.session_id, priority=b.priority)
+    if b.use_shared_data is not None:
+        msg.use_shared_data = b.use_shared_data
+    if b.required_shared_data_update_level is not None:
+        msg.required_shared_data_update_level = b.required_shared_data_update_level
+    if b.dead is not None:
+        msg.dead = b.dead
+    add = msg.messages.add
+    for m in b.messages:
+        out = add(id=m.id, payload=m.payload)
+        if m.related_id is not None:
+            out.related_id = m.related_id
+        if m.error is not None:
+            out.error = m.error
+    return msg
+
+
+def batch_from_pb(msg: pb.Batch) -> Batch:
+    messages = [
+        Message(
+            m.id,
+            m.payload,
+            m.related_id if m.HasField("related_id") else None,
+            m.error if m.HasField("error") else None,
+        )
+        for m in msg.messages
+    ]
+    return Batch(
+        id=msg.id,
+        session_id=msg.session_id,
+        priority=msg.priority,
+        messages=messages,
+        use_shared_data=msg.use_shared_data if msg.HasField("use_shared_data") else None,
+        required_shared_data_update_level=(
+            msg.required_shared_data_update_level
+            if msg.HasField("required_shared_data_update_level")
+            else None
+        ),
+        dead=msg.dead if msg.HasField("dead") else None,
+    )
+
+
+# --- worker control --------------------------------------------------------
+
+
+def instruction_to_pb(i: Instruction) -> pb.Instruction:
+    return pb.Instruction(type=int(i.type), session_id=i.session_id)  # type: ignore[arg-type]
+
+
+def instruction_from_pb(msg: pb.Instruction) -> Instruction:
+    try:
+        kind = InstructionType(msg.type)
+    except ValueError as exc:
+        raise ProtocolError(f"unknown Instruction.type {msg.type}") from exc
+    return Instruction(type=kind, session_id=msg.session_id)
+
+
+def worker_state_to_pb(s: WorkerState) -> pb.WorkerState:
+    return pb.WorkerState(
+        worker_id=s.worker_id,
+        status=int(s.status),  # type: ignore[arg-type]
+        session_id=s.session_id,
+    )
+
+
+def worker_state_from_pb(msg: pb.WorkerState) -> WorkerState:
+    try:
+        status = WorkerStatus(msg.status)
+    except ValueError as exc:
+        raise ProtocolError(f"unknown WorkerState.status {msg.status}") from exc
+    return WorkerState(worker_id=msg.worker_id, status=status, session_id=msg.session_id)
+
+
+# --- shared data -----------------------------------------------------------
+
+
+def shared_data_to_pb(s: SharedData) -> pb.SharedData:
+    msg = pb.SharedData(session_id=s.session_id, payload=s.payload)
+    if s.update_level is not None:
+        msg.update_level = s.update_level
+    if s.ttl_s is not None:
+        _set_duration(msg.ttl, s.ttl_s)
+    return msg
+
+
+def shared_data_from_pb(msg: pb.SharedData) -> SharedData:
+    return SharedData(
+        session_id=msg.session_id,
+        update_level=msg.update_level if msg.HasField("update_level") else None,
+        payload=msg.payload,
+        ttl_s=_duration_to_s(msg.ttl) if msg.HasField("ttl") else None,
+    )
+
+
+def status_to_pb(_: Status) -> pb.Status:
+    return pb.Status()
+
+
+def status_from_pb(_: pb.Status) -> Status:
+    return Status()
+
+
+# --- serialisers used by the gRPC method tables ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """Turns one of the project's types into wire bytes and back."""
+
+    encode: Callable[[Any], bytes]
+    decode: Callable[[bytes], Any]
+
+
+def _codec(pb_type: Any, to_pb: Callable[[Any], Any], from_pb: Callable[[Any], Any]) -> Codec:
+    name = pb_type.DESCRIPTOR.name
+
+    def encode(obj: Any) -> bytes:
+        data: bytes = to_pb(obj).SerializeToString()
+        return data
+
+    def decode(data: bytes) -> Any:
+        try:
+            return from_pb(pb_type.FromString(data))
+        except DecodeError as exc:
+            raise ProtocolError(f"malformed {name}: {exc}") from exc
+
+    return Codec(encode, decode)
+
+
+CODECS: dict[type, Codec] = {
+    Session: _codec(pb.Session, session_to_pb, session_from_pb),
+    Batch: _codec(pb.Batch, batch_to_pb, batch_from_pb),
+    Status: _codec(pb.Status, status_to_pb, status_from_pb),
+    Instruction: _codec(pb.Instruction, instruction_to_pb, instruction_from_pb),
+    WorkerState: _codec(pb.WorkerState, worker_state_to_pb, worker_state_from_pb),
+    SharedData: _codec(pb.SharedData, shared_data_to_pb, shared_data_from_pb),
+}
+
+Cardinality = Literal["unary_unary", "unary_stream", "stream_stream"]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSpec:
+    service: str
+    name: str
+    cardinality: Cardinality
+    request: type
+    response: type
+
+
+def _methods() -> dict[str, MethodSpec]:
+    pool = pb.DESCRIPTOR
+    own = {cls.__name__: cls for cls in CODECS}
+    out: dict[str, MethodSpec] = {}
+    for service in pool.services_by_name.values():
+        for m in service.methods:
+            if m.client_streaming and m.server_streaming:
+                card: Cardinality = "stream_stream"
+            elif m.server_streaming:
+                card = "unary_stream"
+            elif not m.client_streaming:
+                card = "unary_unary"
+            else:  # pragma: no cover - the contract has no client-streaming-only RPC
+                raise AssertionError(m.full_name)
+            out[f"{service.name}.{m.name}"] = MethodSpec(
+                service.name, m.name, card, own[m.input_type.name], own[m.output_type.name]
+            )
+    return out
+
+
+# Keyed "Service.Method", e.g. "Queue.WorkerUpdate"; derived from the proto so
+# the two cannot disagree.
+METHODS: dict[str, MethodSpec] = _methods()
+DEFAULT_PROTO_PACKAGE = pb.DESCRIPTOR.package
