@@ -27,6 +27,8 @@ MD_WORKER_ID = "workerid"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 Metadata = tuple[tuple[str, str], ...]
+# grpc's stubs make these generic; the project's code does not need the parameters.
+Context = Any
 
 
 def method_path(package: str, service: str, method: str) -> str:
@@ -195,9 +197,7 @@ def _lenient(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return run
 
 
-async def _checked_stream(
-    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-) -> AsyncIterator[Any]:
+async def _checked_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
     async for item in requests:
         if isinstance(item, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.reason)
@@ -214,7 +214,7 @@ def _wrap(spec: MethodSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
     if spec.cardinality == "stream_stream":
 
         async def stream_handler(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            requests: AsyncIterator[Any], context: Context
         ) -> AsyncIterator[Any]:
             async for item in fn(_checked_stream(requests, context), context):
                 yield item
@@ -223,9 +223,7 @@ def _wrap(spec: MethodSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     if spec.cardinality == "unary_stream":
 
-        async def unary_stream_handler(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        async def unary_stream_handler(request: Any, context: Context) -> AsyncIterator[Any]:
             if isinstance(request, Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             async for item in fn(request, context):
@@ -233,7 +231,7 @@ def _wrap(spec: MethodSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
 
         return unary_stream_handler
 
-    async def unary_handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary_handler(request: Any, context: Context) -> Any:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         return await fn(request, context)
@@ -241,14 +239,12 @@ def _wrap(spec: MethodSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
     return unary_handler
 
 
-def service_handler(
-    service: str, impl: object, package: str = DEFAULT_PROTO_PACKAGE
-) -> grpc.GenericRpcHandler:
+def service_handler(service: str, impl: object, package: str = DEFAULT_PROTO_PACKAGE) -> Any:
     """A grpc.aio handler serving ``service`` from ``impl``'s methods named as the RPCs
     (``async def CreateSession(self, request, context)``, async generators for
     server streams). Malformed requests are answered INVALID_ARGUMENT before
     ``impl`` sees them."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, Any] = {}
     for spec in METHODS.values():
         if spec.service != service:
             continue

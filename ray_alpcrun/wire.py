@@ -38,7 +38,7 @@ def _duration_to_s(d: Any) -> float:
 def _set_duration(d: Any, seconds: float) -> None:
     whole = int(seconds)
     d.seconds = whole
-    d.nanos = int(round((seconds - whole) * 1e9))
+    d.nanos = round((seconds - whole) * 1e9)
 
 
 # --- sessions --------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Regenerate ray_alpcrun/_proto from proto/ghpc.proto.
 
-    python scripts/gen_proto.py           # rewrite the committed files
-    python scripts/gen_proto.py --check   # exit 1 if they drifted (used by tests)
+python scripts/gen_proto.py           # rewrite the committed files
+python scripts/gen_proto.py --check   # exit 1 if they drifted (used by tests)
 """
 
 from __future__ import annotations

@@ -1,0 +1,197 @@
+"""Drives a :class:`~ray_alpcrun.handler.Handler` through the session life cycle.
+
+One ``HandlerRuntime`` lives in each pool actor (and in the plain reference
+worker). It keeps per-session state, decodes shared data once per
+(session, update level), and turns handler exceptions into per-task errors.
+No Ray, no gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray_alpcrun.errors import AlpcrunError
+from ray_alpcrun.handler import Handler, SessionContext
+
+log = logging.getLogger(__name__)
+
+# (payload, None) for a result, (None, error) for a failed task.
+Outcome = tuple[bytes | None, str | None]
+
+DEFAULT_MAX_SESSIONS = 32
+
+
+class SessionSetupError(AlpcrunError):
+    """Raised when a batch cannot run at all: shared data could not be decoded or
+    the session start hook raised. The caller answers the batch as dead."""
+
+
+def describe(exc: BaseException) -> str:
+    """The error text a failed task carries: exception type and message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class SharedSpec:
+    """Which shared data a batch needs; ``fetch`` is called only on a cache miss."""
+
+    level: int | None
+    fetch: Callable[[], bytes]
+
+
+class HandlerRuntime:
+    """Per-process session table around one handler instance.
+
+    ``to_device`` (e.g. a CuPy upload) is applied to decoded shared data once per
+    (session, level); ``xp`` and ``device`` are handed to the handler through
+    the session context.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        xp: Any = None,
+        device: Any = None,
+        to_device: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self.handler = handler
+        self.max_sessions = max_sessions
+        self.xp = xp
+        self.device = device
+        self._to_device = to_device
+        self._sessions: OrderedDict[str, SessionContext] = OrderedDict()
+        self.shared_decodes = 0
+
+    @property
+    def session_ids(self) -> list[str]:
+        return list(self._sessions)
+
+    def session(
+        self, session_id: str, shared: SharedSpec | None = None, tags: Sequence[str] = ()
+    ) -> SessionContext:
+        """The session's context, started (and its shared data brought up to date) if needed."""
+        ctx = self._sessions.get(session_id)
+        if ctx is None:
+            ctx = SessionContext(id=session_id, tags=tuple(tags), xp=self.xp, device=self.device)
+            if shared is not None:
+                self._load_shared(ctx, shared)
+            try:
+                self.handler.on_session_start(ctx)
+            except Exception as exc:
+                raise SessionSetupError(
+                    f"session start hook failed for {session_id}: {describe(exc)}"
+                ) from exc
+            self._sessions[session_id] = ctx
+            self._evict()
+        else:
+            self._sessions.move_to_end(session_id)
+            if shared is not None and _is_newer(shared.level, ctx.update_level):
+                previous = ctx.update_level
+                self._load_shared(ctx, shared)
+                try:
+                    self.handler.on_shared_update(ctx, previous)
+                except Exception as exc:
+                    raise SessionSetupError(
+                        f"shared-data update hook failed for {session_id}: {describe(exc)}"
+                    ) from exc
+        return ctx
+
+    def run(
+        self,
+        session_id: str,
+        payloads: Sequence[bytes],
+        shared: SharedSpec | None = None,
+        tags: Sequence[str] = (),
+    ) -> list[Outcome]:
+        """Process one (sub-)batch; one outcome per payload, in order.
+
+        Raises :class:`SessionSetupError` when nothing can run (see there).
+        """
+        ctx = self.session(session_id, shared, tags)
+        batch_fn = self.handler.process_batch
+        if batch_fn is not None and len(payloads) > 1:
+            try:
+                results = batch_fn(list(payloads), ctx)
+            except Exception:
+                # Fall back to one task at a time so only the culprit fails.
+                log.debug("process_batch raised; retrying task by task\n%s", traceback.format_exc())
+            else:
+                if len(results) == len(payloads):
+                    return [_outcome(r) for r in results]
+                log.warning(
+                    "process_batch returned %d results for %d tasks; retrying task by task",
+                    len(results),
+                    len(payloads),
+                )
+        out: list[Outcome] = []
+        process = self.handler.process
+        for payload in payloads:
+            try:
+                out.append(_outcome(process(payload, ctx)))
+            except Exception as exc:
+                out.append((None, describe(exc)))
+        return out
+
+    def end_session(self, session_id: str) -> bool:
+        """Run the end hook and drop the session's state; False if it was not here."""
+        ctx = self._sessions.pop(session_id, None)
+        if ctx is None:
+            return False
+        self._finish(ctx)
+        return True
+
+    def close(self) -> None:
+        for session_id in list(self._sessions):
+            self.end_session(session_id)
+
+    def _evict(self) -> None:
+        while len(self._sessions) > self.max_sessions:
+            _, oldest = self._sessions.popitem(last=False)
+            log.info("session %s evicted from this actor (max %d)", oldest.id, self.max_sessions)
+            self._finish(oldest)
+
+    def _finish(self, ctx: SessionContext) -> None:
+        try:
+            self.handler.on_session_end(ctx)
+        except Exception:
+            log.exception("session end hook failed for %s", ctx.id)
+        ctx.shared = None
+        ctx.state.clear()
+
+    def _load_shared(self, ctx: SessionContext, shared: SharedSpec) -> None:
+        try:
+            value = self.handler.decode_shared(shared.fetch())
+            if self._to_device is not None:
+                value = self._to_device(value)
+        except Exception as exc:
+            raise SessionSetupError(
+                f"shared data for session {ctx.id} (level {shared.level}) could not be "
+                f"loaded: {describe(exc)}"
+            ) from exc
+        self.shared_decodes += 1
+        ctx.shared = value
+        ctx.update_level = shared.level
+
+
+def _is_newer(level: int | None, current: int | None) -> bool:
+    if level is None:
+        return False
+    return current is None or level > current
+
+
+def _outcome(result: Any) -> Outcome:
+    if isinstance(result, BaseException):
+        return None, describe(result)
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return bytes(result), None
+    return None, f"TypeError: handler returned {type(result).__name__}, expected bytes"
