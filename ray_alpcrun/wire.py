@@ -32,7 +32,7 @@ from ray_alpcrun.types import (
 
 
 def _duration_to_s(d: Any) -> float:
-    return float(d.seconds) + d.nanos / 1e9
+    return float(d.seconds) + float(d.nanos) / 1e9
 
 
 def _set_duration(d: Any, seconds: float) -> None:
