@@ -47,3 +47,28 @@ class TaskFailed(AlpcrunError):
         super().__init__(f"task {task_id}: {error}")
         self.task_id = task_id
         self.error = error
+
+
+class SharedDataUnavailable(AlpcrunError):
+    """Raised when a batch's shared data cannot be fetched from the node cache."""
+
+
+class FatalError(AlpcrunError):
+    """Raised when the bridge must stop rather than retry; ``exit_code`` says why."""
+
+    def __init__(self, exit_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.exit_code = exit_code
+        self.reason = reason
+
+
+# Exit codes of the command-line programs, one per cause an operator must fix.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_AUTH = 4
+EXIT_TLS = 5
+EXIT_HANDLER = 6
+EXIT_UNAVAILABLE = 7
+EXIT_INTERRUPTED = 130

@@ -1,0 +1,226 @@
+"""One bound session on one logical worker: its ``WorkerStream``.
+
+Batches are processed concurrently (the queue manager's window bounds how many
+are in flight); results go back on the stream the batch came from, never on
+another. If the stream breaks, results that can no longer be sent are dropped:
+the queue manager re-delivers those batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+
+from ray_alpcrun import errors
+from ray_alpcrun.bridge.batches import dead_batch, result_batch
+from ray_alpcrun.bridge.shared import SharedDataCache
+from ray_alpcrun.logs import fields
+from ray_alpcrun.runtime import Outcome, SessionSetupError, describe
+from ray_alpcrun.transport import MD_SESSION_ID, MD_WORKER_ID, Metadata, Stub
+from ray_alpcrun.types import Batch
+
+log = logging.getLogger(__name__)
+
+# How long a half-closed stream waits for the queue manager to end it.
+_CLOSE_WAIT_S = 5.0
+
+
+class Processor(Protocol):
+    """The compute side of the bridge (on Ray: the actor pool)."""
+
+    async def share(self, session_id: str, level: int | None, payload: bytes) -> Any:
+        """Make shared data available to the compute side once; return a handle."""
+
+    async def process(
+        self, session_id: str, payloads: list[bytes], shared: Any | None
+    ) -> list[Outcome]:
+        """One outcome per payload; raise SessionSetupError if nothing can run."""
+
+    async def end_session(self, session_id: str) -> None:
+        """Release the session's state everywhere."""
+
+
+@dataclass
+class BridgeStats:
+    """Counters the bridge keeps (exported as metrics)."""
+
+    tasks_ok: int = 0
+    tasks_failed: int = 0
+    batches_done: int = 0
+    batches_dead: int = 0
+    batches_in_flight: int = 0
+    results_dropped: int = 0
+    batch_latency_s: list[float] = field(default_factory=list)
+
+    def observe(self, seconds: float) -> None:
+        self.batch_latency_s.append(seconds)
+        if len(self.batch_latency_s) > 10_000:
+            del self.batch_latency_s[:5_000]
+
+
+@dataclass
+class Link:
+    """What a session stream needs from its worker."""
+
+    queue: Stub
+    metadata: Metadata
+    shared: SharedDataCache
+    processor: Processor
+    stats: BridgeStats
+    max_message_bytes: int
+
+
+class SessionStream:
+    def __init__(self, link: Link, session_id: str, worker_id: str) -> None:
+        self.link = link
+        self.session_id = session_id
+        self.worker_id = worker_id
+        self._call: Any = None
+        self._write_lock = asyncio.Lock()
+        self._batches: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._reader: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._batches)
+
+    def start(self) -> None:
+        metadata = (
+            *self.link.metadata,
+            (MD_SESSION_ID, self.session_id),
+            (MD_WORKER_ID, self.worker_id),
+        )
+        self._call = self.link.queue.WorkerStream(metadata=metadata)
+        self._reader = asyncio.create_task(self._read(), name=f"stream-{self.session_id}")
+
+    async def _read(self) -> None:
+        call = self._call
+        try:
+            while True:
+                batch = await call.read()
+                if batch is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    log.info("session stream ended by the queue manager", extra=self._f())
+                    break
+                task = asyncio.create_task(self._handle(batch))
+                self._batches.add(task)
+                self._idle.clear()
+                task.add_done_callback(self._batch_done)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.warning(
+                    "session stream broke",
+                    extra=self._f(code=exc.code().name, details=exc.details()),
+                )
+        except errors.ProtocolError as exc:
+            log.error("malformed frame on session stream", extra=self._f(error=str(exc)))
+        finally:
+            self.closed.set()
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if not self._batches:
+            self._idle.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch handler crashed", exc_info=task.exception(), extra=self._f())
+
+    async def _handle(self, batch: Batch) -> None:
+        stats = self.link.stats
+        stats.batches_in_flight += 1
+        started = time.perf_counter()
+        try:
+            answer = await self._answer(batch)
+        finally:
+            stats.batches_in_flight -= 1
+        elapsed = time.perf_counter() - started
+        if answer.dead:
+            stats.batches_dead += 1
+        failed = sum(1 for m in answer.messages if m.error is not None)
+        stats.tasks_failed += failed
+        stats.tasks_ok += len(answer.messages) - failed
+        stats.batches_done += 1
+        stats.observe(elapsed)
+        await self._send(answer)
+        log.debug(
+            "batch answered",
+            extra=self._f(
+                batch=batch.id, tasks=len(batch.messages), failed=failed, ms=elapsed * 1e3
+            ),
+        )
+
+    async def _answer(self, batch: Batch) -> Batch:
+        if batch.session_id and batch.session_id != self.session_id:
+            return dead_batch(
+                batch, f"batch for session {batch.session_id} arrived on {self.session_id}'s stream"
+            )
+        shared = None
+        try:
+            if batch.use_shared_data:
+                shared = await self.link.shared.get(
+                    self.session_id, batch.required_shared_data_update_level
+                )
+            outcomes = await self.link.processor.process(
+                self.session_id, [m.payload for m in batch.messages], shared
+            )
+        except (errors.SharedDataUnavailable, SessionSetupError) as exc:
+            log.warning("batch cannot run", extra=self._f(batch=batch.id, error=str(exc)))
+            return dead_batch(batch, str(exc))
+        except Exception as exc:
+            log.exception("processing failed", extra=self._f(batch=batch.id))
+            return dead_batch(batch, f"bridge failed to process the batch: {describe(exc)}")
+        return result_batch(batch, outcomes, self.link.max_message_bytes)
+
+    async def _send(self, answer: Batch) -> None:
+        if self.closed.is_set():
+            self.link.stats.results_dropped += 1
+            log.info("stream gone; result dropped", extra=self._f(batch=answer.id))
+            return
+        try:
+            async with self._write_lock:
+                await self._call.write(answer)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            self.link.stats.results_dropped += 1
+            log.info("result dropped: stream closed", extra=self._f(batch=answer.id, error=exc))
+
+    async def drain(self, timeout_s: float | None) -> bool:
+        """Finish the batches in flight, half-close and wait for the end of the stream.
+
+        Returns False if the deadline passed first (the rest is then cancelled and
+        the queue manager re-delivers it).
+        """
+        finished = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            finished = False
+            log.warning("drain deadline passed", extra=self._f(in_flight=self.in_flight))
+        if self._call is not None and not self.closed.is_set():
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                async with self._write_lock:
+                    await self._call.done_writing()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.closed.wait(), _CLOSE_WAIT_S)
+        await self.abort()
+        return finished
+
+    async def abort(self) -> None:
+        """Stop at once: cancel the stream and the batches in flight."""
+        if self._call is not None:
+            self._call.cancel()
+        tasks = [*self._batches, *([self._reader] if self._reader else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.closed.set()
+
+    def _f(self, **extra: Any) -> dict[str, Any]:
+        return fields(worker=self.worker_id, session=self.session_id, **extra)

@@ -1,0 +1,351 @@
+"""The gRPC side of the bridge: K logical ALPCRUN.CH workers ("slots").
+
+Each slot registers on ``WorkerUpdate`` (reading its ``workerid`` header),
+reports IDLE/BUSY and follows BIND/UNBIND by opening or draining a
+:class:`SessionStream`. Connection loss is retried with exponential backoff and
+jitter; configuration errors (API key, TLS trust, proto package) stop the
+bridge with a :class:`~ray_alpcrun.errors.FatalError`. Never imports Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from ray_alpcrun import errors, transport
+from ray_alpcrun.bridge.session import BridgeStats, Link, Processor, SessionStream
+from ray_alpcrun.bridge.shared import SharedDataCache
+from ray_alpcrun.logs import fields
+from ray_alpcrun.transport import MD_NODE, MD_POD, MD_WORKER_ID
+from ray_alpcrun.types import (
+    InstructionType,
+    SharedData,
+    WorkerState,
+    WorkerStatus,
+)
+
+log = logging.getLogger(__name__)
+
+_TLS_WORDS = ("ssl", "tls", "certificate", "handshake", "x509")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """What the gRPC side needs; built by the CLI from ``BridgeConfig``."""
+
+    queue_address: str
+    cache_address: str
+    api_key: str | None
+    proto_package: str
+    node: str
+    pod: str
+    slots: int
+    tls: transport.TlsFiles | None = None
+    max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES
+    connect_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 10.0
+    max_connect_attempts: int | None = None
+    drain_timeout_s: float = 30.0
+    session_linger_s: float = 30.0
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, initial * 2**attempt)]."""
+    return rng.uniform(0.0, min(max_s, initial_s * (2.0**attempt)))
+
+
+def fatal_for(
+    exc: errors.RpcError, settings: WorkerSettings, what: str
+) -> errors.FatalError | None:
+    """The fatal error a failed call means, or None if retrying may help."""
+    if isinstance(exc, errors.AuthError):
+        return errors.FatalError(
+            errors.EXIT_AUTH,
+            f"the {what} rejected the API key ({exc.code}: {exc.details}); set "
+            "METALCORE_API_KEY or --api-key to the key the services were started with",
+        )
+    tls = settings.tls
+    if exc.code == "UNAVAILABLE" and tls and any(w in exc.details.lower() for w in _TLS_WORDS):
+        return errors.FatalError(
+            errors.EXIT_TLS,
+            f"TLS to the {what} failed ({exc.details}); check --ca-cert "
+            f"({tls.ca_cert}) and the server's certificate",
+        )
+    if exc.code == "UNIMPLEMENTED":
+        return errors.FatalError(
+            errors.EXIT_CONFIG,
+            f"the {what} does not serve this RPC under proto package "
+            f"{settings.proto_package!r}; check --proto-package",
+        )
+    return None
+
+
+class Slot:
+    """One logical worker: one registration, at most one bound session."""
+
+    def __init__(self, worker: BridgeWorker, index: int) -> None:
+        self.worker = worker
+        self.index = index
+        pod = worker.settings.pod
+        # Distinct pods let a queue manager that matches streams by node+pod tell slots apart.
+        self.pod = pod if worker.settings.slots == 1 else f"{pod}-s{index}"
+        self.worker_id = ""
+        self.session: SessionStream | None = None
+        self._call: Any = None
+        self._lock = asyncio.Lock()
+        self._unbinding: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+
+    async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
+        if self._call is None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            async with self._lock:
+                await self._call.write(WorkerState(self.worker_id, status, session_id))
+
+    async def serve(self) -> None:
+        """One registration, until the update stream ends (raises on failure)."""
+        w = self.worker
+        metadata = (*w.base_metadata, (MD_POD, self.pod))
+        self._call = call = w.queue.WorkerUpdate(metadata=metadata)
+        try:
+            header = dict(await call.initial_metadata() or ())
+            self.worker_id = str(header.get(MD_WORKER_ID, ""))
+            if not self.worker_id:
+                first = await call.read()  # surfaces the server's error status
+                raise errors.ProtocolError(
+                    f"queue manager sent no '{MD_WORKER_ID}' header (first frame: {first!r})"
+                )
+            await self._report(WorkerStatus.IDLE)
+            self.registered.set()
+            log.info(
+                "registered", extra=fields(worker=self.worker_id, slot=self.index, pod=self.pod)
+            )
+            while True:
+                instruction = await call.read()
+                if instruction is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    log.info("update stream ended", extra=fields(worker=self.worker_id))
+                    return
+                if instruction.type == InstructionType.BIND:
+                    await self._bind(instruction.session_id)
+                elif instruction.type == InstructionType.UNBIND:
+                    self._start_unbind(instruction.session_id)
+        finally:
+            self.registered.clear()
+            if self._unbinding is not None:
+                self._unbinding.cancel()
+            if self.session is not None:
+                # The registration is gone: the queue manager re-queues what is in flight.
+                await self.session.abort()
+                w.release(self.session.session_id, self)
+                self.session = None
+            call.cancel()
+            self._call = None
+
+    async def _bind(self, session_id: str) -> None:
+        if self.session is not None and self.session.session_id == session_id:
+            return
+        if self._unbinding is not None:
+            await asyncio.shield(self._unbinding)
+        if self.session is not None:
+            await self._unbind(self.session.session_id)
+        log.info("BIND", extra=fields(worker=self.worker_id, session=session_id))
+        self.session = SessionStream(self.worker.link, session_id, self.worker_id)
+        self.worker.hold(session_id, self)
+        self.session.start()
+        await self._report(WorkerStatus.BUSY, session_id)
+
+    def _start_unbind(self, session_id: str) -> None:
+        if self.session is None or self.session.session_id != session_id:
+            log.info("UNBIND for a session not served here", extra=fields(session=session_id))
+            return
+        if self._unbinding is None or self._unbinding.done():
+            self._unbinding = asyncio.create_task(self._unbind(session_id))
+
+    async def _unbind(self, session_id: str, timeout_s: float | None = None) -> None:
+        session = self.session
+        if session is None or session.session_id != session_id:
+            return
+        log.info("UNBIND", extra=fields(worker=self.worker_id, session=session_id))
+        await session.drain(
+            self.worker.settings.drain_timeout_s if timeout_s is None else timeout_s
+        )
+        self.session = None
+        self.worker.release(session_id, self)
+        await self._report(WorkerStatus.IDLE)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Graceful stop: finish the session's batches, report IDLE, end the registration."""
+        if self.session is not None:
+            await self._unbind(self.session.session_id, timeout_s)
+        if self._call is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                async with self._lock:
+                    await self._call.done_writing()
+
+
+class BridgeWorker:
+    """Owns the channels and the slots; ``run()`` until ``stop()`` or a fatal error."""
+
+    def __init__(self, settings: WorkerSettings, processor: Processor) -> None:
+        if settings.slots < 1:
+            raise errors.ConfigError("slots must be at least 1")
+        self.settings = settings
+        self.processor = processor
+        self.stats = BridgeStats()
+        self.slots = [Slot(self, i) for i in range(settings.slots)]
+        self.base_metadata = transport.make_metadata(settings.api_key, **{MD_NODE: settings.node})
+        self._stopping = asyncio.Event()
+        self._rng = random.Random()
+        self._holders: dict[str, set[Slot]] = {}
+        self._linger: dict[str, asyncio.Task[None]] = {}
+        self.connected = False
+        self.reconnects = 0
+        self.queue: Any = None
+        self.link: Link
+        self._channels: list[Any] = []
+
+    # -- session bookkeeping: end a session on the actors once no slot serves it
+
+    def hold(self, session_id: str, slot: Slot) -> None:
+        self._holders.setdefault(session_id, set()).add(slot)
+        task = self._linger.pop(session_id, None)
+        if task is not None:
+            task.cancel()
+
+    def release(self, session_id: str, slot: Slot) -> None:
+        holders = self._holders.get(session_id)
+        if holders is None:
+            return
+        holders.discard(slot)
+        if not holders:
+            del self._holders[session_id]
+            if session_id not in self._linger:
+                self._linger[session_id] = asyncio.create_task(self._end_later(session_id))
+
+    async def _end_later(self, session_id: str) -> None:
+        try:
+            await asyncio.sleep(self.settings.session_linger_s)
+        finally:
+            self._linger.pop(session_id, None)
+        await self._end_session(session_id)
+
+    async def _end_session(self, session_id: str) -> None:
+        self.link.shared.forget(session_id)
+        try:
+            await self.processor.end_session(session_id)
+        except Exception:
+            log.exception("ending session failed", extra=fields(session=session_id))
+        log.info("session released", extra=fields(session=session_id))
+
+    @property
+    def bound_sessions(self) -> list[str]:
+        return sorted(self._holders)
+
+    # -- running
+
+    async def _fetch_shared(self, session_id: str, level: int | None) -> SharedData:
+        with transport.rpc_errors():
+            reply: SharedData = await self._cache.GetSharedData(
+                SharedData(session_id=session_id, update_level=level),
+                metadata=self.base_metadata,
+            )
+        return reply
+
+    def _open(self) -> None:
+        s = self.settings
+        qch = transport.open_channel(s.queue_address, s.tls, s.max_message_bytes)
+        cch = transport.open_channel(s.cache_address, s.tls, s.max_message_bytes)
+        self._channels = [qch, cch]
+        self.queue = transport.Stub(qch, "Queue", s.proto_package)
+        self._cache = transport.Stub(cch, "Cache", s.proto_package)
+        self.link = Link(
+            queue=self.queue,
+            metadata=self.base_metadata,
+            shared=SharedDataCache(self._fetch_shared, self.processor.share),
+            processor=self.processor,
+            stats=self.stats,
+            max_message_bytes=s.max_message_bytes,
+        )
+
+    async def run(self) -> None:
+        """Serve until ``stop()``; raises FatalError for what retrying cannot fix."""
+        self._open()
+        tasks = [asyncio.create_task(self._slot_loop(slot)) for slot in self.slots]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # re-raise a fatal error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for linger in list(self._linger.values()):
+                linger.cancel()
+            for session_id in list(self._holders):
+                await self._end_session(session_id)
+            for ch in self._channels:
+                await ch.close()
+
+    async def _slot_loop(self, slot: Slot) -> None:
+        s = self.settings
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await slot.serve()
+                attempt = 0
+            except grpc.aio.AioRpcError as exc:
+                err = transport.translate(exc)
+                fatal = fatal_for(err, s, "queue manager")
+                if fatal is not None:
+                    raise fatal from exc
+                log.warning(
+                    "queue manager connection lost",
+                    extra=fields(slot=slot.index, code=err.code, details=err.details),
+                )
+            except errors.ProtocolError as exc:
+                log.error("protocol error", extra=fields(slot=slot.index, error=str(exc)))
+            if self._stopping.is_set():
+                return
+            self.connected = any(x.registered.is_set() for x in self.slots)
+            if s.max_connect_attempts is not None and attempt >= s.max_connect_attempts:
+                raise errors.FatalError(
+                    errors.EXIT_UNAVAILABLE,
+                    f"queue manager at {s.queue_address} unreachable after {attempt} attempts",
+                )
+            delay = backoff_delay(attempt, s.backoff_initial_s, s.backoff_max_s, self._rng)
+            attempt += 1
+            self.reconnects += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    @property
+    def ready(self) -> bool:
+        """True when every slot holds a registration."""
+        return all(slot.registered.is_set() for slot in self.slots)
+
+    async def wait_registered(self, timeout_s: float) -> None:
+        await asyncio.wait_for(
+            asyncio.gather(*(slot.registered.wait() for slot in self.slots)), timeout_s
+        )
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop serving: with ``drain``, finish batches in flight (bounded by
+        ``drain_timeout_s``), send their results, report IDLE, half-close."""
+        self._stopping.set()
+        if drain:
+            await asyncio.gather(
+                *(slot.drain(self.settings.drain_timeout_s) for slot in self.slots),
+                return_exceptions=True,
+            )
+        for slot in self.slots:
+            if slot._call is not None:
+                slot._call.cancel()
