@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ray_alpcrun.errors import ConfigError
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
@@ -110,3 +111,40 @@ class WorkerIdentity:
     def __post_init__(self) -> None:
         if not self.node or not self.pod:
             raise ConfigError("worker node and pod must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """How the Ray actor pool is shaped (see :class:`ray_alpcrun.pool.ActorPool`).
+
+    ``min_chunk`` is the smallest sub-batch worth its own Ray call: a batch of
+    ``n`` tasks goes out as at most ``min(actors, ceil(n / min_chunk))`` calls,
+    because for cheap tasks the per-call overhead dominates. ``actor_options``
+    are extra ``ray.remote`` options for the pool actors (e.g. ``runtime_env``).
+    """
+
+    num_actors: int = 2
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    max_sessions_per_actor: int = 32
+    task_timeout_s: float | None = None
+    max_call_retries: int = 2
+    min_chunk: int = 16
+    gpu_memory_limit_bytes: int | None = None
+    actor_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_actors < 1:
+            raise ConfigError("the pool needs at least one actor")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise ConfigError("gpus_per_actor and cpus_per_actor must not be negative")
+        if self.max_sessions_per_actor < 1:
+            raise ConfigError("max_sessions_per_actor must be at least 1")
+        if self.task_timeout_s is not None and self.task_timeout_s <= 0:
+            raise ConfigError("task_timeout_s must be positive (or None for no timeout)")
+        if self.max_call_retries < 0:
+            raise ConfigError("max_call_retries must not be negative")
+        if self.min_chunk < 1:
+            raise ConfigError("min_chunk must be at least 1")
+        if self.gpu_memory_limit_bytes is not None and self.gpu_memory_limit_bytes <= 0:
+            raise ConfigError("gpu_memory_limit_bytes must be positive")
