@@ -148,3 +148,38 @@ class PoolConfig:
             raise ConfigError("min_chunk must be at least 1")
         if self.gpu_memory_limit_bytes is not None and self.gpu_memory_limit_bytes <= 0:
             raise ConfigError("gpu_memory_limit_bytes must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """Everything ``python -m ray_alpcrun.bridge`` is told.
+
+    ``pool=None`` sizes the pool from the Ray cluster's CPUs; ``slots=None``
+    registers one logical worker per pool actor.
+    """
+
+    services: ServiceConfig
+    handler: str
+    identity: WorkerIdentity = field(default_factory=WorkerIdentity)
+    pool: PoolConfig | None = None
+    slots: int | None = None
+    ray_address: str | None = None
+    local: bool = False
+    log_level: str = "info"
+    log_json: bool = False
+    drain_timeout_s: float = 30.0
+    health_port: int | None = None
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 10.0
+    max_connect_attempts: int | None = None
+    session_linger_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.slots is not None and self.slots < 1:
+            raise ConfigError("slots must be at least 1")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("drain timeout must not be negative")
+        if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError("backoff needs 0 < initial <= max")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"unknown log level {self.log_level!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from ray_alpcrun.bridge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""Start the bridge actor from Python (the CLI, the demo, tests and notebooks)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ray_alpcrun.bridge.worker import WorkerSettings
+from ray_alpcrun.config import BridgeConfig, PoolConfig
+
+
+def worker_settings(config: BridgeConfig, slots: int) -> WorkerSettings:
+    s = config.services
+    return WorkerSettings(
+        queue_address=s.queue_address,
+        cache_address=s.cache_address,
+        api_key=s.api_key,
+        proto_package=s.proto_package,
+        node=config.identity.node,
+        pod=config.identity.pod,
+        slots=slots,
+        tls=s.tls,
+        max_message_bytes=s.max_message_bytes,
+        backoff_initial_s=config.backoff_initial_s,
+        backoff_max_s=config.backoff_max_s,
+        max_connect_attempts=config.max_connect_attempts,
+        drain_timeout_s=config.drain_timeout_s,
+        session_linger_s=config.session_linger_s,
+    )
+
+
+def resolve_pool(config: BridgeConfig) -> PoolConfig:
+    """The pool settings, with the actor count defaulting to the cluster's CPUs."""
+    if config.pool is not None:
+        return config.pool
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return PoolConfig(num_actors=max(1, int(cpus)))
+
+
+@dataclass
+class BridgeHandle:
+    """A running bridge actor. ``run_ref`` resolves to ``(exit_code, reason)``."""
+
+    actor: Any
+    run_ref: Any
+    config: BridgeConfig
+
+    def stop(self, drain: bool = True) -> Any:
+        """Ask the bridge to stop (returns an ObjectRef; ``run_ref`` resolves after)."""
+        return self.actor.stop.remote(drain)
+
+    def kill(self) -> None:
+        import ray
+
+        ray.kill(self.actor, no_restart=True)
+
+    def status(self) -> Any:
+        return self.actor.status.remote()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Block until every slot is registered (raises the bridge's failure, if any)."""
+        import ray
+
+        ready_ref = self.actor.wait_ready.remote(timeout_s)
+        done, _ = ray.wait([ready_ref, self.run_ref], num_returns=1, timeout=timeout_s)
+        if not done:
+            raise TimeoutError(f"bridge not ready after {timeout_s} s")
+        if done[0] == self.run_ref:
+            code, reason = ray.get(self.run_ref)
+            raise RuntimeError(f"bridge exited with code {code}: {reason}")
+        return bool(ray.get(ready_ref))
+
+    async def wait_ready_async(self, timeout_s: float = 60.0) -> bool:
+        ready = asyncio.ensure_future(self.actor.wait_ready.remote(timeout_s))
+        ended = asyncio.ensure_future(self.run_ref)
+        done, _ = await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if ended in done:
+            ready.cancel()
+            code, reason = ended.result()
+            raise RuntimeError(f"bridge exited with code {code}: {reason}")
+        return bool(ready.result())
+
+
+def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
+    """Create the bridge actor and start serving; Ray must be initialised."""
+    from ray_alpcrun.bridge.actor import bridge_actor_class
+
+    pool = resolve_pool(config)
+    config = replace(config, pool=pool)
+    slots = config.slots or pool.num_actors
+    cls = bridge_actor_class()
+    if name is not None:
+        cls = cls.options(name=name)
+    actor = cls.remote(
+        config.handler,
+        pool,
+        worker_settings(config, slots),
+        config.log_level,
+        config.log_json,
+        config.health_port,
+    )
+    return BridgeHandle(actor=actor, run_ref=actor.run.remote(), config=config)
