@@ -183,3 +183,47 @@ class BridgeConfig:
             raise ConfigError("backoff needs 0 < initial <= max")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"unknown log level {self.log_level!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DevServerConfig:
+    """Settings of the local queue manager and caches (``ray_alpcrun.devserver``).
+
+    Port 0 picks a free port. ``api_key=None`` makes the server generate one.
+    ``tls`` holds the server certificate and key; its ``ca_cert``, when set,
+    makes every service require client certificates signed by that CA.
+    ``unbind_idle_after_s``: a worker bound to a session that has nothing
+    queued and nothing in flight on it is sent UNBIND after this long, so that
+    idle workers go where the work is. ``stream_open_timeout_s``: a bound
+    worker that has not opened its ``WorkerStream`` after this long is unbound.
+    ``tick_s`` is how often timers (idle reaping, rebalancing) are checked.
+    """
+
+    host: str = "127.0.0.1"
+    queue_port: int = 1337
+    central_cache_port: int = 2337
+    node_cache_port: int = 3337
+    proto_package: str = DEFAULT_PROTO_PACKAGE
+    api_key: str | None = None
+    tls: TlsFiles | None = None
+    max_deliveries: int = 3
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    unbind_idle_after_s: float = 1.0
+    stream_open_timeout_s: float = 30.0
+    tick_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("queue_port", "central_cache_port", "node_cache_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be in 0..65535, got {port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key must not be blank (leave it unset to generate one)")
+        if self.max_deliveries < 1:
+            raise ConfigError("max_deliveries must be at least 1")
+        if self.max_message_bytes <= 0:
+            raise ConfigError("max_message_bytes must be positive")
+        if self.unbind_idle_after_s < 0 or self.stream_open_timeout_s <= 0 or self.tick_s <= 0:
+            raise ConfigError("timer settings must be positive")
+        if self.tls is not None and (self.tls.cert is None or self.tls.key is None):
+            raise ConfigError("TLS for the dev server needs both a certificate and a key file")
