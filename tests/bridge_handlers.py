@@ -1,0 +1,57 @@
+"""Handlers used by the bridge end-to-end tests (imported inside Ray actors)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ray_alpcrun.handler import Handler, SessionContext
+
+
+def echo(payload: bytes, shared: bytes | None) -> bytes:
+    """Function form: payload + shared data (if any)."""
+    if payload.startswith(b"fail"):
+        raise ValueError(f"asked to fail: {payload.decode()}")
+    return payload + (b"|" + bytes(shared) if shared is not None else b"")
+
+
+class Stateful(Handler):
+    """Class form: proves per-session state, shared-data levels and the hooks."""
+
+    def decode_shared(self, payload: bytes) -> dict[str, object]:
+        decoded: dict[str, object] = json.loads(bytes(payload))
+        return decoded
+
+    def on_session_start(self, session: SessionContext) -> None:
+        session.state["count"] = 0
+        session.state["updates"] = []
+
+    def process(self, payload: bytes, session: SessionContext) -> bytes:
+        if payload == b"boom":
+            raise RuntimeError("boom requested")
+        session.state["count"] += 1
+        shared = session.shared or {}
+        return json.dumps(
+            {
+                "task": payload.decode(),
+                "session": session.id,
+                "pid": os.getpid(),
+                "count": session.state["count"],
+                "level": session.update_level,
+                "value": shared.get("value"),
+                "updates": session.state["updates"],
+            }
+        ).encode()
+
+    def on_shared_update(self, session: SessionContext, previous_level: int | None) -> None:
+        session.state["updates"].append([previous_level, session.update_level])
+
+
+class BrokenStart(Handler):
+    """Its session start hook raises: every batch must come back dead."""
+
+    def on_session_start(self, session: SessionContext) -> None:
+        raise RuntimeError("cannot start session")
+
+    def process(self, payload: bytes, session: SessionContext) -> bytes:
+        return payload
