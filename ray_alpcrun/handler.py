@@ -61,6 +61,11 @@ class Handler:
     batch cannot be processed at all: it is answered as dead.
     """
 
+    # True: ``decode_shared`` receives a read-only ``memoryview`` over Ray's object
+    # store instead of ``bytes``. No copy is made per actor, so the actors of a
+    # node share one copy of the data (decode it with e.g. ``np.frombuffer``).
+    zero_copy_shared: bool = False
+
     def decode_shared(self, payload: bytes) -> Any:
         """Turn the session's shared-data bytes into what ``session.shared`` holds."""
         return payload

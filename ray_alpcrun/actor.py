@@ -1,0 +1,187 @@
+"""The pool's Ray actor: one :class:`~ray_alpcrun.runtime.HandlerRuntime` per actor process.
+
+A plain class; :mod:`ray_alpcrun.pool` applies ``ray.remote`` with its options.
+Calls run one at a time (the handler needs no locks), except ``ready`` and
+``status``, which answer from a second thread so that a busy or hung handler
+does not make the actor look dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import ray
+from ray import cloudpickle
+
+from ray_alpcrun.handler import load_handler
+from ray_alpcrun.runtime import HandlerRuntime, Outcome, SessionSetupError, SharedSpec, describe
+
+log = logging.getLogger(__name__)
+
+CONTROL_GROUP = "control"
+"""Concurrency group of the methods that must answer while ``run`` is busy."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedRef:
+    """A session's shared data in the object store, as handed to the actors.
+
+    The ``ObjectRef`` sits inside this container so Ray passes it along without
+    resolving it on every call: an actor fetches it only when it has not decoded
+    that (session, level) yet.
+    """
+
+    session_id: str
+    level: int | None
+    ref: Any  # ray.ObjectRef
+
+
+# ``run`` answers its outcomes, or a string: the session could not be set up.
+RunReply = list[Outcome] | str
+
+
+class PoolActor:
+    """Runs a handler's tasks in a Ray actor.
+
+    ``handler_blob`` is the cloudpickled handler spec (a ``module:object``
+    string, a function, a Handler class or instance). It is unpickled here, after
+    ``sys_path`` (the driver's import path) was added, so handlers that import
+    on the driver import here too.
+    """
+
+    def __init__(
+        self,
+        handler_blob: bytes,
+        *,
+        max_sessions: int,
+        use_gpu: bool = False,
+        gpu_memory_limit_bytes: int | None = None,
+        sys_path: Sequence[str] = (),
+    ) -> None:
+        for entry in sys_path:
+            if entry not in sys.path:
+                sys.path.append(entry)
+        self.tasks_done = 0
+        self.calls = 0
+        self._error: str | None = None
+        self._error_kind = "handler"
+        self._device: Any = None
+        self._runtime: HandlerRuntime | None = None
+        try:
+            self._device = _setup_device(use_gpu, gpu_memory_limit_bytes)
+        except Exception as exc:
+            self._error, self._error_kind = f"GPU setup failed: {describe(exc)}", "device"
+            return
+        try:
+            handler = load_handler(cloudpickle.loads(handler_blob))
+        except Exception as exc:
+            self._error = describe(exc)
+            return
+        self._zero_copy = bool(getattr(handler, "zero_copy_shared", False))
+        device = self._device
+        if device is not None:
+            xp, to_device = device.xp, device.to_device
+        else:
+            import numpy
+
+            xp, to_device = numpy, None
+        self._runtime = HandlerRuntime(
+            handler, max_sessions=max_sessions, xp=xp, device=device, to_device=to_device
+        )
+
+    @ray.method(concurrency_group=CONTROL_GROUP)  # type: ignore[misc,untyped-decorator]
+    def ready(self) -> dict[str, Any]:
+        """Who this actor is; ``error`` (and ``error_kind``) if the handler cannot run."""
+        info = self._identity()
+        if self._error is not None:
+            info["error"] = self._error
+            info["error_kind"] = self._error_kind
+        else:
+            info["handler"] = repr(cast(HandlerRuntime, self._runtime).handler)
+        return info
+
+    def run(
+        self,
+        session_id: str,
+        payloads: list[bytes],
+        shared: SharedRef | None,
+        tags: tuple[str, ...],
+    ) -> RunReply:
+        """One sub-batch: outcomes in order, or the setup error as a string."""
+        runtime = self._runtime
+        if runtime is None:
+            return f"handler could not be loaded: {self._error}"
+        spec = None
+        if shared is not None:
+            spec = SharedSpec(shared.level, lambda: self._fetch(shared.ref))
+        self.calls += 1
+        try:
+            outcomes = runtime.run(session_id, payloads, spec, tags)
+        except SessionSetupError as exc:
+            return str(exc)
+        self.tasks_done += len(outcomes)
+        return outcomes
+
+    def end_session(self, session_id: str) -> bool:
+        """Run the session end hook and drop its state; False if it was not here."""
+        return self._runtime is not None and self._runtime.end_session(session_id)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)  # type: ignore[misc,untyped-decorator]
+    def status(self) -> dict[str, Any]:
+        """Counters for health checks; answers even while ``run`` is busy."""
+        info = self._identity()
+        runtime = self._runtime
+        info.update(
+            sessions=runtime.session_ids if runtime is not None else [],
+            shared_decodes=runtime.shared_decodes if runtime is not None else 0,
+            tasks_done=self.tasks_done,
+            calls=self.calls,
+        )
+        return info
+
+    def _fetch(self, ref: Any) -> bytes:
+        """Bring shared data over from the object store (a cache miss in the runtime)."""
+        value = ray.get(ref)
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        # The pool stores shared data as a uint8 array: Ray hands it back as a
+        # read-only view of the node's shared memory, without a copy.
+        if self._zero_copy:
+            return cast(bytes, memoryview(value))
+        return cast(bytes, value.tobytes())
+
+    def _identity(self) -> dict[str, Any]:
+        try:
+            node_id = ray.get_runtime_context().get_node_id()
+        except Exception:
+            node_id = None
+        device: dict[str, Any] | None = None
+        if self._device is not None:
+            try:
+                device = self._device.status()
+            except Exception as exc:
+                device = {"error": describe(exc)}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": node_id,
+            "device": device,
+        }
+
+
+def _setup_device(use_gpu: bool, memory_limit_bytes: int | None) -> Any:
+    """The actor's GPU (``ray_alpcrun.gpu``), or None to compute on the CPU with NumPy."""
+    if not use_gpu:
+        return None
+    try:
+        from ray_alpcrun.gpu import setup_device
+    except ImportError:
+        log.warning("GPU requested but ray_alpcrun.gpu is unavailable; using NumPy")
+        return None
+    return setup_device(memory_limit_bytes)

@@ -1,0 +1,398 @@
+"""Least-loaded dispatch of task batches over a set of actors, with retries and timeouts.
+
+Pure asyncio and no Ray: actors are reached through a :class:`Backend`, so this
+logic is tested against a fake one (``tests/test_dispatch.py``) and runs on Ray
+through :mod:`ray_alpcrun.pool`.
+
+Guarantees, per task of a :meth:`Dispatcher.run` call: exactly one outcome — the
+handler's result, the handler's error, ``"actor died N times"`` once retries are
+spent, or ``"task timed out after X s"``. Only :class:`SessionSetupError` (the
+batch cannot run at all) escapes as an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from ray_alpcrun.errors import AlpcrunError
+from ray_alpcrun.logs import fields
+from ray_alpcrun.runtime import Outcome
+
+log = logging.getLogger(__name__)
+
+A = TypeVar("A")
+
+# A task that kills its actor this many times in one sub-batch is isolated: its
+# sub-batch is re-run one task per call, so only the culprit spends its retries.
+_ISOLATE_AFTER_DEATHS = 2
+
+
+class ActorLost(AlpcrunError):
+    """Raised by a backend when an actor died or became unreachable during a call."""
+
+
+class Backend(Protocol[A]):
+    """How the dispatcher reaches actors of type ``A``."""
+
+    async def start_actor(self) -> A:
+        """Create one actor and return once it is ready to take calls."""
+
+    async def call(
+        self,
+        actor: A,
+        session_id: str,
+        payloads: list[bytes],
+        shared: Any,
+        tags: tuple[str, ...],
+    ) -> list[Outcome]:
+        """Run a sub-batch; one outcome per payload, in order.
+
+        Raises :class:`ActorLost` if the actor is gone and
+        :class:`~ray_alpcrun.runtime.SessionSetupError` if nothing could run.
+        """
+
+    def kill(self, actor: A) -> None:
+        """Stop the actor now (it may already be dead)."""
+
+    async def end_session(self, actor: A, session_id: str) -> None:
+        """Release the session's state on that actor."""
+
+
+@dataclass(eq=False, slots=True)
+class Member(Generic[A]):
+    """One incarnation of an actor in a pool slot."""
+
+    actor: A
+    slot: int
+    inflight: int = 0  # tasks submitted and not answered
+    alive: bool = True
+    # Killed by us (timeout, close): deaths of its other calls are not their tasks' fault.
+    killed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    session_id: str
+    payloads: list[bytes]
+    shared: Any
+    tags: tuple[str, ...]
+    offset: int  # index of payloads[0] in the whole batch
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def plan_chunks(loads: Sequence[int], n: int, min_chunk: int) -> list[tuple[int, int]]:
+    """Split ``n`` tasks over actors with in-flight ``loads``: ``[(actor index, count)]``.
+
+    At most ``n // min_chunk`` chunks (at least one): for cheap tasks a Ray call
+    costs more than the tasks, so small batches stay whole. Within that, the
+    least-loaded actors are filled so their loads even out (water-filling), and
+    a chunk below ``min_chunk`` is folded into the others.
+    """
+    if n <= 0 or not loads:
+        return []
+    k = max(1, min(len(loads), n // min_chunk))
+    order = sorted(range(len(loads)), key=loads.__getitem__)[:k]
+    while True:
+        base = [loads[i] for i in order]
+        m = len(order)
+        # Water level: largest m whose most loaded member still sits below it.
+        while m > 1 and (n + sum(base[:m])) <= base[m - 1] * m:
+            m -= 1
+        level, rest = divmod(n + sum(base[:m]), m)
+        counts = [level - base[i] for i in range(m)]
+        for i in range(rest):
+            counts[i] += 1
+        plan = [(order[i], c) for i, c in enumerate(counts) if c > 0]
+        if len(plan) == 1 or min(c for _, c in plan) >= min_chunk:
+            return plan
+        order = [i for i, _ in plan][:-1]
+
+
+class Dispatcher(Generic[A]):
+    """Runs batches on a fixed number of actor slots; replaces actors that die or hang.
+
+    >>> d = Dispatcher(backend, num_actors=2, task_timeout_s=30.0)
+    >>> await d.start()
+    >>> outcomes = await d.run("session-1", [b"a", b"b"], shared=None)
+    """
+
+    def __init__(
+        self,
+        backend: Backend[A],
+        *,
+        num_actors: int,
+        min_chunk: int = 16,
+        max_call_retries: int = 2,
+        task_timeout_s: float | None = None,
+        timeout_slack_s: float = 1.0,
+        restart_attempts: int = 3,
+        restart_backoff_s: float = 0.5,
+    ) -> None:
+        if num_actors < 1:
+            raise ValueError("num_actors must be at least 1")
+        self._backend = backend
+        self._num_actors = num_actors
+        self._min_chunk = max(1, min_chunk)
+        self._max_retries = max_call_retries
+        self._timeout_s = task_timeout_s
+        self._slack_s = timeout_slack_s
+        self._restart_attempts = restart_attempts
+        self._restart_backoff_s = restart_backoff_s
+        self._slots: list[Member[A] | None] = []
+        self._restarting: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._closed = False
+        self.restarts = 0
+        """Actors replaced since start (died, unreachable or hung)."""
+
+    @property
+    def size(self) -> int:
+        """Configured number of actors."""
+        return self._num_actors
+
+    def members(self) -> list[Member[A]]:
+        """The live actors now."""
+        return [m for m in self._slots if m is not None and m.alive]
+
+    async def start(self) -> None:
+        """Start every actor; on any failure stop the others and re-raise it."""
+        started = await asyncio.gather(
+            *(self._backend.start_actor() for _ in range(self._num_actors)),
+            return_exceptions=True,
+        )
+        failures = [r for r in started if isinstance(r, BaseException)]
+        if failures:
+            for r in started:
+                if not isinstance(r, BaseException):
+                    self._backend.kill(r)
+            raise failures[0]
+        self._slots = [Member(actor, i) for i, actor in enumerate(started)]  # type: ignore[arg-type]
+
+    async def run(
+        self,
+        session_id: str,
+        payloads: Sequence[bytes],
+        shared: Any = None,
+        tags: tuple[str, ...] = (),
+    ) -> list[Outcome]:
+        """Run a batch: one outcome per payload, in order."""
+        n = len(payloads)
+        if n == 0:
+            return []
+        out: list[Outcome | None] = [None] * n
+        live = self.members()
+        if not live:
+            try:
+                live = [await self._least_loaded()]
+            except AlpcrunError as exc:
+                return [(None, str(exc))] * n
+        plan = plan_chunks([m.inflight for m in live], n, self._min_chunk)
+        batch = payloads if isinstance(payloads, list) else list(payloads)
+        jobs = []
+        start = 0
+        for index, count in plan:
+            member = live[index]
+            # Reserve now, before any await, so concurrent batches see this load.
+            member.inflight += count
+            part = _Part(session_id, batch[start : start + count], shared, tags, start)
+            jobs.append(self._run_part(member, part, out, reserved=True))
+            start += count
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            done = await asyncio.gather(*jobs, return_exceptions=True)
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
+        if None in out:  # pragma: no cover - would be a bug in this module
+            raise AlpcrunError("dispatch lost a task outcome")
+        return out  # type: ignore[return-value]
+
+    async def end_session(self, session_id: str) -> None:
+        """Tell every live actor that the session ended (dead ones forget anyway)."""
+        members = self.members()
+        done = await asyncio.gather(
+            *(self._backend.end_session(m.actor, session_id) for m in members),
+            return_exceptions=True,
+        )
+        for m, result in zip(members, done, strict=True):
+            if isinstance(result, ActorLost):
+                self._replace(m, f"lost during session end: {result}")
+            elif isinstance(result, Exception):
+                log.warning(
+                    "session end failed on an actor",
+                    extra=fields(session=session_id, slot=m.slot, error=str(result)),
+                )
+
+    async def close(self) -> None:
+        """Stop restarts and kill every actor. Batches still running get errors."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for m in self.members():
+            m.alive = False
+            m.killed = True
+            self._backend.kill(m.actor)
+        self._notify()
+
+    # -- internals --------------------------------------------------------
+
+    async def _run_part(
+        self,
+        member: Member[A] | None,
+        part: _Part,
+        out: list[Outcome | None],
+        *,
+        deaths: int = 0,
+        reserved: bool = False,
+    ) -> None:
+        n = len(part.payloads)
+        while True:
+            if member is None:
+                try:
+                    member = await self._least_loaded()
+                except AlpcrunError as exc:
+                    self._fill(out, part, str(exc))
+                    return
+            try:
+                result = await self._call(member, part, reserved)
+            except ActorLost as exc:
+                if not member.killed:
+                    deaths += 1
+                self._replace(member, str(exc))
+                if deaths > self._max_retries:
+                    self._fill(out, part, f"actor died {deaths} times: {exc}")
+                    return
+                if deaths >= _ISOLATE_AFTER_DEATHS and n > 1:
+                    await self._isolate(part, out, deaths)
+                    return
+                member, reserved = None, False
+                continue
+            except _TimedOut:
+                log.warning(
+                    "sub-batch timed out; replacing its actor",
+                    extra=fields(session=part.session_id, slot=member.slot, tasks=n),
+                )
+                member.killed = True
+                self._replace(member, "timed out")
+                if n == 1:
+                    out[part.offset] = (None, f"task timed out after {self._timeout_s:g} s")
+                else:
+                    await self._isolate(part, out, deaths)
+                return
+            if len(result) != n:
+                self._fill(out, part, f"actor answered {len(result)} outcomes for {n} tasks")
+            else:
+                out[part.offset : part.offset + n] = result
+            return
+
+    async def _isolate(self, part: _Part, out: list[Outcome | None], deaths: int) -> None:
+        """Re-run a sub-batch one task per call, so a hung or crashing task fails alone."""
+        singles = [
+            self._run_part(
+                None,
+                _Part(part.session_id, [p], part.shared, part.tags, part.offset + i),
+                out,
+                deaths=deaths,
+            )
+            for i, p in enumerate(part.payloads)
+        ]
+        done = await asyncio.gather(*singles, return_exceptions=True)
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _call(self, member: Member[A], part: _Part, reserved: bool) -> list[Outcome]:
+        n = len(part.payloads)
+        if not reserved:
+            member.inflight += n
+        try:
+            call = self._backend.call(
+                member.actor, part.session_id, part.payloads, part.shared, part.tags
+            )
+            if self._timeout_s is None:
+                return await call
+            # The actor runs calls one after another: this one may wait behind
+            # everything already queued there, each of which has its own budget.
+            deadline_s = self._timeout_s * member.inflight + self._slack_s
+            try:
+                return await asyncio.wait_for(call, deadline_s)
+            except asyncio.TimeoutError as exc:
+                raise _TimedOut from exc
+        finally:
+            member.inflight -= n
+
+    async def _least_loaded(self) -> Member[A]:
+        """The live actor with the fewest tasks in flight; waits while all restart."""
+        while True:
+            if self._closed:
+                raise AlpcrunError("the actor pool is closed")
+            live = self.members()
+            if live:
+                return min(live, key=_inflight)
+            if not self._restarting:
+                raise AlpcrunError("no live actors left in the pool")
+            wake = self._wake
+            await wake.wait()
+
+    def _replace(self, member: Member[A], reason: str) -> None:
+        if not member.alive:
+            return  # already being replaced
+        member.alive = False
+        self.restarts += 1
+        log.warning(
+            "replacing actor",
+            extra=fields(slot=member.slot, reason=reason, restarts=self.restarts),
+        )
+        # It may only be unreachable, or hung: make sure it is gone.
+        self._backend.kill(member.actor)
+        if self._closed:
+            return
+        self._restarting.add(member.slot)
+        task = asyncio.create_task(self._restart(member.slot))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(self, slot: int) -> None:
+        try:
+            for attempt in range(self._restart_attempts):
+                try:
+                    actor = await self._backend.start_actor()
+                except Exception as exc:
+                    log.warning(
+                        "actor restart failed",
+                        extra=fields(slot=slot, attempt=attempt + 1, error=str(exc)),
+                    )
+                    await asyncio.sleep(self._restart_backoff_s * 2**attempt)  # ok: backoff
+                    continue
+                if self._closed:
+                    self._backend.kill(actor)
+                    return
+                self._slots[slot] = Member(actor, slot)
+                return
+            log.error("actor slot abandoned after failed restarts", extra=fields(slot=slot))
+        finally:
+            self._restarting.discard(slot)
+            self._notify()
+
+    def _notify(self) -> None:
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    @staticmethod
+    def _fill(out: list[Outcome | None], part: _Part, error: str) -> None:
+        for i in range(part.offset, part.offset + len(part.payloads)):
+            out[i] = (None, error)
+
+
+def _inflight(member: Member[Any]) -> int:
+    return member.inflight

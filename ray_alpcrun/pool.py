@@ -1,0 +1,309 @@
+"""ActorPool: a handler running in N Ray actors, driven from asyncio.
+
+Used by the bridge actor and by :mod:`ray_alpcrun.notebook`::
+
+    pool = ActorPool("examples.pricing:Pricer", PoolConfig(num_actors=2))
+    await pool.start()
+    ref = pool.put_shared("s1", 1, data)         # once per (session, level)
+    outcomes = await pool.run("s1", [b"a", b"b"], shared=ref)
+    await pool.end_session("s1")
+    await pool.close()
+
+Splitting, least-loaded assignment, retries and timeouts live in
+:mod:`ray_alpcrun.dispatch`; this module only speaks Ray. Ray's own retries are
+off (``max_restarts=0``, ``max_task_retries=0``): the dispatcher retries, so no
+task is answered twice. Nothing here blocks the event loop: ObjectRefs are awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from ray_alpcrun.actor import CONTROL_GROUP, PoolActor, RunReply, SharedRef
+from ray_alpcrun.config import PoolConfig
+from ray_alpcrun.dispatch import ActorLost, Dispatcher
+from ray_alpcrun.errors import AlpcrunError, ConfigError, HandlerError
+from ray_alpcrun.handler import HandlerSpec
+from ray_alpcrun.runtime import Outcome, SessionSetupError, describe
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ActorPool", "SharedRef"]
+
+DEFAULT_START_TIMEOUT_S = 120.0
+DEFAULT_STATUS_TIMEOUT_S = 5.0
+
+
+class _RayBackend:
+    """The dispatcher's :class:`~ray_alpcrun.dispatch.Backend` on Ray actors."""
+
+    def __init__(self, actor_class: Any, handler_blob: bytes, config: PoolConfig) -> None:
+        import ray
+
+        self._ray = ray
+        self._lost: tuple[type[BaseException], ...] = (
+            ray.exceptions.RayActorError,  # includes ActorDiedError, ActorUnavailableError
+            ray.exceptions.ObjectLostError,
+        )
+        self._task_error = ray.exceptions.RayTaskError
+        self._actor_class = actor_class
+        self._blob = handler_blob
+        self._config = config
+        self._sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+        # Every actor created and not yet killed, so a failed start leaks none.
+        self.handles: dict[int, Any] = {}
+
+    async def start_actor(self) -> Any:
+        cfg = self._config
+        actor = self._actor_class.remote(
+            self._blob,
+            max_sessions=cfg.max_sessions_per_actor,
+            use_gpu=cfg.gpus_per_actor > 0,
+            gpu_memory_limit_bytes=cfg.gpu_memory_limit_bytes,
+            sys_path=self._sys_path,
+        )
+        self.handles[id(actor)] = actor
+        try:
+            info: dict[str, Any] = await actor.ready.remote()
+        except self._lost as exc:
+            self.kill(actor)
+            raise HandlerError(f"pool actor failed to start: {_first_line(exc)}") from exc
+        if "error" in info:
+            self.kill(actor)
+            kind = ConfigError if info.get("error_kind") == "device" else HandlerError
+            raise kind(info["error"])
+        log.debug("pool actor ready: %s", info)
+        return actor
+
+    async def call(
+        self,
+        actor: Any,
+        session_id: str,
+        payloads: list[bytes],
+        shared: Any,
+        tags: tuple[str, ...],
+    ) -> list[Outcome]:
+        try:
+            reply: RunReply = await actor.run.remote(session_id, payloads, shared, tags)
+        except self._lost as exc:
+            raise ActorLost(_first_line(exc)) from exc
+        except self._task_error as exc:
+            # PoolActor.run catches handler errors itself: this is Ray failing
+            # around the call (e.g. arguments that cannot be unpickled).
+            error = f"pool actor call failed: {_first_line(exc)}"
+            return [(None, error)] * len(payloads)
+        if isinstance(reply, str):
+            raise SessionSetupError(reply)
+        return reply
+
+    def kill(self, actor: Any) -> None:
+        self.handles.pop(id(actor), None)
+        try:
+            self._ray.kill(actor, no_restart=True)
+        except Exception as exc:  # already gone is fine
+            log.debug("ray.kill failed: %s", exc)
+
+    async def end_session(self, actor: Any, session_id: str) -> None:
+        try:
+            await actor.end_session.remote(session_id)
+        except self._lost as exc:
+            raise ActorLost(_first_line(exc)) from exc
+
+    async def status(self, actor: Any, timeout_s: float) -> dict[str, Any]:
+        try:
+            info: dict[str, Any] = await asyncio.wait_for(actor.status.remote(), timeout_s)
+        except asyncio.TimeoutError:
+            return {"error": f"no answer within {timeout_s:g} s"}
+        except self._lost as exc:
+            return {"error": _first_line(exc)}
+        return info
+
+
+class ActorPool:
+    """A handler in ``config.num_actors`` Ray actors; batches split least-loaded first.
+
+    Ray must be initialised. See the module docstring for an example; also usable
+    as ``async with ActorPool(...) as pool``.
+    """
+
+    def __init__(self, handler: HandlerSpec, config: PoolConfig | None = None) -> None:
+        self.handler = handler
+        self.config = config if config is not None else PoolConfig()
+        self.start_timeout_s = DEFAULT_START_TIMEOUT_S
+        self._backend: _RayBackend | None = None
+        self._dispatcher: Dispatcher[Any] | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of actors the pool keeps."""
+        return self.config.num_actors
+
+    @property
+    def restarts(self) -> int:
+        """Actors replaced since start (died, unreachable or hung)."""
+        return self._dispatcher.restarts if self._dispatcher is not None else 0
+
+    async def start(self) -> None:
+        """Create the actors and wait until each has loaded the handler.
+
+        Raises :class:`HandlerError` if the handler cannot be loaded and
+        :class:`ConfigError` if the cluster cannot hold the actors.
+        """
+        if self._dispatcher is not None:
+            return
+        import ray
+        from ray import cloudpickle
+
+        if not ray.is_initialized():
+            raise ConfigError("Ray is not initialised: call ray.init() before starting a pool")
+        cfg = self.config
+        resources: dict[str, float] = await asyncio.to_thread(ray.cluster_resources)
+        _check_resources(cfg, resources)
+        try:
+            blob = cloudpickle.dumps(self.handler)
+        except Exception as exc:
+            raise HandlerError(f"handler {self.handler!r} cannot be pickled: {exc}") from exc
+        options: dict[str, Any] = {
+            "num_cpus": cfg.cpus_per_actor,
+            "num_gpus": cfg.gpus_per_actor,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+        }
+        options.update(cfg.actor_options)
+        # concurrency_groups cannot go through .options(); it belongs to the class.
+        actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
+        backend = _RayBackend(actor_class.options(**options), blob, cfg)
+        dispatcher: Dispatcher[Any] = Dispatcher(
+            backend,
+            num_actors=cfg.num_actors,
+            min_chunk=cfg.min_chunk,
+            max_call_retries=cfg.max_call_retries,
+            task_timeout_s=cfg.task_timeout_s,
+        )
+        try:
+            await asyncio.wait_for(dispatcher.start(), self.start_timeout_s)
+        except BaseException as exc:
+            for actor in list(backend.handles.values()):
+                backend.kill(actor)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ConfigError(
+                    f"{cfg.num_actors} pool actor(s) did not start within "
+                    f"{self.start_timeout_s:g} s; does the cluster have the resources?"
+                ) from exc
+            raise
+        self._backend, self._dispatcher = backend, dispatcher
+        log.info(
+            "actor pool started: %d actor(s), %g CPU and %g GPU each",
+            cfg.num_actors,
+            cfg.cpus_per_actor,
+            cfg.gpus_per_actor,
+        )
+
+    def put_shared(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
+        """Put a session's shared data in the object store, once; pass the result to :meth:`run`.
+
+        Stored as a uint8 array so actors read it from shared memory without a
+        copy. Copies ``payload`` once (use :meth:`aput_shared` for big data in
+        async code).
+        """
+        import numpy as np
+        import ray
+
+        ref = ray.put(np.frombuffer(payload, dtype=np.uint8))
+        return SharedRef(session_id, level, ref)
+
+    async def aput_shared(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
+        """:meth:`put_shared` off the event loop (the copy of big data takes a while)."""
+        return await asyncio.to_thread(self.put_shared, session_id, level, payload)
+
+    async def run(
+        self,
+        session_id: str,
+        payloads: Sequence[bytes],
+        shared: SharedRef | None = None,
+        tags: Sequence[str] = (),
+    ) -> list[Outcome]:
+        """Run a batch: ``[(result, None) | (None, error)]``, one per payload, in order.
+
+        Raises :class:`~ray_alpcrun.runtime.SessionSetupError` if the session's
+        shared data or start hook failed (nothing ran).
+        """
+        return await self._running().run(session_id, payloads, shared, tuple(tags))
+
+    async def end_session(self, session_id: str) -> None:
+        """Run the session end hook on every actor and free the session's state."""
+        await self._running().end_session(session_id)
+
+    async def status(self, timeout_s: float = DEFAULT_STATUS_TIMEOUT_S) -> dict[str, Any]:
+        """Pool counters and each live actor's status (pid, sessions, shared decodes, ...)."""
+        dispatcher, backend = self._dispatcher, self._backend
+        if dispatcher is None or backend is None:
+            return {"started": False, "size": self.size, "restarts": 0, "actors": []}
+        members = dispatcher.members()
+        infos = await asyncio.gather(*(backend.status(m.actor, timeout_s) for m in members))
+        actors = [
+            {"slot": m.slot, "inflight": m.inflight, **info}
+            for m, info in zip(members, infos, strict=True)
+        ]
+        return {
+            "started": True,
+            "size": self.size,
+            "live": len(members),
+            "restarts": dispatcher.restarts,
+            "actors": actors,
+        }
+
+    async def close(self) -> None:
+        """Kill every actor. Idempotent."""
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            await dispatcher.close()
+
+    async def __aenter__(self) -> ActorPool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _running(self) -> Dispatcher[Any]:
+        if self._dispatcher is None:
+            raise AlpcrunError("the actor pool is not running (call start() first)")
+        return self._dispatcher
+
+
+def _check_resources(cfg: PoolConfig, resources: dict[str, float]) -> None:
+    """Fail fast instead of waiting forever for actors Ray can never place."""
+    cluster_gpus = float(resources.get("GPU", 0.0))
+    try:
+        from ray_alpcrun.gpu import check_gpu_request
+    except ImportError:  # GPU support not installed: only the plain count
+        if cfg.num_actors * cfg.gpus_per_actor > cluster_gpus + 1e-9:
+            raise ConfigError(
+                f"{cfg.num_actors} actor(s) x {cfg.gpus_per_actor:g} GPU asked for, "
+                f"but the Ray cluster has {cluster_gpus:g} GPU(s)"
+            ) from None
+    else:
+        check_gpu_request(cfg.num_actors, cfg.gpus_per_actor, cluster_gpus)
+    cluster_cpus = float(resources.get("CPU", 0.0))
+    if cfg.num_actors * cfg.cpus_per_actor > cluster_cpus + 1e-9:
+        raise ConfigError(
+            f"{cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU asked for, "
+            f"but the Ray cluster has {cluster_cpus:g} CPU(s); lower --actors or the CPUs per actor"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else describe(exc)
