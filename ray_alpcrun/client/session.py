@@ -1,0 +1,326 @@
+"""A session as the client sees it: settings, shared data, streaming submission,
+dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from ray_alpcrun import errors
+from ray_alpcrun.client.batching import chunks, progress_bar
+from ray_alpcrun.client.results import Submission, TaskResult
+from ray_alpcrun.client.stream import SessionStream
+from ray_alpcrun.transport import MD_SESSION_ID, make_metadata
+from ray_alpcrun.types import Batch, Message, Session, SessionAttributes, SharedData
+
+if TYPE_CHECKING:
+    from ray_alpcrun.client.aio import AsyncClient
+
+Payloads = Iterable[bytes] | AsyncIterable[bytes]
+
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_MAX_PENDING_TASKS = 200_000
+DEFAULT_SHARED_TTL_S = 600.0
+
+
+class SubmitTimeout(errors.AlpcrunError, TimeoutError):
+    """Raised when ``submit``/``run`` did not get every answer within ``timeout_s``."""
+
+
+class AsyncSession:
+    """A session on the queue manager: submit tasks, read answers, manage it.
+
+    ``async with session:`` closes it on exit.
+    """
+
+    def __init__(self, client: AsyncClient, session: Session) -> None:
+        self._client = client
+        self._session = session
+        self.shared_level: int | None = None
+        self._tag = secrets.token_hex(4) + "."
+        self._next_task = 0
+        self._next_batch = 0
+        self._stream: SessionStream | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncSession(id={self.id!r}, app_id={self.app_id!r})"
+
+    @property
+    def id(self) -> str:
+        return self._session.id
+
+    @property
+    def app_id(self) -> str:
+        return self._session.app_id
+
+    @property
+    def attributes(self) -> SessionAttributes | None:
+        """As created or last updated by this client; ``None`` for an attached session."""
+        return self._session.attributes
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def update(self, **changes: Any) -> None:
+        """Change attributes (``UpdateSession``), e.g. ``update(priority=8, max_workers=200)``.
+
+        The full attribute set is sent: the current values with ``changes`` applied.
+        """
+        if "priority" in changes:
+            check_priority(changes["priority"])
+        if "tags" in changes:
+            changes["tags"] = tuple(changes["tags"])
+        if changes.get("max_inflight_batches_per_worker", 0) is None:
+            changes["max_inflight_batches_per_worker"] = 0
+        attrs = dataclasses.replace(self._session.attributes or SessionAttributes(), **changes)
+        session = dataclasses.replace(self._session, attributes=attrs)
+        await self._client.call("UpdateSession", session)
+        self._session = session
+
+    async def set_shared_data(
+        self, payload: bytes, level: int | None = None, ttl_s: float | None = DEFAULT_SHARED_TTL_S
+    ) -> int:
+        """Publish shared data to the central cache and return its update level.
+
+        ``level=None`` takes the next level (1 for the first publication).
+        Later ``submit``/``run`` calls use the latest level by default.
+        """
+        if level is None:
+            level = (self.shared_level or 0) + 1
+        if level < 0:
+            raise ValueError("level must be >= 0")
+        data = SharedData(
+            session_id=self.id, update_level=level, payload=bytes(payload), ttl_s=ttl_s
+        )
+        await self._client.call("SetSharedData", data, service="Cache")
+        if self.shared_level is None or level > self.shared_level:
+            self.shared_level = level
+        return level
+
+    def submit(
+        self,
+        payloads: Payloads,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        use_shared_data: bool | None = None,
+        shared_level: int | None = None,
+        priority: int = 0,
+        progress: bool = False,
+        timeout_s: float | None = None,
+        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+    ) -> AsyncIterator[TaskResult]:
+        """Send ``payloads`` in batches and yield each task's answer as it arrives.
+
+        Sending and receiving overlap, so ``payloads`` may be a lazy or huge
+        (async) iterable; at most ``max_pending_tasks`` are unanswered at a time.
+        ``use_shared_data=None`` means "if this session published shared data".
+        """
+        return self._results(
+            payloads,
+            batch_size,
+            use_shared_data,
+            shared_level,
+            priority,
+            progress,
+            timeout_s,
+            max_pending_tasks,
+        )
+
+    async def _results(self, *args: Any) -> AsyncIterator[TaskResult]:
+        async for chunk in self.submit_chunks(*args):
+            for result in chunk:
+                yield result
+
+    async def run(
+        self,
+        payloads: Payloads,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        use_shared_data: bool | None = None,
+        shared_level: int | None = None,
+        priority: int = 0,
+        progress: bool = False,
+        timeout_s: float | None = None,
+        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+    ) -> list[TaskResult]:
+        """Like :meth:`submit`, but returns every answer, in input order."""
+        results: list[TaskResult] = []
+        async for chunk in self.submit_chunks(
+            payloads,
+            batch_size,
+            use_shared_data,
+            shared_level,
+            priority,
+            progress,
+            timeout_s,
+            max_pending_tasks,
+        ):
+            results.extend(chunk)
+        results.sort(key=_index)
+        return results
+
+    async def map(self, payloads: Payloads, **kwargs: Any) -> list[bytes]:
+        """Result payloads in input order; raises ``TaskFailed`` for the first failed task."""
+        return [r.value() for r in await self.run(payloads, **kwargs)]
+
+    async def submit_chunks(
+        self,
+        payloads: Payloads,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        use_shared_data: bool | None = None,
+        shared_level: int | None = None,
+        priority: int = 0,
+        progress: bool = False,
+        timeout_s: float | None = None,
+        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+    ) -> AsyncIterator[list[TaskResult]]:
+        """:meth:`submit`, yielding answers in the chunks they arrived in (less overhead)."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if use_shared_data is None:
+            use_shared_data = shared_level is not None or self.shared_level is not None
+        level = None
+        if use_shared_data:
+            level = shared_level if shared_level is not None else self.shared_level
+        stream = await self._open_stream()
+        sub = Submission(max_pending_tasks)
+        stream.attach(sub)
+        loop = asyncio.get_running_loop()
+        sender = loop.create_task(
+            self._send_all(stream, sub, payloads, batch_size, priority, use_shared_data, level),
+            name=f"alpcrun-send-{self.id}",
+        )
+        sender.add_done_callback(lambda task: _report_failure(task, sub))
+        bar = progress_bar(payloads) if progress else None
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        try:
+            while not sub.finished:
+                if deadline is None:
+                    item = await sub.items.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(sub.items.get(), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        raise SubmitTimeout(
+                            f"session {self.id}: {sub.outstanding} of {sub.sent} tasks "
+                            f"unanswered after {timeout_s:g} s"
+                        ) from None
+                if item is None:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if bar is not None:
+                    bar.update(len(item))
+                yield item
+        finally:
+            if not sender.done():
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sender
+            stream.detach(sub)
+            if bar is not None:
+                bar.close()
+
+    async def dead_letters(self) -> list[Batch]:
+        """The session's dead-lettered batches as the queue manager holds them now."""
+        stub = await self._client.queue_stub()
+        call = stub.ClientStreamDeadLetters(
+            Session(id=self.id), metadata=self._client.metadata, timeout=self._client.rpc_timeout_s
+        )
+        out: list[Batch] = []
+        try:
+            async for batch in call:
+                out.append(batch)
+        except grpc.RpcError as exc:
+            raise self._client.explain(exc) from exc
+        return out
+
+    async def disconnect(self) -> None:
+        """Close this client's result stream; the session stays on the server."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
+
+    async def close(self) -> None:
+        """Close the session (``CloseSession``); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.disconnect()
+        self._client.forget(self)
+        await self._client.call("CloseSession", Session(id=self.id))
+
+    # --- internals ------------------------------------------------------------
+
+    async def _open_stream(self) -> SessionStream:
+        if self._closed:
+            raise errors.AlpcrunError(f"session {self.id} is closed")
+        stream = self._stream
+        if stream is None or not stream.healthy:
+            stub = await self._client.queue_stub()
+            if self._stream is not None and self._stream.healthy:
+                return self._stream  # another submit opened it meanwhile
+            metadata = make_metadata(self._client.api_key, **{MD_SESSION_ID: self.id})
+            stream = SessionStream(
+                stub, self.id, metadata, self._client.dead_letter_poll_s, self._client.explain
+            )
+            stream.open()
+            self._stream = stream
+        return stream
+
+    async def _send_all(
+        self,
+        stream: SessionStream,
+        sub: Submission,
+        payloads: Payloads,
+        batch_size: int,
+        priority: int,
+        use_shared_data: bool,
+        level: int | None,
+    ) -> None:
+        index = 0
+        tag = self._tag
+        use = True if use_shared_data else None
+        async for chunk in chunks(payloads, batch_size, self._client.max_batch_bytes):
+            await sub.wait_for_space()
+            first = self._next_task
+            self._next_task += len(chunk)
+            self._next_batch += 1
+            batch = Batch(
+                id=f"{tag}b{self._next_batch}",
+                session_id=self.id,
+                priority=priority,
+                messages=[Message(f"{tag}{first + i}", p) for i, p in enumerate(chunk)],
+                use_shared_data=use,
+                required_shared_data_update_level=level,
+            )
+            await stream.send(sub, batch, index)
+            index += len(chunk)
+        sub.mark_all_sent()
+
+
+def _report_failure(task: asyncio.Task[None], sub: Submission) -> None:
+    # The sender's failure (a bad payload, a broken stream) ends the submission.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        sub.fail(exc)
+
+
+def _index(r: TaskResult) -> int:
+    return r.index
+
+
+def check_priority(priority: int) -> int:
+    if not 0 <= priority <= 10:
+        raise ValueError(f"priority must be within 0..10, got {priority}")
+    return priority

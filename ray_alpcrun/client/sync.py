@@ -1,0 +1,264 @@
+"""The blocking client: a facade that runs :class:`AsyncClient` on a private
+event loop in a background thread.
+
+Because the loop is private, the same code works in scripts and inside
+Jupyter (where a loop is already running in the calling thread)::
+
+    with Client(queue="127.0.0.1:1337", central_cache="127.0.0.1:2337") as client:
+        with client.create_session(app_id="demo") as session:
+            results = session.run([b"a", b"b"], batch_size=100)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import Coroutine, Iterable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ray_alpcrun.client.aio import AsyncClient
+from ray_alpcrun.client.results import TaskResult
+from ray_alpcrun.client.session import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PENDING_TASKS,
+    DEFAULT_SHARED_TTL_S,
+    AsyncSession,
+)
+from ray_alpcrun.types import Batch, SessionAttributes
+
+T = TypeVar("T")
+
+_DONE = object()
+
+
+class LoopThread:
+    """An event loop running forever in a daemon thread; ``run`` blocks on a coroutine."""
+
+    def __init__(self, name: str = "alpcrun-client-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if threading.get_ident() == self._thread.ident:
+            coro.close()
+            raise RuntimeError(
+                "the blocking Client was called from its own event loop; use AsyncClient there"
+            )
+        if self.loop.is_closed():
+            coro.close()
+            raise RuntimeError("the client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = self.submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: do not leave the coroutine running
+            raise
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class Client:
+    """Blocking client of the ALPCRUN.CH queue manager and central cache.
+
+    Takes the same arguments as :class:`AsyncClient`; connects on construction.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = LoopThread()
+        try:
+            self._async = AsyncClient(*args, **kwargs)
+            self._loop.run(self._async.connect())
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def aio(self) -> AsyncClient:
+        """The underlying async client (it lives on this client's private loop)."""
+        return self._async
+
+    @property
+    def queue_address(self) -> str:
+        return self._async.queue_address
+
+    @property
+    def central_cache_address(self) -> str:
+        return self._async.central_cache_address
+
+    def close(self) -> None:
+        """Close streams and channels and stop the private loop; sessions stay open."""
+        if self._loop.loop.is_closed():
+            return
+        try:
+            self._loop.run(self._async.close())
+        finally:
+            self._loop.stop()
+
+    def create_session(self, app_id: str, **kwargs: Any) -> Session:
+        """See :meth:`AsyncClient.create_session` for the settings."""
+        return Session(self._loop, self._loop.run(self._async.create_session(app_id, **kwargs)))
+
+    def session(self, session_id: str, app_id: str = "") -> Session:
+        """A handle on an existing session (see :meth:`AsyncClient.session`)."""
+        return Session(self._loop, self._async.session(session_id, app_id))
+
+
+class Session:
+    """Blocking handle on a session; ``with session:`` closes it on exit."""
+
+    def __init__(self, loop: LoopThread, session: AsyncSession) -> None:
+        self._loop = loop
+        self._async = session
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, app_id={self.app_id!r})"
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def id(self) -> str:
+        return self._async.id
+
+    @property
+    def app_id(self) -> str:
+        return self._async.app_id
+
+    @property
+    def attributes(self) -> SessionAttributes | None:
+        return self._async.attributes
+
+    @property
+    def shared_level(self) -> int | None:
+        return self._async.shared_level
+
+    def update(self, **changes: Any) -> None:
+        """See :meth:`AsyncSession.update`."""
+        self._loop.run(self._async.update(**changes))
+
+    def set_shared_data(
+        self, payload: bytes, level: int | None = None, ttl_s: float | None = DEFAULT_SHARED_TTL_S
+    ) -> int:
+        """See :meth:`AsyncSession.set_shared_data`."""
+        return self._loop.run(self._async.set_shared_data(payload, level, ttl_s))
+
+    def submit(
+        self,
+        payloads: Iterable[bytes],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        use_shared_data: bool | None = None,
+        shared_level: int | None = None,
+        priority: int = 0,
+        progress: bool = False,
+        timeout_s: float | None = None,
+        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+    ) -> Iterator[TaskResult]:
+        """Answers as they arrive (see :meth:`AsyncSession.submit`).
+
+        Sending starts when iteration starts; ``payloads`` is consumed on the
+        client's loop thread. Leaving the loop early abandons the rest.
+        """
+        args = (
+            payloads,
+            batch_size,
+            use_shared_data,
+            shared_level,
+            priority,
+            progress,
+            timeout_s,
+            max_pending_tasks,
+        )
+        for chunk in self._chunks(args):
+            yield from chunk
+
+    def run(
+        self,
+        payloads: Iterable[bytes],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        use_shared_data: bool | None = None,
+        shared_level: int | None = None,
+        priority: int = 0,
+        progress: bool = False,
+        timeout_s: float | None = None,
+        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+    ) -> list[TaskResult]:
+        """Every answer, in input order (see :meth:`AsyncSession.run`)."""
+        return self._loop.run(
+            self._async.run(
+                payloads,
+                batch_size,
+                use_shared_data,
+                shared_level,
+                priority,
+                progress,
+                timeout_s,
+                max_pending_tasks,
+            )
+        )
+
+    def map(self, payloads: Iterable[bytes], **kwargs: Any) -> list[bytes]:
+        """Result payloads in input order; raises ``TaskFailed`` for the first failed task."""
+        return self._loop.run(self._async.map(payloads, **kwargs))
+
+    def dead_letters(self) -> list[Batch]:
+        """See :meth:`AsyncSession.dead_letters`."""
+        return self._loop.run(self._async.dead_letters())
+
+    def disconnect(self) -> None:
+        """Close this client's result stream; the session stays on the server."""
+        self._loop.run(self._async.disconnect())
+
+    def close(self) -> None:
+        """Close the session (``CloseSession``); idempotent."""
+        self._loop.run(self._async.close())
+
+    def _chunks(self, args: tuple[Any, ...]) -> Iterator[list[TaskResult]]:
+        # Chunks cross threads through a plain queue: one hand-over per result
+        # batch, not per task.
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        async def pump() -> None:
+            async for chunk in self._async.submit_chunks(*args):
+                q.put(chunk)
+
+        future = self._loop.submit(pump())
+        future.add_done_callback(lambda _: q.put(_DONE))
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    future.result()  # re-raises the submission's failure
+                    return
+                yield item
+        finally:
+            if not future.done():
+                future.cancel()

@@ -1,0 +1,386 @@
+"""The plain ALPCRUN.CH worker: one process, no Ray, the seed guide step by step.
+
+1. read node/pod (``METALCORE_WORKER_NODE``/``POD``; host and pid outside k8s);
+2. connect to the queue manager and wait until the channel is ready (10 s);
+3. register on ``WorkerUpdate`` with ``api_key``/``node``/``pod``, read the
+   ``workerid`` response header, report IDLE;
+4. on BIND open ``WorkerStream`` (``sessionid`` + ``workerid`` metadata), report
+   BUSY and answer task batches one after the other (section 5.3 result rules);
+5. on UNBIND finish the batch in hand, half-close the stream, report IDLE.
+
+Everything runs on one asyncio loop so the update stream is read while a
+session is served; the handler runs on one worker thread, so batches are
+processed sequentially and the loop stays free for keepalives and UNBIND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from ray_alpcrun import errors
+from ray_alpcrun.config import ServiceConfig, WorkerIdentity
+from ray_alpcrun.handler import HandlerSpec, load_handler
+from ray_alpcrun.logs import fields
+from ray_alpcrun.runtime import HandlerRuntime, SharedSpec, describe
+from ray_alpcrun.transport import (
+    MD_NODE,
+    MD_POD,
+    MD_SESSION_ID,
+    MD_WORKER_ID,
+    Stub,
+    make_metadata,
+    open_channel,
+    translate,
+)
+from ray_alpcrun.types import Batch, InstructionType, Message, SharedData, WorkerState, WorkerStatus
+
+log = logging.getLogger(__name__)
+
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+SHARED_CACHE_ENTRIES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceWorkerConfig:
+    """Where the services are and how patient to be with them.
+
+    ``service.cache_address`` is the NODE cache the worker reads shared data
+    from. ``drain_timeout_s`` bounds the wait for the queue manager to end a
+    half-closed stream after UNBIND or stop.
+    """
+
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    identity: WorkerIdentity = field(default_factory=WorkerIdentity)
+    connect_timeout_s: float = 10.0
+    reconnect_delay_s: float = 1.0
+    drain_timeout_s: float = 10.0
+    rpc_timeout_s: float = 30.0
+    max_sessions: int = 32
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters, for tests and logs."""
+
+    registrations: int = 0
+    bindings: int = 0
+    batches: int = 0
+    tasks: int = 0
+    task_errors: int = 0
+    dead_batches: int = 0
+    shared_fetches: int = 0
+    dropped_batches: int = 0  # arrived after the stream was half-closed
+
+
+@dataclass(slots=True)
+class _Served:
+    """One bound session: its stream and where its serving loop stands."""
+
+    session_id: str
+    call: Any = None
+    task: asyncio.Task[None] | None = None
+    processing: bool = False
+    half_closed: bool = False
+    abandoned: bool = False  # cancelled without answering: send nothing more
+
+
+class ReferenceWorker:
+    """Serves ALPCRUN.CH sessions with one handler (see the module docstring).
+
+    ``await worker.run()`` until :meth:`stop` (graceful) or cancellation
+    (abrupt: streams are cancelled without answering, like a crash). For a
+    background thread use :func:`ray_alpcrun.refworker.start_in_thread`.
+    """
+
+    def __init__(self, config: ReferenceWorkerConfig, handler: HandlerSpec) -> None:
+        self.config = config
+        self.runtime = HandlerRuntime(load_handler(handler), max_sessions=config.max_sessions)
+        self.stats = WorkerStats()
+        self.worker_id: str | None = None
+        self.registered = threading.Event()  # set once the first registration is done
+        self._service = config.service
+        self._identity_md = make_metadata(
+            config.service.api_key,
+            **{MD_NODE: config.identity.node, MD_POD: config.identity.pod},
+        )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="alpcrun-refworker")
+        self._served: dict[str, _Served] = {}
+        self._shared: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: Any = None
+        self._cache: Any = None
+        self._updates: Any = None
+        self._update_lock: asyncio.Lock | None = None
+
+    # --- life cycle -----------------------------------------------------------
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish the batches in hand and return. Call it on the
+        worker's loop (``loop.call_soon_threadsafe(worker.stop)`` from elsewhere)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Register and serve until stopped; re-register after the queue manager
+        went away. Raises :class:`~ray_alpcrun.errors.AuthError` on a bad API key."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._update_lock = asyncio.Lock()
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._register_and_serve()
+                except (errors.AuthError, errors.ProtocolError):
+                    raise
+                except errors.RpcError as exc:
+                    log.warning("queue manager unavailable: %s", exc)
+                if not self._stop.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.config.reconnect_delay_s)
+        finally:
+            await self._abandon_all()
+            self._close_runtime()
+
+    def _close_runtime(self) -> None:
+        # End every session's state on the handler thread without waiting for it:
+        # after a kill that thread may still be inside a handler.
+        with contextlib.suppress(RuntimeError):
+            self._executor.submit(self.runtime.close)
+        self._executor.shutdown(wait=False, cancel_futures=False)
+
+    async def _register_and_serve(self) -> None:
+        """Connect, register, and follow instructions until the update stream ends."""
+        svc = self._service
+        channel = open_channel(svc.queue_address, svc.tls, svc.max_message_bytes)
+        cache_channel = open_channel(svc.cache_address, svc.tls, svc.max_message_bytes)
+        try:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), self.config.connect_timeout_s)
+            except asyncio.TimeoutError:
+                raise errors.UnavailableError(
+                    "UNAVAILABLE", f"queue manager {svc.queue_address} not ready in time"
+                ) from None
+            self._queue = Stub(channel, "Queue", svc.proto_package)
+            self._cache = Stub(cache_channel, "Cache", svc.proto_package)
+            await self._follow_instructions()
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        finally:
+            await self._abandon_all()
+            await channel.close(None)
+            await cache_channel.close(None)
+
+    async def _follow_instructions(self) -> None:
+        assert self._stop is not None
+        self._updates = updates = self._queue.WorkerUpdate(metadata=self._identity_md)
+        header = dict(await updates.initial_metadata() or ())
+        worker_id = header.get(MD_WORKER_ID)
+        if not worker_id:
+            updates.cancel()
+            raise errors.ProtocolError("WorkerUpdate answered without a 'workerid' header")
+        self.worker_id = str(worker_id)
+        self.stats.registrations += 1
+        await self._report(WorkerStatus.IDLE)
+        self.registered.set()
+        log.info("worker registered", extra=fields(worker=self.worker_id))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(updates.read())
+                await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    await self._drain_all()
+                    return
+                instruction = read.result()
+                if instruction is EOF:
+                    log.warning("queue manager ended the update stream")
+                    return
+                if instruction.type == InstructionType.BIND:
+                    self._bind(instruction.session_id)
+                elif instruction.type == InstructionType.UNBIND:
+                    await self._unbind(instruction.session_id)
+        finally:
+            stopping.cancel()
+            updates.cancel()
+
+    # --- instructions -----------------------------------------------------------
+
+    def _bind(self, session_id: str) -> None:
+        if session_id in self._served:
+            log.info("BIND for a session already served", extra=fields(session=session_id))
+            return
+        served = _Served(session_id)
+        self._served[session_id] = served
+        self.stats.bindings += 1
+        assert self._loop is not None
+        served.task = self._loop.create_task(self._serve(served), name=f"serve-{session_id}")
+
+    async def _unbind(self, session_id: str) -> None:
+        served = self._served.get(session_id)
+        if served is None:
+            await self._report(WorkerStatus.IDLE)
+            return
+        # The batch in hand is answered first; the serving loop half-closes after it.
+        served.half_closed = True
+        if not served.processing:
+            await self._half_close(served)
+
+    async def _half_close(self, served: _Served) -> None:
+        call = served.call
+        if call is None:
+            return
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await call.done_writing()
+        # The queue manager ends the stream once it saw the half-close; bound the wait.
+        assert self._loop is not None
+        self._loop.call_later(self.config.drain_timeout_s, call.cancel)
+
+    async def _drain_all(self) -> None:
+        """Graceful stop: answer the batches in hand, half-close, wait for the ends."""
+        for session_id in list(self._served):
+            await self._unbind(session_id)
+        tasks = [s.task for s in self._served.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.drain_timeout_s)
+        await self._abandon_all()
+
+    async def _abandon_all(self) -> None:
+        """Cancel every stream without answering (the queue manager re-queues)."""
+        for served in list(self._served.values()):
+            served.abandoned = True
+            if served.call is not None:
+                served.call.cancel()
+            if served.task is not None and not served.task.done():
+                served.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await served.task
+        self._served.clear()
+
+    async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
+        assert self._update_lock is not None and self.worker_id is not None
+        async with self._update_lock:
+            # A broken update stream is noticed (and re-registered) by its reader.
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self._updates.write(WorkerState(self.worker_id, status, session_id))
+
+    # --- serving one session ----------------------------------------------------
+
+    async def _serve(self, served: _Served) -> None:
+        sid = served.session_id
+        metadata = self._identity_md + make_metadata(
+            None, **{MD_SESSION_ID: sid, MD_WORKER_ID: self.worker_id or ""}
+        )
+        served.call = call = self._queue.WorkerStream(metadata=metadata)
+        log.info("serving session", extra=fields(worker=self.worker_id, session=sid))
+        try:
+            await self._report(WorkerStatus.BUSY, sid)
+            while True:
+                batch = await call.read()
+                if batch is EOF:
+                    break
+                if served.half_closed:
+                    self.stats.dropped_batches += 1  # unanswered: the server re-queues it
+                    continue
+                served.processing = True
+                result = await self._answer(batch, sid)
+                served.processing = False
+                await call.write(result)
+                if served.half_closed:
+                    await self._half_close(served)
+        except grpc.RpcError as exc:
+            if not served.abandoned:
+                log.warning("session stream failed: %s", translate(exc), extra=fields(session=sid))
+        finally:
+            if self._served.get(sid) is served:
+                del self._served[sid]
+            if not served.abandoned:
+                await self._end_session(sid)
+                if not self._served and not self._stopping:
+                    await self._report(WorkerStatus.IDLE)
+
+    async def _end_session(self, session_id: str) -> None:
+        for key in [k for k in self._shared if k[0] == session_id]:
+            del self._shared[key]
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            await self._loop.run_in_executor(self._executor, self.runtime.end_session, session_id)
+
+    async def _answer(self, batch: Batch, session_id: str) -> Batch:
+        sid = batch.session_id or session_id
+        shared = None
+        if batch.use_shared_data:
+            level = batch.required_shared_data_update_level
+            shared = SharedSpec(level, partial(self._fetch_shared_blocking, sid, level))
+        payloads = [m.payload for m in batch.messages]
+        assert self._loop is not None
+        try:
+            outcomes = await self._loop.run_in_executor(
+                self._executor, self.runtime.run, sid, payloads, shared
+            )
+        except Exception as exc:  # setup failed: nothing in this batch can run
+            self.stats.dead_batches += 1
+            reason = describe(exc)
+            log.warning("batch answered dead: %s", reason, extra=fields(batch=batch.id))
+            return Batch(
+                id=batch.id,
+                session_id=sid,
+                messages=[Message(m.id, b"", m.id, reason) for m in batch.messages],
+                dead=True,
+            )
+        messages = []
+        for m, (payload, error) in zip(batch.messages, outcomes, strict=True):
+            if error is not None:
+                self.stats.task_errors += 1
+                messages.append(Message(m.id, b"", m.id, error))
+            else:
+                messages.append(Message(m.id, payload or b"", m.id))
+        self.stats.batches += 1
+        self.stats.tasks += len(messages)
+        return Batch(id=batch.id, session_id=sid, messages=messages, dead=False)
+
+    # --- shared data ------------------------------------------------------------
+
+    def _fetch_shared_blocking(self, session_id: str, level: int | None) -> bytes:
+        """Called by the runtime on the handler thread, only when it lacks the level."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._fetch_shared(session_id, level), self._loop)
+        return future.result(timeout=self.config.rpc_timeout_s)
+
+    async def _fetch_shared(self, session_id: str, level: int | None) -> bytes:
+        key = (session_id, level) if level is not None else None
+        if key is not None and key in self._shared:
+            self._shared.move_to_end(key)
+            return self._shared[key]
+        request = SharedData(session_id=session_id, update_level=level)
+        try:
+            reply = await self._cache.GetSharedData(
+                request, metadata=self._identity_md, timeout=self.config.rpc_timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        self.stats.shared_fetches += 1
+        payload: bytes = reply.payload
+        if reply.update_level is not None and reply.update_level != level:
+            key = (session_id, reply.update_level)
+        if key is not None:
+            self._shared[key] = payload
+            while len(self._shared) > SHARED_CACHE_ENTRIES:
+                self._shared.popitem(last=False)
+        return payload
