@@ -1,0 +1,153 @@
+"""``python -m ray_alpcrun.devserver``: run the local queue manager, central
+cache and node cache until SIGINT/SIGTERM.
+
+Exit codes: 0 stopped by a signal, 2 bad flags or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from ray_alpcrun import errors
+from ray_alpcrun.config import ENV_API_KEY, DevServerConfig, Env
+from ray_alpcrun.devserver.server import LocalServices
+from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
+from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+_DEFAULTS = DevServerConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ray_alpcrun.devserver",
+        description=(
+            "Local ALPCRUN.CH services in one process: the queue manager (Queue service), "
+            "the central cache and a node cache (Cache service). Every call must carry the "
+            "API key in the 'api_key' metadata. Port 0 picks a free port."
+        ),
+    )
+    p.add_argument("--host", default=_DEFAULTS.host, help="interface to listen on (%(default)s)")
+    p.add_argument(
+        "--queue-port",
+        type=int,
+        default=_DEFAULTS.queue_port,
+        help="queue manager port (%(default)s)",
+    )
+    p.add_argument(
+        "--central-cache-port",
+        type=int,
+        default=_DEFAULTS.central_cache_port,
+        help="central cache port (%(default)s)",
+    )
+    p.add_argument(
+        "--node-cache-port",
+        type=int,
+        default=_DEFAULTS.node_cache_port,
+        help="node cache port (%(default)s)",
+    )
+    p.add_argument(
+        "--proto-package",
+        default=DEFAULT_PROTO_PACKAGE,
+        help="proto package in the method paths, e.g. metalcore.api.v1; '' for none (%(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"shared secret (default: ${ENV_API_KEY}; if unset, one is generated and printed)",
+    )
+    p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="PEM CA bundle; when given, clients must present a certificate it signed",
+    )
+    p.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=_DEFAULTS.max_deliveries,
+        help="deliveries of a batch without an answer before it is dead-lettered (%(default)s)",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest gRPC message sent or received (%(default)s)",
+    )
+    p.add_argument(
+        "--unbind-idle-after",
+        type=float,
+        default=_DEFAULTS.unbind_idle_after_s,
+        metavar="SECONDS",
+        help="unbind a worker whose session has had nothing for it this long (%(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: $METALCORE_LOG_LEVEL or info)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace, env: Env) -> DevServerConfig:
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise errors.ConfigError("--tls-cert and --tls-key go together")
+        tls = TlsFiles(ca_cert=args.tls_client_ca, cert=args.tls_cert, key=args.tls_key)
+    return DevServerConfig(
+        host=args.host,
+        queue_port=args.queue_port,
+        central_cache_port=args.central_cache_port,
+        node_cache_port=args.node_cache_port,
+        proto_package=args.proto_package,
+        api_key=args.api_key or env.api_key,
+        tls=tls,
+        max_deliveries=args.max_deliveries,
+        max_message_bytes=args.max_message_bytes,
+        unbind_idle_after_s=args.unbind_idle_after,
+    )
+
+
+async def _serve(svc: LocalServices) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with svc:
+        print(f"queue manager  {svc.queue_address}", flush=True)
+        print(f"central cache  {svc.central_cache_address}", flush=True)
+        print(f"node cache     {svc.node_cache_address}", flush=True)
+        print(f"proto package  {svc.proto_package or '(none)'}", flush=True)
+        if svc.api_key_generated:
+            # The one place a key is printed: it was generated for the user to copy.
+            print(f"generated API key (export {ENV_API_KEY}=...): {svc.api_key}", flush=True)
+        print("ready; stop with Ctrl-C", flush=True)
+        await stop.wait()
+    print("stopped", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the services until SIGINT/SIGTERM; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        env = Env.read()
+        level = (args.log_level or env.log_level or "info").upper()
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        svc = LocalServices(config_from_args(args, env))
+        asyncio.run(_serve(svc))
+    except errors.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK

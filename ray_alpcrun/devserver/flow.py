@@ -1,0 +1,277 @@
+"""Task and result flow inside a session: queue a client's batch, hand batches
+to worker streams within the in-flight window, take result batches back
+(first answer wins), re-queue or dead-letter what was not answered, and hand
+results to client streams.
+
+The invariant kept here: every submitted task ends up exactly once either in
+a result batch handed to a client or in a dead-lettered batch (unless the
+session is closed first, which discards it on purpose).
+
+Decisions (the docs are silent):
+
+* A batch stays in flight on one worker stream until a result batch with the
+  same id arrives *on that stream*. A result for a batch that is not in flight
+  there (already re-queued, answered, or unknown) is dropped and counted in
+  ``dropped_results``; it is never delivered twice.
+* A batch re-queued after ``max_deliveries`` deliveries goes to dead letters
+  with the error "delivered N times without an answer".
+* When a worker stream ends (broken, or the worker half-closed), its batches
+  in flight go back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ulid import ULID
+
+from ray_alpcrun.devserver.errors import Rejected
+from ray_alpcrun.devserver.sessions import (
+    Pending,
+    SessionState,
+    dead_batch,
+    remainder,
+    split_answers,
+)
+from ray_alpcrun.devserver.workers import ClientConn, StreamConn
+from ray_alpcrun.types import Batch
+
+log = logging.getLogger("ray_alpcrun.devserver")
+
+
+@dataclass
+class QueueStats:
+    """Counters for tests and benchmarks (``LocalServices.stats()``)."""
+
+    sessions_created: int = 0
+    sessions_closed: int = 0
+    submitted_tasks: int = 0
+    submitted_batches: int = 0
+    deliveries: int = 0
+    redeliveries: int = 0
+    result_batches: int = 0
+    result_tasks: int = 0
+    partial_results: int = 0
+    dropped_results: int = 0
+    dead_lettered_batches: int = 0
+    dead_lettered_tasks: int = 0
+    binds: int = 0
+    unbinds: int = 0
+    workers_registered: int = 0
+    max_inflight_seen_per_worker: dict[str, int] = field(default_factory=dict)
+
+
+class TaskFlow:
+    """Moves batches between client streams, session queues and worker streams."""
+
+    def __init__(
+        self,
+        stats: QueueStats,
+        clock: Callable[[], float],
+        max_deliveries: int,
+        on_work: Callable[[], None],
+    ) -> None:
+        self.stats = stats
+        self._clock = clock
+        self._max_deliveries = max_deliveries
+        self._on_work = on_work  # asks the scheduler to look for idle workers
+
+    # --- client side -------------------------------------------------------
+
+    def submit(self, s: SessionState, batch: Batch) -> None:
+        """Queue a client's task batch; ids are assigned where empty."""
+        msgs = batch.messages
+        batch.session_id = s.id
+        if not batch.id:
+            batch.id = str(ULID())
+        elif batch.id in s.live:
+            raise Rejected(
+                "INVALID_ARGUMENT",
+                f"batch id {batch.id} is already queued or in flight in session {s.id}",
+            )
+        for i, m in enumerate(msgs):
+            if not m.id:
+                m.id = f"{batch.id}.{i}"
+        if len(msgs) > 1 and len({m.id for m in msgs}) != len(msgs):
+            raise Rejected("INVALID_ARGUMENT", f"batch {batch.id} repeats a task id")
+        p = Pending(batch)
+        s.live[batch.id] = p
+        s.tasks.push(p)
+        n = len(msgs)
+        s.submitted_tasks += n
+        self.stats.submitted_tasks += n
+        self.stats.submitted_batches += 1
+        s.last_activity_s = self._clock()
+        s.wake_one_hungry()
+        self._on_work()
+
+    def take_result(self, conn: ClientConn) -> Batch | None:
+        """The next result batch for this client stream, round robin over its sessions."""
+        sessions = conn.sessions
+        n = len(sessions)
+        for k in range(n):
+            idx = (conn.next_index + k) % n
+            s = sessions[idx]
+            if s.results:
+                conn.next_index = (idx + 1) % n
+                batch = s.results.popleft()
+                s.handed_tasks += len(batch.messages)
+                s.last_activity_s = self._clock()
+                s.notify_if_drained()
+                return batch
+        return None
+
+    # --- worker side -------------------------------------------------------
+
+    async def next_batch(self, conn: StreamConn) -> Batch | None:
+        """The next task batch for a worker stream; None when the stream should end."""
+        s = conn.session
+        while True:
+            s.hungry.pop(conn, None)
+            if conn.failure is not None:
+                raise conn.failure
+            if conn.closed or conn.peer_done:
+                return None
+            if conn.draining:
+                if not conn.inflight:
+                    return None
+            elif len(conn.inflight) < s.window:
+                p = s.tasks.pop()
+                if p is not None:
+                    return self._deliver(conn, p)
+                s.hungry[conn] = None
+            conn.wake.clear()
+            await conn.wake.wait()
+
+    def _deliver(self, conn: StreamConn, p: Pending) -> Batch:
+        s = conn.session
+        p.deliveries += 1
+        stats = self.stats
+        stats.deliveries += 1
+        if p.deliveries > 1:
+            stats.redeliveries += 1
+        conn.inflight[p.batch.id] = p
+        s.inflight_batches += 1
+        w = conn.worker
+        depth = len(conn.inflight)
+        if depth > stats.max_inflight_seen_per_worker.get(w.id, 0):
+            stats.max_inflight_seen_per_worker[w.id] = depth
+        now = self._clock()
+        w.last_activity_s = now
+        s.last_activity_s = now
+        return p.batch
+
+    def on_result(self, conn: StreamConn, result: Batch) -> None:
+        """A result batch arrived on a worker stream."""
+        s = conn.session
+        if conn.closed:
+            self._drop(conn, result, "the stream was closed")
+            return
+        p = conn.inflight.pop(result.id, None)
+        if p is None:
+            self._drop(conn, result, "the batch is not in flight on this worker")
+            return
+        if result.session_id and result.session_id != s.id:
+            log.warning(
+                "result batch %s names session %s but arrived on a stream of session %s",
+                result.id,
+                result.session_id,
+                s.id,
+            )
+        s.inflight_batches -= 1
+        now = self._clock()
+        conn.worker.last_activity_s = now
+        s.last_activity_s = now
+        conn.wake.set()  # the window has room again
+        if result.dead:
+            errors = {(m.related_id or m.id): m.error for m in result.messages if m.error}
+            self.dead_letter(s, p, "the worker marked the batch dead", errors)
+            return
+        answers, rest = split_answers(p, result)
+        if answers:
+            result.session_id = s.id
+            result.priority = p.batch.priority
+            result.messages = answers
+            s.results.append(result)
+            self.stats.result_batches += 1
+            self.stats.result_tasks += len(answers)
+            s.wake_clients()
+        if rest:
+            self.stats.partial_results += 1
+            log.info(
+                "batch %s of session %s: %d task(s) unanswered by worker %s, re-queued",
+                p.batch.id,
+                s.id,
+                len(rest),
+                conn.worker.id,
+            )
+            rp = remainder(p, rest)
+            s.live[rp.batch.id] = rp
+            self.requeue(s, rp)
+        else:
+            s.live.pop(p.batch.id, None)
+
+    def _drop(self, conn: StreamConn, result: Batch, why: str) -> None:
+        self.stats.dropped_results += 1
+        log.info(
+            "dropping result batch %s from worker %s (session %s): %s",
+            result.id,
+            conn.worker.id,
+            conn.session.id,
+            why,
+        )
+
+    def requeue(self, s: SessionState, p: Pending) -> None:
+        """Put a batch back at the front of its priority, or dead-letter it."""
+        if p.deliveries >= self._max_deliveries:
+            self.dead_letter(s, p, f"delivered {p.deliveries} times without an answer")
+            return
+        s.tasks.push_front(p)
+        s.wake_one_hungry()
+        self._on_work()
+
+    def dead_letter(
+        self,
+        s: SessionState,
+        p: Pending,
+        reason: str,
+        worker_errors: dict[str, str] | None = None,
+    ) -> None:
+        s.live.pop(p.batch.id, None)
+        s.dead_letters.append(dead_batch(p, reason, worker_errors))
+        n = len(p.batch.messages)
+        s.dead_tasks += n
+        self.stats.dead_lettered_batches += 1
+        self.stats.dead_lettered_tasks += n
+        log.warning(
+            "batch %s of session %s (%d task(s)) dead-lettered: %s", p.batch.id, s.id, n, reason
+        )
+        s.notify_if_drained()
+        s.wake_clients()  # a half-closed client stream may now be complete
+
+    def release_stream(self, conn: StreamConn, requeue: bool) -> None:
+        """Detach a worker stream; its batches in flight go back to the queue if
+        ``requeue`` (else they are discarded with the session). Idempotent."""
+        s = conn.session
+        if conn.inflight:
+            items = list(conn.inflight.values())
+            conn.inflight.clear()
+            s.inflight_batches -= len(items)
+            if requeue:
+                log.info(
+                    "worker %s left session %s with %d batch(es) in flight: re-queued",
+                    conn.worker.id,
+                    s.id,
+                    len(items),
+                )
+                for p in reversed(items):  # front pushes: keep the original order
+                    self.requeue(s, p)
+        s.streams.discard(conn)
+        s.hungry.pop(conn, None)
+        w = conn.worker
+        if w.streams.get(s.id) is conn:
+            del w.streams[s.id]
+        conn.closed = True
+        conn.wake.set()
