@@ -49,6 +49,7 @@ class AsyncSession:
         self._next_batch = 0
         self._stream: SessionStream | None = None
         self._closed = False
+        self._dead_letters: list[Batch] = []
 
     def __repr__(self) -> str:
         return f"AsyncSession(id={self.id!r}, app_id={self.app_id!r})"
@@ -233,18 +234,31 @@ class AsyncSession:
                 bar.close()
 
     async def dead_letters(self) -> list[Batch]:
-        """The session's dead-lettered batches as the queue manager holds them now."""
+        """Dead-lettered batches of the session not returned by an earlier call.
+
+        The queue manager hands each dead letter out once; batches this client
+        drained while waiting for answers (their tasks were already reported
+        with ``dead=True``) are kept and returned here too, oldest first.
+        """
         stub = await self._client.queue_stub()
         call = stub.ClientStreamDeadLetters(
             Session(id=self.id), metadata=self._client.metadata, timeout=self._client.rpc_timeout_s
         )
-        out: list[Batch] = []
+        fresh: list[Batch] = []
         try:
             async for batch in call:
-                out.append(batch)
+                fresh.append(batch)
+                if self._stream is not None:
+                    # A running submission may be waiting for exactly these tasks.
+                    self._stream.route_dead_letter(batch)
         except grpc.RpcError as exc:
+            self._dead_letters.extend(fresh)
             raise self._client.explain(exc) from exc
+        out, self._dead_letters = self._dead_letters + fresh, []
         return out
+
+    def _dead_letters_append(self, batch: Batch) -> None:
+        self._dead_letters.append(batch)
 
     async def disconnect(self) -> None:
         """Close this client's result stream; the session stays on the server."""
@@ -273,7 +287,12 @@ class AsyncSession:
                 return self._stream  # another submit opened it meanwhile
             metadata = make_metadata(self._client.api_key, **{MD_SESSION_ID: self.id})
             stream = SessionStream(
-                stub, self.id, metadata, self._client.dead_letter_poll_s, self._client.explain
+                stub,
+                self.id,
+                metadata,
+                self._client.dead_letter_poll_s,
+                self._client.explain,
+                self._dead_letters_append,
             )
             stream.open()
             self._stream = stream

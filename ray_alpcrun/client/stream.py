@@ -41,9 +41,13 @@ class SessionStream:
         metadata: Metadata,
         dead_letter_poll_s: float,
         explain: Callable[[grpc.RpcError], errors.RpcError] = translate,
+        keep_dead_letter: Callable[[Batch], None] | None = None,
     ) -> None:
         self._stub = stub
         self._explain = explain
+        # Reading dead letters drains them on the server: hand every batch read
+        # to the session so ``dead_letters()`` can still return it.
+        self._keep_dead_letter = keep_dead_letter
         self.session_id = session_id
         self._metadata = metadata
         self._poll_s = dead_letter_poll_s
@@ -137,7 +141,8 @@ class SessionStream:
             return
         self._fail(
             errors.UnavailableError(
-                "UNAVAILABLE", f"the queue manager ended the result stream of {self.session_id}"
+                "UNAVAILABLE",
+                f"the queue manager ended the result stream of {self.session_id} (session closed?)",
             )
         )
 
@@ -151,6 +156,8 @@ class SessionStream:
                     batch = await call.read()
                     if batch is EOF:
                         break
+                    if self._keep_dead_letter is not None:
+                        self._keep_dead_letter(batch)
                     self._route(batch, dead=True)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.CANCELLED:
@@ -160,6 +167,10 @@ class SessionStream:
                 call.cancel()
 
     # --- routing ------------------------------------------------------------
+
+    def route_dead_letter(self, batch: Batch) -> None:
+        """Answer the outstanding tasks of a dead-letter batch read elsewhere."""
+        self._route(batch, dead=True)
 
     def _route(self, batch: Batch, dead: bool) -> None:
         pending = self._pending

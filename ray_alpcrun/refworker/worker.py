@@ -6,7 +6,7 @@
    ``workerid`` response header, report IDLE;
 4. on BIND open ``WorkerStream`` (``sessionid`` + ``workerid`` metadata), report
    BUSY and answer task batches one after the other (section 5.3 result rules);
-5. on UNBIND finish the batch in hand, half-close the stream, report IDLE.
+5. on UNBIND answer what was already sent, half-close the stream, report IDLE.
 
 Everything runs on one asyncio loop so the update stream is read while a
 session is served; the handler runs on one worker thread, so batches are
@@ -32,6 +32,7 @@ from ray_alpcrun import errors
 from ray_alpcrun.config import ServiceConfig, WorkerIdentity
 from ray_alpcrun.handler import HandlerSpec, load_handler
 from ray_alpcrun.logs import fields
+from ray_alpcrun.refworker.serve import EOF, SessionServer
 from ray_alpcrun.runtime import HandlerRuntime, SharedSpec, describe
 from ray_alpcrun.transport import (
     MD_NODE,
@@ -47,7 +48,6 @@ from ray_alpcrun.types import Batch, InstructionType, Message, SharedData, Worke
 
 log = logging.getLogger(__name__)
 
-EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 SHARED_CACHE_ENTRIES = 8
 
 
@@ -65,6 +65,7 @@ class ReferenceWorkerConfig:
     connect_timeout_s: float = 10.0
     reconnect_delay_s: float = 1.0
     drain_timeout_s: float = 10.0
+    unbind_grace_s: float = 0.2
     rpc_timeout_s: float = 30.0
     max_sessions: int = 32
 
@@ -81,18 +82,6 @@ class WorkerStats:
     dead_batches: int = 0
     shared_fetches: int = 0
     dropped_batches: int = 0  # arrived after the stream was half-closed
-
-
-@dataclass(slots=True)
-class _Served:
-    """One bound session: its stream and where its serving loop stands."""
-
-    session_id: str
-    call: Any = None
-    task: asyncio.Task[None] | None = None
-    processing: bool = False
-    half_closed: bool = False
-    abandoned: bool = False  # cancelled without answering: send nothing more
 
 
 class ReferenceWorker:
@@ -115,7 +104,8 @@ class ReferenceWorker:
             **{MD_NODE: config.identity.node, MD_POD: config.identity.pod},
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="alpcrun-refworker")
-        self._served: dict[str, _Served] = {}
+        self._served: dict[str, SessionServer] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._shared: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -226,51 +216,49 @@ class ReferenceWorker:
         if session_id in self._served:
             log.info("BIND for a session already served", extra=fields(session=session_id))
             return
-        served = _Served(session_id)
-        self._served[session_id] = served
+        metadata = self._identity_md + make_metadata(
+            None, **{MD_SESSION_ID: session_id, MD_WORKER_ID: self.worker_id or ""}
+        )
+        server = SessionServer(
+            session_id,
+            self._queue.WorkerStream(metadata=metadata),
+            partial(self._answer, session_id=session_id),
+            self.config.unbind_grace_s,
+            self.config.drain_timeout_s,
+        )
+        self._served[session_id] = server
         self.stats.bindings += 1
         assert self._loop is not None
-        served.task = self._loop.create_task(self._serve(served), name=f"serve-{session_id}")
+        self._tasks[session_id] = self._loop.create_task(
+            self._serve(server), name=f"serve-{session_id}"
+        )
 
     async def _unbind(self, session_id: str) -> None:
-        served = self._served.get(session_id)
-        if served is None:
+        server = self._served.get(session_id)
+        if server is None:
             await self._report(WorkerStatus.IDLE)
-            return
-        # The batch in hand is answered first; the serving loop half-closes after it.
-        served.half_closed = True
-        if not served.processing:
-            await self._half_close(served)
-
-    async def _half_close(self, served: _Served) -> None:
-        call = served.call
-        if call is None:
-            return
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await call.done_writing()
-        # The queue manager ends the stream once it saw the half-close; bound the wait.
-        assert self._loop is not None
-        self._loop.call_later(self.config.drain_timeout_s, call.cancel)
+        else:
+            server.unbind()
 
     async def _drain_all(self) -> None:
-        """Graceful stop: answer the batches in hand, half-close, wait for the ends."""
-        for session_id in list(self._served):
-            await self._unbind(session_id)
-        tasks = [s.task for s in self._served.values() if s.task is not None]
+        """Graceful stop: answer what was sent, half-close, wait for the ends."""
+        for server in self._served.values():
+            server.unbind()
+        tasks = list(self._tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.drain_timeout_s)
         await self._abandon_all()
 
     async def _abandon_all(self) -> None:
         """Cancel every stream without answering (the queue manager re-queues)."""
-        for served in list(self._served.values()):
-            served.abandoned = True
-            if served.call is not None:
-                served.call.cancel()
-            if served.task is not None and not served.task.done():
-                served.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await served.task
+        for server in self._served.values():
+            server.abandon()
+        tasks, self._tasks = self._tasks, {}
+        for task in tasks.values():
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._served.clear()
 
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
@@ -282,35 +270,21 @@ class ReferenceWorker:
 
     # --- serving one session ----------------------------------------------------
 
-    async def _serve(self, served: _Served) -> None:
-        sid = served.session_id
-        metadata = self._identity_md + make_metadata(
-            None, **{MD_SESSION_ID: sid, MD_WORKER_ID: self.worker_id or ""}
-        )
-        served.call = call = self._queue.WorkerStream(metadata=metadata)
+    async def _serve(self, server: SessionServer) -> None:
+        sid = server.session_id
         log.info("serving session", extra=fields(worker=self.worker_id, session=sid))
         try:
             await self._report(WorkerStatus.BUSY, sid)
-            while True:
-                batch = await call.read()
-                if batch is EOF:
-                    break
-                if served.half_closed:
-                    self.stats.dropped_batches += 1  # unanswered: the server re-queues it
-                    continue
-                served.processing = True
-                result = await self._answer(batch, sid)
-                served.processing = False
-                await call.write(result)
-                if served.half_closed:
-                    await self._half_close(served)
+            await server.run()
         except grpc.RpcError as exc:
-            if not served.abandoned:
+            if not server.abandoned:
                 log.warning("session stream failed: %s", translate(exc), extra=fields(session=sid))
         finally:
-            if self._served.get(sid) is served:
+            self.stats.dropped_batches += server.dropped_batches
+            if self._served.get(sid) is server:
                 del self._served[sid]
-            if not served.abandoned:
+                self._tasks.pop(sid, None)
+            if not server.abandoned:
                 await self._end_session(sid)
                 if not self._served and not self._stopping:
                     await self._report(WorkerStatus.IDLE)
@@ -322,7 +296,7 @@ class ReferenceWorker:
         with contextlib.suppress(RuntimeError):
             await self._loop.run_in_executor(self._executor, self.runtime.end_session, session_id)
 
-    async def _answer(self, batch: Batch, session_id: str) -> Batch:
+    async def _answer(self, batch: Batch, *, session_id: str) -> Batch:
         sid = batch.session_id or session_id
         shared = None
         if batch.use_shared_data:
