@@ -126,9 +126,11 @@ def test_sending_pauses_at_max_pending_tasks(workerless_client: Client) -> None:
             produced += 1
             yield b"%d" % i
 
-    with workerless_client.create_session(app_id="paused") as session:
-        with pytest.raises(SubmitTimeout, match="250 of 250 tasks unanswered"):
-            session.run(lazy(), batch_size=50, max_pending_tasks=250, timeout_s=0.5)
+    with (
+        workerless_client.create_session(app_id="paused") as session,
+        pytest.raises(SubmitTimeout, match="250 of 250 tasks unanswered"),
+    ):
+        session.run(lazy(), batch_size=50, max_pending_tasks=250, timeout_s=0.5)
     assert produced == 300  # five batches sent, the sixth cut and waiting
 
 
@@ -176,9 +178,11 @@ def test_concurrent_submissions_share_one_session(client: Client) -> None:
 
 
 def test_timeout_when_nothing_is_answered(workerless_client: Client) -> None:
-    with workerless_client.create_session(app_id="unserved") as session:
-        with pytest.raises(SubmitTimeout, match="2 of 2 tasks unanswered"):
-            session.run([b"a", b"b"], timeout_s=0.3)
+    with (
+        workerless_client.create_session(app_id="unserved") as session,
+        pytest.raises(SubmitTimeout, match="2 of 2 tasks unanswered"),
+    ):
+        session.run([b"a", b"b"], timeout_s=0.3)
 
 
 def test_progress_bar(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,17 +193,19 @@ def test_progress_bar(client: Client, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 async def test_async_client(services: LocalServices, worker: WorkerThread) -> None:
-    async with AsyncClient(
-        queue=services.queue_address,
-        central_cache=services.central_cache_address,
-        api_key=services.api_key,
-        proto_package=services.proto_package,
-    ) as client:
-        async with await client.create_session(app_id="async") as session:
-            seen = [r.index async for r in session.submit((b"%d" % i for i in range(700)))]
-            assert sorted(seen) == list(range(700))
-            results = await session.run([b"p", b"fail"], batch_size=1)
-            assert [r.ok for r in results] == [True, False]
+    async with (
+        AsyncClient(
+            queue=services.queue_address,
+            central_cache=services.central_cache_address,
+            api_key=services.api_key,
+            proto_package=services.proto_package,
+        ) as client,
+        await client.create_session(app_id="async") as session,
+    ):
+        seen = [r.index async for r in session.submit(b"%d" % i for i in range(700))]
+        assert sorted(seen) == list(range(700))
+        results = await session.run([b"p", b"fail"], batch_size=1)
+        assert [r.ok for r in results] == [True, False]
 
 
 async def test_sync_client_inside_a_running_event_loop(
@@ -213,18 +219,22 @@ async def test_sync_client_inside_a_running_event_loop(
 
 
 def test_wrong_api_key_is_an_auth_error(services: LocalServices, worker: WorkerThread) -> None:
-    with connect(services, api_key="not-the-key") as client:
-        with pytest.raises(errors.AuthError, match="API key was rejected"):
-            client.create_session(app_id="nope")
+    with (
+        connect(services, api_key="not-the-key") as client,
+        pytest.raises(errors.AuthError, match="API key was rejected"),
+    ):
+        client.create_session(app_id="nope")
 
 
 def test_missing_api_key_is_an_auth_error(
     services: LocalServices, worker: WorkerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("METALCORE_API_KEY", raising=False)
-    with connect(services, api_key=None) as client:
-        with pytest.raises(errors.AuthError, match="no API key was sent"):
-            client.create_session(app_id="nope")
+    with (
+        connect(services, api_key=None) as client,
+        pytest.raises(errors.AuthError, match="no API key was sent"),
+    ):
+        client.create_session(app_id="nope")
 
 
 def test_unknown_session_is_not_found(client: Client) -> None:

@@ -59,8 +59,11 @@ async def test_submission_window_blocks_sender_until_answers_arrive() -> None:
     sub.deliver([TaskResult("t", 0, b"", None, False, "b")])
     await asyncio.wait_for(waiter, 1.0)
     sub.mark_all_sent()
-    assert not sub.finished
     sub.deliver([TaskResult("u", 1, b"", None, False, "b")])
+    assert sub.outstanding == 0
+    # Finished only once the consumer took every answer out of the queue.
+    assert not sub.finished
+    sub.handed_out = 2
     assert sub.finished
 
 

@@ -57,11 +57,20 @@ class Submission:
     """Counters and the answer queue of one ``submit`` call.
 
     ``sent`` counts tasks written to the stream, ``answered`` those routed back
-    (results or dead letters). Sending pauses while ``outstanding`` reaches
+    (results or dead letters), ``handed_out`` those the consumer took. Sending
+    pauses while ``outstanding`` reaches
     ``max_pending_tasks`` so a huge lazy iterable never floods the queue manager.
     """
 
-    __slots__ = ("_space", "all_sent", "answered", "items", "max_pending_tasks", "sent")
+    __slots__ = (
+        "_space",
+        "all_sent",
+        "answered",
+        "handed_out",
+        "items",
+        "max_pending_tasks",
+        "sent",
+    )
 
     def __init__(self, max_pending_tasks: int) -> None:
         if max_pending_tasks < 1:
@@ -69,6 +78,7 @@ class Submission:
         self.max_pending_tasks = max_pending_tasks
         self.sent = 0
         self.answered = 0
+        self.handed_out = 0  # answers the consumer took from ``items``
         self.all_sent = False
         self.items: asyncio.Queue[Item] = asyncio.Queue()
         self._space = asyncio.Event()
@@ -80,7 +90,9 @@ class Submission:
 
     @property
     def finished(self) -> bool:
-        return self.all_sent and self.answered == self.sent
+        """Everything sent, and every answer taken by the consumer (answers still
+        queued in ``items`` do not count: the consumer must not stop before them)."""
+        return self.all_sent and self.handed_out == self.sent
 
     def deliver(self, chunk: list[TaskResult]) -> None:
         self.answered += len(chunk)

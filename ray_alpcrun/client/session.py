@@ -221,6 +221,7 @@ class AsyncSession:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                sub.handed_out += len(item)
                 if bar is not None:
                     bar.update(len(item))
                 yield item

@@ -38,7 +38,7 @@ environment (flags win):
   METALCORE_CACHE_ADDR          default for --cache
   METALCORE_LOG_LEVEL           default for --log-level
 
-exit codes: 0 ok, 2 usage, 3 configuration, 4 API key rejected,
+exit codes: 0 ok, 1 other failure, 2 usage, 3 configuration, 4 API key rejected,
 6 handler cannot load, 7 queue manager unreachable, 130 interrupted twice
 """
 
@@ -61,6 +61,7 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
     a("--node", default=env.worker_node, help="worker node name")
     a("--pod", default=env.worker_pod, help="worker pod name")
     a("--connect-timeout", type=float, default=10.0, help="seconds to wait for the channel")
+    a("--connect-attempts", type=int, default=None, help="give up after N failed connects")
     a("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="gRPC limit")
     a("--log-level", default=env.log_level or "info", help="debug, info, warning, error")
     return p
@@ -78,7 +79,10 @@ def config_from_args(args: argparse.Namespace, env: Env) -> ReferenceWorkerConfi
     )
     identity = WorkerIdentity(**{k: v for k, v in (("node", args.node), ("pod", args.pod)) if v})
     return ReferenceWorkerConfig(
-        service=service, identity=identity, connect_timeout_s=args.connect_timeout
+        service=service,
+        identity=identity,
+        connect_timeout_s=args.connect_timeout,
+        max_connect_attempts=args.connect_attempts,
     )
 
 
@@ -103,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.RpcError as exc:
         print(f"ray_alpcrun.refworker: {exc}", file=sys.stderr)
         return errors.EXIT_UNAVAILABLE
+    except errors.AlpcrunError as exc:
+        print(f"ray_alpcrun.refworker: {exc}", file=sys.stderr)
+        return errors.EXIT_FAILURE
     except KeyboardInterrupt:
         return errors.EXIT_INTERRUPTED
     return errors.EXIT_OK

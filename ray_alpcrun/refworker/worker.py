@@ -68,6 +68,7 @@ class ReferenceWorkerConfig:
     unbind_grace_s: float = 0.2
     rpc_timeout_s: float = 30.0
     max_sessions: int = 32
+    max_connect_attempts: int | None = None  # None: keep trying (a k8s worker outlives restarts)
 
 
 @dataclass(slots=True)
@@ -132,13 +133,19 @@ class ReferenceWorker:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._update_lock = asyncio.Lock()
+        failures = 0  # consecutive attempts that did not even register
         try:
             while not self._stop.is_set():
+                registered = self.stats.registrations
                 try:
                     await self._register_and_serve()
                 except (errors.AuthError, errors.ProtocolError):
                     raise
                 except errors.RpcError as exc:
+                    failures = failures + 1 if self.stats.registrations == registered else 1
+                    limit = self.config.max_connect_attempts
+                    if limit is not None and failures >= limit:
+                        raise
                     log.warning("queue manager unavailable: %s", exc)
                 if not self._stop.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
@@ -182,6 +189,8 @@ class ReferenceWorker:
         header = dict(await updates.initial_metadata() or ())
         worker_id = header.get(MD_WORKER_ID)
         if not worker_id:
+            # A rejected call (bad API key, ...) has no header: reading raises its status.
+            await updates.read()
             updates.cancel()
             raise errors.ProtocolError("WorkerUpdate answered without a 'workerid' header")
         self.worker_id = str(worker_id)
