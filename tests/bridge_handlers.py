@@ -55,3 +55,21 @@ class BrokenStart(Handler):
 
     def process(self, payload: bytes, session: SessionContext) -> bytes:
         return payload
+
+
+def crash_once(payload: bytes, shared: bytes | None) -> bytes:
+    """Kills its own actor process the first time it sees its marker file missing."""
+    marker, _, index = payload.decode().partition("|")
+    if index == "120" and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write("crashed")
+        os._exit(1)
+    return payload
+
+
+def slow(payload: bytes, shared: bytes | None) -> bytes:
+    """About 10 ms per task, so batches are in flight when the test acts."""
+    import time
+
+    time.sleep(0.01)  # ok: simulated work inside a handler, not a test wait
+    return payload

@@ -283,7 +283,8 @@ class BridgeWorker:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
-                task.result()  # re-raise a fatal error
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]  # a fatal error
         finally:
             for task in tasks:
                 task.cancel()
@@ -302,6 +303,11 @@ class BridgeWorker:
             try:
                 await slot.serve()
                 attempt = 0
+            except asyncio.CancelledError:
+                # stop() cancels the calls; anything else cancelling us must propagate.
+                if self._stopping.is_set():
+                    return
+                raise
             except grpc.aio.AioRpcError as exc:
                 err = transport.translate(exc)
                 fatal = fatal_for(err, s, "queue manager")

@@ -1,0 +1,209 @@
+"""End to end: client -> local queue manager -> bridge (Ray actor) -> pool actors -> client.
+
+Every test asserts that each task got exactly one answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ray_alpcrun import errors
+from ray_alpcrun.bridge.launch import BridgeHandle, start_bridge
+from ray_alpcrun.client import AsyncClient, Client, TaskResult
+from ray_alpcrun.config import BridgeConfig, DevServerConfig, PoolConfig, ServiceConfig
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def services(ray_session: Any) -> Iterator[Any]:
+    from ray_alpcrun.devserver import LocalServices
+
+    # Ray is up first (ray_session): starting it after gRPC prints fork warnings.
+    with LocalServices(
+        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)
+    ) as svc:
+        yield svc
+
+
+def bridge_config(svc: Any, handler: str, actors: int = 2, **kw: Any) -> BridgeConfig:
+    services = ServiceConfig(
+        queue_address=svc.queue_address,
+        cache_address=svc.node_cache_address,
+        central_cache_address=svc.central_cache_address,
+        api_key=kw.pop("api_key", svc.api_key),
+        proto_package=svc.proto_package,
+    )
+    pool = PoolConfig(num_actors=actors, cpus_per_actor=kw.pop("cpus_per_actor", 0.5), min_chunk=1)
+    return BridgeConfig(services=services, handler=handler, pool=pool, **kw)
+
+
+@pytest.fixture
+def bridge(services: Any, ray_session: Any) -> Iterator[Any]:
+    """Factory: start a bridge, and always stop it."""
+    started: list[BridgeHandle] = []
+
+    def start(handler: str, actors: int = 2, **kw: Any) -> BridgeHandle:
+        handle = start_bridge(bridge_config(services, handler, actors, **kw))
+        started.append(handle)
+        handle.wait_ready(60)
+        return handle
+
+    yield start
+    for handle in started:
+        ray_session.get(handle.stop(drain=False))
+        ray_session.get(handle.run_ref)
+
+
+def client_for(svc: Any) -> Client:
+    return Client(
+        queue=svc.queue_address,
+        central_cache=svc.central_cache_address,
+        api_key=svc.api_key,
+        proto_package=svc.proto_package,
+    )
+
+
+def assert_exactly_once(results: list[TaskResult], n: int) -> None:
+    counts = Counter(r.index for r in results)
+    missing = sorted(set(range(n)) - set(counts))
+    assert not missing, f"{len(missing)} tasks lost, e.g. {missing[:5]}; got {len(results)}"
+    assert sorted(counts) == list(range(n)), "unexpected task indices"
+    assert max(counts.values()) == 1, "a task was answered twice"
+
+
+def test_two_sessions_at_once_with_the_function_handler(services: Any, bridge: Any) -> None:
+    handle = bridge("tests.bridge_handlers:echo", actors=2, slots=2)
+    n = 400
+
+    async def one_session(tag: str) -> list[TaskResult]:
+        async with AsyncClient(
+            services.queue_address,
+            services.central_cache_address,
+            api_key=services.api_key,
+            proto_package=services.proto_package,
+        ) as client:
+            session = await client.create_session(app_id=f"e2e-{tag}")
+            payloads = [
+                (f"fail-{tag}-{i}" if i % 50 == 7 else f"{tag}-{i}").encode() for i in range(n)
+            ]
+            results = await session.run(payloads, batch_size=25, timeout_s=120)
+            await session.close()
+            return results
+
+    async def both() -> tuple[list[TaskResult], list[TaskResult]]:
+        a, b = await asyncio.gather(one_session("a"), one_session("b"))
+        return a, b
+
+    for tag, results in zip("ab", asyncio.run(both()), strict=True):
+        assert_exactly_once(results, n)
+        for r in results:
+            if r.index % 50 == 7:
+                assert not r.ok and r.error is not None and "ValueError: asked to fail" in r.error
+            else:
+                assert r.payload == f"{tag}-{r.index}".encode()
+    status = ray_get(handle.status())
+    assert status["tasks_ok"] == 2 * (n - n // 50) and status["tasks_failed"] == 2 * (n // 50)
+
+
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref, timeout=60)
+
+
+def decode(results: list[TaskResult]) -> list[dict[str, Any]]:
+    return [json.loads(r.value()) for r in results]
+
+
+def test_shared_data_levels_and_per_session_state(services: Any, bridge: Any) -> None:
+    handle = bridge("tests.bridge_handlers:Stateful", actors=1)
+    with client_for(services) as client:
+        s1 = client.create_session(app_id="state-1")
+        s2 = client.create_session(app_id="state-2")
+        s1.set_shared_data(json.dumps({"value": "one"}).encode(), level=1)
+        first = decode(s1.run([b"x"] * 30, batch_size=10, use_shared_data=True, shared_level=1))
+        # Another session in between must not disturb s1's state.
+        other = decode(s2.run([b"y"] * 5, batch_size=5))
+        s1.set_shared_data(json.dumps({"value": "two"}).encode(), level=2)
+        second = decode(s1.run([b"z"] * 30, batch_size=10, use_shared_data=True, shared_level=2))
+        s1.close()
+        s2.close()
+    assert [r["count"] for r in first + second] == list(range(1, 61))
+    assert {(r["level"], r["value"]) for r in first} == {(1, "one")}
+    assert {(r["level"], r["value"]) for r in second} == {(2, "two")}
+    assert second[-1]["updates"] == [[1, 2]]
+    assert [r["count"] for r in other] == [1, 2, 3, 4, 5]
+    assert {r["session"] for r in other} == {s2.id}
+    # Fetched once per (session, level) by the bridge, whatever the batch count.
+    assert ray_get(handle.status())["shared_fetches"] == 2
+
+
+def test_session_start_failure_answers_dead(services: Any, bridge: Any) -> None:
+    bridge("tests.bridge_handlers:BrokenStart", actors=1)
+    with client_for(services) as client:
+        session = client.create_session(app_id="broken")
+        results = session.run([b"a", b"b", b"c"], batch_size=3, timeout_s=60)
+        letters = session.dead_letters()
+        session.close()
+    assert_exactly_once(results, 3)
+    assert all(r.dead and r.error and "cannot start session" in r.error for r in results)
+    assert letters == [] or all(b.dead for b in letters)
+
+
+def test_missing_shared_level_answers_dead(services: Any, bridge: Any) -> None:
+    bridge("tests.bridge_handlers:echo", actors=1)
+    with client_for(services) as client:
+        session = client.create_session(app_id="no-shared")
+        results = session.run([b"a", b"b"], batch_size=2, use_shared_data=True, shared_level=9)
+        session.close()
+    assert_exactly_once(results, 2)
+    assert all(r.dead and r.error and "level 9" in r.error for r in results)
+
+
+def test_actor_dying_mid_batch_loses_nothing(
+    services: Any, bridge: Any, tmp_path: Path
+) -> None:
+    handle = bridge("tests.bridge_handlers:crash_once", actors=2)
+    marker = tmp_path / "crashed"
+    payloads = [f"{marker}|{i}".encode() for i in range(200)]
+    with client_for(services) as client:
+        session = client.create_session(app_id="crash")
+        results = session.run(payloads, batch_size=50, timeout_s=120)
+        session.close()
+    assert marker.exists(), "the handler never crashed its actor"
+    assert_exactly_once(results, 200)
+    assert all(r.ok for r in results)
+    assert ray_get(handle.status())["actor_restarts"] >= 1
+
+
+def test_close_mid_flight_then_serve_a_new_session(services: Any, bridge: Any) -> None:
+    bridge("tests.bridge_handlers:slow", actors=2)
+    with client_for(services) as client:
+        doomed = client.create_session(app_id="doomed")
+        it = doomed.submit([b"s"] * 200, batch_size=10)
+        first = next(it)
+        assert first.ok
+        doomed.close()  # UNBIND arrives while batches are in flight
+        fresh = client.create_session(app_id="fresh")
+        results = fresh.run([f"{i}".encode() for i in range(50)], batch_size=10, timeout_s=60)
+        fresh.close()
+    assert_exactly_once(results, 50)
+    assert all(r.ok for r in results)
+
+
+def test_wrong_api_key_stops_the_bridge_with_a_clear_reason(services: Any) -> None:
+    import ray
+
+    secret = "wrong-key-5f3a9c"
+    handle = start_bridge(bridge_config(services, "tests.bridge_handlers:echo", 1, api_key=secret))
+    code, reason = ray.get(handle.run_ref, timeout=60)
+    assert code == errors.EXIT_AUTH
+    assert "API key" in reason and secret not in reason
