@@ -232,6 +232,12 @@ class Dispatcher(Generic[A]):
                     extra=fields(session=session_id, slot=m.slot, error=str(result)),
                 )
 
+    async def settle(self) -> None:
+        """Wait until no actor replacement is pending (back to full size, or given up)."""
+        while self._restarting and not self._closed:
+            wake = self._wake
+            await wake.wait()
+
     async def close(self) -> None:
         """Stop restarts and kill every actor. Batches still running get errors."""
         self._closed = True
@@ -323,7 +329,7 @@ class Dispatcher(Generic[A]):
                 return await call
             # The actor runs calls one after another: this one may wait behind
             # everything already queued there, each of which has its own budget.
-            deadline_s = self._timeout_s * member.inflight + self._slack_s
+            deadline_s = self._timeout_s * max(1, member.inflight) + self._slack_s
             try:
                 return await asyncio.wait_for(call, deadline_s)
             except asyncio.TimeoutError as exc:

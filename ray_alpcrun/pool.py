@@ -259,6 +259,11 @@ class ActorPool:
             "actors": actors,
         }
 
+    async def settle(self) -> None:
+        """Wait until actors being replaced are back (or their restart gave up)."""
+        if self._dispatcher is not None:
+            await self._dispatcher.settle()
+
     async def close(self) -> None:
         """Kill every actor. Idempotent."""
         dispatcher, self._dispatcher = self._dispatcher, None

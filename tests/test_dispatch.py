@@ -1,0 +1,266 @@
+"""Dispatch logic against a fake backend: no Ray, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from ray_alpcrun.dispatch import ActorLost, Dispatcher, plan_chunks
+from ray_alpcrun.runtime import Outcome, SessionSetupError
+
+
+@dataclass(eq=False)
+class FakeActor:
+    """Runs calls one at a time, like a Ray actor with max_concurrency=1."""
+
+    name: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dead: bool = False
+    calls: list[list[bytes]] = field(default_factory=list)
+
+
+class FakeBackend:
+    """Payload-driven behaviour:
+
+    ``die``: kills the actor running it, every time; ``die-once``: the first
+    time only; ``hang``: never returns; ``setup``: session setup fails;
+    ``wait``: blocks until ``release`` is set; anything else is upper-cased.
+    """
+
+    def __init__(self) -> None:
+        self.actors: list[FakeActor] = []
+        self.killed: list[FakeActor] = []
+        self.answered: Counter[bytes] = Counter()
+        self.died_once: set[bytes] = set()
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.ended: list[tuple[int, str]] = []
+
+    async def start_actor(self) -> FakeActor:
+        actor = FakeActor(len(self.actors))
+        self.actors.append(actor)
+        return actor
+
+    async def call(
+        self,
+        actor: FakeActor,
+        session_id: str,
+        payloads: list[bytes],
+        shared: Any,
+        tags: tuple[str, ...],
+    ) -> list[Outcome]:
+        async with actor.lock:
+            if actor.dead:
+                raise ActorLost(f"actor {actor.name} is dead")
+            actor.calls.append(list(payloads))
+            out: list[Outcome] = []
+            for p in payloads:
+                if p == b"setup":
+                    raise SessionSetupError("setup failed")
+                if p == b"die" or (p.startswith(b"die-once") and p not in self.died_once):
+                    self.died_once.add(p)
+                    actor.dead = True
+                    raise ActorLost(f"actor {actor.name} died")
+                if p == b"hang":
+                    await asyncio.Event().wait()
+                if p == b"wait":
+                    self.entered.set()
+                    await self.release.wait()
+                if p.startswith(b"fail"):
+                    out.append((None, "ValueError: failed"))
+                else:
+                    out.append((p.upper(), None))
+            for p, (result, _) in zip(payloads, out, strict=True):
+                if result is not None:
+                    self.answered[p] += 1
+            return out
+
+    def kill(self, actor: FakeActor) -> None:
+        actor.dead = True
+        self.killed.append(actor)
+
+    async def end_session(self, actor: FakeActor, session_id: str) -> None:
+        if actor.dead:
+            raise ActorLost("dead")
+        self.ended.append((actor.name, session_id))
+
+
+def payloads(n: int, prefix: str = "t") -> list[bytes]:
+    return [f"{prefix}{i}".encode() for i in range(n)]
+
+
+async def started(backend: FakeBackend, **kwargs: Any) -> Dispatcher[FakeActor]:
+    kwargs.setdefault("num_actors", 2)
+    kwargs.setdefault("min_chunk", 1)
+    d: Dispatcher[FakeActor] = Dispatcher(backend, **kwargs)
+    await d.start()
+    return d
+
+
+# -- plan_chunks ------------------------------------------------------------------
+
+
+def test_plan_keeps_small_batches_whole_and_splits_big_ones_evenly() -> None:
+    assert plan_chunks([0, 0, 0, 0], 3, 16) == [(0, 3)]
+    assert plan_chunks([0, 0], 1000, 16) == [(0, 500), (1, 500)]
+    assert plan_chunks([0, 0, 0], 10, 1) == [(0, 4), (1, 3), (2, 3)]
+    assert plan_chunks([0] * 8, 40, 16) == [(0, 20), (1, 20)]
+    assert plan_chunks([], 5, 1) == []
+    assert plan_chunks([3], 0, 1) == []
+
+
+def test_plan_fills_the_least_loaded_first() -> None:
+    # Actor 0 already has 100 tasks queued: all 60 go to actor 1.
+    assert plan_chunks([100, 0], 60, 1) == [(1, 60)]
+    # Loads 10 and 0, 30 new tasks: even out at 20 each.
+    assert plan_chunks([10, 0], 30, 1) == [(1, 20), (0, 10)]
+    # A chunk under min_chunk is folded into the others.
+    assert plan_chunks([10, 0], 30, 16) == [(1, 30)]
+
+
+@pytest.mark.parametrize("loads", [[0, 0], [5, 0, 9], [1, 2, 3, 4], [50, 0, 0]])
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+def test_plan_covers_every_task_once(loads: list[int], n: int) -> None:
+    plan = plan_chunks(loads, n, 4)
+    assert sum(c for _, c in plan) == n
+    assert len({i for i, _ in plan}) == len(plan)
+    assert all(c > 0 for _, c in plan)
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+async def test_one_call_per_actor_per_sub_batch_in_order() -> None:
+    backend = FakeBackend()
+    d = await started(backend)
+    batch = payloads(10)
+    out = await d.run("s", batch)
+    assert out == [(p.upper(), None) for p in batch]
+    assert [len(a.calls) for a in backend.actors] == [1, 1]
+    assert backend.actors[0].calls[0] + backend.actors[1].calls[0] == batch
+
+
+async def test_handler_errors_stay_per_task() -> None:
+    d = await started(FakeBackend())
+    out = await d.run("s", [b"a", b"fail", b"c"])
+    assert out == [(b"A", None), (None, "ValueError: failed"), (b"C", None)]
+
+
+async def test_least_loaded_gets_the_next_batch() -> None:
+    backend = FakeBackend()
+    d = await started(backend, min_chunk=100)
+    busy = asyncio.create_task(d.run("s", [b"wait"]))
+    await backend.entered.wait()
+    # Actor 0 holds the waiting task: the next two batches go to actor 1.
+    assert await d.run("s", [b"x"]) == [(b"X", None)]
+    assert await d.run("s", [b"y"]) == [(b"Y", None)]
+    assert backend.actors[1].calls == [[b"x"], [b"y"]]
+    backend.release.set()
+    assert await busy == [(b"WAIT", None)]
+
+
+async def test_actor_death_retries_on_a_live_actor_exactly_once() -> None:
+    backend = FakeBackend()
+    d = await started(backend)
+    batch = [*payloads(5), b"die-once", *payloads(4, "u")]
+    out = await d.run("s", batch)
+    assert out == [(p.upper(), None) for p in batch]
+    assert d.restarts == 1
+    assert len(backend.actors) == 3  # two at start, one replacement
+    assert set(backend.answered.values()) == {1}
+    assert sum(backend.answered.values()) == len(batch)
+
+
+async def test_a_task_that_always_kills_its_actor_fails_alone() -> None:
+    backend = FakeBackend()
+    d = await started(backend, max_call_retries=2)
+    batch = [b"a", b"b", b"die", b"c", b"d", b"e"]
+    out = await d.run("s", batch)
+    for p, outcome in zip(batch, out, strict=True):
+        if p == b"die":
+            assert outcome[0] is None
+            assert outcome[1] is not None and outcome[1].startswith("actor died 3 times")
+        else:
+            assert outcome == (p.upper(), None)
+    assert set(backend.answered.values()) == {1}
+    assert d.restarts == 3
+
+
+async def test_no_retries_means_the_sub_batch_fails() -> None:
+    d = await started(FakeBackend(), num_actors=1, max_call_retries=0)
+    out = await d.run("s", [b"a", b"die"])
+    assert all(r is None and e and "actor died 1 times" in e for r, e in out)
+
+
+async def test_hung_task_times_out_and_the_others_succeed() -> None:
+    backend = FakeBackend()
+    d = await started(backend, task_timeout_s=0.05, timeout_slack_s=0.05)
+    batch = [*payloads(3), b"hang", *payloads(3, "u")]
+    out = await d.run("s", batch)
+    for p, outcome in zip(batch, out, strict=True):
+        if p == b"hang":
+            assert outcome == (None, "task timed out after 0.05 s")
+        else:
+            assert outcome == (p.upper(), None)
+    assert set(backend.answered.values()) == {1}
+    assert d.restarts >= 1
+    assert backend.killed  # the stuck actor was killed
+
+
+async def test_session_setup_error_propagates() -> None:
+    d = await started(FakeBackend())
+    with pytest.raises(SessionSetupError):
+        await d.run("s", [b"a", b"setup", b"c", b"d"])
+
+
+async def test_concurrent_batches_all_answered() -> None:
+    backend = FakeBackend()
+    d = await started(backend, num_actors=3, min_chunk=2)
+    batches = [payloads(n, f"b{n}-") for n in (1, 5, 17, 40)]
+    outs = await asyncio.gather(*(d.run("s", b) for b in batches))
+    for b, out in zip(batches, outs, strict=True):
+        assert out == [(p.upper(), None) for p in b]
+
+
+async def test_end_session_fans_out_to_every_live_actor() -> None:
+    backend = FakeBackend()
+    d = await started(backend, num_actors=3)
+    await d.end_session("s9")
+    assert sorted(backend.ended) == [(0, "s9"), (1, "s9"), (2, "s9")]
+
+
+async def test_closed_pool_answers_errors() -> None:
+    backend = FakeBackend()
+    d = await started(backend)
+    await d.close()
+    out = await d.run("s", [b"a"])
+    assert out == [(None, "the actor pool is closed")]
+    assert len(backend.killed) == 2
+
+
+async def test_failed_start_stops_the_actors_that_did_start() -> None:
+    class HalfBroken(FakeBackend):
+        async def start_actor(self) -> FakeActor:
+            actor = await super().start_actor()
+            if actor.name == 1:
+                raise RuntimeError("no handler")
+            return actor
+
+    backend = HalfBroken()
+    d: Dispatcher[FakeActor] = Dispatcher(backend, num_actors=2)
+    with pytest.raises(RuntimeError, match="no handler"):
+        await d.start()
+    assert backend.killed == [backend.actors[0]]
+
+
+async def test_with_every_actor_dead_the_retry_waits_for_a_replacement() -> None:
+    backend = FakeBackend()
+    d = await started(backend, num_actors=1)
+    out = await d.run("s", [b"a", b"die-once", b"c"])
+    assert out == [(b"A", None), (b"DIE-ONCE", None), (b"C", None)]
+    await d.settle()
+    assert d.restarts == 1 and len(d.members()) == 1
