@@ -1,0 +1,5 @@
+import sys
+
+from ray_alpcrun.demo import main
+
+sys.exit(main())
