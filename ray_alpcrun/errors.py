@@ -49,6 +49,22 @@ class TaskFailed(AlpcrunError):
         self.error = error
 
 
+class TasksFailed(TaskFailed):
+    """Raised by ``RayPool.map`` when tasks failed: the first one's id and error, every
+    failure in ``failures`` and every result (a ``TaskFailed`` where one failed) in ``results``."""
+
+    def __init__(self, failures: list[TaskFailed], results: list[object]) -> None:
+        first = failures[0]
+        super().__init__(first.task_id, first.error)
+        self.failures = failures
+        self.results = results
+
+    def __str__(self) -> str:
+        more = len(self.failures) - 1
+        text = super().__str__()
+        return f"{text} (and {more} more failed of {len(self.results)})" if more else text
+
+
 class SharedDataUnavailable(AlpcrunError):
     """Raised when a batch's shared data cannot be fetched from the node cache."""
 

@@ -12,7 +12,7 @@ import pytest
 
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import ConfigError, HandlerError
-from ray_alpcrun.handler import Handler, SessionContext
+from ray_alpcrun.handler import Handler, HandlerSpec, SessionContext
 from ray_alpcrun.pool import ActorPool
 from ray_alpcrun.runtime import SessionSetupError
 from tests import handlers
@@ -71,7 +71,8 @@ async def test_function_handler_by_value_and_class_instance() -> None:
         def process(self, payload: bytes, session: SessionContext) -> bytes:
             return payload * 2
 
-    for spec, expected in [(shout, b"AB"), (Doubler(), b"abab")]:
+    specs: list[tuple[HandlerSpec, bytes]] = [(shout, b"AB"), (Doubler(), b"abab")]
+    for spec, expected in specs:
         async with ActorPool(spec, small(num_actors=1)) as pool:
             assert await pool.run("s", [b"ab"]) == [(expected, None)]
 
