@@ -23,3 +23,37 @@ def ray_session() -> Iterator[Any]:
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def services(ray_session: Any) -> Iterator[Any]:
+    """Local ALPCRUN.CH services shared by the bridge tests (Ray is up first:
+    starting Ray after gRPC prints fork warnings)."""
+    from ray_alpcrun.config import DevServerConfig
+    from ray_alpcrun.devserver import LocalServices
+
+    with LocalServices(
+        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)
+    ) as svc:
+        yield svc
+
+
+@pytest.fixture
+def bridge(services: Any, ray_session: Any) -> Iterator[Any]:
+    """Factory: ``bridge(handler, actors=2, **BridgeConfig fields)`` starts a bridge
+    on ``services``, waits until it is registered, and always stops it."""
+    from ray_alpcrun.bridge.launch import BridgeHandle, start_bridge
+    from tests.bridge_support import bridge_config
+
+    started: list[BridgeHandle] = []
+
+    def start(handler: str, actors: int = 2, **kw: Any) -> BridgeHandle:
+        handle = start_bridge(bridge_config(services, handler, actors, **kw))
+        started.append(handle)
+        handle.wait_ready(60)
+        return handle
+
+    yield start
+    for handle in started:
+        ray_session.get(handle.stop(drain=False), timeout=60)
+        ray_session.get(handle.run_ref, timeout=60)

@@ -7,76 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.launch import BridgeHandle, start_bridge
-from ray_alpcrun.client import AsyncClient, Client, TaskResult
-from ray_alpcrun.config import BridgeConfig, DevServerConfig, PoolConfig, ServiceConfig
+from ray_alpcrun.bridge.launch import start_bridge
+from ray_alpcrun.client import AsyncClient, TaskResult
+from tests.bridge_support import assert_exactly_once, bridge_config, client_for, ray_get
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def services(ray_session: Any) -> Iterator[Any]:
-    from ray_alpcrun.devserver import LocalServices
-
-    # Ray is up first (ray_session): starting it after gRPC prints fork warnings.
-    with LocalServices(
-        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)
-    ) as svc:
-        yield svc
-
-
-def bridge_config(svc: Any, handler: str, actors: int = 2, **kw: Any) -> BridgeConfig:
-    services = ServiceConfig(
-        queue_address=svc.queue_address,
-        cache_address=svc.node_cache_address,
-        central_cache_address=svc.central_cache_address,
-        api_key=kw.pop("api_key", svc.api_key),
-        proto_package=svc.proto_package,
-    )
-    pool = PoolConfig(num_actors=actors, cpus_per_actor=kw.pop("cpus_per_actor", 0.5), min_chunk=1)
-    return BridgeConfig(services=services, handler=handler, pool=pool, **kw)
-
-
-@pytest.fixture
-def bridge(services: Any, ray_session: Any) -> Iterator[Any]:
-    """Factory: start a bridge, and always stop it."""
-    started: list[BridgeHandle] = []
-
-    def start(handler: str, actors: int = 2, **kw: Any) -> BridgeHandle:
-        handle = start_bridge(bridge_config(services, handler, actors, **kw))
-        started.append(handle)
-        handle.wait_ready(60)
-        return handle
-
-    yield start
-    for handle in started:
-        ray_session.get(handle.stop(drain=False))
-        ray_session.get(handle.run_ref)
-
-
-def client_for(svc: Any) -> Client:
-    return Client(
-        queue=svc.queue_address,
-        central_cache=svc.central_cache_address,
-        api_key=svc.api_key,
-        proto_package=svc.proto_package,
-    )
-
-
-def assert_exactly_once(results: list[TaskResult], n: int) -> None:
-    counts = Counter(r.index for r in results)
-    missing = sorted(set(range(n)) - set(counts))
-    assert not missing, f"{len(missing)} tasks lost, e.g. {missing[:5]}; got {len(results)}"
-    assert sorted(counts) == list(range(n)), "unexpected task indices"
-    assert max(counts.values()) == 1, "a task was answered twice"
 
 
 def test_two_sessions_at_once_with_the_function_handler(services: Any, bridge: Any) -> None:
@@ -111,12 +52,6 @@ def test_two_sessions_at_once_with_the_function_handler(services: Any, bridge: A
                 assert r.payload == f"{tag}-{r.index}".encode()
     status = ray_get(handle.status())
     assert status["tasks_ok"] == 2 * (n - n // 50) and status["tasks_failed"] == 2 * (n // 50)
-
-
-def ray_get(ref: Any) -> Any:
-    import ray
-
-    return ray.get(ref, timeout=60)
 
 
 def decode(results: list[TaskResult]) -> list[dict[str, Any]]:
@@ -168,9 +103,7 @@ def test_missing_shared_level_answers_dead(services: Any, bridge: Any) -> None:
     assert all(r.dead and r.error and "level 9" in r.error for r in results)
 
 
-def test_actor_dying_mid_batch_loses_nothing(
-    services: Any, bridge: Any, tmp_path: Path
-) -> None:
+def test_actor_dying_mid_batch_loses_nothing(services: Any, bridge: Any, tmp_path: Path) -> None:
     handle = bridge("tests.bridge_handlers:crash_once", actors=2)
     marker = tmp_path / "crashed"
     payloads = [f"{marker}|{i}".encode() for i in range(200)]
