@@ -117,10 +117,11 @@ class WorkerIdentity:
 class PoolConfig:
     """How the Ray actor pool is shaped (see :class:`ray_alpcrun.pool.ActorPool`).
 
-    ``min_chunk`` is the smallest sub-batch worth its own Ray call: a batch of
-    ``n`` tasks goes out as at most ``min(actors, ceil(n / min_chunk))`` calls,
-    because for cheap tasks the per-call overhead dominates. ``actor_options``
-    are extra ``ray.remote`` options for the pool actors (e.g. ``runtime_env``).
+    A batch is split into sub-batches, one Ray call each, of at least
+    ``min_chunk`` tasks and, once the handler's cost per task has been measured,
+    at least ``min_chunk_work_s`` of work: for cheap tasks a Ray call costs more
+    than the tasks, so small batches stay whole. ``actor_options`` are extra
+    ``ray.remote`` options for the pool actors (e.g. ``runtime_env``).
     """
 
     num_actors: int = 2
@@ -130,6 +131,7 @@ class PoolConfig:
     task_timeout_s: float | None = None
     max_call_retries: int = 2
     min_chunk: int = 16
+    min_chunk_work_s: float = 0.005
     gpu_memory_limit_bytes: int | None = None
     actor_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -146,6 +148,8 @@ class PoolConfig:
             raise ConfigError("max_call_retries must not be negative")
         if self.min_chunk < 1:
             raise ConfigError("min_chunk must be at least 1")
+        if self.min_chunk_work_s < 0:
+            raise ConfigError("min_chunk_work_s must not be negative")
         if self.gpu_memory_limit_bytes is not None and self.gpu_memory_limit_bytes <= 0:
             raise ConfigError("gpu_memory_limit_bytes must be positive")
 
@@ -169,6 +173,7 @@ class BridgeConfig:
     log_json: bool = False
     drain_timeout_s: float = 30.0
     health_port: int | None = None
+    health_host: str = "0.0.0.0"
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     max_connect_attempts: int | None = None

@@ -12,9 +12,11 @@ import logging
 from typing import Any
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, BridgeStats, render_prometheus
 from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
+from ray_alpcrun.health import HealthServer
 from ray_alpcrun.logs import fields, setup_logging
 from ray_alpcrun.runtime import Outcome
 
@@ -51,12 +53,16 @@ class Bridge:
         log_level: str = "info",
         log_json: bool = False,
         health_port: int | None = None,
+        health_host: str = "0.0.0.0",
     ) -> None:
         setup_logging(log_level, log_json)
         self.handler = handler
         self.pool_config = pool_config
         self.settings = settings
         self.health_port = health_port
+        self.health_host = health_host
+        self.health: HealthServer | None = None
+        self.draining = False
         self.pool: Any = None
         self.worker: BridgeWorker | None = None
         self._started = asyncio.Event()
@@ -66,7 +72,14 @@ class Bridge:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
         from ray_alpcrun.pool import ActorPool
 
+        exporter: asyncio.Task[None] | None = None
         try:
+            if self.health_port is not None:
+                self.health = HealthServer(
+                    self._live, self._ready, self.metrics_text, self.status,
+                    host=self.health_host, port=self.health_port,
+                )  # fmt: skip
+                self.health_port = await self.health.start()
             self.pool = ActorPool(self.handler, self.pool_config)
             await self.pool.start()
             self.worker = BridgeWorker(self.settings, PoolProcessor(self.pool))
@@ -83,6 +96,7 @@ class Bridge:
             )
             if self._stop_requested:
                 return errors.EXIT_OK, ""
+            exporter = asyncio.create_task(_export_ray_metrics(self))
             await self.worker.run()
             return errors.EXIT_OK, ""
         except errors.FatalError as exc:
@@ -93,11 +107,17 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
+            if exporter is not None:
+                exporter.cancel()
             if self.pool is not None:
                 await self.pool.close()
+            # Closed last: a Kubernetes preStop hook waits for this port to close.
+            if self.health is not None:
+                await self.health.stop()
 
     async def stop(self, drain: bool = True) -> None:
         self._stop_requested = True
+        self.draining = True
         await self._started.wait()
         if self.worker is not None:
             await self.worker.stop(drain=drain)
@@ -110,9 +130,61 @@ class Bridge:
         await self.worker.wait_registered(timeout_s)
         return True
 
+    async def _live(self) -> tuple[bool, str]:
+        # Answering at all proves the event loop turns.
+        return True, "draining" if self.draining else "serving"
+
+    async def _ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if self.worker is None or self.pool is None:
+            return False, "starting"
+        if not self.worker.ready:
+            return False, "not registered with the queue manager"
+        live = int((await self.pool.status()).get("live", 0))
+        if live < 1:
+            return False, "no live actor in the pool"
+        return True, f"{live} actor(s), {len(self.worker.slots)} slot(s) registered"
+
+    async def metrics_text(self) -> str:
+        w = self.worker
+        stats = w.stats if w is not None else BridgeStats()
+        counters, gauges, gpu = await self._metric_values()
+        return render_prometheus(stats, gauges, counters, gpu)
+
+    async def _metric_values(
+        self,
+    ) -> tuple[dict[str, float], dict[str, float], list[tuple[str, float]]]:
+        w = self.worker
+        shared = w.link.shared if w is not None and hasattr(w, "link") else None
+        counters = {
+            "alpcrun_shared_data_fetches_total": float(shared.fetches if shared else 0),
+            "alpcrun_shared_data_bytes_total": float(shared.fetched_bytes if shared else 0),
+            "alpcrun_actor_restarts_total": float(self.pool.restarts if self.pool else 0),
+            "alpcrun_reconnects_total": float(w.reconnects if w else 0),
+        }
+        gauges = {
+            "alpcrun_sessions_bound": float(len(w.bound_sessions) if w else 0),
+            "alpcrun_workers_registered": float(
+                sum(s.registered.is_set() for s in w.slots) if w else 0
+            ),
+        }
+        gpu: list[tuple[str, float]] = []
+        if self.pool is not None:
+            for actor in (await self.pool.status()).get("actors", []):
+                device = actor.get("device") or {}
+                if "memory_used_bytes" in device:
+                    gpu.append((str(actor.get("slot")), float(device["memory_used_bytes"])))
+        return counters, gauges, gpu
+
     async def status(self) -> dict[str, Any]:
         w = self.worker
-        out: dict[str, Any] = {"started": self._started.is_set(), "ready": bool(w and w.ready)}
+        out: dict[str, Any] = {
+            "started": self._started.is_set(),
+            "ready": bool(w and w.ready),
+            "draining": self.draining,
+            "health_port": self.health_port,
+        }
         if w is not None:
             s = w.stats
             out.update(
@@ -139,6 +211,56 @@ class Bridge:
             out["actor_restarts"] = self.pool.restarts
             out["actors"] = await self.pool.status()
         return out
+
+
+async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
+    """Mirror the bridge's figures into Ray's metrics (Prometheus via Ray's agent)."""
+    try:
+        from ray.util import metrics
+    except ImportError:  # pragma: no cover - ray without metrics support
+        return
+    counters: dict[str, Any] = {}
+    gauges: dict[str, Any] = {}
+    last: dict[str, float] = {}
+    seen_batches = 0
+    latency = metrics.Histogram(
+        "alpcrun_batch_latency_seconds",
+        description="receive-to-answer time per batch",
+        boundaries=list(LATENCY_BUCKETS_S),
+    )
+    while True:
+        w = bridge.worker
+        if w is not None:
+            s = w.stats
+            extra_counters, extra_gauges, _ = await bridge._metric_values()
+            totals = {
+                "alpcrun_tasks_processed_total": float(s.tasks_ok),
+                "alpcrun_tasks_failed_total": float(s.tasks_failed),
+                "alpcrun_batches_total": float(s.batches_done),
+                "alpcrun_batches_dead_total": float(s.batches_dead),
+                "alpcrun_results_dropped_total": float(s.results_dropped),
+                **extra_counters,
+            }
+            for name, value in totals.items():
+                if name not in counters:
+                    counters[name] = metrics.Counter(name, description=name.replace("_", " "))
+                delta = value - last.get(name, 0.0)
+                if delta > 0:
+                    counters[name].inc(delta)
+                last[name] = value
+            for name, value in {
+                **extra_gauges,
+                "alpcrun_batches_in_flight": float(s.batches_in_flight),
+            }.items():
+                if name not in gauges:
+                    gauges[name] = metrics.Gauge(name, description=name.replace("_", " "))
+                gauges[name].set(value)
+            recent = list(s.latency.recent)
+            new = s.latency.total - seen_batches
+            for value in recent[-new:] if 0 < new <= len(recent) else []:
+                latency.observe(value)
+            seen_batches = s.latency.total
+        await asyncio.sleep(period_s)
 
 
 def bridge_actor_class() -> Any:

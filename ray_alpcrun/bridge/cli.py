@@ -80,6 +80,7 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
     a("--connect-attempts", type=int, default=None, help="give up after N failed connects")
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
+    a("--health-host", default="0.0.0.0", help="address the health endpoint listens on")
     a("--log-level", default=env.log_level or "info", help="debug, info, warning, error")
     a("--log-json", action="store_true", help="log JSON lines")
     a("--local", action="store_true", help="also run the local queue manager and caches")
@@ -124,6 +125,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         log_json=args.log_json,
         drain_timeout_s=args.drain_timeout,
         health_port=args.health_port,
+        health_host=args.health_host,
         backoff_max_s=args.backoff_max,
         max_connect_attempts=args.connect_attempts,
     )

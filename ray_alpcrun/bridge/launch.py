@@ -91,9 +91,15 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
     pool = resolve_pool(config)
     config = replace(config, pool=pool)
     slots = config.slots or pool.num_actors
-    cls = bridge_actor_class()
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On this (the driver's) node: the health port, node identity and node cache are here.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    options: dict[str, Any] = {"scheduling_strategy": here}
     if name is not None:
-        cls = cls.options(name=name)
+        options["name"] = name
+    cls = bridge_actor_class().options(**options)
     actor = cls.remote(
         config.handler,
         pool,
@@ -101,5 +107,6 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
         config.log_level,
         config.log_json,
         config.health_port,
+        config.health_host,
     )
     return BridgeHandle(actor=actor, run_ref=actor.run.remote(), config=config)

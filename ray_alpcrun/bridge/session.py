@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -21,6 +21,7 @@ import grpc.aio
 from ray_alpcrun import errors
 from ray_alpcrun.bridge.batches import dead_batch, result_batch
 from ray_alpcrun.bridge.shared import SharedDataCache
+from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
 from ray_alpcrun.runtime import Outcome, SessionSetupError, describe
 from ray_alpcrun.transport import MD_SESSION_ID, MD_WORKER_ID, Metadata, Stub
@@ -45,24 +46,6 @@ class Processor(Protocol):
 
     async def end_session(self, session_id: str) -> None:
         """Release the session's state everywhere."""
-
-
-@dataclass
-class BridgeStats:
-    """Counters the bridge keeps (exported as metrics)."""
-
-    tasks_ok: int = 0
-    tasks_failed: int = 0
-    batches_done: int = 0
-    batches_dead: int = 0
-    batches_in_flight: int = 0
-    results_dropped: int = 0
-    batch_latency_s: list[float] = field(default_factory=list)
-
-    def observe(self, seconds: float) -> None:
-        self.batch_latency_s.append(seconds)
-        if len(self.batch_latency_s) > 10_000:
-            del self.batch_latency_s[:5_000]
 
 
 @dataclass
@@ -148,7 +131,7 @@ class SessionStream:
         stats.tasks_failed += failed
         stats.tasks_ok += len(answer.messages) - failed
         stats.batches_done += 1
-        stats.observe(elapsed)
+        stats.latency.observe(elapsed)
         await self._send(answer)
         log.debug(
             "batch answered",

@@ -20,8 +20,9 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors, transport
-from ray_alpcrun.bridge.session import BridgeStats, Link, Processor, SessionStream
+from ray_alpcrun.bridge.session import Link, Processor, SessionStream
 from ray_alpcrun.bridge.shared import SharedDataCache
+from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
 from ray_alpcrun.transport import MD_NODE, MD_POD, MD_WORKER_ID
 from ray_alpcrun.types import (
