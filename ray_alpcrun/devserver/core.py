@@ -336,7 +336,8 @@ class QueueCore:
             if not found:
                 raise Rejected(
                     "FAILED_PRECONDITION",
-                    f"no worker from node={node} pod={pod} is bound to session {s.id}",
+                    f"worker at node={node} pod={pod} is not bound to session {s.id} "
+                    "(open WorkerStream after BIND)",
                 )
             w = found[0]
         old = w.streams.get(s.id)
