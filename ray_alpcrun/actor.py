@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -42,8 +43,9 @@ class SharedRef:
     ref: Any  # ray.ObjectRef
 
 
-# ``run`` answers its outcomes, or a string: the session could not be set up.
-RunReply = list[Outcome] | str
+# ``run`` answers its outcomes and the seconds the handler took, or a string:
+# the session could not be set up.
+RunReply = tuple[list[Outcome], float] | str
 
 
 class PoolActor:
@@ -121,12 +123,13 @@ class PoolActor:
         if shared is not None:
             spec = SharedSpec(shared.level, lambda: self._fetch(shared.ref))
         self.calls += 1
+        started = time.perf_counter()
         try:
             outcomes = runtime.run(session_id, payloads, spec, tags)
         except SessionSetupError as exc:
             return str(exc)
         self.tasks_done += len(outcomes)
-        return outcomes
+        return outcomes, time.perf_counter() - started
 
     def end_session(self, session_id: str) -> bool:
         """Run the session end hook and drop its state; False if it was not here."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -29,6 +30,12 @@ A = TypeVar("A")
 # A task that kills its actor this many times in one sub-batch is isolated: its
 # sub-batch is re-run one task per call, so only the culprit spends its retries.
 _ISOLATE_AFTER_DEATHS = 2
+# Weight of the newest sample in the running estimate of a task's cost.
+_COST_SMOOTHING = 0.2
+
+# What an actor answers for a sub-batch: outcomes in order, and the seconds the
+# handler spent on them (None if unknown).
+CallResult = tuple[list[Outcome], float | None]
 
 
 class ActorLost(AlpcrunError):
@@ -48,8 +55,8 @@ class Backend(Protocol[A]):
         payloads: list[bytes],
         shared: Any,
         tags: tuple[str, ...],
-    ) -> list[Outcome]:
-        """Run a sub-batch; one outcome per payload, in order.
+    ) -> CallResult:
+        """Run a sub-batch; one outcome per payload, in order, and the handler's time.
 
         Raises :class:`ActorLost` if the actor is gone and
         :class:`~ray_alpcrun.runtime.SessionSetupError` if nothing could run.
@@ -129,6 +136,7 @@ class Dispatcher(Generic[A]):
         *,
         num_actors: int,
         min_chunk: int = 16,
+        min_chunk_work_s: float = 0.0,
         max_call_retries: int = 2,
         task_timeout_s: float | None = None,
         timeout_slack_s: float = 1.0,
@@ -140,6 +148,7 @@ class Dispatcher(Generic[A]):
         self._backend = backend
         self._num_actors = num_actors
         self._min_chunk = max(1, min_chunk)
+        self._min_work_s = min_chunk_work_s
         self._max_retries = max_call_retries
         self._timeout_s = task_timeout_s
         self._slack_s = timeout_slack_s
@@ -152,6 +161,8 @@ class Dispatcher(Generic[A]):
         self._closed = False
         self.restarts = 0
         """Actors replaced since start (died, unreachable or hung)."""
+        self.task_cost_s: float | None = None
+        """Running estimate of the handler's seconds per task (from the actors' timings)."""
 
     @property
     def size(self) -> int:
@@ -194,7 +205,7 @@ class Dispatcher(Generic[A]):
                 live = [await self._least_loaded()]
             except AlpcrunError as exc:
                 return [(None, str(exc))] * n
-        plan = plan_chunks([m.inflight for m in live], n, self._min_chunk)
+        plan = plan_chunks([m.inflight for m in live], n, self.chunk_floor())
         batch = payloads if isinstance(payloads, list) else list(payloads)
         jobs = []
         start = 0
@@ -215,6 +226,15 @@ class Dispatcher(Generic[A]):
         if None in out:  # pragma: no cover - would be a bug in this module
             raise AlpcrunError("dispatch lost a task outcome")
         return out  # type: ignore[return-value]
+
+    def chunk_floor(self) -> int:
+        """Fewest tasks worth a Ray call: ``min_chunk``, and enough measured work."""
+        cost = self.task_cost_s
+        if cost is None or self._min_work_s <= 0:
+            return self._min_chunk
+        if cost <= 0:
+            return 1 << 30
+        return max(self._min_chunk, math.ceil(self._min_work_s / cost))
 
     async def end_session(self, session_id: str) -> None:
         """Tell every live actor that the session ended (dead ones forget anyway)."""
@@ -326,16 +346,22 @@ class Dispatcher(Generic[A]):
                 member.actor, part.session_id, part.payloads, part.shared, part.tags
             )
             if self._timeout_s is None:
-                return await call
-            # The actor runs calls one after another: this one may wait behind
-            # everything already queued there, each of which has its own budget.
-            deadline_s = self._timeout_s * max(1, member.inflight) + self._slack_s
-            try:
-                return await asyncio.wait_for(call, deadline_s)
-            except asyncio.TimeoutError as exc:
-                raise _TimedOut from exc
+                outcomes, spent_s = await call
+            else:
+                # The actor runs calls one after another: this one may wait behind
+                # everything already queued there, each of which has its own budget.
+                deadline_s = self._timeout_s * max(1, member.inflight) + self._slack_s
+                try:
+                    outcomes, spent_s = await asyncio.wait_for(call, deadline_s)
+                except asyncio.TimeoutError as exc:
+                    raise _TimedOut from exc
         finally:
             member.inflight -= n
+        if spent_s is not None and n:
+            sample = spent_s / n
+            cost = self.task_cost_s
+            self.task_cost_s = sample if cost is None else cost + _COST_SMOOTHING * (sample - cost)
+        return outcomes
 
     async def _least_loaded(self) -> Member[A]:
         """The live actor with the fewest tasks in flight; waits while all restart."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray_alpcrun.actor import CONTROL_GROUP, PoolActor, RunReply, SharedRef
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.dispatch import ActorLost, Dispatcher
+from ray_alpcrun.dispatch import ActorLost, CallResult, Dispatcher
 from ray_alpcrun.errors import AlpcrunError, ConfigError, HandlerError
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.runtime import Outcome, SessionSetupError, describe
@@ -88,7 +88,7 @@ class _RayBackend:
         payloads: list[bytes],
         shared: Any,
         tags: tuple[str, ...],
-    ) -> list[Outcome]:
+    ) -> CallResult:
         try:
             reply: RunReply = await actor.run.remote(session_id, payloads, shared, tags)
         except self._lost as exc:
@@ -97,7 +97,7 @@ class _RayBackend:
             # PoolActor.run catches handler errors itself: this is Ray failing
             # around the call (e.g. arguments that cannot be unpickled).
             error = f"pool actor call failed: {_first_line(exc)}"
-            return [(None, error)] * len(payloads)
+            return [(None, error)] * len(payloads), None
         if isinstance(reply, str):
             raise SessionSetupError(reply)
         return reply
@@ -183,6 +183,7 @@ class ActorPool:
             backend,
             num_actors=cfg.num_actors,
             min_chunk=cfg.min_chunk,
+            min_chunk_work_s=cfg.min_chunk_work_s,
             max_call_retries=cfg.max_call_retries,
             task_timeout_s=cfg.task_timeout_s,
         )
@@ -256,6 +257,7 @@ class ActorPool:
             "size": self.size,
             "live": len(members),
             "restarts": dispatcher.restarts,
+            "task_cost_s": dispatcher.task_cost_s,
             "actors": actors,
         }
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ray_alpcrun.dispatch import ActorLost, Dispatcher, plan_chunks
+from ray_alpcrun.dispatch import ActorLost, CallResult, Dispatcher, plan_chunks
 from ray_alpcrun.runtime import Outcome, SessionSetupError
 
 
@@ -39,6 +39,7 @@ class FakeBackend:
         self.release = asyncio.Event()
         self.entered = asyncio.Event()
         self.ended: list[tuple[int, str]] = []
+        self.cost_s: float | None = None  # handler seconds per task it reports
 
     async def start_actor(self) -> FakeActor:
         actor = FakeActor(len(self.actors))
@@ -52,7 +53,7 @@ class FakeBackend:
         payloads: list[bytes],
         shared: Any,
         tags: tuple[str, ...],
-    ) -> list[Outcome]:
+    ) -> CallResult:
         async with actor.lock:
             if actor.dead:
                 raise ActorLost(f"actor {actor.name} is dead")
@@ -77,7 +78,7 @@ class FakeBackend:
             for p, (result, _) in zip(payloads, out, strict=True):
                 if result is not None:
                     self.answered[p] += 1
-            return out
+            return out, None if self.cost_s is None else self.cost_s * len(payloads)
 
     def kill(self, actor: FakeActor) -> None:
         actor.dead = True
@@ -264,3 +265,22 @@ async def test_with_every_actor_dead_the_retry_waits_for_a_replacement() -> None
     assert out == [(b"A", None), (b"DIE-ONCE", None), (b"C", None)]
     await d.settle()
     assert d.restarts == 1 and len(d.members()) == 1
+
+
+async def test_measured_cheap_tasks_stay_in_one_call_and_costly_ones_split() -> None:
+    backend = FakeBackend()
+    d = await started(backend, min_chunk=4, min_chunk_work_s=0.01)
+    assert d.chunk_floor() == 4  # nothing measured yet
+    backend.cost_s = 1e-6
+    await d.run("s", payloads(100))
+    assert d.task_cost_s == pytest.approx(1e-6)
+    before = sum(len(a.calls) for a in backend.actors)
+    await d.run("s", payloads(1000))
+    assert sum(len(a.calls) for a in backend.actors) == before + 1
+    backend.cost_s = 0.005
+    for _ in range(30):  # the running estimate follows the new cost
+        await d.run("s", payloads(1))
+    assert d.chunk_floor() == 4
+    before = sum(len(a.calls) for a in backend.actors)
+    await d.run("s", payloads(100))
+    assert sum(len(a.calls) for a in backend.actors) == before + 2

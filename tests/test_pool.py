@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 def small(**kwargs: Any) -> PoolConfig:
     kwargs.setdefault("num_actors", 2)
     kwargs.setdefault("min_chunk", 1)
+    kwargs.setdefault("min_chunk_work_s", 0.0)  # split even tiny tasks: tests reach every actor
     return PoolConfig(**kwargs)
 
 
