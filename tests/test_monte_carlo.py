@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,12 @@ if str(ROOT) not in sys.path:  # examples/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from examples.monte_carlo.client import build_book, combine, make_tasks, summarise  # noqa: E402
-from examples.monte_carlo.cuda_kernel import KERNEL_SOURCE  # noqa: E402
-from examples.monte_carlo.engine import Group, price_tasks  # noqa: E402
+from examples.monte_carlo.cuda_kernel import (  # noqa: E402
+    KERNEL_SOURCE,
+    CudaSimulator,
+    compile_options,
+)
+from examples.monte_carlo.engine import price_tasks  # noqa: E402
 from examples.monte_carlo.handler import MonteCarloHandler  # noqa: E402
 from examples.monte_carlo.pricing import (  # noqa: E402
     ASIAN,
@@ -193,76 +198,107 @@ static inline void sincospi(double x, double* s, double* c) {
 using std::exp; using std::log; using std::sqrt;
 """
 
+# Launches the kernel the way CUDA would: every (block, thread) of the grid.
 _DRIVER = r"""
 extern "C" void mc_philox_kat(unsigned int* c, unsigned int k0, unsigned int k1) {
     mc_philox(c, k0, k1);
 }
-extern "C" void mc_run_all(
+extern "C" void mc_launch(
+    unsigned int grid, unsigned int block,
     const unsigned long long* seeds, const long long* rows, long long start, int r, int n_tasks,
     int n, const double* chol, const long long* task_first, const long long* task_count,
     const long long* task_steps, const long long* spec_under, const long long* spec_steps,
     const double* spec_drift, const double* spec_scale, const double* spec_log_spot, double* out)
 {
-    blockDim.x = 128;
-    for (long long tid = 0; tid < (long long)r * n_tasks; ++tid) {
-        blockIdx.x = (unsigned int)(tid / 128);
-        threadIdx.x = (unsigned int)(tid % 128);
-        alpcrun_mc_paths(seeds, rows, start, r, n_tasks, n, chol, task_first, task_count,
-                         task_steps, spec_under, spec_steps, spec_drift, spec_scale,
-                         spec_log_spot, out);
+    blockDim.x = block;
+    for (unsigned int b = 0; b < grid; ++b) {
+        for (unsigned int t = 0; t < block; ++t) {
+            blockIdx.x = b;
+            threadIdx.x = t;
+            alpcrun_mc_paths(seeds, rows, start, r, n_tasks, n, chol, task_first, task_count,
+                             task_steps, spec_under, spec_steps, spec_drift, spec_scale,
+                             spec_log_spot, out);
+        }
     }
 }
 """
 
+# The kernel's parameters after (grid, block): what CudaSimulator must pass, in order.
+_PARAMS: list[Any] = [
+    np.uint64, np.int64, np.int64, np.int32, np.int32, np.int32, np.float64,
+    np.int64, np.int64, np.int64, np.int64, np.int64, np.float64, np.float64, np.float64,
+    np.float64,
+]  # fmt: skip
+_SCALARS = {2: ctypes.c_longlong, 3: ctypes.c_int, 4: ctypes.c_int, 5: ctypes.c_int}
+
+
+class _Compiler:
+    """Builds the kernel source as a C++ shared library, once per set of -D options."""
+
+    def __init__(self, cxx: str, workdir: Path) -> None:
+        self.cxx, self.workdir = cxx, workdir
+        self.libs: dict[tuple[str, ...], ctypes.CDLL] = {}
+
+    def __call__(self, options: tuple[str, ...]) -> ctypes.CDLL:
+        if options not in self.libs:
+            d = self.workdir / f"k{len(self.libs)}"
+            d.mkdir()
+            (d / "kernel.cpp").write_text(_SHIM + KERNEL_SOURCE + _DRIVER)
+            cmd = [self.cxx, "-O2", "-shared", "-fPIC", *options, str(d / "kernel.cpp")]
+            subprocess.run([*cmd, "-o", str(d / "kernel.so")], check=True, capture_output=True)
+            self.libs[options] = ctypes.CDLL(str(d / "kernel.so"))
+        return self.libs[options]
+
+
+class _FakeRawKernel:
+    """``cupy.RawKernel`` stand-in: checks the launch arguments, runs the C++ build."""
+
+    def __init__(self, compiler: _Compiler, code: str, name: str, options: tuple[str, ...]) -> None:
+        assert code == KERNEL_SOURCE and name == "alpcrun_mc_paths"
+        self.compiler, self.options = compiler, tuple(options)
+        self.launches = 0
+
+    def compile(self) -> None:
+        self.compiler(self.options)
+
+    def __call__(self, grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
+        assert len(args) == len(_PARAMS)
+        converted: list[Any] = []
+        for i, (arg, want) in enumerate(zip(args, _PARAMS, strict=True)):
+            if i in _SCALARS:  # scalars must be NumPy scalars of the C type
+                assert type(arg) is want, (i, type(arg))
+                converted.append(_SCALARS[i](int(arg)))
+            else:
+                assert isinstance(arg, np.ndarray) and arg.dtype == want, (i, arg.dtype)
+                assert arg.flags.c_contiguous, i
+                converted.append(arg.ctypes.data_as(ctypes.c_void_p))
+        lib = self.compiler(self.options)
+        lib.mc_launch(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *converted)
+        self.launches += 1
+
 
 @pytest.fixture(scope="module")
-def kernel_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+def fake_cupy(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Just enough of CuPy, on NumPy, for CudaSimulator; kernels run as compiled C++."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler to run the CUDA kernel's source on the CPU")
-    d = tmp_path_factory.mktemp("mc_kernel")
-    src = d / "kernel.cpp"
-    src.write_text(_SHIM + KERNEL_SOURCE + _DRIVER)
-    lib = d / "kernel.so"
-    cmd = [cxx, "-O2", "-shared", "-fPIC", "-DMC_MAX_SPECS=32", "-DMC_MAX_STOCKS=8", str(src)]
-    subprocess.run([*cmd, "-o", str(lib)], check=True, capture_output=True)
-    return ctypes.CDLL(str(lib))
+    compiler = _Compiler(cxx, tmp_path_factory.mktemp("mc_kernel"))
+    kernels: list[_FakeRawKernel] = []
+
+    def raw_kernel(code: str, name: str, options: tuple[str, ...] = ()) -> _FakeRawKernel:
+        kernels.append(_FakeRawKernel(compiler, code, name, options))
+        return kernels[-1]
+
+    return SimpleNamespace(
+        RawKernel=raw_kernel, kernels=kernels, compiler=compiler,
+        int64=np.int64, uint64=np.uint64, float64=np.float64,
+        asarray=np.asarray, ascontiguousarray=np.ascontiguousarray, empty=np.empty,
+    )  # fmt: skip
 
 
-class CpuKernelSimulator:
-    """Runs :data:`KERNEL_SOURCE` (compiled as C++) where CuPy would launch it."""
-
-    name = "cuda-on-cpu"
-
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self.lib = lib
-        self.launches = 0
-
-    def start(self, g: Group, chol: Any) -> None:
-        i64 = np.int64
-        self.keep = [
-            np.ascontiguousarray(g.seeds, dtype=np.uint64),
-            np.ascontiguousarray(chol, dtype=np.float64),
-            *(np.ascontiguousarray(a, dtype=i64) for a in (g.task_first, g.task_count,
-              g.task_steps, g.spec_under, g.spec_steps)),
-            *(np.ascontiguousarray(a, dtype=np.float64) for a in (g.spec_drift, g.spec_scale,
-              g.spec_log_spot)),
-        ]  # fmt: skip
-
-    def simulate(self, g: Group, start: int, rows: Any, r: int) -> Any:
-        out = np.empty((g.spec_steps.shape[0], r))
-        rows64 = np.ascontiguousarray(rows, dtype=np.int64)
-        ptr = [a.ctypes.data_as(ctypes.c_void_p) for a in self.keep]
-        self.lib.mc_run_all(
-            ptr[0], rows64.ctypes.data_as(ctypes.c_void_p), ctypes.c_longlong(start),
-            ctypes.c_int(r), ctypes.c_int(len(g.tasks)), ctypes.c_int(g.n_stocks), *ptr[1:],
-            out.ctypes.data_as(ctypes.c_void_p),
-        )  # fmt: skip
-        self.launches += 1
-        return out.T
-
-
-def test_kernel_philox_matches_random123_known_answers(kernel_lib: ctypes.CDLL) -> None:
+def test_kernel_philox_matches_random123_known_answers(fake_cupy: Any) -> None:
+    lib = fake_cupy.compiler(compile_options(8, 8))
     vectors = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
@@ -274,21 +310,22 @@ def test_kernel_philox_matches_random123_known_answers(kernel_lib: ctypes.CDLL) 
     ]
     for counter, (k0, k1), expected in vectors:
         c = (ctypes.c_uint * 4)(*counter)
-        kernel_lib.mc_philox_kat(c, ctypes.c_uint(k0), ctypes.c_uint(k1))
+        lib.mc_philox_kat(c, ctypes.c_uint(k0), ctypes.c_uint(k1))
         assert tuple(c) == expected
 
 
 def test_kernel_prices_match_black_scholes_and_ignore_chunking(
-    kernel_lib: ctypes.CDLL, market: MarketData
+    fake_cupy: Any, market: MarketData
 ) -> None:
     contracts = _strip(market)
     tasks = [
         PricingTask(seed=11, paths=60_000, contracts=contracts),
         PricingTask(seed=12, paths=30_000, contracts=contracts[3:]),
     ]
-    sim = CpuKernelSimulator(kernel_lib)
+    sim = CudaSimulator(fake_cupy)
+    sim.compile()
     big = price_tasks(np, market, tasks, chunk_paths=60_000, engine=sim)
-    assert sim.launches == 1
+    assert fake_cupy.kernels[-1].launches == 1  # the whole batch in one launch
     bs = analytic_prices(market, contracts)
     eur = contracts["kind"] == EUROPEAN
     z = (big[0].prices[eur] - bs[eur]) / big[0].stderr[eur]
@@ -296,7 +333,7 @@ def test_kernel_prices_match_black_scholes_and_ignore_chunking(
     assert big[0].prices[8] == big[0].prices[0]
     # The kernel's random numbers depend on (seed, path, step) only: chunking and
     # batching change nothing but the order of the final sums.
-    small = price_tasks(np, market, tasks, chunk_paths=7_000, engine=CpuKernelSimulator(kernel_lib))
+    small = price_tasks(np, market, tasks, chunk_paths=7_000, engine=sim)
     (alone,) = price_tasks(np, market, tasks[1:], chunk_paths=4096, engine=sim)
     np.testing.assert_allclose(small[0].prices, big[0].prices, rtol=1e-10)
     np.testing.assert_allclose(alone.prices, big[1].prices, rtol=1e-10)

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 KERNEL_NAME = "alpcrun_mc_paths"
 THREADS_PER_BLOCK = 128
+# Per-thread state lives in local arrays of these sizes; beyond them the
+# generic engine takes the group (local memory would outgrow the device).
+MAX_KERNEL_SPECS = 256
+MAX_KERNEL_STOCKS = 64
 
 KERNEL_SOURCE = r"""
 #ifndef MC_MAX_SPECS
@@ -158,6 +162,7 @@ class CudaSimulator:
         self._kernel: Any = None
         self._chol: Any = None
         self._seeds: Any = None
+        self._fallback: Any = None
 
     def _kernel_for(self, options: tuple[str, ...]) -> Any:
         kernel = self._kernels.get(options)
@@ -177,6 +182,14 @@ class CudaSimulator:
 
     def start(self, g: Any, chol: Any) -> None:
         cp = self.cp
+        self._fallback = None
+        if int(g.task_count.max()) > MAX_KERNEL_SPECS or g.n_stocks > MAX_KERNEL_STOCKS:
+            from examples.monte_carlo.engine import XpSimulator
+
+            log.info("task too large for the fused kernel; using the generic CuPy path")
+            self._fallback = XpSimulator(cp)
+            self._fallback.start(g, chol)
+            return
         self._kernel = self._kernel_for(compile_options(int(g.task_count.max()), g.n_stocks))
         self._chol = cp.ascontiguousarray(cp.asarray(chol, dtype=cp.float64))
         i64 = cp.int64
@@ -194,6 +207,8 @@ class CudaSimulator:
 
     def simulate(self, g: Any, start: int, rows: Any, r: int) -> Any:
         """The specs' statistics for paths ``start .. start + r``: shape ``(r, specs)``."""
+        if self._fallback is not None:
+            return self._fallback.simulate(g, start, rows, r)
         cp = self.cp
         n_tasks = len(g.tasks)
         n_specs = int(g.spec_steps.shape[0])
