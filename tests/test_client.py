@@ -130,7 +130,7 @@ def test_sending_pauses_at_max_pending_tasks(workerless_client: Client) -> None:
         workerless_client.create_session(app_id="paused") as session,
         pytest.raises(SubmitTimeout, match="250 of 250 tasks unanswered"),
     ):
-        session.run(lazy(), batch_size=50, max_pending_tasks=250, timeout_s=0.5)
+        session.run(lazy(), batch_size=50, max_pending_tasks=250, timeout_s=1.0)
     assert produced == 300  # five batches sent, the sixth cut and waiting
 
 
@@ -241,6 +241,9 @@ def test_unknown_session_is_not_found(client: Client) -> None:
     session = client.session(UNKNOWN_SESSION)
     with pytest.raises(errors.NotFoundError):
         session.run([b"a"], timeout_s=10)
+    # Writing on after the server refused the stream must still say NOT_FOUND.
+    with pytest.raises(errors.NotFoundError):
+        session.run([b"a"] * 200, batch_size=1, timeout_s=10)
     with pytest.raises(errors.NotFoundError):
         session.update(priority=3)
     with pytest.raises(errors.NotFoundError):

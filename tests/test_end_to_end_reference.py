@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +199,44 @@ def test_worker_identity_without_kubernetes(services: LocalServices) -> None:
         assert services.stats()["workers"] == 1
     finally:
         worker.stop()
+
+
+def test_unbind_then_bind_to_the_session_with_work() -> None:
+    with free_services(unbind_idle_after_s=0.1) as svc:
+        worker = start_worker(svc.service_config(), mixed)
+        try:
+            with client_for(svc) as client:
+                first = client.create_session(app_id="first")
+                assert first.map([b"a"]) == [b"a"]
+                # `first` stays open but idle: the worker is unbound and goes
+                # where the work is.
+                with client.create_session(app_id="second") as second:
+                    assert second.map([b"b"] * 50, batch_size=5) == [b"b"] * 50
+                first.close()
+        finally:
+            worker.stop()
+        stats = svc.stats()
+    assert worker.worker.stats.bindings == 2
+    assert stats["unbinds"] >= 1 and stats["redeliveries"] == 0
+    assert worker.worker.stats.dropped_batches == 0
+
+
+def test_graceful_stop_mid_session_loses_nothing(services: LocalServices) -> None:
+    service = services.service_config()
+    gate = Gate(free=30)
+    leaving = start_worker(service, gate, pod="leaving")
+    payloads = [b"%d" % i for i in range(1000)]
+    with client_for(services) as client, client.create_session(app_id="stop") as session:
+        results_iter = session.submit(payloads, batch_size=10, timeout_s=60)
+        first = next(results_iter)
+        assert gate.blocked.wait(10)
+        staying = start_worker(service, "examples.workloads:noop", pod="staying")
+        stopper = threading.Thread(target=leaving.stop)
+        stopper.start()
+        gate.opened.set()  # the batch in hand is answered, then the stream half-closes
+        results = [first, *results_iter]
+        stopper.join()
+    staying.stop()
+    results = assert_exactly_once(results, len(payloads))
+    assert [r.value() for r in results] == payloads
+    assert services.stats()["dead_lettered_tasks"] == 0

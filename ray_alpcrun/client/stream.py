@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # grpc.aio's end-of-stream marker (missing from its type stubs).
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+DIAGNOSE_TIMEOUT_S = 5.0
 
 
 class SessionStream:
@@ -137,7 +138,11 @@ class SessionStream:
                     break
                 self._route(batch, dead=bool(batch.dead))
         except grpc.RpcError as exc:
-            self._fail(self._explain(exc))
+            failure = self._explain(exc)
+            if failure.code == "INTERNAL":
+                log.debug("session %s: stream failed as INTERNAL; asking why", self.session_id)
+                failure = await self._diagnose(failure)
+            self._fail(failure)
             return
         self._fail(
             errors.UnavailableError(
@@ -145,6 +150,22 @@ class SessionStream:
                 f"the queue manager ended the result stream of {self.session_id} (session closed?)",
             )
         )
+
+    async def _diagnose(self, failure: errors.RpcError) -> errors.RpcError:
+        """grpc reports a stream that the server ended while we were writing to it
+        as INTERNAL, hiding the server's status (e.g. NOT_FOUND for an unknown
+        session). Ask the server about the session to learn the real cause."""
+        call = self._stub.ClientStreamDeadLetters(
+            Session(id=self.session_id), metadata=self._metadata, timeout=DIAGNOSE_TIMEOUT_S
+        )
+        try:
+            async for batch in call:
+                # Reading drained these dead letters: keep them like the poller does.
+                if self._keep_dead_letter is not None:
+                    self._keep_dead_letter(batch)
+        except grpc.RpcError as exc:
+            return self._explain(exc)
+        return failure
 
     async def _poll_dead_letters(self) -> None:
         request = Session(id=self.session_id)
@@ -227,4 +248,4 @@ class SessionStream:
         reader = self._reader
         if reader is not None and not reader.done():
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(reader), timeout=1.0)
+                await asyncio.wait_for(asyncio.shield(reader), timeout=DIAGNOSE_TIMEOUT_S + 1.0)

@@ -199,12 +199,14 @@ class ReferenceWorker:
         self.registered.set()
         log.info("worker registered", extra=fields(worker=self.worker_id))
         stopping = asyncio.ensure_future(self._stop.wait())
+        read: asyncio.Future[Any] | None = None
         try:
             while True:
                 read = asyncio.ensure_future(updates.read())
                 await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
-                    read.cancel()
+                    # Stay registered while draining, so the queue manager takes
+                    # the answers instead of re-queueing the batches in flight.
                     await self._drain_all()
                     return
                 instruction = read.result()
@@ -217,6 +219,8 @@ class ReferenceWorker:
                     await self._unbind(instruction.session_id)
         finally:
             stopping.cancel()
+            if read is not None:
+                read.cancel()
             updates.cancel()
 
     # --- instructions -----------------------------------------------------------
