@@ -24,7 +24,7 @@ from ray_alpcrun.bridge.shared import SharedDataCache
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
 from ray_alpcrun.runtime import Outcome, SessionSetupError, describe
-from ray_alpcrun.transport import MD_SESSION_ID, MD_WORKER_ID, Metadata, Stub
+from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID, Metadata, Stub
 from ray_alpcrun.types import Batch
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ class Link:
 
 
 class SessionStream:
-    def __init__(self, link: Link, session_id: str, worker_id: str) -> None:
+    def __init__(self, link: Link, session_id: str, worker_id: str, pod: str) -> None:
         self.link = link
+        self.pod = pod
         self.session_id = session_id
         self.worker_id = worker_id
         self._call: Any = None
@@ -72,6 +73,7 @@ class SessionStream:
         self._idle.set()
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self.draining = False
 
     @property
     def in_flight(self) -> int:
@@ -80,6 +82,7 @@ class SessionStream:
     def start(self) -> None:
         metadata = (
             *self.link.metadata,
+            (MD_POD, self.pod),
             (MD_SESSION_ID, self.session_id),
             (MD_WORKER_ID, self.worker_id),
         )
@@ -180,6 +183,7 @@ class SessionStream:
         Returns False if the deadline passed first (the rest is then cancelled and
         the queue manager re-delivers it).
         """
+        self.draining = True
         finished = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)

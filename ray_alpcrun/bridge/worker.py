@@ -103,6 +103,7 @@ class Slot:
         self._call: Any = None
         self._lock = asyncio.Lock()
         self._unbinding: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
 
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
@@ -141,8 +142,9 @@ class Slot:
                     self._start_unbind(instruction.session_id)
         finally:
             self.registered.clear()
-            if self._unbinding is not None:
-                self._unbinding.cancel()
+            for task in (self._unbinding, self._watcher):
+                if task is not None:
+                    task.cancel()
             if self.session is not None:
                 # The registration is gone: the queue manager re-queues what is in flight.
                 await self.session.abort()
@@ -152,17 +154,34 @@ class Slot:
             self._call = None
 
     async def _bind(self, session_id: str) -> None:
-        if self.session is not None and self.session.session_id == session_id:
+        current = self.session
+        if current is not None and current.session_id == session_id and not current.closed.is_set():
             return
         if self._unbinding is not None:
             await asyncio.shield(self._unbinding)
         if self.session is not None:
             await self._unbind(self.session.session_id)
         log.info("BIND", extra=fields(worker=self.worker_id, session=session_id))
-        self.session = SessionStream(self.worker.link, session_id, self.worker_id)
+        self.session = SessionStream(self.worker.link, session_id, self.worker_id, self.pod)
         self.worker.hold(session_id, self)
         self.session.start()
+        self._watcher = asyncio.create_task(self._watch(self.session))
         await self._report(WorkerStatus.BUSY, session_id)
+
+    async def _watch(self, session: SessionStream) -> None:
+        """Free the slot when the queue manager ends or breaks the stream without UNBIND."""
+        await session.closed.wait()
+        if self.session is not session or session.draining or self.worker.stopping:
+            return
+        # Results still in flight can no longer be sent; the queue manager re-delivers.
+        log.warning(
+            "session stream gone without UNBIND; slot free again",
+            extra=fields(worker=self.worker_id, session=session.session_id),
+        )
+        self.session = None
+        await session.abort()
+        self.worker.release(session.session_id, self)
+        await self._report(WorkerStatus.IDLE)
 
     def _start_unbind(self, session_id: str) -> None:
         if self.session is None or self.session.session_id != session_id:
@@ -333,6 +352,10 @@ class BridgeWorker:
             self.reconnects += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     @property
     def ready(self) -> bool:
