@@ -335,8 +335,9 @@ def setup_device(
         count = int(cupy.cuda.runtime.getDeviceCount())
         if count < 1:
             raise RuntimeError("CUDA sees no device")
-        cupy.cuda.Device(0).use()
-        identity = cuda_identity(cupy.cuda.runtime, 0)
+        index = _cuda_index(ids, count)
+        cupy.cuda.Device(index).use()
+        identity = cuda_identity(cupy.cuda.runtime, index)
     except Exception as exc:
         CPU_FALLBACK.note(f"GPU(s) {ids} assigned but CUDA is not usable ({exc})")
         return None
@@ -375,6 +376,16 @@ def setup_device(
     )
     _active_device = device
     return device
+
+
+def _cuda_index(ids: Sequence[str], count: int) -> int:
+    """Which visible CUDA device is ours: 0, as Ray narrows ``CUDA_VISIBLE_DEVICES`` to
+    the assigned GPUs; unless more devices are visible than assigned (Ray told not
+    to set the variable), when Ray's id is the CUDA index."""
+    first = ids[0]
+    if count > len(ids) and first.isdigit() and int(first) < count:
+        return int(first)
+    return 0
 
 
 def _gib(n: int | None) -> str:
