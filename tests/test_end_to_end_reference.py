@@ -240,3 +240,27 @@ def test_graceful_stop_mid_session_loses_nothing(services: LocalServices) -> Non
     results = assert_exactly_once(results, len(payloads))
     assert [r.value() for r in results] == payloads
     assert services.stats()["dead_lettered_tasks"] == 0
+
+
+def test_tls_client_and_worker(tmp_path: Path) -> None:
+    from ray_alpcrun.transport import TlsFiles
+    from tests.certs import self_signed
+
+    pem = self_signed(tmp_path)
+    server_tls = TlsFiles(cert=pem.cert, key=pem.key)
+    with free_services(tls=server_tls) as svc:
+        worker = start_worker(svc.service_config(), mixed)  # trusts the server's certificate
+        try:
+            with (
+                Client(
+                    queue=svc.queue_address,
+                    central_cache=svc.central_cache_address,
+                    api_key=svc.api_key,
+                    tls=pem.cert,  # a CA bundle path is enough
+                ) as client,
+                client.create_session(app_id="tls") as session,
+            ):
+                session.set_shared_data(b"\x01\x00\x00\x00\x00\x00\x00\x00" * 4)
+                assert session.map([b"sum:0:4", b"plain"]) == [b"4", b"plain"]
+        finally:
+            worker.stop()

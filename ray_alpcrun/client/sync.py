@@ -27,7 +27,9 @@ from ray_alpcrun.client.session import (
     DEFAULT_SHARED_TTL_S,
     AsyncSession,
 )
+from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
 from ray_alpcrun.types import Batch, SessionAttributes
+from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
 
 T = TypeVar("T")
 
@@ -76,13 +78,36 @@ class LoopThread:
 class Client:
     """Blocking client of the ALPCRUN.CH queue manager and central cache.
 
-    Takes the same arguments as :class:`AsyncClient`; connects on construction.
+    Takes the same arguments as :class:`AsyncClient`; connects on construction
+    (waits up to ``connect_timeout_s`` for the queue manager).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        queue: str | None = None,
+        central_cache: str | None = None,
+        api_key: str | None = None,
+        proto_package: str = DEFAULT_PROTO_PACKAGE,
+        tls: TlsFiles | str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        connect_timeout_s: float = 10.0,
+        rpc_timeout_s: float | None = 30.0,
+        dead_letter_poll_s: float = 0.25,
+    ) -> None:
         self._loop = LoopThread()
         try:
-            self._async = AsyncClient(*args, **kwargs)
+            self._async = AsyncClient(
+                queue,
+                central_cache,
+                api_key,
+                proto_package,
+                tls,
+                max_message_bytes,
+                connect_timeout_s=connect_timeout_s,
+                rpc_timeout_s=rpc_timeout_s,
+                dead_letter_poll_s=dead_letter_poll_s,
+            )
             self._loop.run(self._async.connect())
         except BaseException:
             self._loop.stop()
@@ -118,9 +143,36 @@ class Client:
         finally:
             self._loop.stop()
 
-    def create_session(self, app_id: str, **kwargs: Any) -> Session:
-        """See :meth:`AsyncClient.create_session` for the settings."""
-        return Session(self._loop, self._loop.run(self._async.create_session(app_id, **kwargs)))
+    def create_session(
+        self,
+        app_id: str,
+        priority: int = 5,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+        idle_timeout_s: float | None = None,
+        preemptible: bool = False,
+        cleanup_on_client_exit: bool = False,
+        max_inflight_batches_per_worker: int | None = None,
+        tags: Iterable[str] = (),
+        client_id: str = "",
+    ) -> Session:
+        """Create a session (``CreateSession``); ``None`` leaves a setting to the server.
+
+        ``with client.create_session(app_id="demo") as session:`` closes it on exit.
+        """
+        created = self._async.create_session(
+            app_id,
+            priority,
+            min_workers,
+            max_workers,
+            idle_timeout_s,
+            preemptible,
+            cleanup_on_client_exit,
+            max_inflight_batches_per_worker,
+            tags,
+            client_id,
+        )
+        return Session(self._loop, self._loop.run(created))
 
     def session(self, session_id: str, app_id: str = "") -> Session:
         """A handle on an existing session (see :meth:`AsyncClient.session`)."""
