@@ -100,6 +100,7 @@ class RawWorker:
         self._states: asyncio.Queue[WorkerState | None] = asyncio.Queue()
         self._results: asyncio.Queue[Batch | None] | None = None
         self._stream: Any = None
+        self._broken = False
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> RawWorker:
@@ -134,6 +135,7 @@ class RawWorker:
     def break_stream(self) -> None:
         """Cut the current WorkerStream (the registration stays)."""
         if self._stream is not None:
+            self._broken = True
             self._stream.cancel()
 
     def send(self, batch: Batch) -> None:
@@ -156,13 +158,19 @@ class RawWorker:
             _drain(self._results),
             metadata=md(self.svc, node=self.node, pod=self.pod, sessionid=session_id),
         )
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        self._broken = False
+        try:
             async for batch in self._stream:
                 self.received.append(batch)
                 self.got_batch.set()
                 result = await self.answer(batch)
                 if result is not None:
                     self._results.put_nowait(result)
+        except grpc.aio.AioRpcError:
+            pass
+        except asyncio.CancelledError:
+            if not self._broken:  # the worker itself is being stopped
+                raise
         self._stream = None
 
 

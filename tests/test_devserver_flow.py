@@ -173,22 +173,29 @@ async def test_killed_worker_batches_redelivered(
     assert svc.stats()["redeliveries"] == 5
 
 
-async def test_broken_worker_stream_requeues(svc: LocalServices, channel: grpc.aio.Channel) -> None:
+async def test_broken_worker_stream_requeues_and_unbinds(
+    svc: LocalServices, channel: grpc.aio.Channel
+) -> None:
+    flaky: RawWorker
+
+    async def hold_first_two(batch: Batch) -> Batch | None:
+        return None if len(flaky.received) <= 2 else await echo(batch)
+
     s = await create_session(svc, channel, max_inflight_batches_per_worker=2)
     async with RawClient(svc) as client:
         for b in tasks(s.id, 6):
             client.send(b)
-        async with RawWorker(svc, pod="flaky", answer=hold) as flaky:
+        async with RawWorker(svc, pod="flaky", answer=hold_first_two) as flaky:
             await wait_for(lambda: len(flaky.received) == 2)
-            flaky.break_stream()  # registration stays; the batches go back to the queue
-            await wait_for(
-                lambda: (
-                    svc.stats()["deliveries"] == 2 and not svc.core.sessions[s.id].inflight_batches
-                )
-            )
+            flaky.break_stream()  # its two batches go back to the queue, and it is unbound
             async with RawWorker(svc, pod="ok") as ok:
                 assert_exactly_once(await client.read(6), 6)
-        assert len(ok.received) == 6
+    assert [i.type for i in flaky.instructions[:2]] == [
+        InstructionType.BIND,
+        InstructionType.UNBIND,
+    ]
+    assert len(ok.received) + len(flaky.received) == 8
+    assert svc.stats()["redeliveries"] == 2
 
 
 async def test_first_answer_wins(svc: LocalServices, channel: grpc.aio.Channel) -> None:

@@ -15,6 +15,11 @@ Decisions (the docs are silent):
   the session and gets no new batches; its ``WorkerStream`` stays open until
   the batches in flight on it are answered, then the server ends it (OK).
   CloseSession ends the streams at once and discards what is in flight.
+  When a bound worker's stream ends from its side (broken, half-closed), the
+  worker is unbound as well (its batches in flight are re-queued).
+* A session is reaped after ``idle_timeout`` without activity: no client
+  stream open and nothing queued or in flight (results nobody fetched in that
+  time are dropped with it).
 * A closed session's id is remembered (``closed``) so that CloseSession is
   idempotent and ``join`` can tell "closed" from "unknown".
 * Client streams: a stream attaches to every session it submits to (or names
@@ -351,9 +356,16 @@ class QueueCore:
         return conn
 
     def close_stream(self, conn: StreamConn) -> None:
-        if not conn.closed:
+        """The ``WorkerStream`` call ended (answered, broken or ended by the server)."""
+        ended_by_worker = not conn.closed
+        if ended_by_worker:
             self.flow.release_stream(conn, requeue=True)
-        self._maybe_idle_without_report(conn.worker)
+        w = conn.worker
+        if ended_by_worker and w.bound is conn.session and conn.session.id not in w.streams:
+            # A worker that lost its stream would otherwise hold a place in the session
+            # without doing anything; the seed's worker only opens a stream after BIND.
+            self._unbind(w, "its WorkerStream ended")
+        self._maybe_idle_without_report(w)
         self.request_schedule()
 
     # --- scheduling and timers ---------------------------------------------

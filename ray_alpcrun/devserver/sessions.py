@@ -11,8 +11,10 @@ Decisions (the docs are silent):
   priority, so it is the next one served.
 * A result batch answers the tasks whose id (``related_id``, else ``id``)
   matches a task of the batch in flight; unknown or repeated answers are
-  dropped. ``related_id`` is filled in from ``id`` when the worker left it
-  out. Tasks a result batch does not answer go back to the queue as a batch
+  dropped. ``related_id`` (and an empty ``id``) is filled in with the task id
+  when the worker left it out; an answer with neither ``id`` nor
+  ``related_id`` answers the task at the same position in the batch.
+  Tasks a result batch does not answer go back to the queue as a batch
   with the same id (the client may therefore see one batch id in several
   result batches); their delivery count carries over.
 * A dead-lettered batch holds the original task payloads (so it can be
@@ -170,22 +172,29 @@ def split_answers(pending: Pending, result: Batch) -> tuple[list[Message], list[
     if len(tasks) == 1 and len(result.messages) == 1:
         # Fast path: the common one-task batch needs no index.
         answer = result.messages[0]
-        key = answer.related_id or answer.id
+        key = answer.related_id or answer.id or tasks[0].id
         if key == tasks[0].id:
-            if answer.related_id is None:
-                answer.related_id = key
+            _label(answer, key)
             return [answer], []
         return [], tasks
     by_id = {t.id: t for t in tasks}
     answers: list[Message] = []
-    for answer in result.messages:
+    for position, answer in enumerate(result.messages):
         key = answer.related_id or answer.id
+        if not key and position < len(tasks):
+            key = tasks[position].id  # an answer without ids answers the task at its place
         if by_id.pop(key, None) is None:
             continue
-        if answer.related_id is None:
-            answer.related_id = key
+        _label(answer, key)
         answers.append(answer)
     return answers, list(by_id.values())
+
+
+def _label(answer: Message, task_id: str) -> None:
+    if answer.related_id is None:
+        answer.related_id = task_id
+    if not answer.id:
+        answer.id = task_id
 
 
 def dead_batch(pending: Pending, reason: str, worker_errors: dict[str, str] | None = None) -> Batch:
