@@ -91,7 +91,7 @@ async def test_shared_cache_failure_is_not_cached() -> None:
         return payload
 
     cache = SharedDataCache(fetch, share)
-    with pytest.raises(errors.SharedDataUnavailable, match="level 3.*NOT_FOUND"):
+    with pytest.raises(errors.SharedDataUnavailable, match=r"level 3.*NOT_FOUND"):
         await cache.get("S", 3)
     assert await cache.get("S", 3) == b"ok"
 
@@ -120,3 +120,24 @@ def test_fatal_classification() -> None:
     pkg = fatal_for(errors.RpcError("UNIMPLEMENTED", "x"), _settings(), "queue manager")
     assert pkg is not None and pkg.exit_code == errors.EXIT_CONFIG and "proto-package" in pkg.reason
     assert fatal_for(errors.UnavailableError("UNAVAILABLE", "refused"), _settings(), "q") is None
+
+
+async def test_shared_cache_retries_an_unavailable_node_cache() -> None:
+    attempts = 0
+
+    async def fetch(session_id: str, level: int | None) -> SharedData:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise errors.UnavailableError("UNAVAILABLE", "restarting")
+        return SharedData(session_id, level, b"back")
+
+    async def share(session_id: str, level: int | None, payload: bytes) -> bytes:
+        return payload
+
+    cache = SharedDataCache(fetch, share, attempts=3, first_pause_s=0.001)
+    assert await cache.get("S", 1) == b"back" and attempts == 3
+    gone = SharedDataCache(fetch, share, attempts=1)
+    attempts = 0
+    with pytest.raises(errors.SharedDataUnavailable, match="UNAVAILABLE"):
+        await gone.get("S", 1)

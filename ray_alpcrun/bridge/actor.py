@@ -81,8 +81,16 @@ class Bridge:
                 )  # fmt: skip
                 self.health_port = await self.health.start()
             self.pool = ActorPool(self.handler, self.pool_config)
-            await self.pool.start()
-            self.worker = BridgeWorker(self.settings, PoolProcessor(self.pool))
+            worker = BridgeWorker(self.settings, PoolProcessor(self.pool))
+            # A wrong key, CA or proto package fails in the preflight within a
+            # second, without waiting for the actors to start.
+            starting = asyncio.ensure_future(self.pool.start())
+            try:
+                await worker.preflight()
+                await starting
+            finally:
+                starting.cancel()
+            self.worker = worker
             self._started.set()
             log.info(
                 "bridge serving",

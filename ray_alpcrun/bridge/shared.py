@@ -24,8 +24,12 @@ Share = Callable[[str, int | None, bytes], Awaitable[Any]]
 
 
 class SharedDataCache:
-    def __init__(self, fetch: Fetch, share: Share) -> None:
+    def __init__(
+        self, fetch: Fetch, share: Share, attempts: int = 4, first_pause_s: float = 0.25
+    ) -> None:
         self._fetch = fetch
+        self._attempts = attempts
+        self._first_pause_s = first_pause_s
         self._share = share
         self._entries: dict[tuple[str, int | None], asyncio.Future[Any]] = {}
         self.fetches = 0
@@ -54,14 +58,22 @@ class SharedDataCache:
         return await asyncio.shield(entry)
 
     async def _load(self, session_id: str, level: int | None) -> Any:
-        try:
-            data = await self._fetch(session_id, level)
-        except errors.RpcError as exc:
-            wanted = "latest level" if level is None else f"level {level}"
-            raise errors.SharedDataUnavailable(
-                f"shared data for session {session_id} ({wanted}) unavailable from the node "
-                f"cache: {exc.code}: {exc.details}"
-            ) from exc
+        pause_s = self._first_pause_s
+        for attempt in range(1, self._attempts + 1):
+            try:
+                data = await self._fetch(session_id, level)
+                break
+            except errors.RpcError as exc:
+                # A restarting node cache is worth a short wait; a missing level is not.
+                if isinstance(exc, errors.UnavailableError) and attempt < self._attempts:
+                    await asyncio.sleep(pause_s)
+                    pause_s *= 2
+                    continue
+                wanted = "latest level" if level is None else f"level {level}"
+                raise errors.SharedDataUnavailable(
+                    f"shared data for session {session_id} ({wanted}) unavailable from the "
+                    f"node cache: {exc.code}: {exc.details}"
+                ) from exc
         self.fetches += 1
         self.fetched_bytes += len(data.payload)
         served = data.update_level if data.update_level is not None else level

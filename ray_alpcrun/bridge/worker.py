@@ -27,6 +27,7 @@ from ray_alpcrun.logs import fields
 from ray_alpcrun.transport import MD_NODE, MD_POD, MD_WORKER_ID
 from ray_alpcrun.types import (
     InstructionType,
+    Session,
     SharedData,
     WorkerState,
     WorkerStatus,
@@ -281,6 +282,8 @@ class BridgeWorker:
         return reply
 
     def _open(self) -> None:
+        if self._channels:
+            return
         s = self.settings
         qch = transport.open_channel(s.queue_address, s.tls, s.max_message_bytes)
         cch = transport.open_channel(s.cache_address, s.tls, s.max_message_bytes)
@@ -295,6 +298,25 @@ class BridgeWorker:
             stats=self.stats,
             max_message_bytes=s.max_message_bytes,
         )
+
+    async def preflight(self) -> None:
+        """Check the API key, TLS trust and proto package against both services with
+        harmless calls (closing and reading an empty session id); raise FatalError
+        for what retrying cannot fix. Unreachable services are left to ``run()``."""
+        self._open()
+        probes = (
+            ("queue manager", self.queue.CloseSession(Session(), metadata=self.base_metadata)),
+            ("node cache", self._cache.GetSharedData(SharedData(""), metadata=self.base_metadata)),
+        )
+        for what, call in probes:
+            try:
+                await asyncio.wait_for(call, self.settings.connect_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                fatal = fatal_for(transport.translate(exc), self.settings, what)
+                if fatal is not None:
+                    raise fatal from exc
+            except asyncio.TimeoutError:
+                log.warning("%s not answering yet; will keep trying", what)
 
     async def run(self) -> None:
         """Serve until ``stop()``; raises FatalError for what retrying cannot fix."""
