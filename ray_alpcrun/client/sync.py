@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
@@ -34,6 +35,7 @@ from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
 T = TypeVar("T")
 
 _DONE = object()
+GRPC_SETTLE_S = 0.05
 
 
 class LoopThread:
@@ -70,6 +72,11 @@ class LoopThread:
     def stop(self) -> None:
         if self.loop.is_closed():
             return
+        # grpc completes the operations of cancelled calls a moment later, through
+        # this loop; stopping it at once makes grpc log "Event loop is closed".
+        settle = asyncio.run_coroutine_threadsafe(asyncio.sleep(GRPC_SETTLE_S), self.loop)
+        with contextlib.suppress(Exception):
+            settle.result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()

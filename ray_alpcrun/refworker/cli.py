@@ -23,6 +23,7 @@ from ray_alpcrun.config import (
 )
 from ray_alpcrun.handler import load_handler
 from ray_alpcrun.logs import setup_logging
+from ray_alpcrun.refworker.thread import GRPC_SETTLE_S
 from ray_alpcrun.refworker.worker import ReferenceWorker, ReferenceWorkerConfig
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
 from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
@@ -134,3 +135,5 @@ async def _run(worker: ReferenceWorker) -> None:
         await worker.run()
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
+    # Let grpc complete the operations of cancelled calls before asyncio.run closes the loop.
+    await asyncio.sleep(GRPC_SETTLE_S)

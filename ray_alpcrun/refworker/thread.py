@@ -9,6 +9,8 @@ from concurrent.futures import Future
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.refworker.worker import ReferenceWorker, ReferenceWorkerConfig
 
+GRPC_SETTLE_S = 0.05
+
 
 class WorkerThread:
     """A reference worker on its own event loop in a daemon thread.
@@ -83,6 +85,9 @@ class WorkerThread:
         finally:
             self._started.set()
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            # grpc completes the operations of cancelled calls a moment later, through
+            # this loop; closing it at once makes grpc log "Event loop is closed".
+            self._loop.run_until_complete(asyncio.sleep(GRPC_SETTLE_S))
             self._loop.close()
 
 
