@@ -90,8 +90,10 @@ class RawWorker:
         pod: str = "pod-1",
         answer: Answer = echo,
         tls: transport.TlsFiles | None = None,
+        report_once: bool = False,
     ) -> None:
         self.svc, self.node, self.pod, self.answer, self.tls = svc, node, pod, answer, tls
+        self.report_once = report_once  # half-close WorkerUpdate after the first IDLE
         self.worker_id = ""
         self.received: list[Batch] = []
         self.instructions: list[Instruction] = []
@@ -112,6 +114,8 @@ class RawWorker:
         header = dict(await self._update.initial_metadata())
         self.worker_id = header[transport.MD_WORKER_ID]
         self.report(WorkerStatus.IDLE)
+        if self.report_once:
+            self._states.put_nowait(None)
         self._task = asyncio.create_task(self._instructions())
         return self
 

@@ -335,3 +335,25 @@ async def test_preemptible_session_yields_its_worker(
         (InstructionType.UNBIND, high.id),
         (InstructionType.BIND, low.id),
     ]
+
+
+async def test_worker_that_stops_reporting_is_reused(
+    svc: LocalServices, channel: grpc.aio.Channel, clock: FakeClock
+) -> None:
+    first = await create_session(svc, channel)
+    second = await create_session(svc, channel)
+    async with RawWorker(svc, report_once=True) as worker, RawClient(svc) as client:
+        for b in tasks(first.id, 3):
+            client.send(b)
+        await client.read(3)
+        for b in tasks(second.id, 3):
+            client.send(b)
+        await wait_for(lambda: svc.stats()["submitted_tasks"] == 6)
+        clock.advance(2.0)  # the first session is idle: UNBIND, then the worker counts as idle
+        await svc.atick()
+        await client.read(3)
+    assert [(i.type, i.session_id) for i in worker.instructions] == [
+        (InstructionType.BIND, first.id),
+        (InstructionType.UNBIND, first.id),
+        (InstructionType.BIND, second.id),
+    ]

@@ -3,12 +3,14 @@ scheduling choices, attribute rules; and a queue manager restart over gRPC."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import grpc.aio
 import pytest
 
 from ray_alpcrun import transport
-from ray_alpcrun.devserver import LocalServices, Rejected, scheduler
+from ray_alpcrun.devserver import LocalServices, Rejected, SessionClosed, scheduler
 from ray_alpcrun.devserver.attributes import new_attributes, updated_attributes
 from ray_alpcrun.devserver.sessions import Pending, SessionState, TaskQueue, split_answers
 from ray_alpcrun.types import Batch, Message, Session, SessionAttributes
@@ -137,3 +139,24 @@ async def test_queue_manager_restart_keeps_port_and_forgets() -> None:
                 assert len(await client.read(3)) == 3
         finally:
             await channel.close(None)
+
+
+def test_sync_form_in_a_background_thread() -> None:
+    with LocalServices(free_config()) as svc:
+        meta = md(svc)
+        with transport.open_sync_channel(svc.queue_address) as channel:
+            stub = transport.Stub(channel, "Queue", svc.proto_package)
+            s = stub.CreateSession(Session(app_id="sync"), metadata=meta)
+            call = stub.ClientStream(iter(tasks(s.id, 2)), metadata=meta)
+            deadline = time.monotonic() + 10
+            while svc.stats()["submitted_tasks"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)  # ok: polling a server-side counter
+            with pytest.raises(TimeoutError, match="2 task"):
+                svc.join(s.id, timeout_s=0.2)  # no worker: nothing gets answered
+            svc.tick()
+            stub.CloseSession(Session(id=s.id), metadata=meta)
+            with pytest.raises(SessionClosed):
+                svc.join(s.id)
+            assert list(call) == []  # the server ended the stream of the closed session
+    with pytest.raises(RuntimeError):
+        svc.join(s.id)  # stopped

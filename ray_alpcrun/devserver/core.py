@@ -71,7 +71,7 @@ class QueueCore:
         self.sessions: dict[str, SessionState] = {}
         self.closed: OrderedDict[str, int] = OrderedDict()  # id -> tasks unanswered at close
         self.workers = WorkerRegistry()
-        self.flow = TaskFlow(self.stats, clock, config.max_deliveries, self.request_schedule)
+        self.flow = TaskFlow(self.stats, clock, config.max_deliveries, self._work_queued)
         self._schedule_pending = False
         self._preempting = 0  # workers unbound by preemption, not yet idle again
 
@@ -382,7 +382,15 @@ class QueueCore:
         self._schedule_pending = True
         loop.call_soon(self.schedule)
 
+    def _work_queued(self, s: SessionState) -> None:
+        # Per batch, scheduling matters only when a worker is free or the session just
+        # got work; everything else (e.g. more preemption for a growing queue) is
+        # picked up by the next tick.
+        if self.workers.eligible or s.tasks.batches == 1:
+            self.request_schedule()
+
     def schedule(self) -> None:
+        """Bind eligible workers to the sessions that want them; preempt if needed."""
         self._schedule_pending = False
         wanting = [s for s in self.sessions.values() if s.wants_worker()]
         eligible = self.workers.eligible
@@ -392,12 +400,20 @@ class QueueCore:
             self._bind(next(iter(eligible.values())), s)
             if not s.wants_worker():
                 wanting.remove(s)
+        if not wanting:
+            return
+        donors = [s for s in self.sessions.values() if s.attributes.preemptible and s.bound]
         for s in sorted(wanting, key=lambda x: -x.priority):
+            if not donors:
+                return
             need = scheduler.demand(s) - self._preempting
-            for w in scheduler.preemption_victims(s, self.sessions.values(), need):
+            if need <= 0:
+                return
+            for w in scheduler.preemption_victims(s, donors, need):
                 w.preempted = True
                 self._preempting += 1
                 self._unbind(w, f"preempted by session {s.id} (priority {s.priority})")
+            donors = [d for d in donors if d.bound]
 
     def tick(self, now: float | None = None) -> None:
         """Reap idle sessions and unbind idle or stuck workers."""
@@ -423,3 +439,4 @@ class QueueCore:
                     self._unbind(w, "nothing to do in the session")
             elif conn is None and now - w.bound_at_s >= cfg.stream_open_timeout_s:
                 self._unbind(w, "no WorkerStream opened after BIND")
+        self.schedule()

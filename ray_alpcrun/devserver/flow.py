@@ -71,12 +71,12 @@ class TaskFlow:
         stats: QueueStats,
         clock: Callable[[], float],
         max_deliveries: int,
-        on_work: Callable[[], None],
+        on_work: Callable[[SessionState], None],
     ) -> None:
         self.stats = stats
         self._clock = clock
         self._max_deliveries = max_deliveries
-        self._on_work = on_work  # asks the scheduler to look for idle workers
+        self._on_work = on_work  # work was queued: the scheduler may want to bind a worker
 
     # --- client side -------------------------------------------------------
 
@@ -105,7 +105,7 @@ class TaskFlow:
         self.stats.submitted_batches += 1
         s.last_activity_s = self._clock()
         s.wake_one_hungry()
-        self._on_work()
+        self._on_work(s)
 
     def take_result(self, conn: ClientConn) -> Batch | None:
         """The next result batch for this client stream, round robin over its sessions."""
@@ -230,7 +230,7 @@ class TaskFlow:
             return
         s.tasks.push_front(p)
         s.wake_one_hungry()
-        self._on_work()
+        self._on_work(s)
 
     def dead_letter(
         self,
