@@ -94,6 +94,8 @@ class FunctionHandler(Handler):
 
     def __init__(self, fn: Callable[[bytes, bytes | None], bytes]) -> None:
         self.fn = fn
+        # A function opts in to zero-copy shared data with ``fn.zero_copy_shared = True``.
+        self.zero_copy_shared = bool(getattr(fn, "zero_copy_shared", False))
 
     def process(self, payload: bytes, session: SessionContext) -> bytes:
         return self.fn(payload, session.shared)

@@ -26,6 +26,14 @@ def shared_type(payload: bytes, shared: bytes | None) -> bytes:
     return type(shared).__name__.encode()
 
 
+def shared_type_zero_copy(payload: bytes, shared: bytes | None) -> bytes:
+    """Same, opted in to zero-copy shared data."""
+    return type(shared).__name__.encode()
+
+
+shared_type_zero_copy.zero_copy_shared = True  # type: ignore[attr-defined]
+
+
 class Counter(Handler):
     """Class form: per-session counter, shared-data levels and every hook."""
 

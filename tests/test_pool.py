@@ -155,6 +155,9 @@ async def test_shared_data_is_bytes_or_a_zero_copy_view() -> None:
     async with ActorPool("tests.handlers:shared_type", small(num_actors=1)) as pool:
         ref = pool.put_shared("s", 1, data)
         assert await pool.run("s", [b"?"], shared=ref) == [(b"bytes", None)]
+    async with ActorPool("tests.handlers:shared_type_zero_copy", small(num_actors=1)) as pool:
+        ref = pool.put_shared("s", 1, data)
+        assert await pool.run("s", [b"?"], shared=ref) == [(b"memoryview", None)]
     async with ActorPool(handlers.ZeroCopy, small(num_actors=1)) as pool:
         ref = pool.put_shared("s", 1, data)
         assert await pool.run("s", [b"?"], shared=ref) == [(b"memoryview:abc", None)]
