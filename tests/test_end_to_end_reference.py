@@ -264,3 +264,30 @@ def test_tls_client_and_worker(tmp_path: Path) -> None:
                 assert session.map([b"sum:0:4", b"plain"]) == [b"4", b"plain"]
         finally:
             worker.stop()
+
+
+def test_in_flight_window_respected_at_the_server(services: LocalServices) -> None:
+    # ~5 ms per task: the client sends far faster, so the window is always full.
+    worker = start_worker(services.service_config(), "examples.workloads:cpu")
+    try:
+        with client_for(services) as client:
+            with client.create_session(app_id="narrow", max_inflight_batches_per_worker=2) as s:
+                assert len(s.map([b"x"] * 30, batch_size=1)) == 30
+            narrow = dict(services.stats()["max_inflight_seen_per_worker"])
+            with client.create_session(app_id="default") as s:
+                assert len(s.map([b"x"] * 60, batch_size=1)) == 60
+    finally:
+        worker.stop()
+    assert narrow == {worker.worker_id: 2}
+    assert services.stats()["max_inflight_seen_per_worker"] == {worker.worker_id: 10}
+
+
+def test_worker_config_from_env() -> None:
+    from ray_alpcrun.config import Env
+    from ray_alpcrun.refworker import ReferenceWorkerConfig
+
+    env = Env(api_key="k", worker_node="n1", worker_pod="p1", queue_addr="qm:1337")
+    config = ReferenceWorkerConfig.from_env(env, drain_timeout_s=1.0)
+    assert (config.identity.node, config.identity.pod) == ("n1", "p1")
+    assert config.service.queue_address == "qm:1337" and config.service.api_key == "k"
+    assert config.service.cache_address == "127.0.0.1:3337" and config.drain_timeout_s == 1.0

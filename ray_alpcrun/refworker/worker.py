@@ -29,7 +29,13 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.config import ServiceConfig, WorkerIdentity
+from ray_alpcrun.config import (
+    DEFAULT_NODE_CACHE_ADDR,
+    DEFAULT_QUEUE_ADDR,
+    Env,
+    ServiceConfig,
+    WorkerIdentity,
+)
 from ray_alpcrun.handler import HandlerSpec, load_handler
 from ray_alpcrun.logs import fields
 from ray_alpcrun.refworker.serve import EOF, SessionServer
@@ -69,6 +75,20 @@ class ReferenceWorkerConfig:
     rpc_timeout_s: float = 30.0
     max_sessions: int = 32
     max_connect_attempts: int | None = None  # None: keep trying (a k8s worker outlives restarts)
+
+    @classmethod
+    def from_env(cls, env: Env | None = None, **overrides: Any) -> ReferenceWorkerConfig:
+        """Addresses, API key and node/pod from ``METALCORE_*`` (defaults where unset)."""
+        env = Env.read() if env is None else env
+        service = ServiceConfig(
+            queue_address=env.queue_addr or DEFAULT_QUEUE_ADDR,
+            cache_address=env.cache_addr or DEFAULT_NODE_CACHE_ADDR,
+            api_key=env.api_key,
+        )
+        place = {k: v for k, v in (("node", env.worker_node), ("pod", env.worker_pod)) if v}
+        overrides.setdefault("service", service)
+        overrides.setdefault("identity", WorkerIdentity(**place))
+        return cls(**overrides)
 
 
 @dataclass(slots=True)
