@@ -357,3 +357,26 @@ async def test_worker_that_stops_reporting_is_reused(
         (InstructionType.UNBIND, first.id),
         (InstructionType.BIND, second.id),
     ]
+
+
+async def test_reused_batch_id_is_answered_twice_under_it(
+    svc: LocalServices, channel: grpc.aio.Channel
+) -> None:
+    s = await create_session(svc, channel)
+    async with RawClient(svc) as client:
+        for i in range(2):
+            client.send(Batch(id="dup", session_id=s.id, messages=[Message(f"t{i}", b"t%d" % i)]))
+        await wait_for(lambda: svc.stats()["submitted_tasks"] == 2)
+        async with RawWorker(svc) as worker:
+            batches = [await client.call.read() for _ in range(2)]
+    assert [b.id for b in batches] == ["dup", "dup"]
+    assert_exactly_once([m for b in batches for m in b.messages], 2)
+    assert len({b.id for b in worker.received}) == 2  # unique ids towards the worker
+
+
+async def test_repeated_task_ids_rejected(svc: LocalServices, channel: grpc.aio.Channel) -> None:
+    s = await create_session(svc, channel)
+    async with RawClient(svc) as client:
+        client.send(Batch(session_id=s.id, messages=[Message(id="x"), Message(id="x")]))
+        assert await client.call.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "repeats a task id" in await client.call.details()

@@ -86,17 +86,15 @@ class TaskFlow:
         batch.session_id = s.id
         if not batch.id:
             batch.id = str(ULID())
-        elif batch.id in s.live:
-            raise Rejected(
-                "INVALID_ARGUMENT",
-                f"batch id {batch.id} is already queued or in flight in session {s.id}",
-            )
         for i, m in enumerate(msgs):
             if not m.id:
                 m.id = f"{batch.id}.{i}"
         if len(msgs) > 1 and len({m.id for m in msgs}) != len(msgs):
             raise Rejected("INVALID_ARGUMENT", f"batch {batch.id} repeats a task id")
         p = Pending(batch)
+        if batch.id in s.live:  # reused while the first is live: travel under a unique id
+            p.client_batch_id = batch.id
+            batch.id = f"{batch.id}~{ULID()}"
         s.live[batch.id] = p
         s.tasks.push(p)
         n = len(msgs)
@@ -191,6 +189,7 @@ class TaskFlow:
             return
         answers, rest = split_answers(p, result)
         if answers:
+            result.id = p.reply_id
             result.session_id = s.id
             result.priority = p.batch.priority
             result.messages = answers

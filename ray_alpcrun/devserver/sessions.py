@@ -17,6 +17,9 @@ Decisions (the docs are silent):
   Tasks a result batch does not answer go back to the queue as a batch
   with the same id (the client may therefore see one batch id in several
   result batches); their delivery count carries over.
+* A client may reuse a batch id (e.g. resubmitting after a reconnect): the copy
+  gets an internal id towards workers, and both are answered under the
+  client's id.
 * A dead-lettered batch holds the original task payloads (so it can be
   resubmitted), ``dead=True`` and an ``error`` on every message: the worker's
   error for that task when it gave one, else the reason.
@@ -37,10 +40,20 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, eq=False)
 class Pending:
-    """A task batch that is queued or in flight, with its delivery count."""
+    """A task batch that is queued or in flight, with its delivery count.
+
+    ``client_batch_id`` is set when the client reused the id of a batch that is
+    still live: the copy travels to workers under a unique id and its results
+    and dead letters go back to the client under the client's id.
+    """
 
     batch: Batch
     deliveries: int = 0
+    client_batch_id: str | None = None
+
+    @property
+    def reply_id(self) -> str:
+        return self.client_batch_id or self.batch.id
 
 
 class TaskQueue:
@@ -202,7 +215,7 @@ def dead_batch(pending: Pending, reason: str, worker_errors: dict[str, str] | No
     b = pending.batch
     errors = worker_errors or {}
     return Batch(
-        id=b.id,
+        id=pending.reply_id,
         session_id=b.session_id,
         priority=b.priority,
         messages=[
@@ -228,4 +241,5 @@ def remainder(pending: Pending, tasks: list[Message]) -> Pending:
             required_shared_data_update_level=b.required_shared_data_update_level,
         ),
         pending.deliveries,
+        pending.client_batch_id,
     )
