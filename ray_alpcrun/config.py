@@ -197,6 +197,9 @@ class DevServerConfig:
     Port 0 picks a free port. ``api_key=None`` makes the server generate one.
     ``tls`` holds the server certificate and key; its ``ca_cert``, when set,
     makes every service require client certificates signed by that CA.
+    ``tls_ca`` is the CA bundle that signed the server certificate: the node
+    cache verifies the central cache with it (default: the certificate itself,
+    right for a self-signed one); ``tls.server_name`` overrides the name checked.
     ``unbind_idle_after_s``: a worker bound to a session that has nothing
     queued and nothing in flight on it is sent UNBIND after this long, so that
     idle workers go where the work is. ``stream_open_timeout_s``: a bound
@@ -211,6 +214,7 @@ class DevServerConfig:
     proto_package: str = DEFAULT_PROTO_PACKAGE
     api_key: str | None = None
     tls: TlsFiles | None = None
+    tls_ca: str | None = None
     max_deliveries: int = 3
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     unbind_idle_after_s: float = 1.0

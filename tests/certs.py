@@ -1,7 +1,8 @@
-"""Self-signed TLS material for tests, made with ``cryptography``.
+"""TLS material for tests, made with ``cryptography``.
 
-``self_signed(tmp_path)`` writes ``cert.pem`` and ``key.pem`` for ``localhost``
-and ``127.0.0.1`` (the certificate is its own CA) and returns their paths.
+``self_signed(tmp_path)`` writes a certificate and key for ``localhost`` and
+``127.0.0.1`` (the certificate is its own CA) and returns their paths.
+``ca_signed(tmp_path)`` writes a CA and a server certificate it signed.
 """
 
 from __future__ import annotations
@@ -23,35 +24,16 @@ class CertFiles:
     key: str
 
 
-def self_signed(directory: Path, common_name: str = "localhost") -> CertFiles:
-    """A certificate valid for ``localhost`` / ``127.0.0.1``, usable as server, client and CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName(common_name),
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write(
+    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> CertFiles:
     directory.mkdir(parents=True, exist_ok=True)
-    cert_path = directory / f"{common_name}-cert.pem"
-    key_path = directory / f"{common_name}-key.pem"
+    cert_path = directory / f"{stem}-cert.pem"
+    key_path = directory / f"{stem}-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
@@ -61,3 +43,52 @@ def self_signed(directory: Path, common_name: str = "localhost") -> CertFiles:
         )
     )
     return CertFiles(str(cert_path), str(key_path))
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: str,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    ca: bool,
+    server: bool,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName(subject),
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def self_signed(directory: Path, common_name: str = "localhost") -> CertFiles:
+    """A certificate valid for ``localhost`` / ``127.0.0.1``, usable as server, client and CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _certificate(common_name, key, common_name, key, ca=True, server=True)
+    return _write(directory, common_name, cert, key)
+
+
+def ca_signed(directory: Path, common_name: str = "localhost") -> tuple[CertFiles, CertFiles]:
+    """(CA, server certificate signed by it) for ``localhost`` / ``127.0.0.1``."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("test-ca", ca_key, "test-ca", ca_key, ca=True, server=False)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _certificate(common_name, key, "test-ca", ca_key, ca=False, server=True)
+    return _write(directory, "test-ca", ca, ca_key), _write(directory, common_name, leaf, key)

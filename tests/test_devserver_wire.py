@@ -20,7 +20,7 @@ from ray_alpcrun.config import Env
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.devserver.cli import EXIT_CONFIG, build_parser, config_from_args, main
 from ray_alpcrun.types import Batch, Session, SharedData
-from tests.certs import self_signed
+from tests.certs import ca_signed, self_signed
 from tests.devserver_kit import free_config, md
 
 
@@ -173,6 +173,20 @@ async def test_mutual_tls(tmp_path: Path) -> None:
             await anonymous.close(None)
 
 
+async def test_tls_with_a_ca_signed_certificate(tmp_path: Path) -> None:
+    ca, leaf = ca_signed(tmp_path)
+    tls = transport.TlsFiles(cert=leaf.cert, key=leaf.key)
+    async with LocalServices(free_config(tls=tls, tls_ca=ca.cert)) as svc:
+        assert svc.client_tls() == transport.TlsFiles(ca_cert=ca.cert)
+        channel = transport.open_channel(svc.node_cache_address, svc.client_tls())
+        try:
+            node = transport.Stub(channel, "Cache")
+            await node.SetSharedData(SharedData("s", 1, b"x"), metadata=md(svc))  # via central
+            assert (await node.GetSharedData(SharedData("s", 1), metadata=md(svc))).payload == b"x"
+        finally:
+            await channel.close(None)
+
+
 def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -188,6 +202,7 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
         "--tls-cert",
         "--tls-key",
         "--tls-client-ca",
+        "--tls-ca",
         "--max-deliveries",
         "--max-message-bytes",
         "--log-level",

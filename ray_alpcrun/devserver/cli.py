@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument(
+        "--tls-ca",
+        default=None,
+        help="PEM CA bundle that signed --tls-cert (the node cache verifies the central cache "
+        "with it; default: --tls-cert itself, right for a self-signed certificate)",
+    )
+    p.add_argument(
         "--tls-client-ca",
         default=None,
         help="PEM CA bundle; when given, clients must present a certificate it signed",
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, env: Env) -> DevServerConfig:
     tls = None
-    if args.tls_cert or args.tls_key or args.tls_client_ca:
+    if args.tls_cert or args.tls_key or args.tls_client_ca or args.tls_ca:
         if not (args.tls_cert and args.tls_key):
             raise errors.ConfigError("--tls-cert and --tls-key go together")
         tls = TlsFiles(ca_cert=args.tls_client_ca, cert=args.tls_cert, key=args.tls_key)
@@ -112,6 +118,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> DevServerConfig:
         proto_package=args.proto_package,
         api_key=args.api_key or env.api_key,
         tls=tls,
+        tls_ca=args.tls_ca,
         max_deliveries=args.max_deliveries,
         max_message_bytes=args.max_message_bytes,
         unbind_idle_after_s=args.unbind_idle_after,

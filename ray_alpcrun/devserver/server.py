@@ -115,16 +115,16 @@ class LocalServices:
         return self._core
 
     def client_tls(self) -> TlsFiles | None:
-        """TLS settings a client on this machine can use (trusting the server's cert)."""
+        """TLS settings a client on this machine can use: trusts ``tls_ca`` (else the
+        server certificate itself) and, where client certificates are required,
+        presents the server's own pair."""
         tls = self.config.tls
         if tls is None:
             return None
+        trust = self.config.tls_ca or tls.cert
         if tls.ca_cert is None:
-            return TlsFiles(ca_cert=tls.cert, server_name=tls.server_name)
-        # Client certificates are required: present the server's own pair.
-        return TlsFiles(
-            ca_cert=tls.ca_cert, cert=tls.cert, key=tls.key, server_name=tls.server_name
-        )
+            return TlsFiles(ca_cert=trust, server_name=tls.server_name)
+        return TlsFiles(ca_cert=trust, cert=tls.cert, key=tls.key, server_name=tls.server_name)
 
     def service_config(self) -> ServiceConfig:
         """How a client or worker reaches these services (node cache as its cache)."""
