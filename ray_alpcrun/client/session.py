@@ -189,6 +189,8 @@ class AsyncSession:
         """:meth:`submit`, yielding answers in the chunks they arrived in (less overhead)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if priority < 0:
+            raise ValueError("batch priority must be >= 0 (higher runs first)")
         if use_shared_data is None:
             use_shared_data = shared_level is not None or self.shared_level is not None
         level = None

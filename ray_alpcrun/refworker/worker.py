@@ -54,7 +54,9 @@ from ray_alpcrun.types import Batch, InstructionType, Message, SharedData, Worke
 
 log = logging.getLogger(__name__)
 
+# Shared-data bytes kept in-process, one entry per (session, level).
 SHARED_CACHE_ENTRIES = 8
+SHARED_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,7 @@ class ReferenceWorker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._shared: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._stop: asyncio.Event | None = None
+        self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: Any = None
         self._cache: Any = None
@@ -144,14 +147,18 @@ class ReferenceWorker:
     def stop(self) -> None:
         """Ask :meth:`run` to finish the batches in hand and return. Call it on the
         worker's loop (``loop.call_soon_threadsafe(worker.stop)`` from elsewhere)."""
+        self._stop_requested = True
         if self._stop is not None:
             self._stop.set()
 
     async def run(self) -> None:
         """Register and serve until stopped; re-register after the queue manager
-        went away. Raises :class:`~ray_alpcrun.errors.AuthError` on a bad API key."""
+        went away. Raises :class:`~ray_alpcrun.errors.AuthError` on a bad API key.
+        A worker runs once: its handler thread is released at the end."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        if self._stop_requested:
+            self._stop.set()
         self._update_lock = asyncio.Lock()
         failures = 0  # consecutive attempts that did not even register
         try:
@@ -323,8 +330,8 @@ class ReferenceWorker:
                     await self._report(WorkerStatus.IDLE)
 
     async def _end_session(self, session_id: str) -> None:
-        for key in [k for k in self._shared if k[0] == session_id]:
-            del self._shared[key]
+        # The fetched shared-data bytes stay cached (bounded LRU): an UNBIND is
+        # often rebalancing, and the session comes back.
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):
             await self._loop.run_in_executor(self._executor, self.runtime.end_session, session_id)
@@ -388,6 +395,8 @@ class ReferenceWorker:
             key = (session_id, reply.update_level)
         if key is not None:
             self._shared[key] = payload
-            while len(self._shared) > SHARED_CACHE_ENTRIES:
+            while len(self._shared) > SHARED_CACHE_ENTRIES or (
+                len(self._shared) > 1 and sum(map(len, self._shared.values())) > SHARED_CACHE_BYTES
+            ):
                 self._shared.popitem(last=False)
         return payload
