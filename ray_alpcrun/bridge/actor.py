@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from ray_alpcrun import errors
@@ -192,6 +193,7 @@ class Bridge:
             "ready": bool(w and w.ready),
             "draining": self.draining,
             "health_port": self.health_port,
+            "pid": os.getpid(),  # for memory sampling (benchmarks/soak.py)
         }
         if w is not None:
             s = w.stats
