@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -280,15 +281,20 @@ class Dispatcher(Generic[A]):
         *,
         deaths: int = 0,
         reserved: bool = False,
+        claimed: set[Member[A]] | None = None,
     ) -> None:
+        """Run ``part`` until it has outcomes. ``claimed``: actors that other tasks
+        of the same isolation run use now; this one waits for another actor."""
         n = len(part.payloads)
         while True:
             if member is None:
                 try:
-                    member = await self._least_loaded()
+                    member = await self._least_loaded(claimed)
                 except AlpcrunError as exc:
                     self._fill(out, part, str(exc))
                     return
+            if claimed is not None:
+                claimed.add(member)
             try:
                 result = await self._call(member, part, reserved)
             except ActorLost as exc:
@@ -315,6 +321,10 @@ class Dispatcher(Generic[A]):
                 else:
                     await self._isolate(part, out, deaths)
                 return
+            finally:
+                if claimed is not None:
+                    claimed.discard(member)
+                    self._notify()
             if len(result) != n:
                 self._fill(out, part, f"actor answered {len(result)} outcomes for {n} tasks")
             else:
@@ -322,17 +332,25 @@ class Dispatcher(Generic[A]):
             return
 
     async def _isolate(self, part: _Part, out: list[Outcome | None], deaths: int) -> None:
-        """Re-run a sub-batch one task per call, so a hung or crashing task fails alone."""
-        singles = [
-            self._run_part(
-                None,
-                _Part(part.session_id, [p], part.shared, part.tags, part.offset + i),
-                out,
-                deaths=deaths,
-            )
-            for i, p in enumerate(part.payloads)
-        ]
-        done = await asyncio.gather(*singles, return_exceptions=True)
+        """Re-run a sub-batch one task per call, so a hung or crashing task fails alone.
+
+        At most one of these calls runs on an actor at a time: when the culprit
+        takes its actor down, no other task of the sub-batch goes with it (Ray
+        may lose the reply of the call before a crash, too).
+        """
+        todo = deque(range(len(part.payloads)))
+        claimed: set[Member[A]] = set()
+
+        async def lane() -> None:
+            while todo:
+                i = todo.popleft()
+                single = _Part(
+                    part.session_id, [part.payloads[i]], part.shared, part.tags, part.offset + i
+                )
+                await self._run_part(None, single, out, deaths=deaths, claimed=claimed)
+
+        lanes = [lane() for _ in range(min(len(todo), self._num_actors))]
+        done = await asyncio.gather(*lanes, return_exceptions=True)
         for result in done:
             if isinstance(result, BaseException):
                 raise result
@@ -363,15 +381,17 @@ class Dispatcher(Generic[A]):
             self.task_cost_s = sample if cost is None else cost + _COST_SMOOTHING * (sample - cost)
         return outcomes
 
-    async def _least_loaded(self) -> Member[A]:
-        """The live actor with the fewest tasks in flight; waits while all restart."""
+    async def _least_loaded(self, claimed: set[Member[A]] | None = None) -> Member[A]:
+        """The live actor with the fewest tasks in flight, not in ``claimed``; waits
+        while all restart (or are claimed)."""
         while True:
             if self._closed:
                 raise AlpcrunError("the actor pool is closed")
             live = self.members()
-            if live:
-                return min(live, key=_inflight)
-            if not self._restarting:
+            free = [m for m in live if m not in claimed] if claimed else live
+            if free:
+                return min(free, key=_inflight)
+            if not live and not self._restarting:
                 raise AlpcrunError("no live actors left in the pool")
             wake = self._wake
             await wake.wait()

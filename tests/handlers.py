@@ -117,6 +117,13 @@ def hang(payload: bytes, shared: bytes | None) -> bytes:
     return payload
 
 
+def crash(payload: bytes, shared: bytes | None) -> bytes:
+    """``crash`` takes its whole actor process down, every time."""
+    if payload == b"crash":
+        os._exit(3)
+    return payload
+
+
 class Gate:
     """Ray actor (async): holds the first caller of :meth:`enter` forever and tells the
     test who it is; later callers pass straight through. No sleeps anywhere."""

@@ -40,6 +40,8 @@ class FakeBackend:
         self.entered = asyncio.Event()
         self.ended: list[tuple[int, str]] = []
         self.cost_s: float | None = None  # handler seconds per task it reports
+        self.singles: Counter[int] = Counter()  # one-task calls submitted, per actor, now
+        self.singles_peak = 0
 
     async def start_actor(self) -> FakeActor:
         actor = FakeActor(len(self.actors))
@@ -54,6 +56,17 @@ class FakeBackend:
         shared: Any,
         tags: tuple[str, ...],
     ) -> CallResult:
+        if len(payloads) == 1:
+            self.singles[actor.name] += 1
+            self.singles_peak = max(self.singles_peak, self.singles[actor.name])
+        try:
+            return await self._call(actor, payloads)
+        finally:
+            if len(payloads) == 1:
+                self.singles[actor.name] -= 1
+
+    async def _call(self, actor: FakeActor, payloads: list[bytes]) -> CallResult:
+        await asyncio.sleep(0)  # ok: a yield, not a wait: real calls let others in meanwhile
         async with actor.lock:
             if actor.dead:
                 raise ActorLost(f"actor {actor.name} is dead")
@@ -189,6 +202,8 @@ async def test_a_task_that_always_kills_its_actor_fails_alone() -> None:
             assert outcome == (p.upper(), None)
     assert set(backend.answered.values()) == {1}
     assert d.restarts == 3
+    # Isolated tasks never queue behind each other: a crash takes only its own task.
+    assert backend.singles_peak == 1
 
 
 async def test_no_retries_means_the_sub_batch_fails() -> None:
@@ -284,3 +299,31 @@ async def test_measured_cheap_tasks_stay_in_one_call_and_costly_ones_split() -> 
     before = sum(len(a.calls) for a in backend.actors)
     await d.run("s", payloads(100))
     assert sum(len(a.calls) for a in backend.actors) == before + 2
+
+
+async def test_isolated_tasks_never_share_an_actor() -> None:
+    class SlowRestarts(FakeBackend):
+        """The second replacement waits until an actor died a third time."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.third_death = asyncio.Event()
+
+        async def start_actor(self) -> FakeActor:
+            if len(self.actors) >= 3:
+                await self.third_death.wait()
+            return await super().start_actor()
+
+        async def _call(self, actor: FakeActor, payloads: list[bytes]) -> CallResult:
+            try:
+                return await super()._call(actor, payloads)
+            except ActorLost:
+                if sum(a.dead for a in self.actors) >= 3:
+                    self.third_death.set()
+                raise
+
+    backend = SlowRestarts()
+    d = await started(backend, min_chunk=100)
+    out = await d.run("s", [b"a", b"die", b"b", b"c"])
+    assert [o[0] for o in out] == [b"A", None, b"B", b"C"]
+    assert backend.singles_peak == 1

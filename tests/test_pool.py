@@ -174,6 +174,9 @@ async def test_actor_killed_mid_batch_loses_nothing(ray_session: Any) -> None:
             batch[3] = b"block"
             running = asyncio.create_task(pool.run("s", batch, shared=ref))
             [victim] = await gate.wait_entered.remote()
+            # Status answers from its own thread even while a task blocks.
+            busy = await pool.status()
+            assert [a.get("error") for a in busy["actors"]] == [None, None]
             ray.kill(victim, no_restart=True)
             out = await running
             assert out == [(p, None) for p in batch]
@@ -199,3 +202,16 @@ async def test_hung_task_times_out_and_the_rest_succeed() -> None:
         assert pool.restarts >= 1
         # The pool still serves after replacing the stuck actor.
         assert await pool.run("s", [b"after"]) == [(b"after", None)]
+
+
+async def test_a_crashing_handler_fails_only_its_own_task() -> None:
+    async with ActorPool("tests.handlers:crash", small(max_call_retries=2)) as pool:
+        batch = [b"a", b"b", b"crash", b"c", b"d", b"e"]
+        out = await pool.run("s", batch)
+        for p, (result, error) in zip(batch, out, strict=True):
+            if p == b"crash":
+                assert result is None and error is not None
+                assert error.startswith("actor died 3 times")
+            else:
+                assert (result, error) == (p, None)
+        assert pool.restarts == 3
