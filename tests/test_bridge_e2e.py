@@ -71,11 +71,14 @@ def test_shared_data_levels_and_per_session_state(services: Any, bridge: Any) ->
         second = decode(s1.run([b"z"] * 30, batch_size=10, use_shared_data=True, shared_level=2))
         s1.close()
         s2.close()
-    assert [r["count"] for r in first + second] == list(range(1, 61))
+    # Batches of one run are processed concurrently, so counts come in any order
+    # within a run; the state carries over from the first run to the second.
+    assert sorted(r["count"] for r in first) == list(range(1, 31))
+    assert sorted(r["count"] for r in second) == list(range(31, 61))
     assert {(r["level"], r["value"]) for r in first} == {(1, "one")}
     assert {(r["level"], r["value"]) for r in second} == {(2, "two")}
-    assert second[-1]["updates"] == [[1, 2]]
-    assert [r["count"] for r in other] == [1, 2, 3, 4, 5]
+    assert max(second, key=lambda r: r["count"])["updates"] == [[1, 2]]
+    assert sorted(r["count"] for r in other) == [1, 2, 3, 4, 5]
     assert {r["session"] for r in other} == {s2.id}
     # Fetched once per (session, level) by the bridge, whatever the batch count.
     assert ray_get(handle.status())["shared_fetches"] == 2
