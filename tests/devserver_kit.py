@@ -249,3 +249,20 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
         if loop.time() > deadline:
             raise TimeoutError("condition not reached")
         await asyncio.sleep(0.005)  # ok: polling server-side counters
+
+
+def snapshot(svc: LocalServices, session_id: str) -> str:
+    """The queue manager's view of a session and its workers, for failure messages."""
+    core = svc.core
+    s = core.sessions.get(session_id)
+    if s is None:
+        return f"session {session_id} is not open"
+    streams = [(c.worker.id, len(c.inflight), c.draining, c.closed) for c in s.streams]
+    workers = [
+        (w.id, w.bound.id if w.bound else None, w.eligible, w.status, list(w.streams))
+        for w in core.workers.by_id.values()
+    ]
+    return (
+        f"queued={s.tasks.batches} inflight={s.inflight_batches} unanswered={s.unanswered_tasks} "
+        f"results={len(s.results)} hungry={len(s.hungry)} streams={streams} workers={workers}"
+    )

@@ -427,6 +427,8 @@ class QueueCore:
                 and now - s.last_activity_s >= idle_s
             ):
                 self.close_session(s.id, f"idle for {idle_s:g} s")
+            elif s.tasks.batches and s.hungry:
+                s.wake_one_hungry()  # a safety net; wake-ups are passed on as they happen
         cfg = self.config
         for w in list(self.workers.by_id.values()):
             bound = w.bound

@@ -269,6 +269,10 @@ class TaskFlow:
                     self.requeue(s, p)
         s.streams.discard(conn)
         s.hungry.pop(conn, None)
+        if s.tasks.batches:
+            # This stream may have taken a wake-up meant for a batch it will now
+            # never fetch: pass it on.
+            s.wake_one_hungry()
         w = conn.worker
         if w.streams.get(s.id) is conn:
             del w.streams[s.id]
