@@ -128,10 +128,7 @@ class RayPool:
         """Start Ray (if needed) and the actors. Idempotent; ``with`` calls it."""
         if self._pool is not None:
             return self
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(**self._ray_init)
+        self._init_ray()
         loop = _LoopThread()
         pool = ActorPool(self._handler, self.config)
         try:
@@ -254,7 +251,9 @@ class RayPool:
         self.close()
 
     async def __aenter__(self) -> RayPool:
-        # start() blocks until the actors are up; keep the caller's loop free meanwhile.
+        # Ray wants its signal handlers from the main thread: init here; then wait
+        # for the actors off the caller's loop.
+        self._init_ray()
         return await asyncio.to_thread(self.start)
 
     async def __aexit__(
@@ -265,6 +264,12 @@ class RayPool:
     ) -> None:
         # close() blocks on the private loop; keep the caller's loop free meanwhile.
         await asyncio.to_thread(self.close)
+
+    def _init_ray(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(**self._ray_init)
 
     # -- on the private loop -----------------------------------------------
 
