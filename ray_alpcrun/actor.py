@@ -140,8 +140,14 @@ class PoolActor:
         """Counters for health checks; answers even while ``run`` is busy."""
         info = self._identity()
         runtime = self._runtime
+        sessions: list[str] = []
+        if runtime is not None:
+            try:
+                sessions = runtime.session_ids
+            except RuntimeError:  # ``run`` (another thread) changed the table meanwhile
+                sessions = []
         info.update(
-            sessions=runtime.session_ids if runtime is not None else [],
+            sessions=sessions,
             shared_decodes=runtime.shared_decodes if runtime is not None else 0,
             tasks_done=self.tasks_done,
             calls=self.calls,
