@@ -57,3 +57,14 @@ def bridge(services: Any, ray_session: Any) -> Iterator[Any]:
     for handle in started:
         ray_session.get(handle.stop(drain=False), timeout=60)
         ray_session.get(handle.run_ref, timeout=60)
+
+
+@pytest.fixture
+def devserver() -> Iterator[Any]:
+    """Fresh local ALPCRUN.CH services (queue manager, central and node cache) on free
+    ports, in a background thread; no Ray. ``devserver.service_config()`` tells a
+    client or worker how to reach them."""
+    from ray_alpcrun.devserver import LocalServices
+
+    with LocalServices() as svc:
+        yield svc
