@@ -91,9 +91,11 @@ class RawWorker:
         answer: Answer = echo,
         tls: transport.TlsFiles | None = None,
         report_once: bool = False,
+        stream_by_id: bool = False,
     ) -> None:
         self.svc, self.node, self.pod, self.answer, self.tls = svc, node, pod, answer, tls
         self.report_once = report_once  # half-close WorkerUpdate after the first IDLE
+        self.stream_by_id = stream_by_id  # WorkerStream with workerid instead of node/pod
         self.worker_id = ""
         self.received: list[Batch] = []
         self.instructions: list[Instruction] = []
@@ -158,10 +160,11 @@ class RawWorker:
 
     async def _serve(self, session_id: str) -> None:
         self._results = asyncio.Queue()
-        self._stream = self._stub.WorkerStream(
-            _drain(self._results),
-            metadata=md(self.svc, node=self.node, pod=self.pod, sessionid=session_id),
-        )
+        if self.stream_by_id:
+            meta = md(self.svc, workerid=self.worker_id, sessionid=session_id)
+        else:
+            meta = md(self.svc, node=self.node, pod=self.pod, sessionid=session_id)
+        self._stream = self._stub.WorkerStream(_drain(self._results), metadata=meta)
         self._broken = False
         try:
             async for batch in self._stream:

@@ -74,6 +74,23 @@ async def test_round_trip_exactly_once(svc: LocalServices, channel: grpc.aio.Cha
     assert all(str(ULID.from_str(b.id)) == b.id for b in batches)
 
 
+async def test_worker_stream_matched_by_worker_id(
+    svc: LocalServices, channel: grpc.aio.Channel
+) -> None:
+    s = await create_session(svc, channel)
+    # Two registrations from the same node and pod: the worker id tells them apart.
+    async with (
+        RawWorker(svc, stream_by_id=True) as a,
+        RawWorker(svc, stream_by_id=True) as b,
+        RawClient(svc) as client,
+    ):
+        for batch in tasks(s.id, 20):
+            client.send(batch)
+        assert_exactly_once(await client.read(20), 20)
+    assert a.worker_id != b.worker_id
+    assert len(a.received) + len(b.received) == 20
+
+
 async def test_server_assigns_ids(svc: LocalServices, channel: grpc.aio.Channel) -> None:
     s = await create_session(svc, channel)
     async with RawWorker(svc), RawClient(svc) as client:

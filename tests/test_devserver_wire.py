@@ -111,6 +111,19 @@ async def test_proto_package(package: str) -> None:
             await n.close(None)
 
 
+async def test_message_size_limit() -> None:
+    async with LocalServices(free_config(max_message_bytes=1024)) as svc:
+        channel = transport.open_channel(svc.central_cache_address)
+        try:
+            central = transport.Stub(channel, "Cache", svc.proto_package)
+            code, _ = await code_of(
+                central.SetSharedData(SharedData("s", 1, b"x" * 4096), metadata=md(svc))
+            )
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await channel.close(None)
+
+
 async def test_malformed_bytes(svc: LocalServices, channels: dict[str, grpc.aio.Channel]) -> None:
     garbage = b"\x0a\xff\xff\xff"  # field 1, length far beyond the message
     pkg = svc.proto_package

@@ -344,7 +344,9 @@ class QueueCore:
                     f"worker at node={node} pod={pod} is not bound to session {s.id} "
                     "(open WorkerStream after BIND)",
                 )
-            w = found[0]
+            # Several registrations from one place (a restarted worker whose old
+            # registration lingers): prefer one that has no stream open yet.
+            w = next((x for x in found if s.id not in x.streams), found[0])
         old = w.streams.get(s.id)
         if old is not None:  # the worker reconnected its stream
             self.flow.release_stream(old, requeue=True)
