@@ -205,6 +205,9 @@ class DevServerConfig:
     idle workers go where the work is. ``stream_open_timeout_s``: a bound
     worker that has not opened its ``WorkerStream`` after this long is unbound.
     ``tick_s`` is how often timers (idle reaping, rebalancing) are checked.
+    ``batch_timeout_s``: a worker that holds a batch longer than this without
+    answering is treated as failed (its stream ends, its batches are re-queued,
+    it is unbound); None (default) waits for ever, as long tasks may be legitimate.
     """
 
     host: str = "127.0.0.1"
@@ -220,8 +223,11 @@ class DevServerConfig:
     unbind_idle_after_s: float = 1.0
     stream_open_timeout_s: float = 30.0
     tick_s: float = 0.05
+    batch_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.batch_timeout_s is not None and self.batch_timeout_s <= 0:
+            raise ConfigError("batch_timeout_s must be positive (or None for no timeout)")
         for name in ("queue_port", "central_cache_port", "node_cache_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:

@@ -397,3 +397,33 @@ async def test_repeated_task_ids_rejected(svc: LocalServices, channel: grpc.aio.
         client.send(Batch(session_id=s.id, messages=[Message(id="x"), Message(id="x")]))
         assert await client.call.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "repeats a task id" in await client.call.details()
+
+
+async def test_batch_timeout_fails_a_stalled_worker(clock: FakeClock) -> None:
+    stalled: RawWorker
+
+    async def stall_first_two(batch: Batch) -> Batch | None:
+        return None if len(stalled.received) <= 2 else await echo(batch)
+
+    async with LocalServices(free_config(batch_timeout_s=30.0), clock=clock) as svc:
+        channel = transport.open_channel(svc.queue_address)
+        try:
+            s = await create_session(svc, channel, max_inflight_batches_per_worker=2)
+            async with RawClient(svc) as client:
+                for b in tasks(s.id, 4):
+                    client.send(b)
+                async with RawWorker(svc, pod="stalled", answer=stall_first_two) as stalled:
+                    await wait_for(lambda: len(stalled.received) == 2)
+                    clock.advance(29.0)
+                    await svc.atick()
+                    assert svc.stats()["redeliveries"] == 0
+                    clock.advance(1.0)
+                    await svc.atick()  # the stream is failed: batches re-queued, UNBIND
+                    assert_exactly_once(await client.read(4), 4)
+            assert [i.type for i in stalled.instructions[:2]] == [
+                InstructionType.BIND,
+                InstructionType.UNBIND,
+            ]
+            assert svc.stats()["redeliveries"] == 2
+        finally:
+            await channel.close(None)

@@ -218,6 +218,8 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
         "--tls-ca",
         "--max-deliveries",
         "--max-message-bytes",
+        "--unbind-idle-after",
+        "--batch-timeout",
         "--log-level",
     ):
         assert flag in out

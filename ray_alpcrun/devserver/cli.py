@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="unbind a worker whose session has had nothing for it this long (%(default)s)",
     )
     p.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="re-queue the batches of a worker that holds one longer than this without an "
+        "answer, and unbind it (default: no timeout)",
+    )
+    p.add_argument(
         "--log-level",
         default=None,
         choices=["debug", "info", "warning", "error"],
@@ -122,6 +130,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> DevServerConfig:
         max_deliveries=args.max_deliveries,
         max_message_bytes=args.max_message_bytes,
         unbind_idle_after_s=args.unbind_idle_after,
+        batch_timeout_s=args.batch_timeout,
     )
 
 

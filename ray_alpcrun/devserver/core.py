@@ -20,6 +20,9 @@ Decisions (the docs are silent):
 * A session is reaped after ``idle_timeout`` without activity: no client
   stream open and nothing queued or in flight (results nobody fetched in that
   time are dropped with it).
+* With ``batch_timeout_s`` set, a worker stream whose oldest batch in flight
+  is older than that is failed like a broken one (batches re-queued, worker
+  unbound, the server ends the stream); a late answer is then dropped.
 * A closed session's id is remembered (``closed``) so that CloseSession is
   idempotent and ``join`` can tell "closed" from "unknown".
 * Client streams: a stream attaches to every session it submits to (or names
@@ -417,6 +420,27 @@ class QueueCore:
                 self._unbind(w, f"preempted by session {s.id} (priority {s.priority})")
             donors = [d for d in donors if d.bound]
 
+    def _expire_stalled(self, now: float, timeout_s: float) -> None:
+        """Fail worker streams whose oldest batch in flight is older than ``timeout_s``."""
+        for s in list(self.sessions.values()):
+            for conn in list(s.streams):
+                oldest = next(iter(conn.inflight.values()), None)
+                if oldest is None or now - oldest.sent_at_s < timeout_s:
+                    continue
+                w = conn.worker
+                log.warning(
+                    "worker %s held batch %s of session %s for %.1f s: stream ended, "
+                    "%d batch(es) re-queued",
+                    w.id,
+                    oldest.batch.id,
+                    s.id,
+                    now - oldest.sent_at_s,
+                    len(conn.inflight),
+                )
+                self.flow.release_stream(conn, requeue=True)
+                if w.bound is s:
+                    self._unbind(w, "a batch timed out")
+
     def tick(self, now: float | None = None) -> None:
         """Reap idle sessions and unbind idle or stuck workers."""
         now = self.clock() if now is None else now
@@ -432,6 +456,8 @@ class QueueCore:
             elif s.tasks.batches and s.hungry:
                 s.wake_one_hungry()  # a safety net; wake-ups are passed on as they happen
         cfg = self.config
+        if cfg.batch_timeout_s is not None:
+            self._expire_stalled(now, cfg.batch_timeout_s)
         for w in list(self.workers.by_id.values()):
             bound = w.bound
             if bound is None:

@@ -157,6 +157,7 @@ class TaskFlow:
         if depth > stats.max_inflight_seen_per_worker.get(w.id, 0):
             stats.max_inflight_seen_per_worker[w.id] = depth
         now = self._clock()
+        p.sent_at_s = now
         w.last_activity_s = now
         s.last_activity_s = now
         return p.batch

@@ -50,6 +50,7 @@ class Pending:
     batch: Batch
     deliveries: int = 0
     client_batch_id: str | None = None
+    sent_at_s: float = 0.0  # when it was last handed to a worker
 
     @property
     def reply_id(self) -> str:
