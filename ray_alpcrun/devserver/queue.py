@@ -127,14 +127,14 @@ class QueueServicer:
                 context,
                 Rejected("INVALID_ARGUMENT", "WorkerUpdate needs the 'node' and 'pod' metadata"),
             )
-        core = self.core
-        worker = core.register_worker(node, pod)
+        binding = self.core.binding
+        worker = binding.register_worker(node, pod)
 
         async def read() -> None:
             try:
                 async for state in requests:
-                    core.worker_state(worker, state)
-                core.worker_reports_closed(worker)
+                    binding.worker_state(worker, state)
+                binding.worker_reports_closed(worker)
             except Exception as exc:
                 worker.outbox.put_nowait(None)
                 failures.append(exc)
@@ -154,7 +154,7 @@ class QueueServicer:
         finally:
             if reader is not None:
                 await _stop(reader)
-            core.unregister_worker(worker)
+            binding.unregister_worker(worker)
 
     async def WorkerStream(
         self, requests: AsyncIterator[Batch], context: Context
@@ -175,7 +175,7 @@ class QueueServicer:
                 ),
             )
         core = self.core
-        conn = await checked(context, core.open_stream, sid, node, pod, wid)
+        conn = await checked(context, core.binding.open_stream, sid, node, pod, wid)
 
         async def read() -> None:
             try:
@@ -195,4 +195,4 @@ class QueueServicer:
                 yield batch
         finally:
             await _stop(reader)
-            core.close_stream(conn)
+            core.binding.close_stream(conn)
