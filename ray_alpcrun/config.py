@@ -32,7 +32,7 @@ DEFAULT_NODE_CACHE_ADDR = "127.0.0.1:3337"
 class Env:
     """A snapshot of the ``METALCORE_*`` variables; ``None`` where unset or empty."""
 
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in reprs, logs, tracebacks
     worker_node: str | None = None
     worker_pod: str | None = None
     queue_addr: str | None = None
@@ -90,7 +90,7 @@ class ServiceConfig:
     queue_address: str = DEFAULT_QUEUE_ADDR
     cache_address: str = DEFAULT_NODE_CACHE_ADDR
     central_cache_address: str = DEFAULT_CENTRAL_CACHE_ADDR
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in reprs, logs, tracebacks
     proto_package: str = DEFAULT_PROTO_PACKAGE
     tls: TlsFiles | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -215,7 +215,7 @@ class DevServerConfig:
     central_cache_port: int = 2337
     node_cache_port: int = 3337
     proto_package: str = DEFAULT_PROTO_PACKAGE
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in reprs, logs, tracebacks
     tls: TlsFiles | None = None
     tls_ca: str | None = None
     max_deliveries: int = 3

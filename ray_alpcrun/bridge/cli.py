@@ -221,14 +221,17 @@ def _wait(handle: Any) -> int:
             log.info("signal %s: draining (send again to stop at once)", signum)
             handle.stop(drain=True)
         else:
+            # Acted on in the loop below: an exception raised inside ray.wait() does
+            # not reliably surface as itself (the process exited 1, not 130).
             log.warning("second signal: stopping at once")
-            handle.kill()
-            raise SystemExit(errors.EXIT_INTERRUPTED)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
-            done, _ = ray.wait([handle.run_ref], timeout=0.5)
+            if signals["count"] > 1:
+                handle.kill()
+                return errors.EXIT_INTERRUPTED
+            done, _ = ray.wait([handle.run_ref], timeout=0.2)
             if done:
                 break
         code, reason = ray.get(handle.run_ref)

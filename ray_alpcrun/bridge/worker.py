@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -44,7 +44,7 @@ class WorkerSettings:
 
     queue_address: str
     cache_address: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)  # never in reprs, logs, tracebacks
     proto_package: str
     node: str
     pod: str
@@ -187,6 +187,11 @@ class Slot:
     def _start_unbind(self, session_id: str) -> None:
         if self.session is None or self.session.session_id != session_id:
             log.info("UNBIND for a session not served here", extra=fields(session=session_id))
+            if self.session is None and (self._unbinding is None or self._unbinding.done()):
+                # Our stream broke and _watch freed the slot (reporting IDLE) before
+                # this UNBIND arrived; the queue manager only re-binds a worker that
+                # reports IDLE after the UNBIND, so say it again.
+                self._unbinding = asyncio.create_task(self._report(WorkerStatus.IDLE))
             return
         if self._unbinding is None or self._unbinding.done():
             self._unbinding = asyncio.create_task(self._unbind(session_id))
