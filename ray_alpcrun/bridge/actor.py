@@ -8,6 +8,7 @@ is async: its event loop carries the gRPC streams while the pool's actors comput
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from typing import Any
@@ -91,6 +92,9 @@ class Bridge:
                 await starting
             finally:
                 starting.cancel()
+            # Full collections would rescan Ray's and gRPC's ~100k long-lived objects
+            # (tens of ms, a stall of every stream) as batches churn out garbage.
+            gc.freeze()
             self.worker = worker
             self._started.set()
             log.info(
