@@ -47,6 +47,8 @@ class SharedRef:
 # ``run`` answers its outcomes and the seconds the handler took, or a string:
 # the session could not be set up.
 RunReply = tuple[list[Outcome], float] | str
+# ``run``'s arguments: session id, payloads, shared data, session tags.
+RunArgs = tuple[str, list[bytes], SharedRef | None, tuple[str, ...]]
 
 
 class PoolActor:
@@ -135,6 +137,11 @@ class PoolActor:
             return str(exc)
         self.tasks_done += len(outcomes)
         return outcomes, time.perf_counter() - started
+
+    def run_many(self, parts: list[RunArgs]) -> list[RunReply]:
+        """Several sub-batches in one call (see :mod:`ray_alpcrun.coalesce`): one
+        reply per part, in order, each exactly as :meth:`run` answers it."""
+        return [self.run(*part) for part in parts]
 
     def end_session(self, session_id: str) -> bool:
         """Run the session end hook and drop its state; False if it was not here."""

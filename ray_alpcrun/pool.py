@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from ray_alpcrun.actor import CONTROL_GROUP, PoolActor, RunReply, SharedRef
+from ray_alpcrun.actor import CONTROL_GROUP, PoolActor, RunArgs, RunReply, SharedRef
+from ray_alpcrun.coalesce import Coalescer
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.dispatch import ActorLost, CallResult, Dispatcher
 from ray_alpcrun.errors import AlpcrunError, ConfigError, HandlerError
@@ -58,6 +59,8 @@ class _RayBackend:
         self._sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
         # Every actor created and not yet killed, so a failed start leaks none.
         self.handles: dict[int, Any] = {}
+        # Sub-batches that queue for a busy actor travel together in one Ray call.
+        self._calls: Coalescer[RunArgs, RunReply] = Coalescer(self._run_one, self._run_many)
 
     async def start_actor(self) -> Any:
         cfg = self._config
@@ -90,7 +93,7 @@ class _RayBackend:
         tags: tuple[str, ...],
     ) -> CallResult:
         try:
-            reply: RunReply = await actor.run.remote(session_id, payloads, shared, tags)
+            reply = await self._calls.call(actor, id(actor), (session_id, payloads, shared, tags))
         except self._lost as exc:
             raise ActorLost(_first_line(exc)) from exc
         except self._task_error as exc:
@@ -102,8 +105,19 @@ class _RayBackend:
             raise SessionSetupError(reply)
         return reply
 
+    @staticmethod
+    async def _run_one(actor: Any, part: RunArgs) -> RunReply:
+        reply: RunReply = await actor.run.remote(*part)
+        return reply
+
+    @staticmethod
+    async def _run_many(actor: Any, parts: list[RunArgs]) -> list[RunReply]:
+        replies: list[RunReply] = await actor.run_many.remote(parts)
+        return replies
+
     def kill(self, actor: Any) -> None:
         self.handles.pop(id(actor), None)
+        self._calls.forget(id(actor))
         try:
             self._ray.kill(actor, no_restart=True)
         except Exception as exc:  # already gone is fine
