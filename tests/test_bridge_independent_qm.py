@@ -101,6 +101,8 @@ class FakeCache:
 
     async def GetSharedData(self, request: Any, context: Any) -> Any:
         assert dict(context.invocation_metadata()).get("api_key") == KEY
+        if not request.session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
         level = request.update_level if request.HasField("update_level") else 2
         self.gets.append(level)
         if level not in self.levels:

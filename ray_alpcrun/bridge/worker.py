@@ -305,9 +305,11 @@ class BridgeWorker:
         )
 
     async def preflight(self) -> None:
-        """Check the API key, TLS trust and proto package against both services with
-        harmless calls (closing and reading an empty session id); raise FatalError
-        for what retrying cannot fix. Unreachable services are left to ``run()``."""
+        """Check the API key and TLS trust against both services with harmless calls
+        (closing and reading an empty session id); raise FatalError for what retrying
+        cannot fix. Only authentication and TLS failures count here: a queue manager
+        that does not serve these RPCs is judged by the registration itself, and
+        unreachable services are left to ``run()``'s retries."""
         self._open()
         probes = (
             ("queue manager", self.queue.CloseSession(Session(), metadata=self.base_metadata)),
@@ -317,8 +319,9 @@ class BridgeWorker:
             try:
                 await asyncio.wait_for(call, self.settings.connect_timeout_s)
             except grpc.aio.AioRpcError as exc:
-                fatal = fatal_for(transport.translate(exc), self.settings, what)
-                if fatal is not None:
+                err = transport.translate(exc)
+                fatal = fatal_for(err, self.settings, what)
+                if fatal is not None and fatal.exit_code in (errors.EXIT_AUTH, errors.EXIT_TLS):
                     raise fatal from exc
             except asyncio.TimeoutError:
                 log.warning("%s not answering yet; will keep trying", what)
