@@ -32,7 +32,8 @@ class PoolProcessor:
         self.pool = pool
 
     async def share(self, session_id: str, level: int | None, payload: bytes) -> Any:
-        return self.pool.put_shared(session_id, level, payload)
+        # In a thread: putting 256 MB would stall every stream for ~100 ms.
+        return await self.pool.aput_shared(session_id, level, payload)
 
     async def process(
         self, session_id: str, payloads: list[bytes], shared: Any | None
@@ -81,7 +82,13 @@ class Bridge:
                     self._live, self._ready, self.metrics_text, self.status,
                     host=self.health_host, port=self.health_port,
                 )  # fmt: skip
-                self.health_port = await self.health.start()
+                try:
+                    self.health_port = await self.health.start()
+                except OSError as exc:
+                    raise errors.ConfigError(
+                        f"cannot serve health on {self.health_host}:{self.health_port}: "
+                        f"{exc.strerror}; choose another --health-port"
+                    ) from exc
             self.pool = ActorPool(self.handler, self.pool_config)
             worker = BridgeWorker(self.settings, PoolProcessor(self.pool))
             # A wrong key, CA or proto package fails in the preflight within a
@@ -237,6 +244,11 @@ async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
     gauges: dict[str, Any] = {}
     last: dict[str, float] = {}
     seen_batches = 0
+    gpu_memory = metrics.Gauge(
+        "alpcrun_gpu_memory_used_bytes",
+        description="GPU memory used, per GPU actor",
+        tag_keys=("actor",),
+    )
     latency = metrics.Histogram(
         "alpcrun_batch_latency_seconds",
         description="receive-to-answer time per batch",
@@ -246,7 +258,9 @@ async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
         w = bridge.worker
         if w is not None:
             s = w.stats
-            extra_counters, extra_gauges, _ = await bridge._metric_values()
+            extra_counters, extra_gauges, gpu = await bridge._metric_values()
+            for actor, used in gpu:
+                gpu_memory.set(used, tags={"actor": actor})
             totals = {
                 "alpcrun_tasks_processed_total": float(s.tasks_ok),
                 "alpcrun_tasks_failed_total": float(s.tasks_failed),

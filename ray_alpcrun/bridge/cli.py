@@ -165,7 +165,13 @@ def run(config: BridgeConfig) -> int:
     services: Any = None
     try:
         if config.local:
-            config, services = _start_local(config)
+            try:
+                config, services = _start_local(config)
+            except (OSError, RuntimeError, errors.AlpcrunError) as exc:
+                print(
+                    f"ray_alpcrun.bridge: cannot start the local services: {exc}", file=sys.stderr
+                )
+                return errors.EXIT_CONFIG
         handle = start_bridge(config)
         return _wait(handle)
     finally:
