@@ -18,34 +18,25 @@ from typing import Any
 
 from ray_alpcrun import errors
 from ray_alpcrun.config import (
-    DEFAULT_NODE_CACHE_ADDR,
-    DEFAULT_QUEUE_ADDR,
     BridgeConfig,
     Env,
     PoolConfig,
-    ServiceConfig,
-    WorkerIdentity,
 )
 from ray_alpcrun.handler import load_handler
 from ray_alpcrun.logs import setup_logging
-from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
-from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
+from ray_alpcrun.worker_cli import ENV_HELP, add_worker_flags, service_config, worker_identity
 
 log = logging.getLogger("ray_alpcrun.bridge")
 
-EPILOG = """\
-environment (flags win):
-  METALCORE_API_KEY             API key for every call (or --api-key)
-  METALCORE_WORKER_NODE         node name (default: this host)
-  METALCORE_WORKER_POD          pod name (default: HOST-PID)
-  METALCORE_QUEUE_MANAGER_ADDR  default for --queue
-  METALCORE_CACHE_ADDR          default for --cache
-  METALCORE_LOG_LEVEL           default for --log-level
+EPILOG = (
+    ENV_HELP
+    + """\
   METALCORE_NUM_THREADS         default for --actors
 
 exit codes: 0 ok, 2 usage, 3 configuration, 4 API key rejected, 5 TLS failure,
 6 handler cannot load, 7 queue manager unreachable, 130 interrupted twice
 """
+)
 
 
 def build_parser(env: Env) -> argparse.ArgumentParser:
@@ -55,51 +46,28 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_worker_flags(p, env)
     a = p.add_argument
-    a("--queue", default=env.queue_addr or DEFAULT_QUEUE_ADDR, help="queue manager HOST:PORT")
-    a("--cache", default=env.cache_addr or DEFAULT_NODE_CACHE_ADDR, help="node cache HOST:PORT")
-    a("--handler", required=True, help="MODULE:OBJECT, a function or a Handler class")
     a("--actors", type=int, default=env.num_threads, help="pool actors (default: cluster CPUs)")
     a("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, fractional ok; 0 = CPU")
     a("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
     a("--slots", type=int, default=None, help="logical workers registered (default: --actors)")
     a("--ray-address", default=None, help="Ray cluster to join ('auto'); default: start Ray")
-    a("--proto-package", default=DEFAULT_PROTO_PACKAGE, help="proto package in method paths")
-    a("--api-key", default=None, help="API key (default: METALCORE_API_KEY)")
-    a("--ca-cert", default=None, help="CA bundle: use TLS to the queue manager and caches")
-    a("--client-cert", default=None, help="client certificate for mutual TLS")
-    a("--client-key", default=None, help="client key for mutual TLS")
-    a("--tls-server-name", default=None, help="expected server name in the certificates")
-    a("--node", default=env.worker_node, help="worker node name")
-    a("--pod", default=env.worker_pod, help="worker pod name")
     a("--task-timeout", type=float, default=None, help="seconds per task before it is failed")
     a("--drain-timeout", type=float, default=30.0, help="seconds to finish batches on stop")
-    a("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="gRPC limit")
     a("--max-sessions-per-actor", type=int, default=32, help="sessions kept per actor")
     a("--gpu-memory-limit", type=int, default=None, help="CuPy pool cap per actor, bytes")
-    a("--connect-attempts", type=int, default=None, help="give up after N failed connects")
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     a("--health-host", default="0.0.0.0", help="address the health endpoint listens on")
-    a("--log-level", default=env.log_level or "info", help="debug, info, warning, error")
     a("--log-json", action="store_true", help="log JSON lines")
     a("--local", action="store_true", help="also run the local queue manager and caches")
     return p
 
 
 def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
-    tls = None
-    if args.ca_cert or args.client_cert:
-        tls = TlsFiles(args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
-    services = ServiceConfig(
-        queue_address=args.queue,
-        cache_address=args.cache,
-        api_key=args.api_key or env.api_key,
-        proto_package=args.proto_package,
-        tls=tls,
-        max_message_bytes=args.max_message_bytes,
-    )
-    identity = WorkerIdentity(**{k: v for k, v in (("node", args.node), ("pod", args.pod)) if v})
+    services = service_config(args, env)
+    identity = worker_identity(args)
     actors = args.actors if args.actors is not None else 0
     pool = (
         PoolConfig(

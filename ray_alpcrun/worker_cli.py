@@ -1,0 +1,64 @@
+"""Command-line pieces shared by the two worker programs (bridge and reference
+worker): the flags that say how to reach the services and who the worker is."""
+
+from __future__ import annotations
+
+import argparse
+
+from ray_alpcrun.config import (
+    DEFAULT_NODE_CACHE_ADDR,
+    DEFAULT_QUEUE_ADDR,
+    Env,
+    ServiceConfig,
+    WorkerIdentity,
+)
+from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
+from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
+
+ENV_HELP = """\
+environment (flags win):
+  METALCORE_API_KEY             API key for every call (or --api-key)
+  METALCORE_WORKER_NODE         node name (default: this host)
+  METALCORE_WORKER_POD          pod name (default: HOST-PID)
+  METALCORE_QUEUE_MANAGER_ADDR  default for --queue
+  METALCORE_CACHE_ADDR          default for --cache
+  METALCORE_LOG_LEVEL           default for --log-level
+"""
+
+
+def add_worker_flags(p: argparse.ArgumentParser, env: Env) -> None:
+    """--queue, --cache, --handler, --proto-package, the API key, TLS, identity, limits."""
+    a = p.add_argument
+    a("--queue", default=env.queue_addr or DEFAULT_QUEUE_ADDR, help="queue manager HOST:PORT")
+    a("--cache", default=env.cache_addr or DEFAULT_NODE_CACHE_ADDR, help="node cache HOST:PORT")
+    a("--handler", required=True, help="MODULE:OBJECT, a function or a Handler class")
+    a("--proto-package", default=DEFAULT_PROTO_PACKAGE, help="proto package in method paths")
+    a("--api-key", default=None, help="API key (default: METALCORE_API_KEY)")
+    a("--ca-cert", default=None, help="CA bundle: use TLS to the queue manager and caches")
+    a("--client-cert", default=None, help="client certificate for mutual TLS")
+    a("--client-key", default=None, help="client key for mutual TLS")
+    a("--tls-server-name", default=None, help="expected server name in the certificates")
+    a("--node", default=env.worker_node, help="worker node name")
+    a("--pod", default=env.worker_pod, help="worker pod name")
+    a("--connect-attempts", type=int, default=None, help="give up after N failed connects")
+    a("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="gRPC limit")
+    a("--log-level", default=env.log_level or "info", help="debug, info, warning, error")
+
+
+def service_config(args: argparse.Namespace, env: Env) -> ServiceConfig:
+    tls = None
+    if args.ca_cert or args.client_cert:
+        tls = TlsFiles(args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
+    return ServiceConfig(
+        queue_address=args.queue,
+        cache_address=args.cache,
+        api_key=args.api_key or env.api_key,
+        proto_package=args.proto_package,
+        tls=tls,
+        max_message_bytes=args.max_message_bytes,
+    )
+
+
+def worker_identity(args: argparse.Namespace) -> WorkerIdentity:
+    """Flags (or METALCORE_WORKER_NODE/POD) where given, host-based defaults otherwise."""
+    return WorkerIdentity(**{k: v for k, v in (("node", args.node), ("pod", args.pod)) if v})
