@@ -21,9 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -31,6 +30,7 @@ from ray_alpcrun.actor import SharedRef
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import AlpcrunError, TaskFailed, TasksFailed
 from ray_alpcrun.handler import HandlerSpec
+from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.pool import ActorPool
 from ray_alpcrun.runtime import Outcome
 
@@ -43,38 +43,6 @@ T = TypeVar("T")
 # With a progress bar a batch goes out in pieces, about this many per actor.
 _PIECES_PER_ACTOR = 8
 _END_SESSION_TIMEOUT_S = 10.0
-
-
-class _LoopThread:
-    """An event loop of our own in a daemon thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="ray-alpcrun-pool", daemon=True
-        )
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the private loop and wait for it (from any other thread)."""
-        if threading.current_thread() is self.thread:
-            coro.close()
-            raise RuntimeError("RayPool.map called from inside the pool's own loop")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt in a notebook: stop waiting there too
-            raise
-
-    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await ``coro`` running on the private loop from another loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
 
 
 class RayPool:
@@ -109,7 +77,7 @@ class RayPool:
         self._handler = handler
         self._ray_init = dict(ray_init or {})
         self._pool: ActorPool | None = None
-        self._loop: _LoopThread | None = None
+        self._loop: LoopThread | None = None
         self._level = 0
         self._initial_shared = shared
         self._shared: SharedRef | None = None
@@ -129,12 +97,12 @@ class RayPool:
         if self._pool is not None:
             return self
         self._init_ray()
-        loop = _LoopThread()
+        loop = LoopThread("ray-alpcrun-pool", "RayPool")
         pool = ActorPool(self._handler, self.config)
         try:
             loop.run(pool.start())
         except BaseException:
-            loop.close()
+            loop.stop()
             raise
         self._loop, self._pool = loop, pool
         if self._initial_shared is not None:
@@ -237,7 +205,7 @@ class RayPool:
         try:
             loop.run(self._finish(pool))
         finally:
-            loop.close()
+            loop.stop()
 
     def __enter__(self) -> RayPool:
         return self.start()

@@ -11,7 +11,7 @@ import pytest
 from ray_alpcrun.client import TaskFailed, TaskResult
 from ray_alpcrun.client.batching import chunks, split_by_size
 from ray_alpcrun.client.results import Submission
-from ray_alpcrun.client.sync import LoopThread
+from ray_alpcrun.loop_thread import LoopThread
 
 
 def test_task_result_ok_and_value() -> None:
@@ -68,7 +68,7 @@ async def test_submission_window_blocks_sender_until_answers_arrive() -> None:
 
 
 def test_loop_thread_refuses_reentry_from_its_own_loop() -> None:
-    lt = LoopThread()
+    lt = LoopThread("test-loop", "the test")
     try:
 
         async def inner() -> None:

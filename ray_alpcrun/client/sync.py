@@ -11,12 +11,8 @@ Jupyter (where a loop is already running in the calling thread)::
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import queue
-import threading
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -28,6 +24,7 @@ from ray_alpcrun.client.session import (
     DEFAULT_SHARED_TTL_S,
     AsyncSession,
 )
+from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
 from ray_alpcrun.types import Batch, SessionAttributes
 from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
@@ -36,50 +33,6 @@ T = TypeVar("T")
 
 _DONE = object()
 GRPC_SETTLE_S = 0.05
-
-
-class LoopThread:
-    """An event loop running forever in a daemon thread; ``run`` blocks on a coroutine."""
-
-    def __init__(self, name: str = "alpcrun-client-loop") -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        if threading.get_ident() == self._thread.ident:
-            coro.close()
-            raise RuntimeError(
-                "the blocking Client was called from its own event loop; use AsyncClient there"
-            )
-        if self.loop.is_closed():
-            coro.close()
-            raise RuntimeError("the client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = self.submit(coro)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt: do not leave the coroutine running
-            raise
-
-    def stop(self) -> None:
-        if self.loop.is_closed():
-            return
-        # grpc completes the operations of cancelled calls a moment later, through
-        # this loop; stopping it at once makes grpc log "Event loop is closed".
-        settle = asyncio.run_coroutine_threadsafe(asyncio.sleep(GRPC_SETTLE_S), self.loop)
-        with contextlib.suppress(Exception):
-            settle.result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
 
 
 class Client:
@@ -102,7 +55,7 @@ class Client:
         rpc_timeout_s: float | None = 30.0,
         dead_letter_poll_s: float = 0.25,
     ) -> None:
-        self._loop = LoopThread()
+        self._loop = LoopThread("alpcrun-client-loop", "the blocking Client")
         try:
             self._async = AsyncClient(
                 queue,
@@ -117,7 +70,7 @@ class Client:
             )
             self._loop.run(self._async.connect())
         except BaseException:
-            self._loop.stop()
+            self._loop.stop(GRPC_SETTLE_S)
             raise
 
     def __enter__(self) -> Client:
@@ -148,7 +101,7 @@ class Client:
         try:
             self._loop.run(self._async.close())
         finally:
-            self._loop.stop()
+            self._loop.stop(GRPC_SETTLE_S)
 
     def create_session(
         self,
