@@ -1,0 +1,267 @@
+"""The systems the benchmark compares, started as separate processes, and their memory.
+
+* :class:`DevServer` — ``benchmarks/devserver_stats.py`` (local services + counters);
+* :func:`reference_workers` — ``n`` plain workers (``python -m ray_alpcrun.refworker``):
+  ``n = 1`` is the ``reference`` system, ``n = K`` the ``replicas`` system;
+* :func:`bridge` — ``python -m ray_alpcrun.bridge --actors K``, which starts its own
+  Ray: every process of that system (the CLI driver, GCS, raylet, dashboard and
+  agents, the bridge actor, the pool actors, idle workers) descends from it;
+* :class:`PssSampler` — peak total PSS of a set of process trees, from
+  ``/proc/<pid>/smaps_rollup`` (PSS divides shared pages among the processes mapping
+  them, so the sum counts each shared page once).
+
+Every worker process gets the same environment, with NumPy/BLAS pinned to one
+thread (:data:`WORKER_ENV`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+def worker_env(api_key: str) -> dict[str, str]:
+    """The environment of every worker-side process (all systems alike)."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), METALCORE_API_KEY=api_key, **WORKER_ENV)
+
+
+class DevServer:
+    """One local devserver process; :meth:`stats` asks it for ``LocalServices.stats()``."""
+
+    def __init__(self, api_key: str, max_message_bytes: int, log: IO[str]) -> None:
+        command = [sys.executable, str(ROOT / "benchmarks" / "devserver_stats.py")]
+        command += ["--api-key", api_key, "--max-message-bytes", str(max_message_bytes)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), METALCORE_LOG_LEVEL="warning")
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env
+        )
+        self._lock = threading.Lock()
+        line = self._readline()
+        if not line:
+            raise RuntimeError(f"devserver did not start (exit code {self.proc.wait()})")
+        addresses = json.loads(line)
+        self.queue: str = addresses["queue"]
+        self.central_cache: str = addresses["central_cache"]
+        self.node_cache: str = addresses["node_cache"]
+
+    def _readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            stats: dict[str, Any] = json.loads(self._readline())
+        return stats
+
+    def wait_workers(
+        self, n: int, check: Callable[[], None], timeout_s: float = READY_TIMEOUT_S
+    ) -> None:
+        """Block until ``n`` workers are registered; ``check()`` raises if they died."""
+        deadline = time.monotonic() + timeout_s
+        while self.stats()["workers"] < n:
+            check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} workers did not register within {timeout_s:g} s")
+            time.sleep(0.1)  # ok: polling another process's counter
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def devserver(api_key: str, max_message_bytes: int, log: IO[str]) -> Iterator[DevServer]:
+    server = DevServer(api_key, max_message_bytes, log)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@dataclass
+class Deployment:
+    """A running system: the root processes whose trees make it up."""
+
+    name: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def root_pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{self.name}: process {p.pid} exited with {p.returncode}")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (graceful), then SIGKILL for each process group we started."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for p in procs:
+        # Our own session: whatever the system left behind in it goes too.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+@contextmanager
+def reference_workers(
+    n: int, handler: str, dev: DevServer, api_key: str, max_message_bytes: int, log: IO[str]
+) -> Iterator[Deployment]:
+    """``n`` plain reference worker processes, registered when this yields."""
+    command = [sys.executable, "-m", "ray_alpcrun.refworker", "--handler", handler]
+    command += ["--queue", dev.queue, "--cache", dev.node_cache, "--log-level", "warning"]
+    command += ["--max-message-bytes", str(max_message_bytes)]
+    env = worker_env(api_key)
+    dep = Deployment("reference" if n == 1 else f"replicas-{n}")
+    try:
+        for i in range(n):
+            dep.procs.append(
+                subprocess.Popen(
+                    [*command, "--pod", f"bench-{i}"],
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+            )
+        dev.wait_workers(n, dep.check_alive)
+        yield dep
+    finally:
+        _stop(dep.procs)
+
+
+@contextmanager
+def bridge(
+    k: int, handler: str, dev: DevServer, api_key: str, max_message_bytes: int, log: IO[str]
+) -> Iterator[Deployment]:
+    """The bridge CLI with ``k`` actors (and ``k`` slots), its own Ray; registered when
+    this yields. Actors reserve ``min(1, cores / k)`` CPUs so that ``k`` fit."""
+    cpus = os.cpu_count() or 1
+    command = [sys.executable, "-m", "ray_alpcrun.bridge", "--handler", handler]
+    command += ["--queue", dev.queue, "--cache", dev.node_cache, "--log-level", "warning"]
+    command += ["--actors", str(k), "--cpus-per-actor", f"{min(1.0, cpus / k):g}"]
+    command += ["--max-message-bytes", str(max_message_bytes)]
+    env = worker_env(api_key)
+    dep = Deployment(f"bridge-{k}")
+    try:
+        dep.procs.append(
+            subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+        )
+        dev.wait_workers(k, dep.check_alive)
+        yield dep
+    finally:
+        _stop(dep.procs)
+
+
+# --- memory -----------------------------------------------------------------
+
+
+def process_tree(roots: list[int]) -> list[int]:
+    """``roots`` and all their descendants now (from ``/proc/*/stat``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of one process in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def total_pss_mb(roots: list[int]) -> float:
+    return sum(pss_kb(pid) for pid in process_tree(roots)) / 1024.0
+
+
+class PssSampler:
+    """Samples the total PSS of some process trees in a thread; ``peak_mb`` since ``reset``."""
+
+    def __init__(self, roots: Callable[[], list[int]], interval_s: float = 0.5) -> None:
+        self._roots = roots
+        self.interval_s = interval_s
+        """Seconds between samples; may be changed while sampling."""
+        self._peak_mb = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pss-sampler", daemon=True)
+
+    def sample(self) -> float:
+        value = total_pss_mb(self._roots())
+        with self._lock:
+            self._peak_mb = max(self._peak_mb, value)
+        return value
+
+    def reset(self) -> None:
+        with self._lock:
+            self._peak_mb = 0.0
+        self.sample()
+
+    @property
+    def peak_mb(self) -> float:
+        self.sample()
+        with self._lock:
+            return self._peak_mb
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> PssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
