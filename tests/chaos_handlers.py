@@ -7,8 +7,11 @@
 * ``exit:PATH`` -> the first time (no file at PATH) creates PATH and kills its
   own process with ``os._exit``; afterwards returns like ``ok``
 * ``segv:PATH`` -> the same, but crashes with a segmentation fault (ctypes)
-* ``hang:PATH`` -> the first time creates PATH and sleeps for an hour; afterwards ok
+* ``hang:X``    -> sleeps for an hour, every time (only the task timeout answers it:
+  a timed-out sub-batch is re-run one task per call, so a hang that happened only
+  once would then succeed)
 * ``big:N``     -> returns N bytes
+* ``nap:MS``    -> sleeps MS milliseconds, returns ``b"ok:MS"``
 * ``poison:X``  -> kills its process every time (only a per-task error can answer it)
 
 Anything else (e.g. random bytes) raises ``ValueError("garbage payload ...")``.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 
-COMMANDS = ("ok", "raise", "exit", "segv", "hang", "big", "poison")
+COMMANDS = ("ok", "raise", "exit", "segv", "hang", "big", "poison", "nap")
 
 
 def _first_time(path: str) -> bool:
@@ -54,8 +57,10 @@ def chaos(payload: bytes, shared: bytes | None) -> bytes:
         os._exit(1)
     if name == "segv" and _first_time(text):
         _segfault()
-    if name == "hang" and _first_time(text):
+    if name == "hang":
         time.sleep(3600)  # ok: a hung handler, ended by the task timeout
+    if name == "nap":
+        time.sleep(int(text) / 1000)  # ok: simulated work
     if name == "big":
         return b"b" * int(text)
     return b"ok:" + arg
