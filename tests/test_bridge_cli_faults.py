@@ -44,8 +44,9 @@ def ray_address(ray_session: Any) -> str | None:
 
 
 def services(**kw: Any) -> LocalServices:
-    ports = {"queue_port": 0, "central_cache_port": 0, "node_cache_port": 0}
-    return LocalServices(DevServerConfig(**ports, **kw))
+    return LocalServices(
+        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0, **kw)
+    )
 
 
 class Bridge:

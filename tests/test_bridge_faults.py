@@ -35,8 +35,9 @@ CHAOS = "tests.chaos_handlers:chaos"
 
 
 def services(**kw: Any) -> LocalServices:
-    ports = {"queue_port": 0, "central_cache_port": 0, "node_cache_port": 0}
-    return LocalServices(DevServerConfig(**ports, **kw))
+    return LocalServices(
+        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0, **kw)
+    )
 
 
 @pytest.fixture
@@ -124,7 +125,12 @@ def test_node_cache_outage_is_retried_then_dead_lettered_clearly(start: Any) -> 
             session.set_shared_data(b"ONE", level=1)
             # A short outage: back up as soon as the bridge has been refused once.
             proxy.down()
-            healer = threading.Thread(target=lambda: proxy.refused_event.wait(60) and proxy.up())
+
+            def heal() -> None:
+                proxy.refused_event.wait(60)
+                proxy.up()
+
+            healer = threading.Thread(target=heal)
             healer.start()
             short = session.run([b"a", b"b"], batch_size=2, shared_level=1, timeout_s=60)
             healer.join()
