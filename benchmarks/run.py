@@ -66,10 +66,13 @@ MAX_MESSAGE_BYTES = 512 << 20  # the 256 MB shared data must fit in one gRPC mes
 # Tasks per throughput measurement, by workload and batch size.
 TASKS = {
     "noop": {1: 1000, 10: 5000, 100: 40000, 1000: 100000},
-    "cpu": {1: 100, 10: 300, 100: 1000, 1000: 2000},
+    # cpu: at least 2 windows (10 batches) per worker at K=2, else the first worker's
+    # window takes every batch and a plain replica set looks no faster than one worker.
+    "cpu": {1: 100, 10: 400, 100: 2000, 1000: 2000},
     "shared": {1: 800, 10: 4000, 100: 10000, 1000: 20000},
 }
 BATCH_SIZES = (1, 10, 100, 1000)
+WINDOW = 10  # the queue manager's default batches in flight per worker
 SAMPLE_S = 0.5  # PSS sampling while measuring throughput and latency
 FAST_SAMPLE_S = 0.05  # ... and while a row sets up (shared data fetched, warm-up)
 
@@ -225,6 +228,10 @@ async def measure_row(
             await session.set_shared_data(shared, ttl_s=None)
         # Warm-up: every worker bound and busy once, shared data fetched, code paths hot.
         warm = min(n // 2, max(2 * case.workers * batch_size, n // 10))
+        if shared is not None:
+            # A worker takes up to a window (10) of batches at once: enough batches
+            # that every worker gets one, so each has fetched before measuring.
+            warm = WINDOW * case.workers * batch_size
         warm_payloads = payloads(case.workload, max(warm, batch_size), start=n)
         check_results(
             case.workload, warm_payloads, await session.run(warm_payloads, batch_size=batch_size)
