@@ -83,11 +83,28 @@ class TlsFiles:
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Client channel options. Keepalive pings only while calls are open, and no
+    more often than gRPC servers accept by default (5 minutes): more frequent
+    pings earn a GOAWAY "too_many_pings" that breaks every stream."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", 300_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Server options: message limits, and tolerance for clients that ping every
+    10 s or more (long-lived worker streams behind NATs and load balancers)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -13,6 +13,7 @@ written to ``benchmarks/out/chaos-figures.json``. ``CHAOS_SEED`` picks the seed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -141,8 +142,13 @@ async def inject(
         if rng.random() >= 0.5:
             status = await handle.status()
             pids = [a["pid"] for a in status["actors"]["actors"] if "pid" in a]
+        killed = False
         if pids:
-            os.kill(rng.choice(pids), signal.SIGKILL)
+            # The actor may have died on its own since the status was read.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                killed = True
+        if killed:
             injected["actor killed"] += 1
         else:  # a cut was drawn, or no actor is up right now (all restarting)
             proxy.cut()

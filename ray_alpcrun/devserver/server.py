@@ -40,9 +40,9 @@ from ray_alpcrun.devserver.queue import QueueServicer
 from ray_alpcrun.transport import (
     Stub,
     TlsFiles,
-    channel_options,
     make_metadata,
     open_channel,
+    server_options,
     service_handler,
 )
 
@@ -141,7 +141,7 @@ class LocalServices:
     # --- async life cycle --------------------------------------------------
 
     def _server(self) -> grpc.aio.Server:
-        options = [*channel_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)]
+        options = [*server_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)]
         return grpc.aio.server(interceptors=[ApiKeyInterceptor(self.api_key)], options=options)
 
     def _listen(self, server: grpc.aio.Server, which: str) -> None:
