@@ -301,11 +301,14 @@ class Dispatcher(Generic[A]):
                 if not member.killed:
                     deaths += 1
                 self._replace(member, str(exc))
+                # Deaths count against a task only while it runs alone: a sub-batch
+                # that keeps dying is split into single-task calls first, so a
+                # neighbour of a crashing task is never failed for its crashes.
+                if n > 1 and (deaths >= _ISOLATE_AFTER_DEATHS or deaths > self._max_retries):
+                    await self._isolate(part, out)
+                    return
                 if deaths > self._max_retries:
                     self._fill(out, part, f"actor died {deaths} times: {exc}")
-                    return
-                if deaths >= _ISOLATE_AFTER_DEATHS and n > 1:
-                    await self._isolate(part, out, deaths)
                     return
                 member, reserved = None, False
                 continue
@@ -319,7 +322,7 @@ class Dispatcher(Generic[A]):
                 if n == 1:
                     out[part.offset] = (None, f"task timed out after {self._timeout_s:g} s")
                 else:
-                    await self._isolate(part, out, deaths)
+                    await self._isolate(part, out)
                 return
             finally:
                 if claimed is not None:
@@ -331,7 +334,7 @@ class Dispatcher(Generic[A]):
                 out[part.offset : part.offset + n] = result
             return
 
-    async def _isolate(self, part: _Part, out: list[Outcome | None], deaths: int) -> None:
+    async def _isolate(self, part: _Part, out: list[Outcome | None]) -> None:
         """Re-run a sub-batch one task per call, so a hung or crashing task fails alone.
 
         At most one of these calls runs on an actor at a time: when the culprit
@@ -347,7 +350,7 @@ class Dispatcher(Generic[A]):
                 single = _Part(
                     part.session_id, [part.payloads[i]], part.shared, part.tags, part.offset + i
                 )
-                await self._run_part(None, single, out, deaths=deaths, claimed=claimed)
+                await self._run_part(None, single, out, claimed=claimed)
 
         lanes = [lane() for _ in range(min(len(todo), self._num_actors))]
         done = await asyncio.gather(*lanes, return_exceptions=True)

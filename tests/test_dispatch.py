@@ -201,15 +201,34 @@ async def test_a_task_that_always_kills_its_actor_fails_alone() -> None:
         else:
             assert outcome == (p.upper(), None)
     assert set(backend.answered.values()) == {1}
-    assert d.restarts == 3
+    # Two deaths of the sub-batch, then three of the culprit alone: only deaths
+    # while a task runs alone count against it.
+    assert d.restarts == 5
     # Isolated tasks never queue behind each other: a crash takes only its own task.
     assert backend.singles_peak == 1
 
 
-async def test_no_retries_means_the_sub_batch_fails() -> None:
+async def test_without_retries_only_the_culprit_fails() -> None:
     d = await started(FakeBackend(), num_actors=1, max_call_retries=0)
     out = await d.run("s", [b"a", b"die"])
-    assert all(r is None and e and "actor died 1 times" in e for r, e in out)
+    assert out[0] == (b"A", None)
+    assert out[1][0] is None and out[1][1] and "actor died 1 times" in out[1][1]
+
+
+async def test_neighbours_of_repeated_crashes_never_fail() -> None:
+    # Many crashing tasks spread over concurrent batches: every other task still
+    # gets its result, however often its sub-batch shared an actor with a crash.
+    backend = FakeBackend()
+    d = await started(backend, num_actors=2, max_call_retries=1)
+    batches = [[*payloads(4, f"b{j}-"), b"die", *payloads(3, f"c{j}-")] for j in range(4)]
+    outs = await asyncio.gather(*(d.run("s", b) for b in batches))
+    for batch, out in zip(batches, outs, strict=True):
+        for p, (result, error) in zip(batch, out, strict=True):
+            if p == b"die":
+                assert result is None and error and error.startswith("actor died 2 times")
+            else:
+                assert (result, error) == (p.upper(), None)
+    assert set(backend.answered.values()) == {1}
 
 
 async def test_hung_task_times_out_and_the_others_succeed() -> None:
