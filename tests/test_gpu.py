@@ -223,20 +223,26 @@ ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, configure_logging=Fals
          object_store_memory=80 * 1024 * 1024)
 
 @ray.remote
-def probe():
-    sys.path.insert(0, {tests!r})
-    from fake_gpu import FakeCupy, FakeNvml, machine
-    from ray_alpcrun.gpu import setup_device
-    visible = [int(i) for i in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
-    gpus = machine()
-    device = setup_device(cupy_module=FakeCupy(gpus, visible), nvml=FakeNvml(gpus))
-    status = device.status()
-    return {{"visible": visible, "nvml_index": device.nvml_index, "uuid": status["uuid"],
-             "limit": status["pool_limit_bytes"], "ray_ids": status["ray_gpu_ids"]}}
+class Probe:
+    def run(self):
+        sys.path.insert(0, {tests!r})
+        from fake_gpu import FakeCupy, FakeNvml, machine
+        from ray_alpcrun.gpu import setup_device
+        visible = [int(i) for i in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
+        gpus = machine()
+        device = setup_device(cupy_module=FakeCupy(gpus, visible), nvml=FakeNvml(gpus))
+        status = device.status()
+        return {{"visible": visible, "nvml_index": device.nvml_index, "uuid": status["uuid"],
+                 "limit": status["pool_limit_bytes"], "ray_ids": status["ray_gpu_ids"]}}
 
-whole = [probe.options(num_gpus=1).remote() for _ in range(2)]
-half = probe.options(num_gpus=0.5).remote()
-print(json.dumps({{"whole": ray.get(whole), "half": ray.get(half)}}))
+# Actors hold their GPU while alive: two at once must get two different GPUs
+# (two tasks could run one after the other on the same GPU).
+holders = [Probe.options(num_gpus=1).remote() for _ in range(2)]
+whole = ray.get([h.run.remote() for h in holders])
+for h in holders:
+    ray.kill(h)
+half = ray.get(Probe.options(num_gpus=0.5).remote().run.remote())
+print(json.dumps({{"whole": whole, "half": half}}))
 ray.shutdown()
 """
 
