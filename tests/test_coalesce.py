@@ -32,7 +32,7 @@ class FakeActor:
 
 async def settle() -> None:
     for _ in range(5):
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # ok: yields to let queued callbacks run; waits for nothing
 
 
 async def test_parts_queued_behind_outstanding_calls_are_merged() -> None:
