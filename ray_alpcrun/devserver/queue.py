@@ -115,7 +115,9 @@ class QueueServicer:
             raise
         finally:
             await _stop(reader)
-            self.core.close_client(conn, client_gone)
+            # The reader may see the client's cancellation first (as an error on
+            # the request stream); the context still tells that the client left.
+            self.core.close_client(conn, client_gone or context.cancelled())
 
     async def WorkerUpdate(
         self, requests: AsyncIterator[WorkerState], context: Context
