@@ -67,8 +67,11 @@ class PoolActor:
         max_sessions: int,
         use_gpu: bool = False,
         gpu_memory_limit_bytes: int | None = None,
+        memory_limit_bytes: int | None = None,
         sys_path: Sequence[str] = (),
     ) -> None:
+        if memory_limit_bytes is not None:
+            _limit_private_memory(memory_limit_bytes)
         for entry in sys_path:
             if entry not in sys.path:
                 sys.path.append(entry)
@@ -194,6 +197,18 @@ class PoolActor:
             "node_id": node_id,
             "device": device,
         }
+
+
+def _limit_private_memory(limit_bytes: int) -> None:
+    """Cap this process's private data (heap and private mappings; RLIMIT_DATA,
+    Linux >= 4.7). Shared mappings such as Ray's object store do not count, so
+    zero-copy shared data is unaffected."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit_bytes = min(limit_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, hard))
 
 
 def _setup_device(use_gpu: bool, memory_limit_bytes: int | None) -> Any:

@@ -133,6 +133,9 @@ class PoolConfig:
     min_chunk: int = 16
     min_chunk_work_s: float = 0.005
     gpu_memory_limit_bytes: int | None = None
+    # Cap on each actor's private memory (RLIMIT_DATA): a leaking handler then
+    # gets MemoryError (its task fails) instead of growing until the node is full.
+    memory_limit_bytes: int | None = None
     actor_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -152,6 +155,8 @@ class PoolConfig:
             raise ConfigError("min_chunk_work_s must not be negative")
         if self.gpu_memory_limit_bytes is not None and self.gpu_memory_limit_bytes <= 0:
             raise ConfigError("gpu_memory_limit_bytes must be positive")
+        if self.memory_limit_bytes is not None and self.memory_limit_bytes < 256 * 1024 * 1024:
+            raise ConfigError("memory_limit_bytes must be at least 256 MiB (a Ray worker needs it)")
 
 
 @dataclass(frozen=True, slots=True)

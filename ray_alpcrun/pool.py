@@ -69,6 +69,7 @@ class _RayBackend:
             max_sessions=cfg.max_sessions_per_actor,
             use_gpu=cfg.gpus_per_actor > 0,
             gpu_memory_limit_bytes=cfg.gpu_memory_limit_bytes,
+            memory_limit_bytes=cfg.memory_limit_bytes,
             sys_path=self._sys_path,
         )
         self.handles[id(actor)] = actor

@@ -64,3 +64,12 @@ def chaos(payload: bytes, shared: bytes | None) -> bytes:
     if name == "big":
         return b"b" * int(text)
     return b"ok:" + arg
+
+
+def hog(payload: bytes, shared: bytes | None) -> bytes:
+    """``hog:MB`` allocates MB megabytes (a leak in one task); anything else echoes."""
+    command, _, arg = bytes(payload).partition(b":")
+    if command == b"hog":
+        block = bytearray(int(arg) * 1024 * 1024)
+        return bytes(len(block).to_bytes(8, "little"))
+    return bytes(payload)

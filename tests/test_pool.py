@@ -216,3 +216,14 @@ async def test_a_crashing_handler_fails_only_its_own_task() -> None:
                 assert (result, error) == (p, None)
         # Two deaths of the sub-batch, then three of the culprit running alone.
         assert pool.restarts == 5
+
+
+async def test_a_memory_hog_fails_only_its_own_task_under_the_actor_memory_cap() -> None:
+    config = small(memory_limit_bytes=1 << 30)
+    async with ActorPool("tests.chaos_handlers:hog", config) as pool:
+        batch = [b"a", b"hog:4096", b"b"]
+        out = await pool.run("s", batch)
+        assert out[0] == (b"a", None) and out[2] == (b"b", None)
+        assert out[1][0] is None and out[1][1] is not None and "MemoryError" in out[1][1]
+        assert pool.restarts == 0  # contained in the task: the actor lives on
+        assert await pool.run("s", [b"c"]) == [(b"c", None)]

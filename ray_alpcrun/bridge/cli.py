@@ -57,6 +57,7 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
     a("--drain-timeout", type=float, default=30.0, help="seconds to finish batches on stop")
     a("--max-sessions-per-actor", type=int, default=32, help="sessions kept per actor")
     a("--gpu-memory-limit", type=int, default=None, help="CuPy pool cap per actor, bytes")
+    a("--actor-memory-limit", type=int, default=None, help="private memory cap per actor, bytes")
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     a("--health-host", default="0.0.0.0", help="address the health endpoint listens on")
@@ -77,6 +78,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
             max_sessions_per_actor=args.max_sessions_per_actor,
             task_timeout_s=args.task_timeout,
             gpu_memory_limit_bytes=args.gpu_memory_limit,
+            memory_limit_bytes=args.actor_memory_limit,
         )
         if actors
         else None
