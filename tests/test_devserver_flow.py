@@ -427,3 +427,40 @@ async def test_batch_timeout_fails_a_stalled_worker(clock: FakeClock) -> None:
             assert svc.stats()["redeliveries"] == 2
         finally:
             await channel.close(None)
+
+
+async def test_equal_sessions_share_the_workers(
+    svc: LocalServices, channel: grpc.aio.Channel
+) -> None:
+    first = await create_session(svc, channel)
+    second = await create_session(svc, channel)
+    gate = asyncio.Event()
+
+    async def slow_first(batch: Batch) -> Batch:
+        if batch.session_id == first.id:
+            await gate.wait()
+        return await echo(batch)
+
+    async with (
+        RawWorker(svc, pod="a", answer=slow_first) as wa,
+        RawWorker(svc, pod="b", answer=slow_first) as wb,
+        RawClient(svc) as client,
+    ):
+        for b in tasks(first.id, 40):
+            client.send(b)
+        await wait_for(lambda: wa.got_batch.is_set() and wb.got_batch.is_set())
+        # Both workers serve the first session; the second arrives with work and
+        # no worker: one worker is rebalanced to it while the first still has work.
+        for b in tasks(second.id, 5):
+            client.send(b)
+        await wait_for(lambda: svc.stats()["unbinds"] == 1)
+        gate.set()  # the rebalanced worker answers what it holds, then moves
+        results = await client.read(45)
+        assert len(results) == 45
+        assert Counter(m.related_id for m in results) == Counter(
+            {f"t{i}": 2 for i in range(5)} | {f"t{i}": 1 for i in range(5, 40)}
+        )
+    served = {
+        i.session_id for w in (wa, wb) for i in w.instructions if i.type == InstructionType.BIND
+    }
+    assert served == {first.id, second.id}

@@ -228,6 +228,8 @@ class WorkerBinding:
                 wanting.remove(s)
         if not wanting:
             return
+        if not self._preempting:
+            self._rebalance(wanting)
         donors = [s for s in self.sessions.values() if s.attributes.preemptible and s.bound]
         for s in sorted(wanting, key=lambda x: -x.priority):
             if not donors:
@@ -240,6 +242,19 @@ class WorkerBinding:
                 self._preempting += 1
                 self.unbind(w, f"preempted by session {s.id} (priority {s.priority})")
             donors = [d for d in donors if d.bound]
+
+    def _rebalance(self, wanting: list[SessionState]) -> None:
+        """Fair share among equal priorities: one worker at a time moves from the
+        best-served session to one that has work and no worker (see ``scheduler``)."""
+        for s in sorted(wanting, key=lambda x: -x.priority):
+            donor = scheduler.rebalance_donor(s, self.sessions.values())
+            if donor is None:
+                continue
+            w = next(reversed(list(donor.bound.values())))  # newest binding first
+            w.preempted = True
+            self._preempting += 1
+            self.unbind(w, f"rebalanced to session {s.id} (fair share)")
+            return
 
     def expire_stalled(self, now: float, timeout_s: float) -> None:
         """Fail worker streams whose oldest batch in flight is older than ``timeout_s``."""

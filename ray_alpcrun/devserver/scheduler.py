@@ -15,6 +15,10 @@ Rules:
   workers of *preemptible* sessions with a lower priority are unbound (lowest
   priority first, from the session with most workers), no more than the
   demand not already covered by workers being preempted.
+* Rebalancing (fair share): a session with work but no worker at all takes one
+  worker from a session of the same priority that holds at least two more
+  workers than it does, so equal sessions share the workers instead of the
+  first one keeping them all until it runs dry.
 """
 
 from __future__ import annotations
@@ -64,3 +68,12 @@ def preemption_victims(
             if len(victims) == count:
                 return victims
     return victims
+
+
+def rebalance_donor(needy: SessionState, sessions: Iterable[SessionState]) -> SessionState | None:
+    """The equal-priority session that should give ``needy`` (which has work and
+    no worker) one of its workers: the one holding the most, if it holds two or more."""
+    if needy.bound:
+        return None
+    donors = [s for s in sessions if s.priority == needy.priority and len(s.bound) >= 2]
+    return max(donors, key=lambda s: len(s.bound), default=None)
