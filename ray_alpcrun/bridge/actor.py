@@ -14,7 +14,12 @@ import os
 from typing import Any
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, BridgeStats, render_prometheus
+from ray_alpcrun.bridge.stats import (
+    LATENCY_BUCKETS_S,
+    BridgeStats,
+    render_prometheus,
+    stat_counters,
+)
 from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
@@ -176,7 +181,7 @@ class Bridge:
         self,
     ) -> tuple[dict[str, float], dict[str, float], list[tuple[str, float]]]:
         w = self.worker
-        shared = w.link.shared if w is not None and hasattr(w, "link") else None
+        shared = w.link.shared if w is not None else None
         counters = {
             "alpcrun_shared_data_fetches_total": float(shared.fetches if shared else 0),
             "alpcrun_shared_data_bytes_total": float(shared.fetched_bytes if shared else 0),
@@ -225,7 +230,7 @@ class Bridge:
                 batches_dead=s.batches_dead,
                 batches_in_flight=s.batches_in_flight,
                 results_dropped=s.results_dropped,
-                shared_fetches=w.link.shared.fetches if hasattr(w, "link") else 0,
+                shared_fetches=w.link.shared.fetches,
                 reconnects=w.reconnects,
             )
         if self.pool is not None:
@@ -261,14 +266,7 @@ async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
             extra_counters, extra_gauges, gpu = await bridge._metric_values()
             for actor, used in gpu:
                 gpu_memory.set(used, tags={"actor": actor})
-            totals = {
-                "alpcrun_tasks_processed_total": float(s.tasks_ok),
-                "alpcrun_tasks_failed_total": float(s.tasks_failed),
-                "alpcrun_batches_total": float(s.batches_done),
-                "alpcrun_batches_dead_total": float(s.batches_dead),
-                "alpcrun_results_dropped_total": float(s.results_dropped),
-                **extra_counters,
-            }
+            totals = {**stat_counters(s), **extra_counters}
             for name, value in totals.items():
                 if name not in counters:
                     counters[name] = metrics.Counter(name, description=name.replace("_", " "))

@@ -78,6 +78,26 @@ class BridgeStats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
+_HELP = {
+    "alpcrun_tasks_processed_total": "tasks answered with a result",
+    "alpcrun_tasks_failed_total": "tasks answered with an error",
+    "alpcrun_batches_total": "batches answered",
+    "alpcrun_batches_dead_total": "batches answered dead",
+    "alpcrun_results_dropped_total": "results not sendable",
+}
+
+
+def stat_counters(stats: BridgeStats) -> dict[str, float]:
+    """The counters kept in ``stats``, by metric name (one list for every exporter)."""
+    return {
+        "alpcrun_tasks_processed_total": float(stats.tasks_ok),
+        "alpcrun_tasks_failed_total": float(stats.tasks_failed),
+        "alpcrun_batches_total": float(stats.batches_done),
+        "alpcrun_batches_dead_total": float(stats.batches_dead),
+        "alpcrun_results_dropped_total": float(stats.results_dropped),
+    }
+
+
 def render_prometheus(
     stats: BridgeStats, gauges: Mapping[str, float], counters: Mapping[str, float],
     gpu_memory: Iterable[tuple[str, float]] = (),
@@ -90,18 +110,9 @@ def render_prometheus(
         lines.append(f"# TYPE {name} {kind}")
         lines.append(f"{name} {value:g}")
 
-    metric(
-        "alpcrun_tasks_processed_total", "counter", stats.tasks_ok, "tasks answered with a result"
-    )
-    metric(
-        "alpcrun_tasks_failed_total", "counter", stats.tasks_failed, "tasks answered with an error"
-    )
-    metric("alpcrun_batches_total", "counter", stats.batches_done, "batches answered")
-    metric("alpcrun_batches_dead_total", "counter", stats.batches_dead, "batches answered dead")
+    for name, value in stat_counters(stats).items():
+        metric(name, "counter", value, _HELP.get(name, name.replace("_", " ")))
     metric("alpcrun_batches_in_flight", "gauge", stats.batches_in_flight, "batches in progress")
-    metric(
-        "alpcrun_results_dropped_total", "counter", stats.results_dropped, "results not sendable"
-    )
     for name, value in counters.items():
         metric(name, "counter", value, name.replace("_", " "))
     for name, value in gauges.items():
