@@ -17,6 +17,7 @@ from tests.devserver_kit import (
     RawClient,
     RawWorker,
     create_session,
+    echo,
     free_config,
     md,
     queue_stub,
@@ -209,12 +210,20 @@ async def test_idle_session_is_reaped_and_unbinds(
 async def test_cleanup_on_client_exit(svc: LocalServices, channel: grpc.aio.Channel) -> None:
     stub = queue_stub(svc, channel)
     s = await create_session(svc, channel, cleanup_on_client_exit=True)
-    async with RawWorker(svc), RawClient(svc) as client:
-        for b in tasks(s.id, 3):
+
+    async def hold_last(batch: Batch) -> Batch | None:
+        # One task stays unanswered, so the session is not drained when the client
+        # leaves: its departure cannot be mistaken for the normal end of a drained
+        # stream (a cancelling client may half-close first, which is such an end).
+        return None if batch.messages[0].id == "t3" else await echo(batch)
+
+    async with RawWorker(svc, answer=hold_last), RawClient(svc) as client:
+        for b in tasks(s.id, 4):
             client.send(b)
         assert len(await client.read(3)) == 3
     await wait_for(lambda: s.id not in svc.core.sessions)
-    await svc.ajoin(s.id, timeout_s=5)
+    with pytest.raises(SessionClosed, match="1 unanswered"):  # the held task was dropped
+        await svc.ajoin(s.id, timeout_s=5)
     await expect_code(
         grpc.StatusCode.NOT_FOUND, stub.UpdateSession(Session(id=s.id), metadata=md(svc))
     )
