@@ -97,6 +97,13 @@ class SessionStream:
                 if batch is grpc.aio.EOF:  # type: ignore[attr-defined]
                     log.info("session stream ended by the queue manager", extra=self._f())
                     break
+                if not isinstance(batch, Batch):
+                    # grpc hands over None for a frame its deserializer rejected. Its id
+                    # is unknown, so it cannot be answered: count it, keep the stream;
+                    # the queue manager's own timeout re-delivers or dead-letters it.
+                    self.link.stats.batches_undecodable += 1
+                    log.error("undecodable task batch skipped", extra=self._f())
+                    continue
                 task = asyncio.create_task(self._handle(batch))
                 self._batches.add(task)
                 self._idle.clear()
@@ -107,8 +114,6 @@ class SessionStream:
                     "session stream broke",
                     extra=self._f(code=exc.code().name, details=exc.details()),
                 )
-        except errors.ProtocolError as exc:
-            log.error("malformed frame on session stream", extra=self._f(error=str(exc)))
         finally:
             self.closed.set()
 
@@ -184,11 +189,18 @@ class SessionStream:
         the queue manager re-delivers it).
         """
         self.draining = True
-        finished = True
+        idle = asyncio.ensure_future(self._idle.wait())
+        closed = asyncio.ensure_future(self.closed.wait())
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            finished = False
+            # A stream that ended meanwhile cannot carry results: stop waiting for them.
+            await asyncio.wait(
+                {idle, closed}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            idle.cancel()
+            closed.cancel()
+        finished = self._idle.is_set()
+        if not finished and not self.closed.is_set():
             log.warning("drain deadline passed", extra=self._f(in_flight=self.in_flight))
         if self._call is not None and not self.closed.is_set():
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):

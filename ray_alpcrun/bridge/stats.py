@@ -11,6 +11,7 @@ Metric names and labels (also exported through Ray's metrics, see ``actor.py``):
 | ``alpcrun_batches_in_flight`` | gauge | batches being processed now |
 | ``alpcrun_batch_latency_seconds`` | histogram | receive-to-answer time per batch |
 | ``alpcrun_results_dropped_total`` | counter | results whose stream was gone (re-delivered) |
+| ``alpcrun_batches_undecodable_total`` | counter | task batches not decodable (unanswered) |
 | ``alpcrun_shared_data_fetches_total`` | counter | GetSharedData calls to the node cache |
 | ``alpcrun_shared_data_bytes_total`` | counter | bytes of shared data fetched |
 | ``alpcrun_actor_restarts_total`` | counter | pool actors replaced after dying or hanging |
@@ -75,6 +76,7 @@ class BridgeStats:
     batches_dead: int = 0
     batches_in_flight: int = 0
     results_dropped: int = 0
+    batches_undecodable: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
@@ -84,6 +86,7 @@ _HELP = {
     "alpcrun_batches_total": "batches answered",
     "alpcrun_batches_dead_total": "batches answered dead",
     "alpcrun_results_dropped_total": "results not sendable",
+    "alpcrun_batches_undecodable_total": "task batches that could not be decoded",
 }
 
 
@@ -95,6 +98,7 @@ def stat_counters(stats: BridgeStats) -> dict[str, float]:
         "alpcrun_batches_total": float(stats.batches_done),
         "alpcrun_batches_dead_total": float(stats.batches_dead),
         "alpcrun_results_dropped_total": float(stats.results_dropped),
+        "alpcrun_batches_undecodable_total": float(stats.batches_undecodable),
     }
 
 

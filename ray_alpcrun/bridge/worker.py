@@ -24,10 +24,10 @@ from ray_alpcrun.bridge.session import Link, Processor, SessionStream
 from ray_alpcrun.bridge.shared import SharedDataCache
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
+from ray_alpcrun.slot import SlotMachine
 from ray_alpcrun.transport import MD_NODE, MD_POD, MD_WORKER_ID
 from ray_alpcrun.types import (
-    InstructionType,
-    Session,
+    Instruction,
     SharedData,
     WorkerState,
     WorkerStatus,
@@ -91,7 +91,8 @@ def fatal_for(
 
 
 class Slot:
-    """One logical worker: one registration, at most one bound session."""
+    """One logical worker: one registration whose instructions a
+    :class:`~ray_alpcrun.slot.SlotMachine` applies in order."""
 
     def __init__(self, worker: BridgeWorker, index: int) -> None:
         self.worker = worker
@@ -100,12 +101,17 @@ class Slot:
         # Distinct pods let a queue manager that matches streams by node+pod tell slots apart.
         self.pod = pod if worker.settings.slots == 1 else f"{pod}-s{index}"
         self.worker_id = ""
-        self.session: SessionStream | None = None
+        self.machine: SlotMachine | None = None
         self._call: Any = None
         self._lock = asyncio.Lock()
-        self._unbinding: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
+        self.skipped_instructions = 0
+        self.registrations = 0
+
+    @property
+    def session(self) -> SessionStream | None:
+        current = None if self.machine is None else self.machine.current
+        return current if isinstance(current, SessionStream) else None
 
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
         if self._call is None:
@@ -114,11 +120,19 @@ class Slot:
             async with self._lock:
                 await self._call.write(WorkerState(self.worker_id, status, session_id))
 
+    def _open_stream(self, session_id: str) -> SessionStream:
+        stream = SessionStream(self.worker.link, session_id, self.worker_id, self.pod)
+        self.worker.hold(session_id, self)
+        stream.start()
+        return stream
+
     async def serve(self) -> None:
         """One registration, until the update stream ends (raises on failure)."""
         w = self.worker
         metadata = (*w.base_metadata, (MD_POD, self.pod))
         self._call = call = w.queue.WorkerUpdate(metadata=metadata)
+        machine: SlotMachine | None = None
+        runner: asyncio.Task[None] | None = None
         try:
             header = dict(await call.initial_metadata() or ())
             self.worker_id = str(header.get(MD_WORKER_ID, ""))
@@ -127,8 +141,17 @@ class Slot:
                 raise errors.ProtocolError(
                     f"queue manager sent no '{MD_WORKER_ID}' header (first frame: {first!r})"
                 )
+            self.machine = machine = SlotMachine(
+                self._open_stream,
+                self._report,
+                lambda sid: w.release(sid, self),
+                drain_timeout_s=w.settings.drain_timeout_s,
+                name=self.worker_id,
+            )
+            runner = asyncio.create_task(machine.run(), name=f"slot-{self.index}")
             await self._report(WorkerStatus.IDLE)
             self.registered.set()
+            self.registrations += 1
             log.info(
                 "registered", extra=fields(worker=self.worker_id, slot=self.index, pod=self.pod)
             )
@@ -137,81 +160,27 @@ class Slot:
                 if instruction is grpc.aio.EOF:  # type: ignore[attr-defined]
                     log.info("update stream ended", extra=fields(worker=self.worker_id))
                     return
-                if instruction.type == InstructionType.BIND:
-                    await self._bind(instruction.session_id)
-                elif instruction.type == InstructionType.UNBIND:
-                    self._start_unbind(instruction.session_id)
+                if not isinstance(instruction, Instruction):
+                    # grpc hands over None when the frame could not be decoded.
+                    self.skipped_instructions += 1
+                    log.warning("undecodable instruction skipped", extra=fields(slot=self.index))
+                    continue
+                machine.instruct(instruction)
         finally:
             self.registered.clear()
-            for task in (self._unbinding, self._watcher):
-                if task is not None:
-                    task.cancel()
-            if self.session is not None:
+            if runner is not None:
+                runner.cancel()
+                await asyncio.gather(runner, return_exceptions=True)
+            if machine is not None:
                 # The registration is gone: the queue manager re-queues what is in flight.
-                await self.session.abort()
-                w.release(self.session.session_id, self)
-                self.session = None
+                await machine.close()
             call.cancel()
             self._call = None
 
-    async def _bind(self, session_id: str) -> None:
-        current = self.session
-        if current is not None and current.session_id == session_id and not current.closed.is_set():
-            return
-        if self._unbinding is not None:
-            await asyncio.shield(self._unbinding)
-        if self.session is not None:
-            await self._unbind(self.session.session_id)
-        log.info("BIND", extra=fields(worker=self.worker_id, session=session_id))
-        self.session = SessionStream(self.worker.link, session_id, self.worker_id, self.pod)
-        self.worker.hold(session_id, self)
-        self.session.start()
-        self._watcher = asyncio.create_task(self._watch(self.session))
-        await self._report(WorkerStatus.BUSY, session_id)
-
-    async def _watch(self, session: SessionStream) -> None:
-        """Free the slot when the queue manager ends or breaks the stream without UNBIND."""
-        await session.closed.wait()
-        if self.session is not session or session.draining or self.worker.stopping:
-            return
-        # Results still in flight can no longer be sent; the queue manager re-delivers.
-        log.warning(
-            "session stream gone without UNBIND; slot free again",
-            extra=fields(worker=self.worker_id, session=session.session_id),
-        )
-        self.session = None
-        await session.abort()
-        self.worker.release(session.session_id, self)
-        await self._report(WorkerStatus.IDLE)
-
-    def _start_unbind(self, session_id: str) -> None:
-        if self.session is None or self.session.session_id != session_id:
-            log.info("UNBIND for a session not served here", extra=fields(session=session_id))
-            if self.session is None and (self._unbinding is None or self._unbinding.done()):
-                # Our stream broke and _watch freed the slot (reporting IDLE) before
-                # this UNBIND arrived; the queue manager only re-binds a worker that
-                # reports IDLE after the UNBIND, so say it again.
-                self._unbinding = asyncio.create_task(self._report(WorkerStatus.IDLE))
-            return
-        if self._unbinding is None or self._unbinding.done():
-            self._unbinding = asyncio.create_task(self._unbind(session_id))
-
-    async def _unbind(self, session_id: str, timeout_s: float | None = None) -> None:
-        session = self.session
-        if session is None or session.session_id != session_id:
-            return
-        log.info("UNBIND", extra=fields(worker=self.worker_id, session=session_id))
-        await session.drain(
-            self.worker.settings.drain_timeout_s if timeout_s is None else timeout_s
-        )
-        self.session = None
-        self.worker.release(session_id, self)
-        await self._report(WorkerStatus.IDLE)
-
     async def drain(self, timeout_s: float) -> None:
         """Graceful stop: finish the session's batches, report IDLE, end the registration."""
-        if self.session is not None:
-            await self._unbind(self.session.session_id, timeout_s)
+        if self.machine is not None and self._call is not None:
+            await self.machine.stop(timeout_s)
         if self._call is not None:
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                 async with self._lock:
@@ -305,26 +274,23 @@ class BridgeWorker:
         )
 
     async def preflight(self) -> None:
-        """Check the API key and TLS trust against both services with harmless calls
-        (closing and reading an empty session id); raise FatalError for what retrying
-        cannot fix. Only authentication and TLS failures count here: a queue manager
-        that does not serve these RPCs is judged by the registration itself, and
-        unreachable services are left to ``run()``'s retries."""
+        """Check the API key and TLS trust where that changes nothing: a read of
+        an empty session id from the node cache. The queue manager is judged by
+        the registration itself (``run()``), never by a call with side effects.
+        Only authentication and TLS failures count here; unreachable services
+        are left to ``run()``'s retries."""
         self._open()
-        probes = (
-            ("queue manager", self.queue.CloseSession(Session(), metadata=self.base_metadata)),
-            ("node cache", self._cache.GetSharedData(SharedData(""), metadata=self.base_metadata)),
-        )
-        for what, call in probes:
-            try:
-                await asyncio.wait_for(call, self.settings.connect_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                err = transport.translate(exc)
-                fatal = fatal_for(err, self.settings, what)
-                if fatal is not None and fatal.exit_code in (errors.EXIT_AUTH, errors.EXIT_TLS):
-                    raise fatal from exc
-            except asyncio.TimeoutError:
-                log.warning("%s not answering yet; will keep trying", what)
+        what = "node cache"
+        call = self._cache.GetSharedData(SharedData(""), metadata=self.base_metadata)
+        try:
+            await asyncio.wait_for(call, self.settings.connect_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            err = transport.translate(exc)
+            fatal = fatal_for(err, self.settings, what)
+            if fatal is not None and fatal.exit_code in (errors.EXIT_AUTH, errors.EXIT_TLS):
+                raise fatal from exc
+        except asyncio.TimeoutError:
+            log.warning("%s not answering yet; will keep trying", what)
 
     async def run(self) -> None:
         """Serve until ``stop()``; raises FatalError for what retrying cannot fix."""
@@ -350,9 +316,9 @@ class BridgeWorker:
         s = self.settings
         attempt = 0
         while not self._stopping.is_set():
+            registrations = slot.registrations
             try:
                 await slot.serve()
-                attempt = 0
             except asyncio.CancelledError:
                 # stop() cancels the calls; anything else cancelling us must propagate.
                 if self._stopping.is_set():
@@ -371,6 +337,11 @@ class BridgeWorker:
                 log.error("protocol error", extra=fields(slot=slot.index, error=str(exc)))
             if self._stopping.is_set():
                 return
+            if slot.registrations != registrations:
+                # Count only consecutive failures: a registration that worked (then
+                # ended, normally or not) starts the count again, as the reference
+                # worker does; otherwise reconnects spread over days add up to exit 7.
+                attempt = 0
             self.connected = any(x.registered.is_set() for x in self.slots)
             if s.max_connect_attempts is not None and attempt >= s.max_connect_attempts:
                 raise errors.FatalError(

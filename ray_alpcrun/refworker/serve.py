@@ -48,6 +48,7 @@ class SessionServer:
         self.half_closed = False
         self.abandoned = False  # cancelled without answering: send nothing more
         self.dropped_batches = 0
+        self.undecodable_batches = 0
         self._drain_timer: asyncio.TimerHandle | None = None
 
     def unbind(self) -> None:
@@ -72,6 +73,12 @@ class SessionServer:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                if not isinstance(item, Batch):
+                    # grpc hands over None for a frame it could not decode; with no
+                    # id it cannot be answered. The queue manager's timeout handles it.
+                    self.undecodable_batches += 1
+                    log.error("undecodable task batch skipped", extra={"session": self.session_id})
+                    continue
                 if self.half_closed:
                     self.dropped_batches += 1  # unanswered: the queue manager re-queues it
                     continue

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +41,7 @@ from ray_alpcrun.handler import HandlerSpec, load_handler
 from ray_alpcrun.logs import fields
 from ray_alpcrun.refworker.serve import EOF, SessionServer
 from ray_alpcrun.runtime import HandlerRuntime, SharedSpec, describe
+from ray_alpcrun.slot import SlotMachine
 from ray_alpcrun.transport import (
     MD_NODE,
     MD_POD,
@@ -50,9 +52,34 @@ from ray_alpcrun.transport import (
     open_channel,
     translate,
 )
-from ray_alpcrun.types import Batch, InstructionType, Message, SharedData, WorkerState, WorkerStatus
+from ray_alpcrun.types import Batch, Instruction, Message, SharedData, WorkerState, WorkerStatus
 
 log = logging.getLogger(__name__)
+
+
+class _Served:
+    """A :class:`SessionServer` and its task, as the slot machine sees a stream."""
+
+    def __init__(self, server: SessionServer, serving: Coroutine[Any, Any, None]) -> None:
+        self.session_id = server.session_id
+        self.server = server
+        self.closed = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(
+            serving, name=f"serve-{server.session_id}"
+        )
+        self.task.add_done_callback(lambda _t: self.closed.set())
+
+    async def drain(self, timeout_s: float | None) -> None:
+        self.server.unbind()
+        await asyncio.wait({self.task}, timeout=timeout_s)
+
+    async def abort(self) -> None:
+        if not self.task.done():
+            self.server.abandon()
+            self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
 
 # Shared-data bytes kept in-process, one entry per (session, level).
 SHARED_CACHE_ENTRIES = 8
@@ -105,6 +132,7 @@ class WorkerStats:
     dead_batches: int = 0
     shared_fetches: int = 0
     dropped_batches: int = 0  # arrived after the stream was half-closed
+    undecodable_batches: int = 0  # could not be decoded, so not answerable
 
 
 class ReferenceWorker:
@@ -127,8 +155,8 @@ class ReferenceWorker:
             **{MD_NODE: config.identity.node, MD_POD: config.identity.pod},
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="alpcrun-refworker")
-        self._served: dict[str, SessionServer] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._machine: SlotMachine | None = None
+        self.skipped_instructions = 0  # undecodable ones; unknown types: machine.skipped
         self._shared: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
@@ -222,6 +250,13 @@ class ReferenceWorker:
             raise errors.ProtocolError("WorkerUpdate answered without a 'workerid' header")
         self.worker_id = str(worker_id)
         self.stats.registrations += 1
+        self._machine = machine = SlotMachine(
+            self._open_stream,
+            self._report,
+            drain_timeout_s=self.config.drain_timeout_s,
+            name=self.worker_id,
+        )
+        runner = asyncio.ensure_future(machine.run())
         await self._report(WorkerStatus.IDLE)
         self.registered.set()
         log.info("worker registered", extra=fields(worker=self.worker_id))
@@ -234,28 +269,31 @@ class ReferenceWorker:
                 if not read.done():
                     # Stay registered while draining, so the queue manager takes
                     # the answers instead of re-queueing the batches in flight.
-                    await self._drain_all()
+                    await machine.stop(self.config.drain_timeout_s)
                     return
                 instruction = read.result()
                 if instruction is EOF:
                     log.warning("queue manager ended the update stream")
                     return
-                if instruction.type == InstructionType.BIND:
-                    self._bind(instruction.session_id)
-                elif instruction.type == InstructionType.UNBIND:
-                    await self._unbind(instruction.session_id)
+                if not isinstance(instruction, Instruction):
+                    # grpc hands over None when the frame could not be decoded.
+                    self.skipped_instructions += 1
+                    log.warning("undecodable instruction skipped")
+                    continue
+                machine.instruct(instruction)
         finally:
             stopping.cancel()
             if read is not None:
                 read.cancel()
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            await self._abandon_all()
             updates.cancel()
 
     # --- instructions -----------------------------------------------------------
 
-    def _bind(self, session_id: str) -> None:
-        if session_id in self._served:
-            log.info("BIND for a session already served", extra=fields(session=session_id))
-            return
+    def _open_stream(self, session_id: str) -> _Served:
         metadata = self._identity_md + make_metadata(
             None, **{MD_SESSION_ID: session_id, MD_WORKER_ID: self.worker_id or ""}
         )
@@ -266,40 +304,14 @@ class ReferenceWorker:
             self.config.unbind_grace_s,
             self.config.drain_timeout_s,
         )
-        self._served[session_id] = server
         self.stats.bindings += 1
-        assert self._loop is not None
-        self._tasks[session_id] = self._loop.create_task(
-            self._serve(server), name=f"serve-{session_id}"
-        )
-
-    async def _unbind(self, session_id: str) -> None:
-        server = self._served.get(session_id)
-        if server is None:
-            await self._report(WorkerStatus.IDLE)
-        else:
-            server.unbind()
-
-    async def _drain_all(self) -> None:
-        """Graceful stop: answer what was sent, half-close, wait for the ends."""
-        for server in self._served.values():
-            server.unbind()
-        tasks = list(self._tasks.values())
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.config.drain_timeout_s)
-        await self._abandon_all()
+        return _Served(server, self._serve(server))
 
     async def _abandon_all(self) -> None:
-        """Cancel every stream without answering (the queue manager re-queues)."""
-        for server in self._served.values():
-            server.abandon()
-        tasks, self._tasks = self._tasks, {}
-        for task in tasks.values():
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._served.clear()
+        """Cancel the stream held without answering (the queue manager re-queues)."""
+        machine, self._machine = self._machine, None
+        if machine is not None:
+            await machine.close()
 
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
         assert self._update_lock is not None and self.worker_id is not None
@@ -314,20 +326,15 @@ class ReferenceWorker:
         sid = server.session_id
         log.info("serving session", extra=fields(worker=self.worker_id, session=sid))
         try:
-            await self._report(WorkerStatus.BUSY, sid)
             await server.run()
         except grpc.RpcError as exc:
             if not server.abandoned:
                 log.warning("session stream failed: %s", translate(exc), extra=fields(session=sid))
         finally:
             self.stats.dropped_batches += server.dropped_batches
-            if self._served.get(sid) is server:
-                del self._served[sid]
-                self._tasks.pop(sid, None)
+            self.stats.undecodable_batches += server.undecodable_batches
             if not server.abandoned:
                 await self._end_session(sid)
-                if not self._served and not self._stopping:
-                    await self._report(WorkerStatus.IDLE)
 
     async def _end_session(self, session_id: str) -> None:
         # The fetched shared-data bytes stay cached (bounded LRU): an UNBIND is
