@@ -75,7 +75,7 @@ class Status:
 
 @dataclass(frozen=True, slots=True)
 class Instruction:
-    type: InstructionType
+    type: InstructionType | int  # an int: a type this project does not know
     session_id: str
 
 

@@ -137,10 +137,13 @@ def instruction_to_pb(i: Instruction) -> pb.Instruction:
 
 
 def instruction_from_pb(msg: pb.Instruction) -> Instruction:
+    # A type we do not know stays a plain int: the worker logs and skips it, as
+    # the guide's ``switch`` does (the real server may number or add types).
+    kind: InstructionType | int
     try:
         kind = InstructionType(msg.type)
-    except ValueError as exc:
-        raise ProtocolError(f"unknown Instruction.type {msg.type}") from exc
+    except ValueError:
+        kind = int(msg.type)
     return Instruction(type=kind, session_id=msg.session_id)
 
 

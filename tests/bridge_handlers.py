@@ -73,3 +73,19 @@ def slow(payload: bytes, shared: bytes | None) -> bytes:
 
     time.sleep(0.01)  # ok: simulated work inside a handler, not a test wait
     return payload
+
+
+def gated(payload: bytes, shared: bytes | None) -> bytes:
+    """``gate:<dir>:<text>`` marks ``<dir>/started`` and waits for ``<dir>/open``
+    (bounded), so a test can hold a batch in flight; anything else is ``echo``."""
+    if payload.startswith(b"gate:"):
+        import time
+        from pathlib import Path
+
+        _, folder, text = payload.decode().split(":", 2)
+        Path(folder, "started").touch()
+        deadline = time.monotonic() + 60.0
+        while not Path(folder, "open").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return text.encode()
+    return echo(payload, shared)

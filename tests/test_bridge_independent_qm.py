@@ -38,6 +38,7 @@ class FakeQueue:
         self.instructions: dict[str, asyncio.Queue[Any]] = {}
         self.streams: asyncio.Queue[tuple[dict[str, str], Any, Any]] = asyncio.Queue()
         self.updates_closed: list[str] = []
+        self.stream_log: list[tuple[str, int]] = []  # ("open"|"closed", stream number)
         self.count = 0
 
     def _check(self, md: dict[str, str]) -> None:
@@ -75,6 +76,9 @@ class FakeQueue:
         self._check(md)
         outbox: asyncio.Queue[Any] = asyncio.Queue()
         inbox: asyncio.Queue[Any] = asyncio.Queue()
+        number = sum(1 for kind, _ in self.stream_log if kind == "open")
+        self.stream_log.append(("open", number))
+        md["stream"] = str(number)
         await self.streams.put((md, outbox, inbox))
 
         async def read_results() -> None:
@@ -92,6 +96,7 @@ class FakeQueue:
                     return
                 yield item
         finally:
+            self.stream_log.append(("closed", number))
             reader.cancel()
 
 
@@ -116,10 +121,14 @@ class FakeCache:
 
 def _handlers(package: str, queue: FakeQueue, cache: FakeCache) -> list[Any]:
     prefix = f"{package}." if package else ""
+
+    def raw(msg: Any) -> bytes:  # bytes pass as they are: frames the worker cannot decode
+        return msg if isinstance(msg, bytes) else bytes(msg.SerializeToString())
+
     ser = {
-        "Batch": (pb.Batch.FromString, pb.Batch.SerializeToString),
+        "Batch": (pb.Batch.FromString, raw),
         "WorkerState": (pb.WorkerState.FromString, None),
-        "Instruction": (None, pb.Instruction.SerializeToString),
+        "Instruction": (None, raw),
     }
     q = grpc.method_handlers_generic_handler(f"{prefix}Queue", {
         "WorkerUpdate": grpc.stream_stream_rpc_method_handler(
@@ -134,31 +143,86 @@ def _handlers(package: str, queue: FakeQueue, cache: FakeCache) -> list[Any]:
     return [q, c]
 
 
-def _batch(batch_id: str, session: str, n: int, level: int) -> Any:
-    b = pb.Batch(id=batch_id, session_id=session, use_shared_data=True,
-                 required_shared_data_update_level=level)  # fmt: skip
+def _batch(batch_id: str, session: str, n: int, level: int | None, gate: Path | None = None) -> Any:
+    b = pb.Batch(id=batch_id, session_id=session)
+    if level is not None:
+        b.use_shared_data = True
+        b.required_shared_data_update_level = level
     for i in range(n):
-        b.messages.add(id=f"{batch_id}-{i}", payload=f"{batch_id}:{i}".encode())
+        text = f"{batch_id}:{i}"
+        payload = f"gate:{gate}:{text}" if gate is not None and i == 0 else text
+        b.messages.add(id=f"{batch_id}-{i}", payload=payload.encode())
     return b
 
 
-async def _scenario(package: str) -> None:
+class Bridge:
+    """``python -m ray_alpcrun.bridge`` (its own Ray), two slots."""
+
+    slots = 2
+
+    def __init__(self, port: int, package: str) -> None:
+        env = {**os.environ, "METALCORE_API_KEY": KEY, "PYTHONPATH": str(ROOT)}
+        env.pop("METALCORE_WORKER_NODE", None)
+        cmd = [sys.executable, "-m", "ray_alpcrun.bridge", "--queue", f"127.0.0.1:{port}",
+               "--cache", f"127.0.0.1:{port}", "--proto-package", package,
+               "--handler", "tests.bridge_handlers:gated", "--actors", "2",
+               "--cpus-per-actor", "0.5", "--drain-timeout", "20", "--log-level", "info"]  # fmt: skip
+        # A file, not a pipe: a full pipe would stall the bridge. Closed in close().
+        self.log_file = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, text=True
+        )
+
+    async def stop(self) -> str:
+        """SIGTERM: a clean exit 0. Returns the log."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), STEP_S)
+        self.log_file.seek(0)
+        output = self.log_file.read()
+        assert code == 0, output
+        assert KEY not in output
+        return output
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+
+
+class RefWorker:
+    """The reference worker, in a thread of this process."""
+
+    slots = 1
+
+    def __init__(self, port: int, package: str) -> None:
+        from ray_alpcrun.config import ServiceConfig, WorkerIdentity
+        from ray_alpcrun.refworker import ReferenceWorkerConfig, start_in_thread
+
+        service = ServiceConfig(
+            queue_address=f"127.0.0.1:{port}", cache_address=f"127.0.0.1:{port}",
+            api_key=KEY, proto_package=package,
+        )  # fmt: skip
+        config = ReferenceWorkerConfig(
+            service=service, identity=WorkerIdentity(node="n1", pod="p1"), drain_timeout_s=20.0
+        )
+        self.thread = start_in_thread(config, "tests.bridge_handlers:gated")
+
+    async def stop(self) -> str:
+        await asyncio.to_thread(self.thread.stop, STEP_S)
+        return ""
+
+    def close(self) -> None:
+        self.thread.kill()
+
+
+async def _scenario(package: str, make: type[Bridge | RefWorker], tmp: Path) -> None:
     queue, cache = FakeQueue(), FakeCache()
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(_handlers(package, queue, cache))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    env = {**os.environ, "METALCORE_API_KEY": KEY, "PYTHONPATH": str(ROOT)}
-    env.pop("METALCORE_WORKER_NODE", None)
-    cmd = [sys.executable, "-m", "ray_alpcrun.bridge", "--queue", f"127.0.0.1:{port}",
-           "--cache", f"127.0.0.1:{port}", "--proto-package", package,
-           "--handler", "tests.bridge_handlers:echo", "--actors", "2", "--cpus-per-actor", "0.5",
-           "--drain-timeout", "20", "--log-level", "info"]  # fmt: skip
-    # A file, not a pipe: a full pipe would stall the bridge. Closed in the finally below.
-    log_file = tempfile.TemporaryFile("w+")  # noqa: SIM115
-    proc = subprocess.Popen(  # noqa: ASYNC220 - Popen only starts it; waits go through a thread
-        cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True
-    )
+    worker = make(port, package)
     answers: Counter[str] = Counter()
     payloads: dict[str, bytes] = {}
 
@@ -170,27 +234,43 @@ async def _scenario(package: str) -> None:
         assert result is not None and result.id == batch.id
         assert result.session_id == batch.session_id and not result.dead
         for m in result.messages:
-            assert m.related_id == m.id
+            assert m.related_id == m.id and not m.HasField("error"), m
             answers[m.id] += 1
             payloads[m.id] = m.payload
         return result
 
-    try:
-        # Registration: two slots (one per actor), each reads its workerid and says IDLE.
-        workers = [await wait(queue.registrations) for _ in range(2)]
-        assert {md["node"] for _, md in workers} and len({md["pod"] for _, md in workers}) == 2
-        for worker_id, _ in workers:
-            state = await wait(queue.states[worker_id])
-            assert (state.worker_id, state.status) == (worker_id, pb.WorkerState.IDLE)
-        wid = workers[0][0]
+    async def state(wid: str) -> tuple[int, str]:
+        got = await wait(queue.states[wid])
+        return got.status, got.session_id
 
-        # BIND -> a WorkerStream with sessionid; BUSY reported.
-        await queue.instructions[wid].put(pb.Instruction(type=pb.Instruction.BIND, session_id="S1"))
+    async def until_exists(path: Path) -> None:
+        # The handler runs in another process: watch for its mark (bounded).
+        async with asyncio.timeout(STEP_S):
+            while not path.exists():
+                await asyncio.sleep(0.02)
+
+    BIND, UNBIND = pb.Instruction.BIND, pb.Instruction.UNBIND
+    IDLE, BUSY = pb.WorkerState.IDLE, pb.WorkerState.BUSY
+    try:
+        # Registration: each slot reads its workerid and says IDLE.
+        workers = [await wait(queue.registrations) for _ in range(make.slots)]
+        assert len({md["pod"] for _, md in workers}) == make.slots
+        for worker_id, _ in workers:
+            assert (await state(worker_id))[0] == IDLE
+        wid = workers[0][0]
+        instruct = queue.instructions[wid].put
+
+        # Frames we do not know are skipped: an unknown instruction type, bytes that
+        # are no Instruction at all. The registration must survive both.
+        await instruct(pb.Instruction(type=7, session_id="S1"))  # type: ignore[arg-type]
+        await instruct(b"\xff\xff\xff")
+        await instruct(pb.Instruction(type=BIND, session_id="S1"))
         md, outbox, inbox = await wait(queue.streams)
         assert md["sessionid"] == "S1"
-        assert (await wait(queue.states[wid])).status == pb.WorkerState.BUSY
+        assert await state(wid) == (BUSY, "S1")
 
-        # Two shared-data levels.
+        # An undecodable task batch is skipped; the stream carries on.
+        await outbox.put(b"\xff\xff\xff")
         b1, b2 = _batch("b1", "S1", 20, 1), _batch("b2", "S1", 20, 2)
         await outbox.put(b1)
         await collect(inbox, b1)
@@ -198,47 +278,72 @@ async def _scenario(package: str) -> None:
         await collect(inbox, b2)
         assert payloads["b1-3"] == b"b1:3|LEVEL-ONE" and payloads["b2-3"] == b"b2:3|LEVEL-TWO"
 
-        # A stream dropped mid-batch: no answer may arrive for b3 on it.
-        b3 = _batch("b3", "S1", 20, 2)
+        # The queue manager aborts the stream with b3 in flight and re-binds at once:
+        # the BIND may arrive before the worker noticed the abort, and must not be lost.
+        gate3 = tmp / "g3"
+        gate3.mkdir()
+        b3 = _batch("b3", "S1", 20, 2, gate=gate3)
         await outbox.put(b3)
+        await until_exists(gate3 / "started")
         await outbox.put("abort")
-        assert (await wait(queue.states[wid])).status == pb.WorkerState.IDLE
-        # Re-BIND, re-deliver b3 on the new stream: answered exactly once.
-        await queue.instructions[wid].put(pb.Instruction(type=pb.Instruction.BIND, session_id="S1"))
+        await instruct(pb.Instruction(type=BIND, session_id="S1"))
         md, outbox, inbox = await wait(queue.streams)
         assert md["sessionid"] == "S1"
-        assert (await wait(queue.states[wid])).status == pb.WorkerState.BUSY
-        await outbox.put(b3)
+        assert await state(wid) == (BUSY, "S1")
+        (gate3 / "open").touch()
+        await outbox.put(b3)  # re-delivered on the new stream: answered there, once
         await collect(inbox, b3)
 
-        # UNBIND: the worker half-closes its stream and reports IDLE.
-        await queue.instructions[wid].put(
-            pb.Instruction(type=pb.Instruction.UNBIND, session_id="S1")
-        )
+        # UNBIND then BIND with b4 in flight: b4 is answered on its stream, which the
+        # worker half-closes; IDLE once; then a new stream for the BIND, BUSY.
+        gate4 = tmp / "g4"
+        gate4.mkdir()
+        b4 = _batch("b4", "S1", 20, None, gate=gate4)
+        await outbox.put(b4)
+        await until_exists(gate4 / "started")
+        await instruct(pb.Instruction(type=UNBIND, session_id="S1"))
+        await instruct(pb.Instruction(type=BIND, session_id="S1"))
+        # Give both instructions time to reach the worker while b4 is held (the bug
+        # this guards against dropped the BIND during the drain).
+        await asyncio.sleep(0.5)
+        (gate4 / "open").touch()
+        old_number = md["stream"]
+        await collect(inbox, b4)
+        assert await wait(inbox) is None  # half-closed after the answer
+        await outbox.put("end")
+        assert await state(wid) == (IDLE, "")
+        md, outbox, inbox = await wait(queue.streams)
+        assert md["sessionid"] == "S1"
+        assert queue.stream_log.index(("closed", int(old_number))) < queue.stream_log.index(
+            ("open", int(md["stream"]))
+        ), queue.stream_log
+        assert await state(wid) == (BUSY, "S1")
+        b5 = _batch("b5", "S1", 20, 1)
+        await outbox.put(b5)
+        await collect(inbox, b5)
+
+        # UNBIND: half-close, IDLE once.
+        await instruct(pb.Instruction(type=UNBIND, session_id="S1"))
         assert await wait(inbox) is None
         await outbox.put("end")
-        assert (await wait(queue.states[wid])).status == pb.WorkerState.IDLE
+        assert await state(wid) == (IDLE, "")
 
-        # SIGTERM: clean exit 0, registrations half-closed.
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(asyncio.to_thread(proc.wait), STEP_S)
-        log_file.seek(0)
-        output = log_file.read()
-        assert code == 0, output
-        assert sorted(queue.updates_closed) == sorted(w for w, _ in workers), output
-        assert KEY not in output
-        assert set(answers) == {f"{b}-{i}" for b in ("b1", "b2", "b3") for i in range(20)}
+        await worker.stop()
+        assert sorted(queue.updates_closed) == sorted(w for w, _ in workers)
+        assert queue.states[wid].empty(), "a state reported twice"
+        expected = {f"{b}-{i}" for b in ("b1", "b2", "b3", "b4", "b5") for i in range(20)}
+        assert set(answers) == expected
         assert set(answers.values()) == {1}, "a task was answered twice"
-        assert sorted(set(cache.gets)) == [1, 2] and len(cache.gets) == 2  # once per level
+        assert payloads["b4-0"] == b"b4:0" and payloads["b4-1"] == b"b4:1"  # no shared data
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        worker.close()
         await server.stop(None)
-        log_file.close()
 
 
 @pytest.mark.parametrize("package", ["ghpc.v1", "metalcore.api.v1"])
-def test_bridge_cli_against_an_independent_queue_manager(package: str) -> None:
+@pytest.mark.parametrize("make", [Bridge, RefWorker], ids=["bridge", "refworker"])
+def test_worker_against_an_independent_queue_manager(
+    package: str, make: type[Bridge | RefWorker], tmp_path: Path
+) -> None:
     FakeCache.gets = []
-    asyncio.run(_scenario(package))
+    asyncio.run(_scenario(package, make, tmp_path))

@@ -49,6 +49,7 @@ class SessionServer:
         self.abandoned = False  # cancelled without answering: send nothing more
         self.dropped_batches = 0
         self.undecodable_batches = 0
+        self.ended = asyncio.Event()  # the stream ended or broke: nothing more can be sent
         self._drain_timer: asyncio.TimerHandle | None = None
 
     def unbind(self) -> None:
@@ -109,6 +110,8 @@ class SessionServer:
                     return
         except grpc.RpcError as exc:
             self._inbox.put_nowait(exc)
+        finally:
+            self.ended.set()
 
     async def _half_close(self) -> None:
         if self.half_closed:

@@ -63,7 +63,7 @@ class _Served:
     def __init__(self, server: SessionServer, serving: Coroutine[Any, Any, None]) -> None:
         self.session_id = server.session_id
         self.server = server
-        self.closed = asyncio.Event()
+        self.closed = server.ended
         self.task = asyncio.get_running_loop().create_task(
             serving, name=f"serve-{server.session_id}"
         )
@@ -71,7 +71,14 @@ class _Served:
 
     async def drain(self, timeout_s: float | None) -> None:
         self.server.unbind()
-        await asyncio.wait({self.task}, timeout=timeout_s)
+        # A stream that ended cannot carry the answers still being computed: stop there.
+        ended = asyncio.ensure_future(self.closed.wait())
+        try:
+            await asyncio.wait(
+                {self.task, ended}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ended.cancel()
 
     async def abort(self) -> None:
         if not self.task.done():
@@ -333,15 +340,15 @@ class ReferenceWorker:
         finally:
             self.stats.dropped_batches += server.dropped_batches
             self.stats.undecodable_batches += server.undecodable_batches
-            if not server.abandoned:
-                await self._end_session(sid)
+            self._end_session(sid)
 
-    async def _end_session(self, session_id: str) -> None:
+    def _end_session(self, session_id: str) -> None:
+        # Queued on the handler thread, not awaited: it runs after the batch in
+        # hand (which may outlive a broken stream) and before the next session's.
         # The fetched shared-data bytes stay cached (bounded LRU): an UNBIND is
         # often rebalancing, and the session comes back.
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):
-            await self._loop.run_in_executor(self._executor, self.runtime.end_session, session_id)
+        with contextlib.suppress(RuntimeError):  # the executor is shut down
+            self._executor.submit(self.runtime.end_session, session_id)
 
     async def _answer(self, batch: Batch, *, session_id: str) -> Batch:
         sid = batch.session_id or session_id
