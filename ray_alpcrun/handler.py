@@ -38,8 +38,10 @@ from ray_alpcrun.errors import HandlerError
 class SessionContext:
     """What a handler knows about the session it serves on this actor.
 
-    ``shared`` is the session's shared data as returned by ``decode_shared``
-    (``None`` when the session has none); ``state`` is the handler's own
+    ``shared`` is the shared data of the batch in hand, as returned by
+    ``decode_shared``, at exactly the level the batch asked for
+    (``update_level``); both are ``None`` for a batch that asks for no shared
+    data (no ``use_shared_data``), whatever earlier batches had. ``state`` is the handler's own
     per-session scratch space, dropped when the session ends; ``xp`` is the
     array module to compute with (CuPy on a GPU actor, NumPy otherwise).
     """
@@ -82,8 +84,8 @@ class Handler:
     process_batch: Callable[..., Sequence[bytes | BaseException]] | None = None
 
     def on_shared_update(self, session: SessionContext, previous_level: int | None) -> None:
-        """Called when the session's shared data moved to a higher update level;
-        ``session.shared`` and ``session.update_level`` already hold the new data."""
+        """Called when a batch brings a higher update level than the session saw
+        before; ``session.shared`` and ``session.update_level`` already hold it."""
 
     def on_session_end(self, session: SessionContext) -> None:
         """Called when the session ends on this actor (closed, unbound or evicted)."""

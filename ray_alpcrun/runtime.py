@@ -3,7 +3,9 @@
 One ``HandlerRuntime`` lives in each pool actor (and in the plain reference
 worker). It keeps per-session state, decodes shared data once per
 (session, update level), and turns handler exceptions into per-task errors.
-No Ray, no gRPC.
+Each batch sees exactly the shared data it asked for: ``session.shared`` is
+``None`` for a batch without ``use_shared_data`` and the requested level's data
+otherwise, even when a newer level was seen before. No Ray, no gRPC.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 Outcome = tuple[bytes | None, str | None]
 
 DEFAULT_MAX_SESSIONS = 32
+# Decoded levels kept per session: the newest and one older one a batch may still ask for.
+SHARED_LEVELS_PER_SESSION = 2
 
 
 class SessionSetupError(AlpcrunError):
@@ -70,6 +74,10 @@ class HandlerRuntime:
         self.device = device
         self._to_device = to_device
         self._sessions: OrderedDict[str, SessionContext] = OrderedDict()
+        # Decoded shared data per session and level (a batch may ask for any level),
+        # and the highest level each session has seen (for ``on_shared_update``).
+        self._decoded: dict[str, OrderedDict[int | None, Any]] = {}
+        self._highest: dict[str, int | None] = {}
         self.shared_decodes = 0
 
     @property
@@ -83,11 +91,14 @@ class HandlerRuntime:
         ctx = self._sessions.get(session_id)
         if ctx is None:
             ctx = SessionContext(id=session_id, tags=tuple(tags), xp=self.xp, device=self.device)
-            if shared is not None:
-                self._load_shared(ctx, shared)
+            self._decoded[session_id] = OrderedDict()
+            self._highest[session_id] = None if shared is None else shared.level
+            self._select(ctx, shared)
             try:
                 self.handler.on_session_start(ctx)
             except Exception as exc:
+                self._decoded.pop(session_id, None)
+                self._highest.pop(session_id, None)
                 raise SessionSetupError(
                     f"session start hook failed for {session_id}: {describe(exc)}"
                 ) from exc
@@ -95,16 +106,32 @@ class HandlerRuntime:
             self._evict()
         else:
             self._sessions.move_to_end(session_id)
-            if shared is not None and _is_newer(shared.level, ctx.update_level):
-                previous = ctx.update_level
-                self._load_shared(ctx, shared)
+            self._select(ctx, shared)
+            highest = self._highest.get(session_id)
+            if shared is not None and _is_newer(shared.level, highest):
+                self._highest[session_id] = shared.level
                 try:
-                    self.handler.on_shared_update(ctx, previous)
+                    self.handler.on_shared_update(ctx, highest)
                 except Exception as exc:
                     raise SessionSetupError(
                         f"shared-data update hook failed for {session_id}: {describe(exc)}"
                     ) from exc
         return ctx
+
+    def _select(self, ctx: SessionContext, shared: SharedSpec | None) -> None:
+        """Make ``ctx.shared``/``ctx.update_level`` those of the batch in hand:
+        nothing for a batch that asks for no shared data, else exactly its level."""
+        if shared is None:
+            ctx.shared, ctx.update_level = None, None
+            return
+        decoded = self._decoded.setdefault(ctx.id, OrderedDict())
+        if shared.level in decoded:
+            decoded.move_to_end(shared.level)
+        else:
+            decoded[shared.level] = self._decode(ctx, shared)
+            while len(decoded) > SHARED_LEVELS_PER_SESSION:
+                decoded.popitem(last=False)
+        ctx.shared, ctx.update_level = decoded[shared.level], shared.level
 
     def run(
         self,
@@ -167,8 +194,10 @@ class HandlerRuntime:
             log.exception("session end hook failed for %s", ctx.id)
         ctx.shared = None
         ctx.state.clear()
+        self._decoded.pop(ctx.id, None)
+        self._highest.pop(ctx.id, None)
 
-    def _load_shared(self, ctx: SessionContext, shared: SharedSpec) -> None:
+    def _decode(self, ctx: SessionContext, shared: SharedSpec) -> Any:
         try:
             value = self.handler.decode_shared(shared.fetch())
             if self._to_device is not None:
@@ -179,8 +208,7 @@ class HandlerRuntime:
                 f"loaded: {describe(exc)}"
             ) from exc
         self.shared_decodes += 1
-        ctx.shared = value
-        ctx.update_level = shared.level
+        return value
 
 
 def _is_newer(level: int | None, current: int | None) -> bool:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ class Bridge:
         cmd = [sys.executable, "-m", "ray_alpcrun.bridge", "--queue", f"127.0.0.1:{port}",
                "--cache", f"127.0.0.1:{port}", "--proto-package", package,
                "--handler", "tests.bridge_handlers:gated", "--actors", "2",
-               "--cpus-per-actor", "0.5", "--drain-timeout", "20", "--log-level", "info"]  # fmt: skip
+               "--cpus-per-actor", "0.5", "--drain-timeout", "20",
+               "--log-level", "info"]  # fmt: skip
         # A file, not a pipe: a full pipe would stall the bridge. Closed in close().
         self.log_file = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -245,9 +247,13 @@ async def _scenario(package: str, make: type[Bridge | RefWorker], tmp: Path) -> 
 
     async def until_exists(path: Path) -> None:
         # The handler runs in another process: watch for its mark (bounded).
-        async with asyncio.timeout(STEP_S):
-            while not path.exists():
-                await asyncio.sleep(0.02)
+        def poll() -> None:
+            deadline = time.monotonic() + STEP_S
+            while not path.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert path.exists(), f"{path} never appeared"
+
+        await asyncio.to_thread(poll)
 
     BIND, UNBIND = pb.Instruction.BIND, pb.Instruction.UNBIND
     IDLE, BUSY = pb.WorkerState.IDLE, pb.WorkerState.BUSY

@@ -10,8 +10,8 @@ import pytest
 
 from ray_alpcrun import errors
 from ray_alpcrun.bridge.batches import dead_batch, result_batch
-from ray_alpcrun.bridge.shared import SharedDataCache
 from ray_alpcrun.bridge.worker import WorkerSettings, backoff_delay, fatal_for
+from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.transport import TlsFiles
 from ray_alpcrun.types import Batch, Message, SharedData
 
@@ -72,7 +72,7 @@ async def test_shared_cache_fetches_once_per_level_and_drops_older() -> None:
     assert calls == [("S", 1)]
     assert all(h == ("handle", 1, b"L1") for h in handles)
     assert await cache.get("S", 2) == ("handle", 2, b"L2")
-    assert calls == [("S", 1), ("S", 2)] and len(cache) == 1  # level 1 dropped
+    assert calls == [("S", 1), ("S", 2)] and len(cache) == 2  # level 1 may be asked again
     cache.forget("S")
     assert len(cache) == 0
 

@@ -21,9 +21,9 @@ import grpc.aio
 
 from ray_alpcrun import errors, transport
 from ray_alpcrun.bridge.session import Link, Processor, SessionStream
-from ray_alpcrun.bridge.shared import SharedDataCache
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
+from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.slot import SlotMachine
 from ray_alpcrun.transport import MD_NODE, MD_POD, MD_WORKER_ID
 from ray_alpcrun.types import (
@@ -309,6 +309,8 @@ class BridgeWorker:
                 linger.cancel()
             for session_id in list(self._holders):
                 await self._end_session(session_id)
+            if self._channels:
+                await self.link.shared.close()
             for ch in self._channels:
                 await ch.close()
 

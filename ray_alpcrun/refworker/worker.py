@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from ray_alpcrun.handler import HandlerSpec, load_handler
 from ray_alpcrun.logs import fields
 from ray_alpcrun.refworker.serve import EOF, SessionServer
 from ray_alpcrun.runtime import HandlerRuntime, SharedSpec, describe
+from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.slot import SlotMachine
 from ray_alpcrun.transport import (
     MD_NODE,
@@ -88,9 +88,8 @@ class _Served:
             await self.task
 
 
-# Shared-data bytes kept in-process, one entry per (session, level).
+# Shared-data payloads kept in-process, one entry per (session, level).
 SHARED_CACHE_ENTRIES = 8
-SHARED_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +163,9 @@ class ReferenceWorker:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="alpcrun-refworker")
         self._machine: SlotMachine | None = None
         self.skipped_instructions = 0  # undecodable ones; unknown types: machine.skipped
-        self._shared: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._shared = SharedDataCache(
+            self._fetch_shared, self._spec, max_entries=SHARED_CACHE_ENTRIES
+        )
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -214,6 +215,7 @@ class ReferenceWorker:
                         await asyncio.wait_for(self._stop.wait(), self.config.reconnect_delay_s)
         finally:
             await self._abandon_all()
+            await self._shared.close()
             self._close_runtime()
 
     def _close_runtime(self) -> None:
@@ -352,13 +354,14 @@ class ReferenceWorker:
 
     async def _answer(self, batch: Batch, *, session_id: str) -> Batch:
         sid = batch.session_id or session_id
-        shared = None
-        if batch.use_shared_data:
-            level = batch.required_shared_data_update_level
-            shared = SharedSpec(level, partial(self._fetch_shared_blocking, sid, level))
         payloads = [m.payload for m in batch.messages]
         assert self._loop is not None
         try:
+            shared = None
+            if batch.use_shared_data:
+                # Exactly the level asked for; "latest" follows the cache (shared_data.py).
+                level = batch.required_shared_data_update_level
+                shared = await self._shared.get(sid, level)
             outcomes = await self._loop.run_in_executor(
                 self._executor, self.runtime.run, sid, payloads, shared
             )
@@ -385,32 +388,17 @@ class ReferenceWorker:
 
     # --- shared data ------------------------------------------------------------
 
-    def _fetch_shared_blocking(self, session_id: str, level: int | None) -> bytes:
-        """Called by the runtime on the handler thread, only when it lacks the level."""
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._fetch_shared(session_id, level), self._loop)
-        return future.result(timeout=self.config.rpc_timeout_s)
-
-    async def _fetch_shared(self, session_id: str, level: int | None) -> bytes:
-        key = (session_id, level) if level is not None else None
-        if key is not None and key in self._shared:
-            self._shared.move_to_end(key)
-            return self._shared[key]
+    async def _fetch_shared(self, session_id: str, level: int | None) -> SharedData:
         request = SharedData(session_id=session_id, update_level=level)
         try:
-            reply = await self._cache.GetSharedData(
+            reply: SharedData = await self._cache.GetSharedData(
                 request, metadata=self._identity_md, timeout=self.config.rpc_timeout_s
             )
         except grpc.RpcError as exc:
             raise translate(exc) from exc
         self.stats.shared_fetches += 1
-        payload: bytes = reply.payload
-        if reply.update_level is not None and reply.update_level != level:
-            key = (session_id, reply.update_level)
-        if key is not None:
-            self._shared[key] = payload
-            while len(self._shared) > SHARED_CACHE_ENTRIES or (
-                len(self._shared) > 1 and sum(map(len, self._shared.values())) > SHARED_CACHE_BYTES
-            ):
-                self._shared.popitem(last=False)
-        return payload
+        return reply
+
+    @staticmethod
+    async def _spec(_session_id: str, level: int | None, payload: bytes) -> SharedSpec:
+        return SharedSpec(level, lambda: payload)

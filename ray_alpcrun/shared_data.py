@@ -1,0 +1,158 @@
+"""Shared data, fetched from the node cache once per (session, update level).
+
+Used by the bridge (handles are object-store references) and by the reference
+worker (handles carry the bytes). Concurrent batches that need the same level
+wait on one load. The load is a task this cache owns: a batch that is
+cancelled while it waits (its stream broke) cancels only its own wait, never
+the load the other batches wait on.
+
+* A batch that names a level gets exactly that level, older or newer than
+  what was seen before.
+* A batch that names no level gets the latest level the cache serves: that
+  answer is re-asked once its ``ttl`` passed (``latest_refresh_s`` when the
+  cache gave none).
+* Every entry expires with the ``ttl`` the cache returned; at most
+  ``max_entries`` are kept (least recently used dropped first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ray_alpcrun import errors
+from ray_alpcrun.logs import fields
+from ray_alpcrun.types import SharedData
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[str, int | None], Awaitable[SharedData]]
+Share = Callable[[str, int | None, bytes], Awaitable[Any]]
+
+DEFAULT_MAX_ENTRIES = 32
+DEFAULT_LATEST_REFRESH_S = 1.0
+
+
+@dataclass
+class _Entry:
+    load: asyncio.Task[Any]
+    expires_at: float = float("inf")
+
+
+class SharedDataCache:
+    def __init__(
+        self,
+        fetch: Fetch,
+        share: Share,
+        attempts: int = 4,
+        first_pause_s: float = 0.25,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        latest_refresh_s: float = DEFAULT_LATEST_REFRESH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetch = fetch
+        self._attempts = attempts
+        self._first_pause_s = first_pause_s
+        self._share = share
+        self._max_entries = max_entries
+        self._latest_refresh_s = latest_refresh_s
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, int | None], _Entry] = OrderedDict()
+        self.fetches = 0
+        self.fetched_bytes = 0
+
+    async def get(self, session_id: str, level: int | None) -> Any:
+        """The share's handle for the session's shared data at ``level``
+        (``None``: the latest level the cache serves)."""
+        key = (session_id, level)
+        entry = self._entries.get(key)
+        if entry is not None and (entry.load.done() and self._clock() >= entry.expires_at):
+            del self._entries[key]
+            entry = None
+        if entry is None:
+            task = asyncio.get_running_loop().create_task(
+                self._load(key), name=f"shared-{session_id}-{level}"
+            )
+            entry = self._entries[key] = _Entry(task)
+            task.add_done_callback(partial(self._loaded, key))
+            self._bound()
+        else:
+            self._entries.move_to_end(key)
+        # shield: a cancelled waiter leaves the load running for the others.
+        return await asyncio.shield(entry.load)
+
+    async def _load(self, key: tuple[str, int | None]) -> Any:
+        session_id, level = key
+        pause_s = self._first_pause_s
+        for attempt in range(1, self._attempts + 1):
+            try:
+                data = await self._fetch(session_id, level)
+                break
+            except errors.RpcError as exc:
+                # A restarting node cache is worth a short wait; a missing level is not.
+                if isinstance(exc, errors.UnavailableError) and attempt < self._attempts:
+                    await asyncio.sleep(pause_s)
+                    pause_s *= 2
+                    continue
+                wanted = "latest level" if level is None else f"level {level}"
+                raise errors.SharedDataUnavailable(
+                    f"shared data for session {session_id} ({wanted}) unavailable from the "
+                    f"node cache: {exc.code}: {exc.details}"
+                ) from exc
+        self.fetches += 1
+        self.fetched_bytes += len(data.payload)
+        served = data.update_level if data.update_level is not None else level
+        ttl_s = data.ttl_s if data.ttl_s else None
+        if level is None and ttl_s is None:
+            ttl_s = self._latest_refresh_s  # "latest" must follow the cache
+        entry = self._entries.get(key)
+        if entry is not None and ttl_s is not None:
+            entry.expires_at = self._clock() + ttl_s
+        log.info(
+            "shared data fetched",
+            extra=fields(session=session_id, level=served, bytes=len(data.payload), ttl_s=ttl_s),
+        )
+        return await self._share(session_id, served, data.payload)
+
+    def _loaded(self, key: tuple[str, int | None], task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            failed = True
+        else:
+            exc = task.exception()  # retrieved here, so never "never retrieved"
+            failed = exc is not None
+            if exc is not None:
+                log.warning("shared data load failed", extra=fields(key=key, error=str(exc)))
+        entry = self._entries.get(key)
+        # forget() or expiry may have replaced or dropped the entry meanwhile.
+        if failed and entry is not None and entry.load is task:
+            del self._entries[key]
+
+    def _bound(self) -> None:
+        while len(self._entries) > self._max_entries:
+            oldest = next(iter(self._entries))
+            # Waiters hold the task itself; dropping the entry only ends the caching.
+            del self._entries[oldest]
+
+    def forget(self, session_id: str) -> None:
+        """Drop every level of a session (it ended here). Loads under way finish
+        for the batches waiting on them and are not cached."""
+        for key in [k for k in self._entries if k[0] == session_id]:
+            del self._entries[key]
+
+    async def close(self) -> None:
+        """Cancel the loads under way (the owner stops)."""
+        tasks = [e.load for e in self._entries.values()]
+        self._entries.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __len__(self) -> int:
+        return len(self._entries)
