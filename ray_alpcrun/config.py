@@ -22,6 +22,8 @@ ENV_CACHE_ADDR = "METALCORE_CACHE_ADDR"
 ENV_CENTRAL_CACHE_ADDR = "METALCORE_CENTRAL_CACHE_ADDR"
 ENV_LOG_LEVEL = "METALCORE_LOG_LEVEL"
 ENV_NUM_THREADS = "METALCORE_NUM_THREADS"
+ENV_CA_CERT = "METALCORE_CA_CERT"
+ENV_CACHE_CA_CERT = "METALCORE_CACHE_CA_CERT"
 
 DEFAULT_QUEUE_ADDR = "127.0.0.1:1337"
 DEFAULT_CENTRAL_CACHE_ADDR = "127.0.0.1:2337"
@@ -40,6 +42,8 @@ class Env:
     central_cache_addr: str | None = None
     log_level: str | None = None
     num_threads: int | None = None
+    ca_cert: str | None = None
+    cache_ca_cert: str | None = None
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Env:
@@ -63,6 +67,8 @@ class Env:
             central_cache_addr=get(ENV_CENTRAL_CACHE_ADDR),
             log_level=get(ENV_LOG_LEVEL),
             num_threads=num_threads,
+            ca_cert=get(ENV_CA_CERT),
+            cache_ca_cert=get(ENV_CACHE_CA_CERT),
         )
 
 
@@ -85,7 +91,13 @@ def check_address(address: str, what: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    """How to reach the ALPCRUN.CH services (queue manager and caches)."""
+    """How to reach the ALPCRUN.CH services (queue manager and caches).
+
+    TLS is set per service, as the upstream guide deploys them: ``tls`` for the
+    queue manager (and the central cache a client publishes to), ``cache_tls``
+    for the node cache a worker reads shared data from; ``None`` is plaintext
+    (the guide reaches its node cache on ``localhost:3337`` without TLS).
+    """
 
     queue_address: str = DEFAULT_QUEUE_ADDR
     cache_address: str = DEFAULT_NODE_CACHE_ADDR
@@ -94,6 +106,7 @@ class ServiceConfig:
     proto_package: str = DEFAULT_PROTO_PACKAGE
     tls: TlsFiles | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    cache_tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         check_address(self.queue_address, "queue address")
@@ -213,6 +226,9 @@ class DevServerConfig:
     ``batch_timeout_s``: a worker that holds a batch longer than this without
     answering is treated as failed (its stream ends, its batches are re-queued,
     it is unbound); None (default) waits for ever, as long tasks may be legitimate.
+    ``plaintext_services``: services (``"queue"``, ``"central"``, ``"node"``) that
+    listen without TLS even when ``tls`` is set, e.g. ``("node",)`` for the
+    guide's deployment (TLS queue manager, plaintext node cache on localhost).
     """
 
     host: str = "127.0.0.1"
@@ -229,8 +245,15 @@ class DevServerConfig:
     stream_open_timeout_s: float = 30.0
     tick_s: float = 0.05
     batch_timeout_s: float | None = None
+    plaintext_services: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = set(self.plaintext_services) - {"queue", "central", "node"}
+        if unknown:
+            raise ConfigError(
+                f"plaintext_services: unknown service(s) {sorted(unknown)}; "
+                "use queue, central or node"
+            )
         if self.batch_timeout_s is not None and self.batch_timeout_s <= 0:
             raise ConfigError("batch_timeout_s must be positive (or None for no timeout)")
         for name in ("queue_port", "central_cache_port", "node_cache_port"):

@@ -22,6 +22,8 @@ environment (flags win):
   METALCORE_WORKER_POD          pod name (default: HOST-PID)
   METALCORE_QUEUE_MANAGER_ADDR  default for --queue
   METALCORE_CACHE_ADDR          default for --cache
+  METALCORE_CA_CERT             default for --ca-cert (TLS to the queue manager)
+  METALCORE_CACHE_CA_CERT       default for --cache-ca-cert (TLS to the node cache)
   METALCORE_LOG_LEVEL           default for --log-level
 """
 
@@ -34,7 +36,12 @@ def add_worker_flags(p: argparse.ArgumentParser, env: Env) -> None:
     a("--handler", required=True, help="MODULE:OBJECT, a function or a Handler class")
     a("--proto-package", default=DEFAULT_PROTO_PACKAGE, help="proto package in method paths")
     a("--api-key", default=None, help="API key (default: METALCORE_API_KEY)")
-    a("--ca-cert", default=None, help="CA bundle: use TLS to the queue manager and caches")
+    a("--ca-cert", default=env.ca_cert, help="CA bundle: use TLS to the queue manager")
+    a(
+        "--cache-ca-cert",
+        default=env.cache_ca_cert,
+        help="CA bundle: use TLS to the node cache (default: plaintext, as the guide deploys it)",
+    )
     a("--client-cert", default=None, help="client certificate for mutual TLS")
     a("--client-key", default=None, help="client key for mutual TLS")
     a("--tls-server-name", default=None, help="expected server name in the certificates")
@@ -46,15 +53,20 @@ def add_worker_flags(p: argparse.ArgumentParser, env: Env) -> None:
 
 
 def service_config(args: argparse.Namespace, env: Env) -> ServiceConfig:
-    tls = None
+    tls = cache_tls = None
     if args.ca_cert or args.client_cert:
         tls = TlsFiles(args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
+    if args.cache_ca_cert:
+        cache_tls = TlsFiles(
+            args.cache_ca_cert, args.client_cert, args.client_key, args.tls_server_name
+        )
     return ServiceConfig(
         queue_address=args.queue,
         cache_address=args.cache,
         api_key=args.api_key or env.api_key,
         proto_package=args.proto_package,
         tls=tls,
+        cache_tls=cache_tls,
         max_message_bytes=args.max_message_bytes,
     )
 

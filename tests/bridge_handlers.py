@@ -77,7 +77,8 @@ def slow(payload: bytes, shared: bytes | None) -> bytes:
 
 def gated(payload: bytes, shared: bytes | None) -> bytes:
     """``gate:<dir>:<text>`` marks ``<dir>/started`` and waits for ``<dir>/open``
-    (bounded), so a test can hold a batch in flight; anything else is ``echo``."""
+    (bounded), so a test can hold a batch in flight; ``big:N`` returns N bytes;
+    anything else is ``echo``."""
     if payload.startswith(b"gate:"):
         import time
         from pathlib import Path
@@ -88,4 +89,6 @@ def gated(payload: bytes, shared: bytes | None) -> bytes:
         while not Path(folder, "open").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         return text.encode()
+    if payload.startswith(b"big:"):
+        return b"x" * int(payload[4:])
     return echo(payload, shared)

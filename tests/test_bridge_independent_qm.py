@@ -328,6 +328,16 @@ async def _scenario(package: str, make: type[Bridge | RefWorker], tmp: Path) -> 
         await outbox.put(b5)
         await collect(inbox, b5)
 
+        # A result over the 4 MiB default limit is that task's error; the rest arrive.
+        b6 = _batch("b6", "S1", 3, None)
+        b6.messages[1].payload = b"big:%d" % (5 << 20)
+        await outbox.put(b6)
+        result = await wait(inbox)
+        assert result.id == "b6" and not result.dead
+        big = result.messages[1]
+        assert big.id == big.related_id == "b6-1" and "too large" in big.error, big
+        assert [m.payload for m in result.messages] == [b"b6:0", b"", b"b6:2"]
+
         # UNBIND: half-close, IDLE once.
         await instruct(pb.Instruction(type=UNBIND, session_id="S1"))
         assert await wait(inbox) is None

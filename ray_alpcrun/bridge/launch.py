@@ -21,6 +21,7 @@ def worker_settings(config: BridgeConfig, slots: int) -> WorkerSettings:
         pod=config.identity.pod,
         slots=slots,
         tls=s.tls,
+        cache_tls=s.cache_tls,
         max_message_bytes=s.max_message_bytes,
         backoff_initial_s=config.backoff_initial_s,
         backoff_max_s=config.backoff_max_s,

@@ -49,7 +49,8 @@ class WorkerSettings:
     node: str
     pod: str
     slots: int
-    tls: transport.TlsFiles | None = None
+    tls: transport.TlsFiles | None = None  # to the queue manager
+    cache_tls: transport.TlsFiles | None = None  # to the node cache; None: plaintext
     max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES
     connect_timeout_s: float = 10.0
     backoff_initial_s: float = 0.2
@@ -74,11 +75,13 @@ def fatal_for(
             f"the {what} rejected the API key ({exc.code}: {exc.details}); set "
             "METALCORE_API_KEY or --api-key to the key the services were started with",
         )
-    tls = settings.tls
+    cache = what == "node cache"
+    tls = settings.cache_tls if cache else settings.tls
+    flag = "--cache-ca-cert" if cache else "--ca-cert"
     if exc.code == "UNAVAILABLE" and tls and any(w in exc.details.lower() for w in _TLS_WORDS):
         return errors.FatalError(
             errors.EXIT_TLS,
-            f"TLS to the {what} failed ({exc.details}); check --ca-cert "
+            f"TLS to the {what} failed ({exc.details}); check {flag} "
             f"({tls.ca_cert}) and the server's certificate",
         )
     if exc.code == "UNIMPLEMENTED":
@@ -260,7 +263,7 @@ class BridgeWorker:
             return
         s = self.settings
         qch = transport.open_channel(s.queue_address, s.tls, s.max_message_bytes)
-        cch = transport.open_channel(s.cache_address, s.tls, s.max_message_bytes)
+        cch = transport.open_channel(s.cache_address, s.cache_tls, s.max_message_bytes)
         self._channels = [qch, cch]
         self.queue = transport.Stub(qch, "Queue", s.proto_package)
         self._cache = transport.Stub(cch, "Cache", s.proto_package)

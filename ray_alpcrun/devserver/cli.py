@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEM CA bundle; when given, clients must present a certificate it signed",
     )
     p.add_argument(
+        "--plaintext",
+        action="append",
+        default=[],
+        choices=["queue", "central", "node"],
+        metavar="SERVICE",
+        help="serve this service (queue, central, node) without TLS even with --tls-cert; "
+        "repeatable (e.g. --plaintext node: the guide's plaintext node cache)",
+    )
+    p.add_argument(
         "--max-deliveries",
         type=int,
         default=_DEFAULTS.max_deliveries,
@@ -131,6 +140,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> DevServerConfig:
         max_message_bytes=args.max_message_bytes,
         unbind_idle_after_s=args.unbind_idle_after,
         batch_timeout_s=args.batch_timeout,
+        plaintext_services=tuple(args.plaintext),
     )
 
 

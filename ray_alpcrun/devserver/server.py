@@ -114,12 +114,13 @@ class LocalServices:
             raise RuntimeError("the services are not running")
         return self._core
 
-    def client_tls(self) -> TlsFiles | None:
-        """TLS settings a client on this machine can use: trusts ``tls_ca`` (else the
-        server certificate itself) and, where client certificates are required,
-        presents the server's own pair."""
+    def client_tls(self, service: str = "queue") -> TlsFiles | None:
+        """TLS settings a client on this machine can use for ``service`` (queue,
+        central, node): None where it listens in plaintext; else trusts ``tls_ca``
+        (else the server certificate itself) and, where client certificates are
+        required, presents the server's own pair."""
         tls = self.config.tls
-        if tls is None:
+        if tls is None or service in self.config.plaintext_services:
             return None
         trust = self.config.tls_ca or tls.cert
         if tls.ca_cert is None:
@@ -134,7 +135,8 @@ class LocalServices:
             central_cache_address=self.central_cache_address,
             api_key=self.api_key,
             proto_package=self.proto_package,
-            tls=self.client_tls(),
+            tls=self.client_tls("queue"),
+            cache_tls=self.client_tls("node"),
             max_message_bytes=self.config.max_message_bytes,
         )
 
@@ -147,7 +149,7 @@ class LocalServices:
     def _listen(self, server: grpc.aio.Server, which: str) -> None:
         address = f"{self.config.host}:{self._ports[which]}"
         try:
-            if self.config.tls is not None:
+            if self.config.tls is not None and which not in self.config.plaintext_services:
                 port = server.add_secure_port(address, self.config.tls.server_credentials())
             else:
                 port = server.add_insecure_port(address)
@@ -172,7 +174,9 @@ class LocalServices:
             await central.start()
 
             self._channel = open_channel(
-                self.central_cache_address, self.client_tls(), self.config.max_message_bytes
+                self.central_cache_address,
+                self.client_tls("central"),
+                self.config.max_message_bytes,
             )
             node = self._server()
             self._node = NodeCacheServicer(

@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -29,6 +29,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.batches import dead_batch, result_batch
 from ray_alpcrun.config import (
     DEFAULT_NODE_CACHE_ADDR,
     DEFAULT_QUEUE_ADDR,
@@ -48,11 +49,12 @@ from ray_alpcrun.transport import (
     MD_SESSION_ID,
     MD_WORKER_ID,
     Stub,
+    TlsFiles,
     make_metadata,
     open_channel,
     translate,
 )
-from ray_alpcrun.types import Batch, Instruction, Message, SharedData, WorkerState, WorkerStatus
+from ray_alpcrun.types import Batch, Instruction, SharedData, WorkerState, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ class ReferenceWorkerConfig:
             queue_address=env.queue_addr or DEFAULT_QUEUE_ADDR,
             cache_address=env.cache_addr or DEFAULT_NODE_CACHE_ADDR,
             api_key=env.api_key,
+            tls=TlsFiles(ca_cert=env.ca_cert) if env.ca_cert else None,
+            cache_tls=TlsFiles(ca_cert=env.cache_ca_cert) if env.cache_ca_cert else None,
         )
         place = {k: v for k, v in (("node", env.worker_node), ("pod", env.worker_pod)) if v}
         overrides.setdefault("service", service)
@@ -229,7 +233,7 @@ class ReferenceWorker:
         """Connect, register, and follow instructions until the update stream ends."""
         svc = self._service
         channel = open_channel(svc.queue_address, svc.tls, svc.max_message_bytes)
-        cache_channel = open_channel(svc.cache_address, svc.tls, svc.max_message_bytes)
+        cache_channel = open_channel(svc.cache_address, svc.cache_tls, svc.max_message_bytes)
         try:
             try:
                 await asyncio.wait_for(channel.channel_ready(), self.config.connect_timeout_s)
@@ -369,22 +373,13 @@ class ReferenceWorker:
             self.stats.dead_batches += 1
             reason = describe(exc)
             log.warning("batch answered dead: %s", reason, extra=fields(batch=batch.id))
-            return Batch(
-                id=batch.id,
-                session_id=sid,
-                messages=[Message(m.id, b"", m.id, reason) for m in batch.messages],
-                dead=True,
-            )
-        messages = []
-        for m, (payload, error) in zip(batch.messages, outcomes, strict=True):
-            if error is not None:
-                self.stats.task_errors += 1
-                messages.append(Message(m.id, b"", m.id, error))
-            else:
-                messages.append(Message(m.id, payload or b"", m.id))
+            return replace(dead_batch(batch, reason), session_id=sid)
+        # Results over the message limit become per-task errors that fit (5.3 rules).
+        answer = result_batch(batch, outcomes, self._service.max_message_bytes)
+        self.stats.task_errors += sum(1 for m in answer.messages if m.error is not None)
         self.stats.batches += 1
-        self.stats.tasks += len(messages)
-        return Batch(id=batch.id, session_id=sid, messages=messages, dead=False)
+        self.stats.tasks += len(answer.messages)
+        return replace(answer, session_id=sid)
 
     # --- shared data ------------------------------------------------------------
 
