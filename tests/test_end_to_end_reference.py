@@ -266,6 +266,35 @@ def test_tls_client_and_worker(tmp_path: Path) -> None:
             worker.stop()
 
 
+def test_tls_queue_manager_with_plaintext_node_cache(tmp_path: Path) -> None:
+    """The guide's deployment: TLS to the queue manager, plaintext to the node cache
+    on another port of the same services (before: one TLS setting for both)."""
+    from ray_alpcrun.transport import TlsFiles
+    from tests.certs import self_signed
+
+    pem = self_signed(tmp_path)
+    server_tls = TlsFiles(cert=pem.cert, key=pem.key)
+    with free_services(tls=server_tls, plaintext_services=("node",)) as svc:
+        config = svc.service_config()
+        assert config.tls is not None and config.cache_tls is None
+        worker = start_worker(config, mixed)
+        try:
+            with (
+                Client(
+                    queue=svc.queue_address,
+                    central_cache=svc.central_cache_address,
+                    api_key=svc.api_key,
+                    tls=pem.cert,
+                ) as client,
+                client.create_session(app_id="tls-mix") as session,
+            ):
+                session.set_shared_data(b"\x02\x00\x00\x00\x00\x00\x00\x00" * 4)
+                assert session.map([b"sum:0:4", b"plain"]) == [b"8", b"plain"]
+        finally:
+            worker.stop()
+        assert worker.worker.stats.shared_fetches >= 1
+
+
 def test_in_flight_window_respected_at_the_server(services: LocalServices) -> None:
     # ~5 ms per task: the client sends far faster, so the window is always full.
     worker = start_worker(services.service_config(), "examples.workloads:cpu")

@@ -119,7 +119,10 @@ class Slot:
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
         if self._call is None:
             return
-        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+        # A finished call raises InvalidStateError; its reader notices and re-registers.
+        with contextlib.suppress(
+            grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
+        ):
             async with self._lock:
                 await self._call.write(WorkerState(self.worker_id, status, session_id))
 
@@ -185,7 +188,9 @@ class Slot:
         if self.machine is not None and self._call is not None:
             await self.machine.stop(timeout_s)
         if self._call is not None:
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            with contextlib.suppress(
+                grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
+            ):
                 async with self._lock:
                     await self._call.done_writing()
 

@@ -1,0 +1,434 @@
+"""Interop units (issue 10): the slot state machine against scripted sequences,
+the shared-data cache and runtime rules, the bridge's reconnect count and
+preflight against a plain-grpcio queue manager, and the devserver's keepalive
+policy. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from ray_alpcrun import errors
+from ray_alpcrun._proto import ghpc_pb2 as pb
+from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
+from ray_alpcrun.handler import Handler, SessionContext, load_handler
+from ray_alpcrun.runtime import HandlerRuntime, SharedSpec
+from ray_alpcrun.shared_data import SharedDataCache
+from ray_alpcrun.slot import SlotMachine
+from ray_alpcrun.types import Instruction, InstructionType, SharedData, WorkerStatus
+
+pytestmark = pytest.mark.timeout(60)
+BIND, UNBIND = InstructionType.BIND, InstructionType.UNBIND
+IDLE, BUSY = WorkerStatus.IDLE, WorkerStatus.BUSY
+
+
+# --- the slot state machine, against a scripted fake queue manager -----------------
+
+
+class FakeStream:
+    """A WorkerStream as the slot sees it; the test decides when a drain finishes."""
+
+    def __init__(self, log: list[str], session_id: str, number: int) -> None:
+        self.log = log
+        self.session_id = session_id
+        self.name = f"{session_id}#{number}"
+        self.closed = asyncio.Event()
+        self.in_flight_done = asyncio.Event()
+        self.in_flight_done.set()
+
+    async def drain(self, timeout_s: float | None) -> None:
+        self.log.append(f"drain {self.name}")
+        done = asyncio.ensure_future(self.in_flight_done.wait())
+        closed = asyncio.ensure_future(self.closed.wait())
+        await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
+        done.cancel()
+        closed.cancel()
+        self.log.append(f"half-closed {self.name}")
+        self.closed.set()
+
+    async def abort(self) -> None:
+        if not self.closed.is_set():
+            self.log.append(f"abort {self.name}")
+        self.closed.set()
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.streams: list[FakeStream] = []
+        self.machine = SlotMachine(self.open, self.report, name="W1")
+        self.reported = asyncio.Queue[tuple[WorkerStatus, str]]()
+
+    def open(self, session_id: str) -> FakeStream:
+        stream = FakeStream(self.log, session_id, len(self.streams))
+        self.streams.append(stream)
+        self.log.append(f"open {stream.name}")
+        return stream
+
+    async def report(self, status: WorkerStatus, session_id: str) -> None:
+        self.log.append(f"{status.name} {session_id}".strip())
+        await self.reported.put((status, session_id))
+
+    def send(self, kind: InstructionType | int, session_id: str) -> None:
+        self.machine.instruct(Instruction(kind, session_id))
+
+    async def state(self) -> tuple[WorkerStatus, str]:
+        return await asyncio.wait_for(self.reported.get(), 5)
+
+
+async def _with_machine(script: Any) -> list[str]:
+    h = Harness()
+    runner = asyncio.create_task(h.machine.run())
+    try:
+        await script(h)
+        held = h.machine.current is not None
+        await h.machine.stop(1.0)
+        if held:  # a graceful stop drains the stream held and says IDLE
+            assert await h.state() == (IDLE, "")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await h.machine.close()
+    assert h.reported.empty(), h.log
+    return h.log
+
+
+async def test_abort_then_bind_before_the_slot_noticed() -> None:
+    async def script(h: Harness) -> None:
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.streams[0].in_flight_done.clear()  # a batch in flight
+        # The queue manager aborts the stream and re-binds at once: the BIND is
+        # applied while the slot still believes the stream healthy...
+        h.send(BIND, "A")
+        await asyncio.sleep(0.05)  # ok: let the machine start on the BIND
+        assert h.log[-1] == "drain A#0" and len(h.streams) == 1
+        h.streams[0].closed.set()  # ...then the break arrives: no waiting for the batch
+        assert await h.state() == (BUSY, "A")
+        assert len(h.streams) == 2 and not h.streams[1].closed.is_set()
+
+    log = await _with_machine(script)
+    assert log[:6] == ["open A#0", "BUSY A", "drain A#0", "half-closed A#0", "open A#1", "BUSY A"]
+
+
+async def test_abort_noticed_then_bind() -> None:
+    async def script(h: Harness) -> None:
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.streams[0].closed.set()
+        for _ in range(100):  # the slot frees itself (a queued event), reporting nothing
+            if h.machine.current is None:
+                break
+            await asyncio.sleep(0.01)
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+
+    log = await _with_machine(script)
+    assert log[:4] == ["open A#0", "BUSY A", "open A#1", "BUSY A"], log
+
+
+async def test_unbind_then_bind_with_slow_work_in_flight() -> None:
+    async def script(h: Harness) -> None:
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.streams[0].in_flight_done.clear()  # a slow batch
+        h.send(UNBIND, "A")
+        h.send(BIND, "A")
+        await asyncio.sleep(0.05)  # both instructions are in; nothing may overtake the drain
+        assert len(h.streams) == 1 and h.machine.pending == 1
+        h.streams[0].in_flight_done.set()
+        assert await h.state() == (IDLE, "")
+        assert await h.state() == (BUSY, "A")
+
+    log = await _with_machine(script)
+    assert log[:6] == ["open A#0", "BUSY A", "drain A#0", "half-closed A#0", "IDLE", "open A#1"]
+
+
+async def test_bind_twice_with_a_healthy_stream() -> None:
+    async def script(h: Harness) -> None:
+        h.send(BIND, "A")
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        assert await h.state() == (BUSY, "A")
+
+    log = await _with_machine(script)
+    # A fresh stream, opened only after the previous one ended; no IDLE between.
+    assert log[:5] == ["open A#0", "BUSY A", "drain A#0", "half-closed A#0", "open A#1"], log
+
+
+async def test_server_ended_stream_then_unbind_reports_idle_once() -> None:
+    async def script(h: Harness) -> None:
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.streams[0].closed.set()  # the queue manager ended the stream
+        h.send(UNBIND, "A")
+        assert await h.state() == (IDLE, "")
+
+    log = await _with_machine(script)
+    assert log.count("IDLE") == 1, log
+
+
+async def test_unknown_types_and_foreign_unbinds_are_skipped() -> None:
+    async def script(h: Harness) -> None:
+        h.send(7, "A")
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.send(UNBIND, "B")  # not ours: skipped, A keeps its stream
+        h.send(UNBIND, "A")
+        assert await h.state() == (IDLE, "")
+        assert h.machine.skipped == 1
+
+    log = await _with_machine(script)
+    assert log == ["open A#0", "BUSY A", "drain A#0", "half-closed A#0", "IDLE"], log
+
+
+# --- shared data: the cache ------------------------------------------------------
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cache(levels: dict[int, bytes], ttl_s: float | None = None, **kw: Any) -> Any:
+    calls: list[int | None] = []
+    gate = asyncio.Event()
+    gate.set()
+    latest = {"level": max(levels)}
+
+    async def fetch(session_id: str, level: int | None) -> SharedData:
+        calls.append(level)
+        await gate.wait()
+        served = latest["level"] if level is None else level
+        return SharedData(session_id, served, levels[served], ttl_s)
+
+    async def share(session_id: str, level: int | None, payload: bytes) -> tuple[Any, ...]:
+        return (level, payload)
+
+    return SharedDataCache(fetch, share, **kw), calls, gate, latest
+
+
+async def test_a_cancelled_first_waiter_does_not_fail_the_others() -> None:
+    cache, calls, gate, _ = _cache({1: b"one"})
+    gate.clear()
+    first = asyncio.create_task(cache.get("S", 1))
+    await asyncio.sleep(0)  # ok: let the first waiter start the load
+    others = [asyncio.create_task(cache.get("S", 1)) for _ in range(3)]
+    await asyncio.sleep(0)  # ok: the others now wait on the same load
+    first.cancel()  # its stream broke
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*others), 5) == [(1, b"one")] * 3
+    assert calls == [1]
+
+
+async def test_forget_during_a_load_answers_the_waiters() -> None:
+    cache, _calls, gate, _ = _cache({1: b"one"})
+    gate.clear()
+    waiters = [asyncio.create_task(cache.get("S", 1)) for _ in range(2)]
+    await asyncio.sleep(0)  # ok: the load is under way
+    cache.forget("S")
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [(1, b"one")] * 2
+    assert len(cache) == 0  # not cached for a session that ended
+
+
+async def test_levels_exactly_as_asked_latest_follows_and_ttl_expires() -> None:
+    clock = Clock()
+    cache, calls, _, latest = _cache(
+        {1: b"one", 2: b"two", 3: b"three"}, ttl_s=10.0, clock=clock, max_entries=8
+    )
+    latest["level"] = 2
+    assert await cache.get("S", 2) == (2, b"two")
+    assert await cache.get("S", 1) == (1, b"one")  # older after newer: exactly level 1
+    assert await cache.get("S", None) == (2, b"two")
+    latest["level"] = 3  # the cache now serves a newer level
+    assert await cache.get("S", None) == (2, b"two")  # within the ttl
+    clock.now = 11.0
+    assert await cache.get("S", None) == (3, b"three")  # ttl passed: asked again
+    assert await cache.get("S", 1) == (1, b"one")
+    assert calls == [2, 1, None, None, 1]
+
+
+async def test_latest_without_a_ttl_is_refreshed() -> None:
+    clock = Clock()
+    cache, calls, _, latest = _cache({1: b"one", 2: b"two"}, clock=clock, latest_refresh_s=1.0)
+    latest["level"] = 1
+    assert await cache.get("S", None) == (1, b"one")
+    latest["level"] = 2
+    clock.now = 2.0
+    assert await cache.get("S", None) == (2, b"two")
+    assert await cache.get("S", 1) == (1, b"one") and calls == [None, None, 1]
+
+
+async def test_the_cache_is_bounded() -> None:
+    cache, _, _, _ = _cache({1: b"one"}, max_entries=3)
+    for i in range(10):
+        await cache.get(f"S{i}", 1)
+    assert len(cache) == 3
+
+
+# --- shared data: the handler runtime --------------------------------------------
+
+
+class Seen(Handler):
+    def __init__(self) -> None:
+        self.updates: list[tuple[int | None, int | None]] = []
+
+    def process(self, payload: bytes, session: SessionContext) -> bytes:
+        return repr((session.update_level, session.shared)).encode()
+
+    def on_shared_update(self, session: SessionContext, previous_level: int | None) -> None:
+        self.updates.append((previous_level, session.update_level))
+
+
+def test_runtime_gives_each_batch_its_own_shared_data() -> None:
+    handler = Seen()
+    rt = HandlerRuntime(handler)
+
+    def spec(level: int) -> SharedSpec:
+        return SharedSpec(level, lambda: f"L{level}".encode())
+
+    def run(shared: SharedSpec | None) -> bytes | None:
+        return rt.run("S", [b"x"], shared)[0][0]
+
+    assert run(spec(2)) == b"(2, b'L2')"
+    assert run(None) == b"(None, None)"  # before: the session's last shared data
+    assert run(spec(1)) == b"(1, b'L1')"  # before: silently level 2
+    assert run(spec(3)) == b"(3, b'L3')"
+    assert handler.updates == [(2, 3)]
+
+    def fn(payload: bytes, shared: bytes | None) -> bytes:
+        return b"none" if shared is None else bytes(shared)
+
+    frt = HandlerRuntime(load_handler(fn))
+    assert frt.run("S", [b"x"], spec(1)) == [(b"L1", None)]
+    assert frt.run("S", [b"x"], None) == [(b"none", None)]
+
+
+# --- the bridge against a plain-grpcio queue manager -----------------------------
+
+
+class FlakyQueue:
+    """Registers every worker, then drops the registration with UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.registrations = 0
+        self.closed_sessions = 0
+        self.enough = asyncio.Event()
+
+    async def WorkerUpdate(self, requests: Any, context: Any) -> Any:
+        self.registrations += 1
+        await context.send_initial_metadata((("workerid", f"W{self.registrations}"),))
+        if self.registrations >= 5:
+            self.enough.set()
+        async for _state in requests:  # the IDLE report
+            break
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        yield pb.Instruction()  # never reached; makes this a generator
+
+    async def CloseSession(self, request: Any, context: Any) -> Any:
+        self.closed_sessions += 1
+        return pb.Status()
+
+    async def GetSharedData(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such session")
+
+
+async def _flaky_server(fake: FlakyQueue) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    q = grpc.method_handlers_generic_handler("ghpc.v1.Queue", {
+        "WorkerUpdate": grpc.stream_stream_rpc_method_handler(
+            fake.WorkerUpdate, pb.WorkerState.FromString, pb.Instruction.SerializeToString),
+        "CloseSession": grpc.unary_unary_rpc_method_handler(
+            fake.CloseSession, pb.Session.FromString, pb.Status.SerializeToString),
+    })  # fmt: skip
+    c = grpc.method_handlers_generic_handler("ghpc.v1.Cache", {
+        "GetSharedData": grpc.unary_unary_rpc_method_handler(
+            fake.GetSharedData, pb.SharedData.FromString, pb.SharedData.SerializeToString),
+    })  # fmt: skip
+    server.add_generic_rpc_handlers([q, c])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+class NoCompute:
+    async def share(self, session_id: str, level: int | None, payload: bytes) -> Any:
+        return payload
+
+    async def process(self, session_id: str, payloads: list[bytes], shared: Any) -> Any:
+        return [(p, None) for p in payloads]
+
+    async def end_session(self, session_id: str) -> None:
+        return None
+
+
+async def test_reconnects_after_successful_registrations_never_exhaust_attempts() -> None:
+    fake = FlakyQueue()
+    server, port = await _flaky_server(fake)
+    address = f"127.0.0.1:{port}"
+    settings = WorkerSettings(
+        address, address, "k", "ghpc.v1", "n", "p", 1,
+        backoff_initial_s=0.001, backoff_max_s=0.01, max_connect_attempts=2,
+    )  # fmt: skip
+    worker = BridgeWorker(settings, NoCompute())
+    try:
+        await worker.preflight()
+        # Side-effect free: the preflight never closes anything on the queue manager.
+        assert fake.closed_sessions == 0 and fake.registrations == 0
+        run = asyncio.create_task(worker.run())
+        enough = asyncio.create_task(fake.enough.wait())
+        await asyncio.wait({run, enough}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        # Before: the third failure in the bridge's life ended it with exit 7.
+        assert not run.done(), run.exception()
+        assert fake.registrations >= 5
+        await worker.stop(drain=False)
+        await asyncio.wait_for(run, 10)
+    finally:
+        await server.stop(None)
+
+
+async def test_unreachable_queue_manager_still_ends_after_the_attempts() -> None:
+    settings = WorkerSettings(
+        "127.0.0.1:1", "127.0.0.1:1", "k", "ghpc.v1", "n", "p", 1,
+        backoff_initial_s=0.001, backoff_max_s=0.01, max_connect_attempts=2,
+    )  # fmt: skip
+    worker = BridgeWorker(settings, NoCompute())
+    with pytest.raises(errors.FatalError) as info:
+        await asyncio.wait_for(worker.run(), 30)
+    assert info.value.exit_code == errors.EXIT_UNAVAILABLE
+
+
+# --- the devserver keeps gRPC's default keepalive policy ---------------------------
+
+
+async def test_devserver_tells_off_a_client_that_pings_too_often() -> None:
+    from ray_alpcrun.devserver import LocalServices
+
+    chatty = [
+        ("grpc.keepalive_time_ms", 200),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    async with LocalServices() as svc:
+        channel = grpc.aio.insecure_channel(svc.queue_address, options=chatty)
+        try:
+            call = channel.stream_stream(
+                "/ghpc.v1.Queue/WorkerUpdate",
+                request_serializer=pb.WorkerState.SerializeToString,
+                response_deserializer=pb.Instruction.FromString,
+            )(metadata=(("api_key", svc.api_key), ("node", "n"), ("pod", "p")))
+            await call.initial_metadata()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(call.read(), 30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "too many pings" in (info.value.details() or "").lower(), info.value
+        finally:
+            await channel.close(None)
