@@ -432,3 +432,28 @@ async def test_devserver_tells_off_a_client_that_pings_too_often() -> None:
             assert "too many pings" in (info.value.details() or "").lower(), info.value
         finally:
             await channel.close(None)
+
+
+# --- TLS per service -----------------------------------------------------------------
+
+
+def test_tls_is_set_per_service() -> None:
+    import argparse
+
+    from ray_alpcrun.config import Env
+    from ray_alpcrun.worker_cli import add_worker_flags, service_config
+
+    def parse(env: Env, *argv: str) -> Any:
+        p = argparse.ArgumentParser()
+        add_worker_flags(p, env)
+        return service_config(p.parse_args(["--handler", "m:f", *argv]), env)
+
+    guide = parse(Env(), "--ca-cert", "/certs/ca.crt")  # the guide's deployment
+    assert guide.tls is not None and guide.tls.ca_cert == "/certs/ca.crt"
+    assert guide.cache_tls is None  # before: the node cache got TLS too (exit 5)
+    both = parse(Env(), "--ca-cert", "q.crt", "--cache-ca-cert", "c.crt")
+    assert both.tls is not None and both.cache_tls is not None
+    assert (both.tls.ca_cert, both.cache_tls.ca_cert) == ("q.crt", "c.crt")
+    from_env = parse(Env(ca_cert="q.crt", cache_ca_cert="c.crt"))
+    assert from_env.tls is not None and from_env.cache_tls is not None
+    assert Env.read({"METALCORE_CACHE_CA_CERT": "c.crt"}).cache_ca_cert == "c.crt"
