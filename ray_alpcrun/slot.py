@@ -100,6 +100,7 @@ class SlotMachine:
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._watchers: set[asyncio.Task[None]] = set()
         self.stopped = False
+        self.closed = False
         self.skipped = 0  # instructions of unknown type
         self.applied = 0  # instructions applied (for tests and logs)
 
@@ -118,6 +119,8 @@ class SlotMachine:
     async def stop(self, timeout_s: float | None) -> None:
         """After the instructions already queued: drain the stream held, report
         IDLE, and apply nothing more."""
+        if self.closed:
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._events.put_nowait(_Stop(timeout_s, done))
         await asyncio.shield(done)
@@ -136,7 +139,13 @@ class SlotMachine:
                 await self._apply(event)
 
     async def close(self) -> None:
-        """Abrupt end (the registration is gone): cancel the stream held."""
+        """Abrupt end (the registration is gone): cancel the stream held; a
+        pending :meth:`stop` returns (there is nothing left to drain)."""
+        self.closed = True
+        while not self._events.empty():
+            event = self._events.get_nowait()
+            if isinstance(event, _Stop) and not event.done.done():
+                event.done.set_result(None)
         for task in self._watchers:
             task.cancel()
         self._watchers.clear()

@@ -457,3 +457,13 @@ def test_tls_is_set_per_service() -> None:
     from_env = parse(Env(ca_cert="q.crt", cache_ca_cert="c.crt"))
     assert from_env.tls is not None and from_env.cache_tls is not None
     assert Env.read({"METALCORE_CACHE_CA_CERT": "c.crt"}).cache_ca_cert == "c.crt"
+
+
+async def test_a_stop_pending_when_the_registration_ends_returns() -> None:
+    h = Harness()
+    h.send(BIND, "A")  # never applied: no runner
+    stopping = asyncio.create_task(h.machine.stop(1.0))
+    await asyncio.sleep(0)  # ok: the stop is queued
+    await h.machine.close()
+    await asyncio.wait_for(stopping, 5)
+    await asyncio.wait_for(h.machine.stop(1.0), 5)  # after close: returns at once
