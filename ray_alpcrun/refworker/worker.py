@@ -8,6 +8,11 @@
    BUSY and answer task batches one after the other (section 5.3 result rules);
 5. on UNBIND answer what was already sent, half-close the stream, report IDLE.
 
+Instructions are applied strictly in order by a
+:class:`~ray_alpcrun.slot.SlotMachine` (the guide's worker blocks in
+``processSession``): a BIND opens its stream only after the previous one ended;
+unknown instruction types and undecodable frames are logged and skipped.
+
 Everything runs on one asyncio loop so the update stream is read while a
 session is served; the handler runs on one worker thread, so batches are
 processed sequentially and the loop stays free for keepalives and UNBIND.
