@@ -65,6 +65,19 @@ class TasksFailed(TaskFailed):
         return f"{text} (and {more} more failed of {len(self.results)})" if more else text
 
 
+class SessionSetupError(AlpcrunError):
+    """Raised when a batch cannot run at all: shared data could not be decoded or
+    the session start hook raised. The caller answers the batch as dead."""
+
+
+class ActorLost(AlpcrunError):
+    """Raised by a pool backend when an actor died or became unreachable during a call."""
+
+
+class SubmitTimeout(AlpcrunError, TimeoutError):
+    """Raised when a client's ``submit``/``run`` did not get every answer within ``timeout_s``."""
+
+
 class SharedDataUnavailable(AlpcrunError):
     """Raised when a batch's shared data cannot be fetched from the node cache."""
 

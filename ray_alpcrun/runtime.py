@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ray_alpcrun.errors import AlpcrunError
+from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import Handler, SessionContext
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,6 @@ log = logging.getLogger(__name__)
 Outcome = tuple[bytes | None, str | None]
 
 DEFAULT_MAX_SESSIONS = 32
-
-
-class SessionSetupError(AlpcrunError):
-    """Raised when a batch cannot run at all: shared data could not be decoded or
-    the session start hook raised. The caller answers the batch as dead."""
 
 
 def describe(exc: BaseException) -> str:

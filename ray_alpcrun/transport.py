@@ -186,12 +186,20 @@ def translate(exc: grpc.RpcError) -> errors.RpcError:
 
 
 @contextlib.contextmanager
-def rpc_errors() -> Iterator[None]:
-    """Translate gRPC failures raised inside the block into ``errors.RpcError``."""
+def rpc_errors(
+    explain: Callable[[grpc.RpcError], errors.RpcError] = translate,
+) -> Iterator[None]:
+    """The one boundary where gRPC failures become the project's errors: a
+    ``grpc.RpcError`` raised inside the block is re-raised as ``explain(exc)``
+    (chained), like httpcore's ``map_exceptions``::
+
+        with rpc_errors():
+            reply = await stub.CreateSession(session, metadata=md)
+    """
     try:
         yield
     except grpc.RpcError as exc:
-        raise translate(exc) from exc
+        raise explain(exc) from exc
 
 
 # --- server side -----------------------------------------------------------

@@ -36,6 +36,7 @@ from ray_alpcrun.transport import (
     TlsFiles,
     make_metadata,
     open_channel,
+    rpc_errors,
     translate,
 )
 from ray_alpcrun.types import Session, SessionAttributes
@@ -175,12 +176,10 @@ class AsyncClient:
         """One unary RPC with the API key, the RPC timeout and error translation."""
         address = self.queue_address if service == "Queue" else self.central_cache_address
         stub = await self._stub(service, address)
-        try:
+        with rpc_errors(lambda exc: explain(exc, address, self.api_key)):
             return await getattr(stub, method)(
                 request, metadata=self.metadata, timeout=self.rpc_timeout_s
             )
-        except grpc.RpcError as exc:
-            raise explain(exc, address, self.api_key) from exc
 
     async def queue_stub(self) -> Any:
         return await self._stub("Queue", self.queue_address)

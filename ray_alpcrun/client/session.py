@@ -11,13 +11,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from ray_alpcrun import errors
 from ray_alpcrun.client.batching import chunks, progress_bar
 from ray_alpcrun.client.results import Submission, TaskResult
 from ray_alpcrun.client.stream import SessionStream
-from ray_alpcrun.transport import MD_SESSION_ID, make_metadata
+from ray_alpcrun.transport import MD_SESSION_ID, make_metadata, rpc_errors
 from ray_alpcrun.types import Batch, Message, Session, SessionAttributes, SharedData
 
 if TYPE_CHECKING:
@@ -28,10 +26,6 @@ Payloads = Iterable[bytes] | AsyncIterable[bytes]
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_MAX_PENDING_TASKS = 200_000
 DEFAULT_SHARED_TTL_S = 600.0
-
-
-class SubmitTimeout(errors.AlpcrunError, TimeoutError):
-    """Raised when ``submit``/``run`` did not get every answer within ``timeout_s``."""
 
 
 class AsyncSession:
@@ -215,7 +209,7 @@ class AsyncSession:
                     try:
                         item = await asyncio.wait_for(sub.items.get(), deadline - loop.time())
                     except asyncio.TimeoutError:
-                        raise SubmitTimeout(
+                        raise errors.SubmitTimeout(
                             f"session {self.id}: {sub.outstanding} of {sub.sent} tasks "
                             f"unanswered after {timeout_s:g} s"
                         ) from None
@@ -249,14 +243,15 @@ class AsyncSession:
         )
         fresh: list[Batch] = []
         try:
-            async for batch in call:
-                fresh.append(batch)
-                if self._stream is not None:
-                    # A running submission may be waiting for exactly these tasks.
-                    self._stream.route_dead_letter(batch)
-        except grpc.RpcError as exc:
-            self._dead_letters.extend(fresh)
-            raise self._client.explain(exc) from exc
+            with rpc_errors(self._client.explain):
+                async for batch in call:
+                    fresh.append(batch)
+                    if self._stream is not None:
+                        # A running submission may be waiting for exactly these tasks.
+                        self._stream.route_dead_letter(batch)
+        except errors.RpcError:
+            self._dead_letters.extend(fresh)  # read once: keep them for the next call
+            raise
         out, self._dead_letters = self._dead_letters + fresh, []
         return out
 
