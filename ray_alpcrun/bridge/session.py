@@ -19,14 +19,14 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.batches import dead_batch, result_batch
+from ray_alpcrun.bridge.batches import result_batch
 from ray_alpcrun.bridge.shared import SharedDataCache
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.logs import fields
 from ray_alpcrun.runtime import Outcome, describe
 from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID, Metadata, Stub
-from ray_alpcrun.types import Batch
+from ray_alpcrun.types import Batch, dead_batch
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,15 @@ from ray_alpcrun.transport import (
     open_channel,
     translate,
 )
-from ray_alpcrun.types import Batch, InstructionType, Message, SharedData, WorkerState, WorkerStatus
+from ray_alpcrun.types import (
+    Batch,
+    InstructionType,
+    Message,
+    SharedData,
+    WorkerState,
+    WorkerStatus,
+    dead_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +360,7 @@ class ReferenceWorker:
             self.stats.dead_batches += 1
             reason = describe(exc)
             log.warning("batch answered dead: %s", reason, extra=fields(batch=batch.id))
-            return Batch(
-                id=batch.id,
-                session_id=sid,
-                messages=[Message(m.id, b"", m.id, reason) for m in batch.messages],
-                dead=True,
-            )
+            return dead_batch(batch, reason, session_id=sid)
         messages = []
         for m, (payload, error) in zip(batch.messages, outcomes, strict=True):
             if error is not None:
