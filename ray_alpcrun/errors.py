@@ -36,6 +36,10 @@ class UnavailableError(RpcError):
     """Raised when a service cannot be reached or went away."""
 
 
+class PayloadTooLarge(AlpcrunError, ValueError):
+    """Raised when data to send exceeds the client's ``max_message_bytes``."""
+
+
 class HandlerError(AlpcrunError):
     """Raised when a user handler cannot be loaded or set up."""
 

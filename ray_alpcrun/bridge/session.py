@@ -24,8 +24,9 @@ from ray_alpcrun.bridge.shared import SharedDataCache
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.logs import fields
+from ray_alpcrun.rpc import QueueStub
 from ray_alpcrun.runtime import Outcome, describe
-from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID, Metadata, Stub
+from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID, Metadata
 from ray_alpcrun.types import Batch, dead_batch
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Processor(Protocol):
 class Link:
     """What a session stream needs from its worker."""
 
-    queue: Stub
+    queue: QueueStub
     metadata: Metadata
     shared: SharedDataCache
     processor: Processor
