@@ -11,6 +11,7 @@ Jupyter (where a loop is already running in the calling thread)::
 
 from __future__ import annotations
 
+import asyncio
 import queue
 from collections.abc import Iterable, Iterator
 from types import TracebackType
@@ -224,12 +225,17 @@ class Session:
         self, payloads: Iterable[bytes], options: SubmitOptions
     ) -> Iterator[list[TaskResult]]:
         # Chunks cross threads through a plain queue: one hand-over per result
-        # batch, not per task.
+        # batch, not per task. The pump waits until the consumer took each chunk,
+        # so answers not yet taken stay counted against ``max_pending_tasks``.
         q: queue.SimpleQueue[list[TaskResult] | object] = queue.SimpleQueue()
+        taken = asyncio.Event()
+        loop = self._loop.loop
 
         async def pump() -> None:
             async for chunk in self._async.results_in_chunks(payloads, options):
+                taken.clear()
                 q.put(chunk)
+                await taken.wait()
 
         future = self._loop.submit(pump())
         future.add_done_callback(lambda _: q.put(_DONE))
@@ -239,6 +245,7 @@ class Session:
                 if item is _DONE:
                     future.result()  # re-raises the submission's failure
                     return
+                loop.call_soon_threadsafe(taken.set)
                 yield item  # type: ignore[misc]
         finally:
             if not future.done():
