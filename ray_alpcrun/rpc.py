@@ -29,6 +29,8 @@ from ray_alpcrun.wire import CODECS, DEFAULT_PROTO_PACKAGE, METHODS, MethodSpec
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
 CallMetadata = Sequence[tuple[str, str]]
+# Stubs are typed for asyncio channels; on a blocking channel the calls block.
+AnyChannel = grpc.aio.Channel | grpc.Channel
 
 
 # One RPC of each shape, generic in request and reply: what grpc.aio's
@@ -81,7 +83,7 @@ def method_path(package: str, service: str, method: str) -> str:
 class _ServiceStub:
     SERVICE = ""
 
-    def __init__(self, channel: grpc.aio.Channel, package: str = DEFAULT_PROTO_PACKAGE) -> None:
+    def __init__(self, channel: AnyChannel, package: str = DEFAULT_PROTO_PACKAGE) -> None:
         # Sync channels work too (tests, blocking tools): the calls then block.
         for spec in _specs(self.SERVICE):
             factory = getattr(channel, spec.cardinality)
@@ -118,10 +120,10 @@ class CacheStub(_ServiceStub):
 
 
 @overload
-def Stub(channel: Any, service: Literal["Queue"], package: str = ...) -> QueueStub: ...
+def Stub(channel: AnyChannel, service: Literal["Queue"], package: str = ...) -> QueueStub: ...
 @overload
-def Stub(channel: Any, service: Literal["Cache"], package: str = ...) -> CacheStub: ...
-def Stub(channel: Any, service: str, package: str = DEFAULT_PROTO_PACKAGE) -> _ServiceStub:
+def Stub(channel: AnyChannel, service: Literal["Cache"], package: str = ...) -> CacheStub: ...
+def Stub(channel: AnyChannel, service: str, package: str = DEFAULT_PROTO_PACKAGE) -> _ServiceStub:
     """``QueueStub`` or ``CacheStub`` by service name, e.g. ``Stub(ch, "Queue")``."""
     for cls in (QueueStub, CacheStub):
         if service == cls.SERVICE:

@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
 from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, LATENCY_NAME, BridgeMetrics, BridgeStats
@@ -23,21 +23,25 @@ from ray_alpcrun.health import HealthServer
 from ray_alpcrun.logs import fields, setup_logging
 from ray_alpcrun.runtime import Outcome
 
+if TYPE_CHECKING:
+    from ray_alpcrun.actor import SharedRef
+    from ray_alpcrun.pool import ActorPool
+
 log = logging.getLogger(__name__)
 
 
 class PoolProcessor:
     """Adapts the actor pool to the bridge's ``Processor`` protocol."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: ActorPool) -> None:
         self.pool = pool
 
-    async def share(self, session_id: str, level: int | None, payload: bytes) -> Any:
+    async def share(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
         # In a thread: putting 256 MB would stall every stream for ~100 ms.
         return await self.pool.aput_shared(session_id, level, payload)
 
     async def process(
-        self, session_id: str, payloads: list[bytes], shared: Any | None
+        self, session_id: str, payloads: list[bytes], shared: SharedRef | None
     ) -> list[Outcome]:
         outcomes: list[Outcome] = await self.pool.run(session_id, payloads, shared=shared)
         return outcomes
@@ -67,7 +71,7 @@ class Bridge:
         self.health_host = health_host
         self.health: HealthServer | None = None
         self.draining = False
-        self.pool: Any = None
+        self.pool: ActorPool | None = None
         self.worker: BridgeWorker | None = None
         self._started = asyncio.Event()
         self._stop_requested = False
