@@ -59,7 +59,7 @@ class StreamStreamMethod(Protocol[Req, Rep]):
 
 
 # The servicer context; the project's handlers use only abort, metadata and peer.
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = grpc.aio.ServicerContext[object, object]
 
 _SHAPES = {
     "UnaryUnaryMethod": "unary_unary",
@@ -228,19 +228,19 @@ def _wrap(spec: MethodSpec, fn: Callable[..., Any]) -> Callable[..., object]:
 @overload
 def service_handler(
     service: Literal["Queue"], impl: QueueHandler, package: str = ...
-) -> grpc.GenericRpcHandler[Any, Any]: ...
+) -> grpc.GenericRpcHandler[object, object]: ...
 @overload
 def service_handler(
     service: Literal["Cache"], impl: CacheHandler, package: str = ...
-) -> grpc.GenericRpcHandler[Any, Any]: ...
+) -> grpc.GenericRpcHandler[object, object]: ...
 def service_handler(
     service: str, impl: object, package: str = DEFAULT_PROTO_PACKAGE
-) -> grpc.GenericRpcHandler[Any, Any]:
+) -> grpc.GenericRpcHandler[object, object]:
     """A grpc.aio handler serving ``service`` from ``impl``'s methods named as the RPCs
     (``async def CreateSession(self, request, context)``, async generators for
     server streams). Malformed requests are answered INVALID_ARGUMENT before
     ``impl`` sees them."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[object, object]] = {}
     for spec in _specs(service):
         fn = _wrap(spec, getattr(impl, spec.name))
         make = getattr(grpc, f"{spec.cardinality}_rpc_method_handler")
