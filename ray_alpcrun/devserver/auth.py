@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from ray_alpcrun.transport import MD_API_KEY
 
-Handler = grpc.RpcMethodHandler[object, object]
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    Handler = grpc.RpcMethodHandler[object, object]
 
 
 def _refusal(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
