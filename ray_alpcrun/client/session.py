@@ -9,7 +9,7 @@ import dataclasses
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from ray_alpcrun import errors
 from ray_alpcrun.client.batching import chunks, progress_bar
@@ -55,6 +55,19 @@ class SubmitOptions:
             raise ValueError("batch priority must be >= 0 (higher runs first)")
         if self.max_pending_tasks < 1:
             raise ValueError("max_pending_tasks must be at least 1")
+
+
+class SessionChanges(TypedDict, total=False):
+    """What ``update`` may change (the other attributes are fixed at creation)."""
+
+    priority: int
+    min_workers: int | None
+    max_workers: int | None
+    idle_timeout_s: float | None
+    preemptible: bool
+    cleanup_on_client_exit: bool
+    max_inflight_batches_per_worker: int | None
+    tags: Iterable[str]
 
 
 class SubmitKwargs(TypedDict, total=False):
@@ -142,18 +155,20 @@ class AsyncSession:
         with close_after(e):
             await self.close()
 
-    async def update(self, **changes: Any) -> None:
+    async def update(self, **changes: Unpack[SessionChanges]) -> None:
         """Change attributes (``UpdateSession``), e.g. ``update(priority=8, max_workers=200)``.
 
         The full attribute set is sent: the current values with ``changes`` applied.
         """
+        fields: dict[str, object] = dict(changes)
         if "priority" in changes:
             check_priority(changes["priority"])
         if "tags" in changes:
-            changes["tags"] = tuple(changes["tags"])
-        if changes.get("max_inflight_batches_per_worker", 0) is None:
-            changes["max_inflight_batches_per_worker"] = 0
-        attrs = dataclasses.replace(self._session.attributes or SessionAttributes(), **changes)
+            fields["tags"] = tuple(changes["tags"])
+        if fields.get("max_inflight_batches_per_worker", 0) is None:
+            fields["max_inflight_batches_per_worker"] = 0
+        current = self._session.attributes or SessionAttributes()
+        attrs = dataclasses.replace(current, **fields)  # type: ignore[arg-type]  # checked above
         session = dataclasses.replace(self._session, attributes=attrs)
         queue = await self._client.queue_stub()
         await self._client.call(queue.UpdateSession, session)

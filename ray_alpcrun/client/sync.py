@@ -15,13 +15,14 @@ import asyncio
 import queue
 from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ray_alpcrun.client.aio import AsyncClient
 from ray_alpcrun.client.results import TaskResult
 from ray_alpcrun.client.session import (
     DEFAULT_SHARED_TTL_S,
     AsyncSession,
+    SessionChanges,
     SubmitKwargs,
     SubmitOptions,
     close_after,
@@ -180,7 +181,7 @@ class Session:
     def shared_level(self) -> int | None:
         return self._async.shared_level
 
-    def update(self, **changes: Any) -> None:
+    def update(self, **changes: Unpack[SessionChanges]) -> None:
         """See :meth:`AsyncSession.update`."""
         self._loop.run(self._async.update(**changes))
 
