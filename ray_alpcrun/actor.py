@@ -21,8 +21,9 @@ from typing import Any, cast
 import ray
 from ray import cloudpickle
 
+from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import load_handler
-from ray_alpcrun.runtime import HandlerRuntime, Outcome, SessionSetupError, SharedSpec, describe
+from ray_alpcrun.runtime import HandlerRuntime, Outcome, SharedSpec, describe
 
 log = logging.getLogger(__name__)
 

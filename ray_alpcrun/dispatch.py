@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from ray_alpcrun.errors import AlpcrunError
+from ray_alpcrun.errors import ActorLost, AlpcrunError
 from ray_alpcrun.logs import fields
 from ray_alpcrun.runtime import Outcome
 
@@ -37,10 +37,6 @@ _COST_SMOOTHING = 0.2
 # What an actor answers for a sub-batch: outcomes in order, and the seconds the
 # handler spent on them (None if unknown).
 CallResult = tuple[list[Outcome], float | None]
-
-
-class ActorLost(AlpcrunError):
-    """Raised by a backend when an actor died or became unreachable during a call."""
 
 
 class Backend(Protocol[A]):
@@ -60,7 +56,7 @@ class Backend(Protocol[A]):
         """Run a sub-batch; one outcome per payload, in order, and the handler's time.
 
         Raises :class:`ActorLost` if the actor is gone and
-        :class:`~ray_alpcrun.runtime.SessionSetupError` if nothing could run.
+        :class:`~ray_alpcrun.errors.SessionSetupError` if nothing could run.
         """
 
     def kill(self, actor: A) -> None:

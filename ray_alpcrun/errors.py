@@ -36,6 +36,10 @@ class UnavailableError(RpcError):
     """Raised when a service cannot be reached or went away."""
 
 
+class PayloadTooLarge(AlpcrunError, ValueError):
+    """Raised when data to send exceeds the client's ``max_message_bytes``."""
+
+
 class HandlerError(AlpcrunError):
     """Raised when a user handler cannot be loaded or set up."""
 
@@ -63,6 +67,19 @@ class TasksFailed(TaskFailed):
         more = len(self.failures) - 1
         text = super().__str__()
         return f"{text} (and {more} more failed of {len(self.results)})" if more else text
+
+
+class SessionSetupError(AlpcrunError):
+    """Raised when a batch cannot run at all: shared data could not be decoded or
+    the session start hook raised. The caller answers the batch as dead."""
+
+
+class ActorLost(AlpcrunError):
+    """Raised by a pool backend when an actor died or became unreachable during a call."""
+
+
+class SubmitTimeout(AlpcrunError, TimeoutError):
+    """Raised when a client's ``submit``/``run`` did not get every answer within ``timeout_s``."""
 
 
 class SharedDataUnavailable(AlpcrunError):

@@ -142,8 +142,3 @@ def load_handler(spec: HandlerSpec) -> Handler:
     if callable(obj):
         return FunctionHandler(obj)
     raise HandlerError(f"handler {spec!r} is neither a function nor a Handler")
-
-
-def check_handler(spec: HandlerSpec) -> str:
-    """Load once to fail fast (e.g. at bridge start) and return a printable name."""
-    return repr(load_handler(spec)) if not isinstance(spec, str) else spec

@@ -8,7 +8,7 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -26,7 +26,7 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    def submit(self, coro: Coroutine[object, None, T]) -> concurrent.futures.Future[T]:
         if threading.get_ident() == self._thread.ident:
             coro.close()
             raise RuntimeError(f"{self.owner} was called from its own event loop")
@@ -35,7 +35,7 @@ class LoopThread:
             raise RuntimeError(f"{self.owner} is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Coroutine[object, None, T]) -> T:
         """Run ``coro`` on the private loop and wait for it (from any other thread)."""
         future = self.submit(coro)
         try:
@@ -44,7 +44,7 @@ class LoopThread:
             future.cancel()  # e.g. KeyboardInterrupt: do not leave the coroutine running
             raise
 
-    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def arun(self, coro: Coroutine[object, None, T]) -> T:
         """Await ``coro`` running on the private loop from another loop."""
         return await asyncio.wrap_future(self.submit(coro))
 

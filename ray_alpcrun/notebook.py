@@ -148,7 +148,7 @@ class RayPool:
 
         A failed task raises :class:`TasksFailed` (naming each failure), or with
         ``return_errors=True`` appears as a :class:`TaskFailed` in its place.
-        :class:`~ray_alpcrun.runtime.SessionSetupError` if nothing could run.
+        :class:`~ray_alpcrun.errors.SessionSetupError` if nothing could run.
         """
         self._running()
         assert self._loop is not None

@@ -28,10 +28,10 @@ from typing import Any
 from ray_alpcrun.actor import CONTROL_GROUP, PoolActor, RunArgs, RunReply, SharedRef
 from ray_alpcrun.coalesce import Coalescer
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.dispatch import ActorLost, CallResult, Dispatcher
-from ray_alpcrun.errors import AlpcrunError, ConfigError, HandlerError
+from ray_alpcrun.dispatch import CallResult, Dispatcher
+from ray_alpcrun.errors import ActorLost, AlpcrunError, ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.handler import HandlerSpec
-from ray_alpcrun.runtime import Outcome, SessionSetupError, describe
+from ray_alpcrun.runtime import Outcome, describe
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class ActorPool:
     ) -> list[Outcome]:
         """Run a batch: ``[(result, None) | (None, error)]``, one per payload, in order.
 
-        Raises :class:`~ray_alpcrun.runtime.SessionSetupError` if the session's
+        Raises :class:`~ray_alpcrun.errors.SessionSetupError` if the session's
         shared data or start hook failed (nothing ran).
         """
         return await self._running().run(session_id, payloads, shared, tuple(tags))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ray_alpcrun.errors import AlpcrunError
+from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import Handler, SessionContext
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,6 @@ Outcome = tuple[bytes | None, str | None]
 DEFAULT_MAX_SESSIONS = 32
 # Decoded levels kept per session: the newest and one older one a batch may still ask for.
 SHARED_LEVELS_PER_SESSION = 2
-
-
-class SessionSetupError(AlpcrunError):
-    """Raised when a batch cannot run at all: shared data could not be decoded or
-    the session start hook raised. The caller answers the batch as dead."""
 
 
 def describe(exc: BaseException) -> str:

@@ -1,21 +1,26 @@
-"""gRPC plumbing shared by every client and server here: method paths with a
-configurable proto package, channels (plain or TLS), metadata, and the
-translation of gRPC failures into the project's errors. Never imports Ray.
+"""gRPC plumbing shared by every client and server here: channels (plain or
+TLS), metadata, and the one boundary where gRPC failures become the project's
+errors (``rpc_errors``). The typed stubs and handler tables are in ``rpc``.
+Never imports Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.wire import CODECS, DEFAULT_PROTO_PACKAGE, METHODS, MethodSpec
+
+# The typed stubs and the service table live in ``rpc``; these names stay here
+# for the call sites written against ``transport.Stub`` and friends.
+from ray_alpcrun.rpc import Context as Context
+from ray_alpcrun.rpc import Stub as Stub
+from ray_alpcrun.rpc import method_path as method_path
+from ray_alpcrun.rpc import service_handler as service_handler
 
 # Metadata keys (ALPCRUN_PROTOCOL.md 5.3). gRPC requires lower case.
 MD_API_KEY = "api_key"
@@ -28,17 +33,6 @@ MD_WORKER_ID = "workerid"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 Metadata = tuple[tuple[str, str], ...]
-# grpc's stubs make these generic; the project's code does not need the parameters.
-Context = Any
-
-
-def method_path(package: str, service: str, method: str) -> str:
-    """``/ghpc.v1.Queue/WorkerUpdate``; an empty package gives ``/Queue/WorkerUpdate``."""
-    return f"/{service_name(package, service)}/{method}"
-
-
-def service_name(package: str, service: str) -> str:
-    return f"{package}.{service}" if package else service
 
 
 def make_metadata(api_key: str | None, **extra: str) -> Metadata:
@@ -83,7 +77,7 @@ class TlsFiles:
         )
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     """Client channel options. Keepalive pings only while calls are open, and no
     more often than gRPC servers accept by default (5 minutes): more frequent
     pings earn a GOAWAY "too_many_pings" that breaks every stream."""
@@ -96,7 +90,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def server_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     """Server options: message limits, and gRPC's default keepalive policy (a
     client may ping at most every 5 minutes; more often earns a GOAWAY
     "too_many_pings"), as a production server has it, so a client here that
@@ -135,37 +129,6 @@ def open_sync_channel(
     return grpc.secure_channel(address, tls.channel_credentials(), options=options)
 
 
-# --- client side -----------------------------------------------------------
-
-
-class Stub:
-    """Callables for one service, e.g. ``Stub(ch, "Queue").CreateSession(session)``.
-
-    Works on sync and asyncio channels alike; requests and replies are
-    ``ray_alpcrun.types`` objects.
-    """
-
-    def __init__(self, channel: Any, service: str, package: str = DEFAULT_PROTO_PACKAGE) -> None:
-        self._calls: dict[str, Any] = {}
-        for spec in METHODS.values():
-            if spec.service != service:
-                continue
-            factory = getattr(channel, spec.cardinality)
-            self._calls[spec.name] = factory(
-                method_path(package, service, spec.name),
-                request_serializer=CODECS[spec.request].encode,
-                response_deserializer=CODECS[spec.response].decode,
-            )
-        if not self._calls:
-            raise ValueError(f"no such service in the contract: {service}")
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._calls[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 _AUTH_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE}
 
@@ -185,94 +148,17 @@ def translate(exc: grpc.RpcError) -> errors.RpcError:
 
 
 @contextlib.contextmanager
-def rpc_errors() -> Iterator[None]:
-    """Translate gRPC failures raised inside the block into ``errors.RpcError``."""
+def rpc_errors(
+    explain: Callable[[grpc.RpcError], errors.RpcError] = translate,
+) -> Iterator[None]:
+    """The one boundary where gRPC failures become the project's errors: a
+    ``grpc.RpcError`` raised inside the block is re-raised as ``explain(exc)``
+    (chained), like httpcore's ``map_exceptions``::
+
+        with rpc_errors():
+            reply = await stub.CreateSession(session, metadata=md)
+    """
     try:
         yield
     except grpc.RpcError as exc:
-        raise translate(exc) from exc
-
-
-# --- server side -----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """Stands in for a request that did not parse; servers answer INVALID_ARGUMENT."""
-
-    reason: str
-
-
-def _lenient(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def run(data: bytes) -> Any:
-        try:
-            return decode(data)
-        except errors.ProtocolError as exc:
-            return Malformed(str(exc))
-
-    return run
-
-
-async def _checked_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-    async for item in requests:
-        if isinstance(item, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.reason)
-        yield item
-
-
-def _wrap(spec: MethodSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
-    # grpc.aio picks the calling convention by inspecting the handler, so the
-    # wrappers must be async generator functions where ``fn`` is one.
-    streams_out = spec.cardinality in ("stream_stream", "unary_stream")
-    if streams_out and not inspect.isasyncgenfunction(fn):
-        raise TypeError(f"{spec.name} must be an async generator function")
-
-    if spec.cardinality == "stream_stream":
-
-        async def stream_handler(
-            requests: AsyncIterator[Any], context: Context
-        ) -> AsyncIterator[Any]:
-            async for item in fn(_checked_stream(requests, context), context):
-                yield item
-
-        return stream_handler
-
-    if spec.cardinality == "unary_stream":
-
-        async def unary_stream_handler(request: Any, context: Context) -> AsyncIterator[Any]:
-            if isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            async for item in fn(request, context):
-                yield item
-
-        return unary_stream_handler
-
-    async def unary_handler(request: Any, context: Context) -> Any:
-        if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        return await fn(request, context)
-
-    return unary_handler
-
-
-def service_handler(service: str, impl: object, package: str = DEFAULT_PROTO_PACKAGE) -> Any:
-    """A grpc.aio handler serving ``service`` from ``impl``'s methods named as the RPCs
-    (``async def CreateSession(self, request, context)``, async generators for
-    server streams). Malformed requests are answered INVALID_ARGUMENT before
-    ``impl`` sees them."""
-    handlers: dict[str, Any] = {}
-    for spec in METHODS.values():
-        if spec.service != service:
-            continue
-        fn = _wrap(spec, getattr(impl, spec.name))
-        make = getattr(grpc, f"{spec.cardinality}_rpc_method_handler")
-        handlers[spec.name] = make(
-            fn,
-            request_deserializer=_lenient(CODECS[spec.request].decode),
-            response_serializer=CODECS[spec.response].encode,
-        )
-    return grpc.method_handlers_generic_handler(service_name(package, service), handlers)
-
-
-def services_named(names: Sequence[str], package: str) -> list[str]:
-    return [service_name(package, n) for n in names]
+        raise explain(exc) from exc

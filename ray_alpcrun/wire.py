@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as PbMessage
 
 from ray_alpcrun._proto import ghpc_pb2 as pb
 from ray_alpcrun.errors import ProtocolError
@@ -31,11 +33,11 @@ from ray_alpcrun.types import (
 # --- durations -------------------------------------------------------------
 
 
-def _duration_to_s(d: Any) -> float:
+def _duration_to_s(d: Duration) -> float:
     return float(d.seconds) + float(d.nanos) / 1e9
 
 
-def _set_duration(d: Any, seconds: float) -> None:
+def _set_duration(d: Duration, seconds: float) -> None:
     whole = int(seconds)
     d.seconds = whole
     d.nanos = round((seconds - whole) * 1e9)
@@ -195,22 +197,26 @@ def status_from_pb(_: pb.Status) -> Status:
 # --- serialisers used by the gRPC method tables ----------------------------
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True, slots=True)
-class Codec:
+class Codec(Generic[T]):
     """Turns one of the project's types into wire bytes and back."""
 
-    encode: Callable[[Any], bytes]
-    decode: Callable[[bytes], Any]
+    encode: Callable[[T], bytes]
+    decode: Callable[[bytes], T]
 
 
-def _codec(pb_type: Any, to_pb: Callable[[Any], Any], from_pb: Callable[[Any], Any]) -> Codec:
+def _codec(
+    pb_type: type[PbMessage], to_pb: Callable[[T], PbMessage], from_pb: Callable[[Any], T]
+) -> Codec[T]:
     name = pb_type.DESCRIPTOR.name
 
-    def encode(obj: Any) -> bytes:
-        data: bytes = to_pb(obj).SerializeToString()
-        return data
+    def encode(obj: T) -> bytes:
+        return to_pb(obj).SerializeToString()
 
-    def decode(data: bytes) -> Any:
+    def decode(data: bytes) -> T:
         try:
             return from_pb(pb_type.FromString(data))
         except DecodeError as exc:
@@ -219,7 +225,7 @@ def _codec(pb_type: Any, to_pb: Callable[[Any], Any], from_pb: Callable[[Any], A
     return Codec(encode, decode)
 
 
-CODECS: dict[type, Codec] = {
+CODECS: dict[type, Codec[Any]] = {
     Session: _codec(pb.Session, session_to_pb, session_from_pb),
     Batch: _codec(pb.Batch, batch_to_pb, batch_from_pb),
     Status: _codec(pb.Status, status_to_pb, status_from_pb),

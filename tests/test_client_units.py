@@ -50,20 +50,24 @@ async def test_chunks_from_sync_and_async_iterables() -> None:
     assert b"".join(b"".join(c) for c in async_parts) == bytes(range(5))
 
 
-async def test_submission_window_blocks_sender_until_answers_arrive() -> None:
+async def test_submission_window_blocks_sender_until_answers_are_taken() -> None:
     sub = Submission(max_pending_tasks=2)
     sub.sent = 2
     waiter = asyncio.ensure_future(sub.wait_for_space())
     await asyncio.sleep(0)  # ok: let the waiter block once
     assert not waiter.done()
     sub.deliver([TaskResult("t", 0, b"", None, False, "b")])
+    await asyncio.sleep(0)  # ok: one turn for a (wrong) wake-up
+    # An answer waiting for the consumer still holds memory: no room yet.
+    assert not waiter.done() and sub.held == 2
+    sub.took(1)
     await asyncio.wait_for(waiter, 1.0)
     sub.mark_all_sent()
     sub.deliver([TaskResult("u", 1, b"", None, False, "b")])
     assert sub.outstanding == 0
     # Finished only once the consumer took every answer out of the queue.
     assert not sub.finished
-    sub.handed_out = 2
+    sub.took(1)
     assert sub.finished
 
 

@@ -429,10 +429,11 @@ async def test_batch_timeout_fails_a_stalled_worker(clock: FakeClock) -> None:
             await channel.close(None)
 
 
+@pytest.mark.parametrize("preemptible", [True, False])
 async def test_equal_sessions_share_the_workers(
-    svc: LocalServices, channel: grpc.aio.Channel
+    svc: LocalServices, channel: grpc.aio.Channel, clock: FakeClock, preemptible: bool
 ) -> None:
-    first = await create_session(svc, channel)
+    first = await create_session(svc, channel, preemptible=preemptible)
     second = await create_session(svc, channel)
     gate = asyncio.Event()
 
@@ -453,6 +454,18 @@ async def test_equal_sessions_share_the_workers(
         # no worker: one worker is rebalanced to it while the first still has work.
         for b in tasks(second.id, 5):
             client.send(b)
+        await wait_for(lambda: svc.stats()["submitted_tasks"] == 45)
+        if not preemptible:
+            # Only a preemptible session gives workers up: the first keeps both.
+            await svc.atick()
+            assert svc.stats()["unbinds"] == 0
+            gate.set()
+            first_results = await client.read(40)
+            assert {m.related_id for m in first_results} == {f"t{i}" for i in range(40)}
+            clock.advance(2.0)  # the first session ran dry: its workers go to the second
+            await svc.atick()
+            assert len(await client.read(5)) == 5
+            return
         await wait_for(lambda: svc.stats()["unbinds"] == 1)
         gate.set()  # the rebalanced worker answers what it holds, then moves
         results = await client.read(45)
@@ -464,3 +477,24 @@ async def test_equal_sessions_share_the_workers(
         i.session_id for w in (wa, wb) for i in w.instructions if i.type == InstructionType.BIND
     }
     assert served == {first.id, second.id}
+
+
+async def test_result_batch_without_id_is_matched_by_related_id(
+    svc: LocalServices, channel: grpc.aio.Channel
+) -> None:
+    # The guide's shared-data example answers with a batch that has no id.
+    async def no_batch_id(batch: Batch) -> Batch:
+        answer = await echo(batch)
+        answer.id = ""
+        return answer
+
+    s = await create_session(svc, channel, max_inflight_batches_per_worker=3)
+    async with RawWorker(svc, answer=no_batch_id), RawClient(svc) as client:
+        for b in tasks(s.id, 12, per_batch=2):
+            client.send(b)
+        client.half_close()
+        results = [m for b in await client.read_all() for m in b.messages]
+        await svc.ajoin(s.id, timeout_s=5)
+    assert sorted(m.related_id or "" for m in results) == sorted(f"t{i}" for i in range(12))
+    assert all(m.payload == (m.related_id or "").encode()[::-1] for m in results)
+    assert svc.stats()["dropped_results"] == 0

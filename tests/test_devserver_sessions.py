@@ -233,13 +233,14 @@ async def test_join_reports_closed_with_unanswered(
     svc: LocalServices, channel: grpc.aio.Channel
 ) -> None:
     stub = queue_stub(svc, channel)
-    s = await create_session(svc, channel)
+    # Only with cleanup_on_client_exit does CloseSession empty the queues.
+    s = await create_session(svc, channel, cleanup_on_client_exit=True)
     async with RawClient(svc) as client:
         client.send(tasks(s.id, 1)[0])
         await wait_for(lambda: svc.stats()["submitted_tasks"] == 1)
         with pytest.raises(TimeoutError, match="1 task"):
             await svc.ajoin(s.id, timeout_s=0.05)
         await stub.CloseSession(Session(id=s.id), metadata=md(svc))
-        with pytest.raises(SessionClosed):
+        with pytest.raises(SessionClosed, match="1 unanswered"):
             await svc.ajoin(s.id)
         assert await client.read_all() == []  # the server ends the stream of a closed session

@@ -12,7 +12,8 @@ import pytest
 from ray_alpcrun import transport
 from ray_alpcrun.devserver import LocalServices, Rejected, SessionClosed, scheduler
 from ray_alpcrun.devserver.attributes import new_attributes, updated_attributes
-from ray_alpcrun.devserver.sessions import Pending, SessionState, TaskQueue, split_answers
+from ray_alpcrun.devserver.flow import split_answers
+from ray_alpcrun.devserver.model import Pending, SessionState, TaskQueue
 from ray_alpcrun.types import Batch, Message, Session, SessionAttributes
 from tests.devserver_kit import RawClient, RawWorker, create_session, free_config, md, tasks
 
@@ -155,8 +156,24 @@ def test_sync_form_in_a_background_thread() -> None:
                 svc.join(s.id, timeout_s=0.2)  # no worker: nothing gets answered
             svc.tick()
             stub.CloseSession(Session(id=s.id), metadata=meta)
-            with pytest.raises(SessionClosed):
-                svc.join(s.id)
+            # Without cleanup_on_client_exit nothing submitted is lost: the queued
+            # tasks became dead letters, so the session is drained.
+            svc.join(s.id)
             assert list(call) == []  # the server ended the stream of the closed session
+            dead = list(stub.ClientStreamDeadLetters(Session(id=s.id), metadata=meta))
+            assert sorted(m.id for b in dead for m in b.messages) == ["t0", "t1"]
+            assert all(
+                b.dead and "closed before it ran" in (b.messages[0].error or "") for b in dead
+            )
+            # With it, CloseSession empties the queues: the tasks are gone unanswered.
+            attrs = SessionAttributes(cleanup_on_client_exit=True)
+            c = stub.CreateSession(Session(app_id="sync", attributes=attrs), metadata=meta)
+            call = stub.ClientStream(iter(tasks(c.id, 2)), metadata=meta)
+            while svc.stats()["submitted_tasks"] < 4 and time.monotonic() < deadline:
+                time.sleep(0.005)  # ok: polling a server-side counter
+            stub.CloseSession(Session(id=c.id), metadata=meta)
+            with pytest.raises(SessionClosed, match="2 unanswered"):
+                svc.join(c.id)
+            assert list(call) == []
     with pytest.raises(RuntimeError):
         svc.join(s.id)  # stopped

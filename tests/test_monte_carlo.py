@@ -178,7 +178,7 @@ def test_handler_batch_equals_task_by_task_and_decodes_shared_once(market: Marke
 
 def test_handler_needs_market_data() -> None:
     runtime = HandlerRuntime(MonteCarloHandler(), xp=np)
-    from ray_alpcrun.runtime import SessionSetupError
+    from ray_alpcrun.errors import SessionSetupError
 
     with pytest.raises(SessionSetupError, match="market data"):
         runtime.run("s", [b"x"])

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.errors import AlpcrunError, TaskFailed, TasksFailed
+from ray_alpcrun.errors import AlpcrunError, SessionSetupError, TaskFailed, TasksFailed
 from ray_alpcrun.notebook import RayPool
-from ray_alpcrun.runtime import SessionSetupError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.errors import ConfigError, HandlerError
+from ray_alpcrun.errors import ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.handler import Handler, HandlerSpec, SessionContext
 from ray_alpcrun.pool import ActorPool
-from ray_alpcrun.runtime import SessionSetupError
 from tests import handlers
 
 pytestmark = pytest.mark.usefixtures("ray_session")

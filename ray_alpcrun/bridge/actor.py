@@ -11,15 +11,11 @@ import asyncio
 import gc
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.stats import (
-    LATENCY_BUCKETS_S,
-    BridgeStats,
-    render_prometheus,
-    stat_counters,
-)
+from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, LATENCY_NAME, BridgeMetrics, BridgeStats
 from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
@@ -27,21 +23,25 @@ from ray_alpcrun.health import HealthServer
 from ray_alpcrun.logs import fields, setup_logging
 from ray_alpcrun.runtime import Outcome
 
+if TYPE_CHECKING:
+    from ray_alpcrun.actor import SharedRef
+    from ray_alpcrun.pool import ActorPool
+
 log = logging.getLogger(__name__)
 
 
 class PoolProcessor:
     """Adapts the actor pool to the bridge's ``Processor`` protocol."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: ActorPool) -> None:
         self.pool = pool
 
-    async def share(self, session_id: str, level: int | None, payload: bytes) -> Any:
+    async def share(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
         # In a thread: putting 256 MB would stall every stream for ~100 ms.
         return await self.pool.aput_shared(session_id, level, payload)
 
     async def process(
-        self, session_id: str, payloads: list[bytes], shared: Any | None
+        self, session_id: str, payloads: list[bytes], shared: SharedRef | None
     ) -> list[Outcome]:
         outcomes: list[Outcome] = await self.pool.run(session_id, payloads, shared=shared)
         return outcomes
@@ -71,10 +71,61 @@ class Bridge:
         self.health_host = health_host
         self.health: HealthServer | None = None
         self.draining = False
-        self.pool: Any = None
+        self.pool: ActorPool | None = None
         self.worker: BridgeWorker | None = None
         self._started = asyncio.Event()
         self._stop_requested = False
+        self._idle_stats = BridgeStats()
+        self._gpu_memory: list[tuple[str, float]] = []
+        self.metrics = self._make_metrics()
+
+    def _stats(self) -> BridgeStats:
+        return self.worker.stats if self.worker is not None else self._idle_stats
+
+    def _make_metrics(self) -> BridgeMetrics:
+        m = BridgeMetrics(self._stats)
+        of = self._of_worker
+        m.counter(
+            "alpcrun_shared_data_fetches_total",
+            "GetSharedData calls to the node cache",
+            of(lambda w: w.link.shared.fetches),
+        )
+        m.counter(
+            "alpcrun_shared_data_bytes_total",
+            "bytes of shared data fetched",
+            of(lambda w: w.link.shared.fetched_bytes),
+        )
+        m.counter(
+            "alpcrun_actor_restarts_total",
+            "pool actors replaced after dying or hanging",
+            lambda: float(self.pool.restarts if self.pool else 0),
+        )
+        m.counter(
+            "alpcrun_reconnects_total",
+            "registrations retried after a failure",
+            of(lambda w: w.reconnects),
+        )
+        m.gauge(
+            "alpcrun_sessions_bound",
+            "sessions this bridge serves now",
+            of(lambda w: len(w.bound_sessions)),
+        )
+        m.gauge(
+            "alpcrun_workers_registered",
+            "slots registered with the queue manager",
+            of(lambda w: sum(s.registered.is_set() for s in w.slots)),
+        )
+        m.labelled_gauge(
+            "alpcrun_gpu_memory_used_bytes",
+            "GPU memory used, per GPU actor",
+            "actor",
+            lambda: self._gpu_memory,
+        )
+        return m  # fmt: skip
+
+    def _of_worker(self, read: Callable[[BridgeWorker], float]) -> Callable[[], float]:
+        """A metric read from the worker at scrape time (0 before it exists)."""
+        return lambda: float(read(self.worker)) if self.worker is not None else 0.0
 
     async def run(self) -> tuple[int, str]:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
@@ -172,35 +223,18 @@ class Bridge:
         return True, f"{live} actor(s), {len(self.worker.slots)} slot(s) registered"
 
     async def metrics_text(self) -> str:
-        w = self.worker
-        stats = w.stats if w is not None else BridgeStats()
-        counters, gauges, gpu = await self._metric_values()
-        return render_prometheus(stats, gauges, counters, gpu)
+        await self._refresh_gpu_memory()
+        return self.metrics.render()
 
-    async def _metric_values(
-        self,
-    ) -> tuple[dict[str, float], dict[str, float], list[tuple[str, float]]]:
-        w = self.worker
-        shared = w.link.shared if w is not None else None
-        counters = {
-            "alpcrun_shared_data_fetches_total": float(shared.fetches if shared else 0),
-            "alpcrun_shared_data_bytes_total": float(shared.fetched_bytes if shared else 0),
-            "alpcrun_actor_restarts_total": float(self.pool.restarts if self.pool else 0),
-            "alpcrun_reconnects_total": float(w.reconnects if w else 0),
-        }
-        gauges = {
-            "alpcrun_sessions_bound": float(len(w.bound_sessions) if w else 0),
-            "alpcrun_workers_registered": float(
-                sum(s.registered.is_set() for s in w.slots) if w else 0
-            ),
-        }
+    async def _refresh_gpu_memory(self) -> None:
+        # The pool's status is asynchronous; the registry reads only plain values.
         gpu: list[tuple[str, float]] = []
         if self.pool is not None:
             for actor in (await self.pool.status()).get("actors", []):
                 device = actor.get("device") or {}
                 if "memory_used_bytes" in device:
                     gpu.append((str(actor.get("slot")), float(device["memory_used_bytes"])))
-        return counters, gauges, gpu
+        self._gpu_memory = gpu
 
     async def status(self) -> dict[str, Any]:
         w = self.worker
@@ -240,52 +274,39 @@ class Bridge:
 
 
 async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
-    """Mirror the bridge's figures into Ray's metrics (Prometheus via Ray's agent)."""
-    try:
-        from ray.util import metrics
-    except ImportError:  # pragma: no cover - ray without metrics support
-        return
-    counters: dict[str, Any] = {}
-    gauges: dict[str, Any] = {}
-    last: dict[str, float] = {}
+    """Mirror the bridge's registry into Ray's metrics (Prometheus via Ray's agent)."""
+    from ray.util import metrics
+
+    mirrors: dict[str, Any] = {}
+    last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     seen_batches = 0
-    gpu_memory = metrics.Gauge(
-        "alpcrun_gpu_memory_used_bytes",
-        description="GPU memory used, per GPU actor",
-        tag_keys=("actor",),
-    )
     latency = metrics.Histogram(
-        "alpcrun_batch_latency_seconds",
+        LATENCY_NAME,
         description="receive-to-answer time per batch",
         boundaries=list(LATENCY_BUCKETS_S),
     )
     while True:
-        w = bridge.worker
-        if w is not None:
-            s = w.stats
-            extra_counters, extra_gauges, gpu = await bridge._metric_values()
-            for actor, used in gpu:
-                gpu_memory.set(used, tags={"actor": actor})
-            totals = {**stat_counters(s), **extra_counters}
-            for name, value in totals.items():
-                if name not in counters:
-                    counters[name] = metrics.Counter(name, description=name.replace("_", " "))
-                delta = value - last.get(name, 0.0)
+        await bridge._refresh_gpu_memory()
+        for kind, name, labels, value in bridge.metrics.values():
+            if name not in mirrors:
+                make = metrics.Counter if kind == "counter" else metrics.Gauge
+                mirrors[name] = make(
+                    name, description=name.replace("_", " "), tag_keys=tuple(labels)
+                )
+            key = (name, tuple(sorted(labels.items())))
+            if kind == "counter":
+                delta = value - last.get(key, 0.0)
                 if delta > 0:
-                    counters[name].inc(delta)
-                last[name] = value
-            for name, value in {
-                **extra_gauges,
-                "alpcrun_batches_in_flight": float(s.batches_in_flight),
-            }.items():
-                if name not in gauges:
-                    gauges[name] = metrics.Gauge(name, description=name.replace("_", " "))
-                gauges[name].set(value)
-            recent = list(s.latency.recent)
-            new = s.latency.total - seen_batches
-            for value in recent[-new:] if 0 < new <= len(recent) else []:
-                latency.observe(value)
-            seen_batches = s.latency.total
+                    mirrors[name].inc(delta, tags=labels or None)
+                last[key] = value
+            else:
+                mirrors[name].set(value, tags=labels or None)
+        h = bridge._stats().latency
+        recent = list(h.recent)
+        new = h.total - seen_batches
+        for value in recent[-new:] if 0 < new <= len(recent) else []:
+            latency.observe(value)
+        seen_batches = h.total
         await asyncio.sleep(period_s)
 
 

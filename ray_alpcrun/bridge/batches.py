@@ -31,12 +31,6 @@ def result_batch(task: Batch, outcomes: Sequence[Outcome], max_message_bytes: in
     return Batch(id=task.id, session_id=task.session_id, messages=messages, dead=False)
 
 
-def dead_batch(task: Batch, reason: str) -> Batch:
-    """Every task of ``task`` answered with ``reason``; the queue manager dead-letters it."""
-    messages = [Message(m.id, b"", m.id, reason) for m in task.messages]
-    return Batch(id=task.id, session_id=task.session_id, messages=messages, dead=True)
-
-
 def _size(messages: Sequence[Message]) -> int:
     return sum(
         len(m.payload) + len(m.id) * 2 + len(m.error or "") + _MESSAGE_OVERHEAD_BYTES

@@ -19,13 +19,15 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.batches import dead_batch, result_batch
+from ray_alpcrun.bridge.batches import result_batch
 from ray_alpcrun.bridge.stats import BridgeStats
+from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.logs import fields
-from ray_alpcrun.runtime import Outcome, SessionSetupError, describe
+from ray_alpcrun.rpc import QueueStub
+from ray_alpcrun.runtime import Outcome, describe
 from ray_alpcrun.shared_data import SharedDataCache
-from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID, Metadata, Stub
-from ray_alpcrun.types import Batch
+from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID, Metadata
+from ray_alpcrun.types import Batch, dead_batch
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class Processor(Protocol):
 class Link:
     """What a session stream needs from its worker."""
 
-    queue: Stub
+    queue: QueueStub
     metadata: Metadata
     shared: SharedDataCache
     processor: Processor

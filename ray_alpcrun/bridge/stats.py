@@ -1,4 +1,5 @@
-"""What the bridge counts, and its Prometheus text form. No Ray, no gRPC.
+"""What the bridge counts, and its Prometheus form: one ``prometheus_client``
+registry per bridge (:class:`BridgeMetrics`). No Ray, no gRPC.
 
 Metric names and labels (also exported through Ray's metrics, see ``actor.py``):
 
@@ -23,10 +24,13 @@ Metric names and labels (also exported through Ray's metrics, see ``actor.py``):
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (
     0.001,
@@ -45,31 +49,33 @@ LATENCY_BUCKETS_S = (
     30.0,
 )
 
+LATENCY_NAME = "alpcrun_batch_latency_seconds"
 
-@dataclass
+
 class LatencyHistogram:
-    buckets: tuple[float, ...] = LATENCY_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
-    total: int = 0
-    sum_s: float = 0.0
-    recent: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    """Receive-to-answer time per batch: a real ``prometheus_client`` histogram
+    (registered by :class:`BridgeMetrics`), plus the latest observations for the
+    mirror into Ray's metrics."""
+
+    def __init__(self) -> None:
+        # registry=None: the bridge's registry reaches it through the current stats.
+        self.histogram = Histogram(
+            LATENCY_NAME, "receive-to-answer time per batch", buckets=LATENCY_BUCKETS_S,
+            registry=None,
+        )  # fmt: skip
+        self.total = 0
+        self.recent: deque[float] = deque(maxlen=2048)
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.histogram.observe(seconds)
         self.total += 1
-        self.sum_s += seconds
         self.recent.append(seconds)
-
-    def quantile(self, q: float) -> float | None:
-        """Quantile over the most recent observations (None before the first)."""
-        if not self.recent:
-            return None
-        ordered = sorted(self.recent)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass
 class BridgeStats:
+    """Plain counters, bumped on the hot path; read when scraped."""
+
     tasks_ok: int = 0
     tasks_failed: int = 0
     batches_done: int = 0
@@ -80,61 +86,77 @@ class BridgeStats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
-_HELP = {
-    "alpcrun_tasks_processed_total": "tasks answered with a result",
-    "alpcrun_tasks_failed_total": "tasks answered with an error",
-    "alpcrun_batches_total": "batches answered",
-    "alpcrun_batches_dead_total": "batches answered dead",
-    "alpcrun_results_dropped_total": "results not sendable",
-    "alpcrun_batches_undecodable_total": "task batches that could not be decoded",
-}
+Read = Callable[[], float]
+ReadLabelled = Callable[[], Iterable[tuple[str, float]]]
 
 
-def stat_counters(stats: BridgeStats) -> dict[str, float]:
-    """The counters kept in ``stats``, by metric name (one list for every exporter)."""
-    return {
-        "alpcrun_tasks_processed_total": float(stats.tasks_ok),
-        "alpcrun_tasks_failed_total": float(stats.tasks_failed),
-        "alpcrun_batches_total": float(stats.batches_done),
-        "alpcrun_batches_dead_total": float(stats.batches_dead),
-        "alpcrun_results_dropped_total": float(stats.results_dropped),
-        "alpcrun_batches_undecodable_total": float(stats.batches_undecodable),
-    }
+class BridgeMetrics(Collector):
+    """The bridge's metrics, in a registry of its own (two bridges in one process
+    never share a figure). Each metric reads its value when scraped, so adding
+    one is a line::
 
+        metrics.gauge("alpcrun_pool_actors_alive", "actors alive", lambda: pool.alive)
+    """
 
-def render_prometheus(
-    stats: BridgeStats, gauges: Mapping[str, float], counters: Mapping[str, float],
-    gpu_memory: Iterable[tuple[str, float]] = (),
-) -> str:  # fmt: skip
-    """Prometheus text exposition of the stats plus extra gauges and counters."""
-    lines: list[str] = []
+    def __init__(self, stats: Callable[[], BridgeStats]) -> None:
+        self._stats = stats
+        self._metrics: list[tuple[str, str, str, Read]] = []
+        self._labelled: list[tuple[str, str, str, ReadLabelled]] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        counters: list[tuple[str, str, Callable[[BridgeStats], int]]] = [
+            ("alpcrun_tasks_processed_total", "tasks answered with a result", lambda s: s.tasks_ok),
+            ("alpcrun_tasks_failed_total", "tasks answered with an error",
+             lambda s: s.tasks_failed),
+            ("alpcrun_batches_total", "batches answered", lambda s: s.batches_done),
+            ("alpcrun_batches_dead_total", "batches answered dead", lambda s: s.batches_dead),
+            ("alpcrun_results_dropped_total", "results not sendable", lambda s: s.results_dropped),
+            ("alpcrun_batches_undecodable_total", "task batches that could not be decoded",
+             lambda s: s.batches_undecodable),
+        ]  # fmt: skip
+        for name, help_text, field_of in counters:
+            self.counter(name, help_text, self._of_stats(field_of))
+        self.gauge("alpcrun_batches_in_flight", "batches in progress",
+                   lambda: float(self._stats().batches_in_flight))  # fmt: skip
+        self.registry.register(self)
 
-    def metric(name: str, kind: str, value: float, help_text: str) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name} {value:g}")
+    def _of_stats(self, field_of: Callable[[BridgeStats], int]) -> Read:
+        return lambda: float(field_of(self._stats()))
 
-    for name, value in stat_counters(stats).items():
-        metric(name, "counter", value, _HELP.get(name, name.replace("_", " ")))
-    metric("alpcrun_batches_in_flight", "gauge", stats.batches_in_flight, "batches in progress")
-    for name, value in counters.items():
-        metric(name, "counter", value, name.replace("_", " "))
-    for name, value in gauges.items():
-        metric(name, "gauge", value, name.replace("_", " "))
-    h = stats.latency
-    name = "alpcrun_batch_latency_seconds"
-    lines.append(f"# HELP {name} receive-to-answer time per batch")
-    lines.append(f"# TYPE {name} histogram")
-    running = 0
-    for bound, count in zip((*h.buckets, float("inf")), h.counts, strict=True):
-        running += count
-        le = "+Inf" if bound == float("inf") else f"{bound:g}"
-        lines.append(f'{name}_bucket{{le="{le}"}} {running}')
-    lines.append(f"{name}_sum {h.sum_s:g}")
-    lines.append(f"{name}_count {h.total}")
-    gpu = list(gpu_memory)
-    if gpu:
-        lines.append("# HELP alpcrun_gpu_memory_used_bytes GPU memory used, per GPU actor")
-        lines.append("# TYPE alpcrun_gpu_memory_used_bytes gauge")
-        lines.extend(f'alpcrun_gpu_memory_used_bytes{{actor="{a}"}} {v:g}' for a, v in gpu)
-    return "\n".join(lines) + "\n"
+    def counter(self, name: str, help_text: str, read: Read) -> None:
+        """A counter (``name`` ends in ``_total``) whose value ``read()`` returns."""
+        self._metrics.append((name, help_text, "counter", read))
+
+    def gauge(self, name: str, help_text: str, read: Read) -> None:
+        """A gauge whose value ``read()`` returns."""
+        self._metrics.append((name, help_text, "gauge", read))
+
+    def labelled_gauge(self, name: str, help_text: str, label: str, read: ReadLabelled) -> None:
+        """A gauge with one label; ``read()`` yields ``(label value, value)`` pairs."""
+        self._labelled.append((name, help_text, label, read))
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_text, kind, read in self._metrics:
+            if kind == "counter":
+                yield CounterMetricFamily(name, help_text, value=read())
+            else:
+                yield GaugeMetricFamily(name, help_text, value=read())
+        yield from self._stats().latency.histogram.collect()
+        for name, help_text, label, read_labelled in self._labelled:
+            family = GaugeMetricFamily(name, help_text, labels=[label])
+            for key, value in read_labelled():
+                family.add_metric([key], value)
+            yield family
+
+    def values(self) -> Iterator[tuple[str, str, dict[str, str], float]]:
+        """Every counter and gauge sample as (kind, name, labels, value), for mirrors."""
+        for family in self.registry.collect():
+            if family.type not in ("counter", "gauge"):
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                yield family.type, sample.name, dict(sample.labels), sample.value
+
+    def render(self) -> str:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry).decode()

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from ray_alpcrun.client.aio import AsyncClient
 from ray_alpcrun.client.results import TaskResult
-from ray_alpcrun.client.session import AsyncSession, SubmitTimeout
+from ray_alpcrun.client.session import AsyncSession
 from ray_alpcrun.client.sync import Client, Session
-from ray_alpcrun.errors import TaskFailed
+from ray_alpcrun.errors import SubmitTimeout, TaskFailed
 
 __all__ = [
     "AsyncClient",

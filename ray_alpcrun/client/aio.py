@@ -16,30 +16,34 @@ import asyncio
 import dataclasses
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import TypeVar
 
 import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.client.session import AsyncSession, check_priority
+from ray_alpcrun.client.session import AsyncSession, check_priority, close_after
 from ray_alpcrun.config import (
     DEFAULT_CENTRAL_CACHE_ADDR,
     DEFAULT_QUEUE_ADDR,
     Env,
     check_address,
 )
+from ray_alpcrun.rpc import CacheStub, QueueStub, UnaryUnaryMethod
 from ray_alpcrun.transport import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Metadata,
-    Stub,
     TlsFiles,
     make_metadata,
     open_channel,
+    rpc_errors,
     translate,
 )
 from ray_alpcrun.types import Session, SessionAttributes
 from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
 
 
 def explain(exc: grpc.RpcError, address: str, api_key: str | None) -> errors.RpcError:
@@ -101,7 +105,8 @@ class AsyncClient:
         self.dead_letter_poll_s = dead_letter_poll_s
         self.metadata: Metadata = make_metadata(self.api_key)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, Any] = {}
+        self._queue: QueueStub | None = None
+        self._cache: CacheStub | None = None
         self._sessions: set[AsyncSession] = set()
 
     async def __aenter__(self) -> AsyncClient:
@@ -110,18 +115,20 @@ class AsyncClient:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        with close_after(e):
+            await self.close()
 
     async def connect(self) -> AsyncClient:
         """Open the queue channel and wait until it is ready (``connect_timeout_s``)."""
-        await self._stub("Queue", self.queue_address)
+        await self.queue_stub()
         return self
 
     async def close(self) -> None:
         """Close result streams and channels; sessions stay open on the server."""
         for session in list(self._sessions):
             await session.disconnect()
-        channels, self._channels, self._stubs = self._channels, {}, {}
+        channels, self._channels = self._channels, {}
+        self._queue = self._cache = None
         for channel in channels.values():
             await channel.close(None)
 
@@ -152,7 +159,8 @@ class AsyncClient:
             max_inflight_batches_per_worker=max_inflight_batches_per_worker or 0,
             tags=tuple(tags),
         )
-        reply = await self.call("CreateSession", Session(app_id=app_id, attributes=attrs))
+        queue = await self.queue_stub()
+        reply = await self.call(queue.CreateSession, Session(app_id=app_id, attributes=attrs))
         if not reply.id:
             raise errors.ProtocolError("CreateSession answered without a session id")
         if reply.attributes is None:
@@ -169,41 +177,41 @@ class AsyncClient:
             raise ValueError("session_id is required")
         return self._adopt(AsyncSession(self, Session(id=session_id, app_id=app_id)))
 
-    # --- plumbing shared with AsyncSession ---------------------------------
+    # --- SessionHost (client/interfaces.py): what AsyncSession uses -----------
 
-    async def call(self, method: str, request: Any, service: str = "Queue") -> Any:
+    async def call(
+        self, rpc: UnaryUnaryMethod[Req, Rep], request: Req, *, address: str | None = None
+    ) -> Rep:
         """One unary RPC with the API key, the RPC timeout and error translation."""
-        address = self.queue_address if service == "Queue" else self.central_cache_address
-        stub = await self._stub(service, address)
-        try:
-            return await getattr(stub, method)(
-                request, metadata=self.metadata, timeout=self.rpc_timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise explain(exc, address, self.api_key) from exc
+        where = address or self.queue_address
+        with rpc_errors(lambda exc: explain(exc, where, self.api_key)):
+            return await rpc(request, metadata=self.metadata, timeout=self.rpc_timeout_s)
 
-    async def queue_stub(self) -> Any:
-        return await self._stub("Queue", self.queue_address)
+    async def queue_stub(self) -> QueueStub:
+        if self._queue is None:
+            self._queue = QueueStub(await self._channel(self.queue_address), self.proto_package)
+        return self._queue
+
+    async def cache_stub(self) -> CacheStub:
+        if self._cache is None:
+            channel = await self._channel(self.central_cache_address)
+            self._cache = CacheStub(channel, self.proto_package)
+        return self._cache
 
     def explain(self, exc: grpc.RpcError) -> errors.RpcError:
         return explain(exc, self.queue_address, self.api_key)
 
-    def forget(self, session: AsyncSession) -> None:
-        self._sessions.discard(session)
+    def forget(self, session: object) -> None:
+        if isinstance(session, AsyncSession):
+            self._sessions.discard(session)
 
     def _adopt(self, session: AsyncSession) -> AsyncSession:
         self._sessions.add(session)
         return session
 
-    async def _stub(self, service: str, address: str) -> Any:
-        stub = self._stubs.get(service)
-        if stub is not None:
-            return stub
+    async def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
-        if channel is None:
-            channel = await self._open(address)
-        stub = self._stubs.setdefault(service, Stub(channel, service, self.proto_package))
-        return stub
+        return channel if channel is not None else await self._open(address)
 
     async def _open(self, address: str) -> grpc.aio.Channel:
         channel = open_channel(address, self.tls, self.max_message_bytes)

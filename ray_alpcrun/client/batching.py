@@ -7,7 +7,7 @@ from itertools import islice
 from typing import Any
 
 
-def as_bytes(payload: Any) -> bytes:
+def as_bytes(payload: object) -> bytes:
     if isinstance(payload, bytes):
         return payload
     if isinstance(payload, (bytearray, memoryview)):
@@ -15,12 +15,12 @@ def as_bytes(payload: Any) -> bytes:
     raise TypeError(f"task payloads must be bytes, got {type(payload).__name__}")
 
 
-def split_by_size(chunk: list[Any], max_batch_bytes: int) -> list[list[bytes]]:
+def split_by_size(chunk: list[bytes], max_batch_bytes: int) -> list[list[bytes]]:
     """Check payload types and split ``chunk`` so no part exceeds ``max_batch_bytes``
     (a single payload larger than that travels alone)."""
     size = 0
     for i, p in enumerate(chunk):
-        if type(p) is not bytes:
+        if type(p) is not bytes:  # the caller's iterable may hold anything at run time
             chunk[i] = p = as_bytes(p)
         size += len(p)
     if size <= max_batch_bytes:
@@ -40,11 +40,11 @@ def split_by_size(chunk: list[Any], max_batch_bytes: int) -> list[list[bytes]]:
 
 
 async def chunks(
-    payloads: Iterable[Any] | AsyncIterable[Any], batch_size: int, max_batch_bytes: int
+    payloads: Iterable[bytes] | AsyncIterable[bytes], batch_size: int, max_batch_bytes: int
 ) -> AsyncIterator[list[bytes]]:
     """Batches of at most ``batch_size`` payloads and ``max_batch_bytes`` bytes, lazily."""
     if isinstance(payloads, AsyncIterable):
-        chunk: list[Any] = []
+        chunk: list[bytes] = []
         async for p in payloads:
             chunk.append(p)
             if len(chunk) >= batch_size:

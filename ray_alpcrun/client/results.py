@@ -58,8 +58,10 @@ class Submission:
 
     ``sent`` counts tasks written to the stream, ``answered`` those routed back
     (results or dead letters), ``handed_out`` those the consumer took. Sending
-    pauses while ``outstanding`` reaches
-    ``max_pending_tasks`` so a huge lazy iterable never floods the queue manager.
+    pauses while ``held`` (sent and not yet taken by the consumer: unanswered,
+    or answered and waiting in ``items``) reaches ``max_pending_tasks``, so
+    neither a huge lazy iterable nor a slow consumer grows the client's memory
+    or floods the queue manager.
     """
 
     __slots__ = (
@@ -89,6 +91,11 @@ class Submission:
         return self.sent - self.answered
 
     @property
+    def held(self) -> int:
+        """Tasks this submission holds memory for: sent and not yet taken."""
+        return self.sent - self.handed_out
+
+    @property
     def finished(self) -> bool:
         """Everything sent, and every answer taken by the consumer (answers still
         queued in ``items`` do not count: the consumer must not stop before them)."""
@@ -97,7 +104,11 @@ class Submission:
     def deliver(self, chunk: list[TaskResult]) -> None:
         self.answered += len(chunk)
         self.items.put_nowait(chunk)
-        if self.outstanding < self.max_pending_tasks:
+
+    def took(self, count: int) -> None:
+        """The consumer took ``count`` answers: their memory is free again."""
+        self.handed_out += count
+        if self.held < self.max_pending_tasks:
             self._space.set()
 
     def fail(self, exc: BaseException) -> None:
@@ -109,6 +120,6 @@ class Submission:
         self.items.put_nowait(None)
 
     async def wait_for_space(self) -> None:
-        while self.outstanding >= self.max_pending_tasks:
+        while self.held >= self.max_pending_tasks:
             self._space.clear()
             await self._space.wait()

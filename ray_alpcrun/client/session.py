@@ -9,19 +9,18 @@ import dataclasses
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
-
-import grpc
+from typing import TYPE_CHECKING, TypedDict
 
 from ray_alpcrun import errors
 from ray_alpcrun.client.batching import chunks, progress_bar
+from ray_alpcrun.client.interfaces import SessionHost
 from ray_alpcrun.client.results import Submission, TaskResult
 from ray_alpcrun.client.stream import SessionStream
-from ray_alpcrun.transport import MD_SESSION_ID, make_metadata
+from ray_alpcrun.transport import MD_SESSION_ID, make_metadata, rpc_errors
 from ray_alpcrun.types import Batch, Message, Session, SessionAttributes, SharedData
 
 if TYPE_CHECKING:
-    from ray_alpcrun.client.aio import AsyncClient
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 Payloads = Iterable[bytes] | AsyncIterable[bytes]
 
@@ -30,8 +29,88 @@ DEFAULT_MAX_PENDING_TASKS = 200_000
 DEFAULT_SHARED_TTL_S = 600.0
 
 
-class SubmitTimeout(errors.AlpcrunError, TimeoutError):
-    """Raised when ``submit``/``run`` did not get every answer within ``timeout_s``."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """How ``submit``/``run``/``map`` send a stream of payloads (one source for the
+    async and blocking APIs, which take these as keyword arguments).
+
+    ``use_shared_data=None`` means "if this session published shared data";
+    ``shared_level=None`` the latest level it published. At most
+    ``max_pending_tasks`` tasks are held at a time, counting answers not yet
+    taken by the consumer, so a slow consumer bounds the client's memory.
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    use_shared_data: bool | None = None
+    shared_level: int | None = None
+    priority: int = 0
+    progress: bool = False
+    timeout_s: float | None = None
+    max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.priority < 0:
+            raise ValueError("batch priority must be >= 0 (higher runs first)")
+        if self.max_pending_tasks < 1:
+            raise ValueError("max_pending_tasks must be at least 1")
+
+
+class SessionChanges(TypedDict, total=False):
+    """What ``update`` may change (the other attributes are fixed at creation)."""
+
+    priority: int
+    min_workers: int | None
+    max_workers: int | None
+    idle_timeout_s: float | None
+    preemptible: bool
+    cleanup_on_client_exit: bool
+    max_inflight_batches_per_worker: int | None
+    tags: Iterable[str]
+
+
+class SubmitKwargs(TypedDict, total=False):
+    """:class:`SubmitOptions` as keyword arguments (for typing ``**options``)."""
+
+    batch_size: int
+    use_shared_data: bool | None
+    shared_level: int | None
+    priority: int
+    progress: bool
+    timeout_s: float | None
+    max_pending_tasks: int
+
+
+def too_large(what: str, size: int, host: SessionHost) -> str:
+    """The error for a payload the client's message limit cannot carry."""
+    return (
+        f"{what} of {size} bytes exceeds the client's message limit "
+        f"({host.max_batch_bytes} bytes usable of max_message_bytes={host.max_message_bytes}); "
+        "raise it with Client(max_message_bytes=...) (the services must accept as much)"
+    )
+
+
+def close_after(primary: BaseException | None) -> contextlib.AbstractContextManager[None]:
+    """Run a close that must not hide ``primary`` (the exception leaving a ``with``
+    block): if both fail, ``primary`` propagates with the close failure in a note."""
+    return _CloseAfter(primary)
+
+
+class _CloseAfter(contextlib.AbstractContextManager[None]):
+    def __init__(self, primary: BaseException | None) -> None:
+        self._primary = primary
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if self._primary is None or not isinstance(e, Exception):
+            return False
+        note = f"then closing failed too: {type(e).__name__}: {e}"
+        add_note = getattr(self._primary, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            add_note(note)
+        return True  # the caller's exception goes on, not this one
 
 
 class AsyncSession:
@@ -40,7 +119,7 @@ class AsyncSession:
     ``async with session:`` closes it on exit.
     """
 
-    def __init__(self, client: AsyncClient, session: Session) -> None:
+    def __init__(self, client: SessionHost, session: Session) -> None:
         self._client = client
         self._session = session
         self.shared_level: int | None = None
@@ -73,22 +152,26 @@ class AsyncSession:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        with close_after(e):
+            await self.close()
 
-    async def update(self, **changes: Any) -> None:
+    async def update(self, **changes: Unpack[SessionChanges]) -> None:
         """Change attributes (``UpdateSession``), e.g. ``update(priority=8, max_workers=200)``.
 
         The full attribute set is sent: the current values with ``changes`` applied.
         """
+        fields: dict[str, object] = dict(changes)
         if "priority" in changes:
             check_priority(changes["priority"])
         if "tags" in changes:
-            changes["tags"] = tuple(changes["tags"])
-        if changes.get("max_inflight_batches_per_worker", 0) is None:
-            changes["max_inflight_batches_per_worker"] = 0
-        attrs = dataclasses.replace(self._session.attributes or SessionAttributes(), **changes)
+            fields["tags"] = tuple(changes["tags"])
+        if fields.get("max_inflight_batches_per_worker", 0) is None:
+            fields["max_inflight_batches_per_worker"] = 0
+        current = self._session.attributes or SessionAttributes()
+        attrs = dataclasses.replace(current, **fields)  # type: ignore[arg-type]  # checked above
         session = dataclasses.replace(self._session, attributes=attrs)
-        await self._client.call("UpdateSession", session)
+        queue = await self._client.queue_stub()
+        await self._client.call(queue.UpdateSession, session)
         self._session = session
 
     async def set_shared_data(
@@ -103,109 +186,76 @@ class AsyncSession:
             level = (self.shared_level or 0) + 1
         if level < 0:
             raise ValueError("level must be >= 0")
+        if len(payload) > self._client.max_batch_bytes:
+            raise errors.PayloadTooLarge(too_large("shared data", len(payload), self._client))
         data = SharedData(
             session_id=self.id, update_level=level, payload=bytes(payload), ttl_s=ttl_s
         )
-        await self._client.call("SetSharedData", data, service="Cache")
+        cache = await self._client.cache_stub()
+        await self._client.call(
+            cache.SetSharedData, data, address=self._client.central_cache_address
+        )
         if self.shared_level is None or level > self.shared_level:
             self.shared_level = level
         return level
 
     def submit(
-        self,
-        payloads: Payloads,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        use_shared_data: bool | None = None,
-        shared_level: int | None = None,
-        priority: int = 0,
-        progress: bool = False,
-        timeout_s: float | None = None,
-        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+        self, payloads: Payloads, **options: Unpack[SubmitKwargs]
     ) -> AsyncIterator[TaskResult]:
         """Send ``payloads`` in batches and yield each task's answer as it arrives.
 
         Sending and receiving overlap, so ``payloads`` may be a lazy or huge
-        (async) iterable; at most ``max_pending_tasks`` are unanswered at a time.
-        ``use_shared_data=None`` means "if this session published shared data".
+        (async) iterable. Options (:class:`SubmitOptions`): ``batch_size``,
+        ``use_shared_data``, ``shared_level``, ``priority``, ``progress``,
+        ``timeout_s``, ``max_pending_tasks``. A payload larger than the client's
+        message limit fails that task only (its ``error`` names the limit).
         """
-        return self._results(
-            payloads,
-            batch_size,
-            use_shared_data,
-            shared_level,
-            priority,
-            progress,
-            timeout_s,
-            max_pending_tasks,
-        )
+        return self._results(payloads, SubmitOptions(**options))
 
-    async def _results(self, *args: Any) -> AsyncIterator[TaskResult]:
-        async for chunk in self.submit_chunks(*args):
+    async def _results(self, payloads: Payloads, opts: SubmitOptions) -> AsyncIterator[TaskResult]:
+        async for chunk in self.results_in_chunks(payloads, opts):
             for result in chunk:
                 yield result
 
-    async def run(
-        self,
-        payloads: Payloads,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        use_shared_data: bool | None = None,
-        shared_level: int | None = None,
-        priority: int = 0,
-        progress: bool = False,
-        timeout_s: float | None = None,
-        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
-    ) -> list[TaskResult]:
+    async def run(self, payloads: Payloads, **options: Unpack[SubmitKwargs]) -> list[TaskResult]:
         """Like :meth:`submit`, but returns every answer, in input order."""
         results: list[TaskResult] = []
-        async for chunk in self.submit_chunks(
-            payloads,
-            batch_size,
-            use_shared_data,
-            shared_level,
-            priority,
-            progress,
-            timeout_s,
-            max_pending_tasks,
-        ):
+        async for chunk in self.results_in_chunks(payloads, SubmitOptions(**options)):
             results.extend(chunk)
         results.sort(key=_index)
         return results
 
-    async def map(self, payloads: Payloads, **kwargs: Any) -> list[bytes]:
+    async def map(self, payloads: Payloads, **options: Unpack[SubmitKwargs]) -> list[bytes]:
         """Result payloads in input order; raises ``TaskFailed`` for the first failed task."""
-        return [r.value() for r in await self.run(payloads, **kwargs)]
+        return [r.value() for r in await self.run(payloads, **options)]
 
-    async def submit_chunks(
-        self,
-        payloads: Payloads,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        use_shared_data: bool | None = None,
-        shared_level: int | None = None,
-        priority: int = 0,
-        progress: bool = False,
-        timeout_s: float | None = None,
-        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+    def submit_chunks(
+        self, payloads: Payloads, **options: Unpack[SubmitKwargs]
     ) -> AsyncIterator[list[TaskResult]]:
         """:meth:`submit`, yielding answers in the chunks they arrived in (less overhead)."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if priority < 0:
-            raise ValueError("batch priority must be >= 0 (higher runs first)")
+        return self.results_in_chunks(payloads, SubmitOptions(**options))
+
+    async def results_in_chunks(
+        self, payloads: Payloads, opts: SubmitOptions
+    ) -> AsyncIterator[list[TaskResult]]:
+        """The one implementation behind every submit flavour, sync twins included."""
+        use_shared_data = opts.use_shared_data
         if use_shared_data is None:
-            use_shared_data = shared_level is not None or self.shared_level is not None
+            use_shared_data = opts.shared_level is not None or self.shared_level is not None
         level = None
         if use_shared_data:
-            level = shared_level if shared_level is not None else self.shared_level
+            level = opts.shared_level if opts.shared_level is not None else self.shared_level
         stream = await self._open_stream()
-        sub = Submission(max_pending_tasks)
+        sub = Submission(opts.max_pending_tasks)
         stream.attach(sub)
         loop = asyncio.get_running_loop()
         sender = loop.create_task(
-            self._send_all(stream, sub, payloads, batch_size, priority, use_shared_data, level),
+            self._send_all(stream, sub, payloads, opts, use_shared_data, level),
             name=f"alpcrun-send-{self.id}",
         )
         sender.add_done_callback(lambda task: _report_failure(task, sub))
-        bar = progress_bar(payloads) if progress else None
+        bar = progress_bar(payloads) if opts.progress else None
+        timeout_s = opts.timeout_s
         deadline = None if timeout_s is None else loop.time() + timeout_s
         try:
             while not sub.finished:
@@ -215,7 +265,7 @@ class AsyncSession:
                     try:
                         item = await asyncio.wait_for(sub.items.get(), deadline - loop.time())
                     except asyncio.TimeoutError:
-                        raise SubmitTimeout(
+                        raise errors.SubmitTimeout(
                             f"session {self.id}: {sub.outstanding} of {sub.sent} tasks "
                             f"unanswered after {timeout_s:g} s"
                         ) from None
@@ -223,7 +273,7 @@ class AsyncSession:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                sub.handed_out += len(item)
+                sub.took(len(item))
                 if bar is not None:
                     bar.update(len(item))
                 yield item
@@ -249,14 +299,15 @@ class AsyncSession:
         )
         fresh: list[Batch] = []
         try:
-            async for batch in call:
-                fresh.append(batch)
-                if self._stream is not None:
-                    # A running submission may be waiting for exactly these tasks.
-                    self._stream.route_dead_letter(batch)
-        except grpc.RpcError as exc:
-            self._dead_letters.extend(fresh)
-            raise self._client.explain(exc) from exc
+            with rpc_errors(self._client.explain):
+                async for batch in call:
+                    fresh.append(batch)
+                    if self._stream is not None:
+                        # A running submission may be waiting for exactly these tasks.
+                        self._stream.route_dead_letter(batch)
+        except errors.RpcError:
+            self._dead_letters.extend(fresh)  # read once: keep them for the next call
+            raise
         out, self._dead_letters = self._dead_letters + fresh, []
         return out
 
@@ -276,7 +327,8 @@ class AsyncSession:
         self._closed = True
         await self.disconnect()
         self._client.forget(self)
-        await self._client.call("CloseSession", Session(id=self.id))
+        queue = await self._client.queue_stub()
+        await self._client.call(queue.CloseSession, Session(id=self.id))
 
     # --- internals ------------------------------------------------------------
 
@@ -306,23 +358,30 @@ class AsyncSession:
         stream: SessionStream,
         sub: Submission,
         payloads: Payloads,
-        batch_size: int,
-        priority: int,
+        opts: SubmitOptions,
         use_shared_data: bool,
         level: int | None,
     ) -> None:
         index = 0
         tag = self._tag
         use = True if use_shared_data else None
-        async for chunk in chunks(payloads, batch_size, self._client.max_batch_bytes):
+        limit = self._client.max_batch_bytes
+        async for chunk in chunks(payloads, opts.batch_size, limit):
             await sub.wait_for_space()
             first = self._next_task
             self._next_task += len(chunk)
+            if len(chunk) == 1 and len(chunk[0]) > limit:
+                # gRPC would refuse the whole stream (RESOURCE_EXHAUSTED): fail this task only.
+                sub.sent += 1
+                error = too_large("task payload", len(chunk[0]), self._client)
+                sub.deliver([TaskResult(f"{tag}{first}", index, None, error, False, "")])
+                index += 1
+                continue
             self._next_batch += 1
             batch = Batch(
                 id=f"{tag}b{self._next_batch}",
                 session_id=self.id,
-                priority=priority,
+                priority=opts.priority,
                 messages=[Message(f"{tag}{first + i}", p) for i, p in enumerate(chunk)],
                 use_shared_data=use,
                 required_shared_data_update_level=level,

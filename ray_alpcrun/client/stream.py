@@ -15,20 +15,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
 from ray_alpcrun.client.results import DEAD_LETTER_ERROR, Submission, TaskResult
+from ray_alpcrun.rpc import QueueStub
 from ray_alpcrun.transport import Metadata, translate
 from ray_alpcrun.types import Batch, Session
 
 log = logging.getLogger(__name__)
 
-# grpc.aio's end-of-stream marker (missing from its type stubs).
-EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 DIAGNOSE_TIMEOUT_S = 5.0
 
 
@@ -37,7 +35,7 @@ class SessionStream:
 
     def __init__(
         self,
-        stub: Any,
+        stub: QueueStub,
         session_id: str,
         metadata: Metadata,
         dead_letter_poll_s: float,
@@ -52,7 +50,7 @@ class SessionStream:
         self.session_id = session_id
         self._metadata = metadata
         self._poll_s = dead_letter_poll_s
-        self._call: Any = None
+        self._call: grpc.aio.StreamStreamCall[Batch, Batch] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
@@ -66,12 +64,8 @@ class SessionStream:
     def healthy(self) -> bool:
         return self.failure is None
 
-    @property
-    def pending_count(self) -> int:
-        return len(self._pending)
-
     def open(self) -> None:
-        self._call = self._stub.ClientStream(metadata=self._metadata)
+        self._call = self._stub.ClientStream(None, metadata=self._metadata)
         self._reader = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"alpcrun-results-{self.session_id}"
         )
@@ -103,6 +97,8 @@ class SessionStream:
             )
         try:
             async with self._write_lock:
+                if self._call is None:
+                    raise asyncio.InvalidStateError("the stream was closed")
                 await self._call.write(batch)
         except (grpc.RpcError, asyncio.InvalidStateError) as exc:
             # The reader sees the call's final status; prefer that explanation.
@@ -131,10 +127,12 @@ class SessionStream:
 
     async def _read_loop(self) -> None:
         call = self._call
+        if call is None:
+            return
         try:
             while True:
                 batch = await call.read()
-                if batch is EOF:
+                if not isinstance(batch, Batch):  # grpc.aio.EOF
                     break
                 self._route(batch, dead=bool(batch.dead))
         except grpc.RpcError as exc:
@@ -175,7 +173,7 @@ class SessionStream:
             try:
                 while self._pending:
                     batch = await call.read()
-                    if batch is EOF:
+                    if not isinstance(batch, Batch):  # grpc.aio.EOF
                         break
                     if self._keep_dead_letter is not None:
                         self._keep_dead_letter(batch)

@@ -11,23 +11,29 @@ Jupyter (where a loop is already running in the calling thread)::
 
 from __future__ import annotations
 
+import asyncio
 import queue
 from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ray_alpcrun.client.aio import AsyncClient
 from ray_alpcrun.client.results import TaskResult
 from ray_alpcrun.client.session import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_PENDING_TASKS,
     DEFAULT_SHARED_TTL_S,
     AsyncSession,
+    SessionChanges,
+    SubmitKwargs,
+    SubmitOptions,
+    close_after,
 )
 from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
 from ray_alpcrun.types import Batch, SessionAttributes
 from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 T = TypeVar("T")
 
@@ -58,12 +64,12 @@ class Client:
         self._loop = LoopThread("alpcrun-client-loop", "the blocking Client")
         try:
             self._async = AsyncClient(
-                queue,
-                central_cache,
-                api_key,
-                proto_package,
-                tls,
-                max_message_bytes,
+                queue=queue,
+                central_cache=central_cache,
+                api_key=api_key,
+                proto_package=proto_package,
+                tls=tls,
+                max_message_bytes=max_message_bytes,
                 connect_timeout_s=connect_timeout_s,
                 rpc_timeout_s=rpc_timeout_s,
                 dead_letter_poll_s=dead_letter_poll_s,
@@ -79,7 +85,8 @@ class Client:
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        with close_after(e):
+            self.close()
 
     @property
     def aio(self) -> AsyncClient:
@@ -122,15 +129,15 @@ class Client:
         """
         created = self._async.create_session(
             app_id,
-            priority,
-            min_workers,
-            max_workers,
-            idle_timeout_s,
-            preemptible,
-            cleanup_on_client_exit,
-            max_inflight_batches_per_worker,
-            tags,
-            client_id,
+            priority=priority,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            idle_timeout_s=idle_timeout_s,
+            preemptible=preemptible,
+            cleanup_on_client_exit=cleanup_on_client_exit,
+            max_inflight_batches_per_worker=max_inflight_batches_per_worker,
+            tags=tags,
+            client_id=client_id,
         )
         return Session(self._loop, self._loop.run(created))
 
@@ -155,7 +162,8 @@ class Session:
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        with close_after(e):
+            self.close()
 
     @property
     def id(self) -> str:
@@ -173,7 +181,7 @@ class Session:
     def shared_level(self) -> int | None:
         return self._async.shared_level
 
-    def update(self, **changes: Any) -> None:
+    def update(self, **changes: Unpack[SessionChanges]) -> None:
         """See :meth:`AsyncSession.update`."""
         self._loop.run(self._async.update(**changes))
 
@@ -181,65 +189,26 @@ class Session:
         self, payload: bytes, level: int | None = None, ttl_s: float | None = DEFAULT_SHARED_TTL_S
     ) -> int:
         """See :meth:`AsyncSession.set_shared_data`."""
-        return self._loop.run(self._async.set_shared_data(payload, level, ttl_s))
+        return self._loop.run(self._async.set_shared_data(payload, level=level, ttl_s=ttl_s))
 
     def submit(
-        self,
-        payloads: Iterable[bytes],
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        use_shared_data: bool | None = None,
-        shared_level: int | None = None,
-        priority: int = 0,
-        progress: bool = False,
-        timeout_s: float | None = None,
-        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
+        self, payloads: Iterable[bytes], **options: Unpack[SubmitKwargs]
     ) -> Iterator[TaskResult]:
         """Answers as they arrive (see :meth:`AsyncSession.submit`).
 
         Sending starts when iteration starts; ``payloads`` is consumed on the
         client's loop thread. Leaving the loop early abandons the rest.
         """
-        args = (
-            payloads,
-            batch_size,
-            use_shared_data,
-            shared_level,
-            priority,
-            progress,
-            timeout_s,
-            max_pending_tasks,
-        )
-        for chunk in self._chunks(args):
+        for chunk in self._chunks(payloads, SubmitOptions(**options)):
             yield from chunk
 
-    def run(
-        self,
-        payloads: Iterable[bytes],
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        use_shared_data: bool | None = None,
-        shared_level: int | None = None,
-        priority: int = 0,
-        progress: bool = False,
-        timeout_s: float | None = None,
-        max_pending_tasks: int = DEFAULT_MAX_PENDING_TASKS,
-    ) -> list[TaskResult]:
+    def run(self, payloads: Iterable[bytes], **options: Unpack[SubmitKwargs]) -> list[TaskResult]:
         """Every answer, in input order (see :meth:`AsyncSession.run`)."""
-        return self._loop.run(
-            self._async.run(
-                payloads,
-                batch_size,
-                use_shared_data,
-                shared_level,
-                priority,
-                progress,
-                timeout_s,
-                max_pending_tasks,
-            )
-        )
+        return self._loop.run(self._async.run(payloads, **options))
 
-    def map(self, payloads: Iterable[bytes], **kwargs: Any) -> list[bytes]:
+    def map(self, payloads: Iterable[bytes], **options: Unpack[SubmitKwargs]) -> list[bytes]:
         """Result payloads in input order; raises ``TaskFailed`` for the first failed task."""
-        return self._loop.run(self._async.map(payloads, **kwargs))
+        return self._loop.run(self._async.map(payloads, **options))
 
     def dead_letters(self) -> list[Batch]:
         """See :meth:`AsyncSession.dead_letters`."""
@@ -253,14 +222,21 @@ class Session:
         """Close the session (``CloseSession``); idempotent."""
         self._loop.run(self._async.close())
 
-    def _chunks(self, args: tuple[Any, ...]) -> Iterator[list[TaskResult]]:
+    def _chunks(
+        self, payloads: Iterable[bytes], options: SubmitOptions
+    ) -> Iterator[list[TaskResult]]:
         # Chunks cross threads through a plain queue: one hand-over per result
-        # batch, not per task.
-        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # batch, not per task. The pump waits until the consumer took each chunk,
+        # so answers not yet taken stay counted against ``max_pending_tasks``.
+        q: queue.SimpleQueue[list[TaskResult] | object] = queue.SimpleQueue()
+        taken = asyncio.Event()
+        loop = self._loop.loop
 
         async def pump() -> None:
-            async for chunk in self._async.submit_chunks(*args):
+            async for chunk in self._async.results_in_chunks(payloads, options):
+                taken.clear()
                 q.put(chunk)
+                await taken.wait()
 
         future = self._loop.submit(pump())
         future.add_done_callback(lambda _: q.put(_DONE))
@@ -270,7 +246,8 @@ class Session:
                 if item is _DONE:
                     future.result()  # re-raises the submission's failure
                     return
-                yield item
+                loop.call_soon_threadsafe(taken.set)
+                yield item  # type: ignore[misc]
         finally:
             if not future.done():
                 future.cancel()

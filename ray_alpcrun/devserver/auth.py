@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from ray_alpcrun.transport import MD_API_KEY
 
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    Handler = grpc.RpcMethodHandler[object, object]
 
-def _refusal(handler: Any, code: grpc.StatusCode, details: str) -> Any:
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+
+def _refusal(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
+    async def refuse(_request: object, context: grpc.aio.ServicerContext[object, object]) -> None:
         await context.abort(code, details)
 
     kinds = {
@@ -46,7 +49,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
+    ) -> Any:  # grpc-stubs omit None (unknown method), which gRPC accepts
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
             return None

@@ -12,7 +12,8 @@ Decisions (the docs are silent):
 * UNBIND takes effect on the server at once: the worker no longer counts for
   the session and gets no new batches; its ``WorkerStream`` stays open until
   the batches in flight on it are answered, then the server ends it (OK).
-  CloseSession ends the streams at once and discards what is in flight.
+  CloseSession with ``cleanup_on_client_exit`` ends the streams at once and
+  discards what is in flight (without, in-flight batches are answered).
   When a bound worker's stream ends from its side (broken, half-closed), the
   worker is unbound as well (its batches in flight are re-queued).
 * UNBIND is sent on: CloseSession, idle reaping, ``max_workers`` lowered,
@@ -35,11 +36,21 @@ from collections.abc import Callable
 from ulid import ULID
 
 from ray_alpcrun.config import DevServerConfig
-from ray_alpcrun.devserver import scheduler
 from ray_alpcrun.devserver.errors import Rejected
 from ray_alpcrun.devserver.flow import QueueStats, TaskFlow
-from ray_alpcrun.devserver.sessions import SessionState
-from ray_alpcrun.devserver.workers import StreamConn, Worker, WorkerRegistry
+from ray_alpcrun.devserver.model import (
+    SessionState,
+    SessionTable,
+    StreamConn,
+    Worker,
+    WorkerRegistry,
+)
+from ray_alpcrun.devserver.scheduler import (
+    best_session,
+    demand,
+    preemption_victims,
+    rebalance_donor,
+)
 from ray_alpcrun.types import Instruction, InstructionType, WorkerState, WorkerStatus
 
 log = logging.getLogger("ray_alpcrun.devserver")
@@ -53,16 +64,14 @@ class WorkerBinding:
         config: DevServerConfig,
         clock: Callable[[], float],
         stats: QueueStats,
-        flow: TaskFlow,
-        sessions: dict[str, SessionState],
-        session: Callable[[str], SessionState],
+        table: SessionTable,
     ) -> None:
         self.config = config
         self.clock = clock
         self.stats = stats
-        self.flow = flow
-        self.sessions = sessions  # shared with the core: the open sessions
-        self.session = session  # looks a session up or raises Rejected
+        self.table = table
+        # The flow asks for scheduling when work is queued; it is the binding's to own.
+        self.flow = TaskFlow(stats, clock, config.max_deliveries, self.work_queued)
         self.workers = WorkerRegistry()
         self._schedule_pending = False
         self._preempting = 0  # workers unbound by preemption, not yet idle again
@@ -148,7 +157,7 @@ class WorkerBinding:
     # --- worker streams ----------------------------------------------------
 
     def open_stream(self, session_id: str, node: str, pod: str, worker_id: str) -> StreamConn:
-        s = self.session(session_id)
+        s = self.table.get(session_id)
         if worker_id:
             w = self.workers.by_id.get(worker_id)
             if w is None:
@@ -218,10 +227,10 @@ class WorkerBinding:
     def schedule(self) -> None:
         """Bind eligible workers to the sessions that want them; preempt if needed."""
         self._schedule_pending = False
-        wanting = [s for s in self.sessions.values() if s.wants_worker()]
+        wanting = [s for s in self.table.open.values() if s.wants_worker()]
         eligible = self.workers.eligible
         while wanting and eligible:
-            s = scheduler.best_session(wanting)
+            s = best_session(wanting)
             assert s is not None
             self.bind(next(iter(eligible.values())), s)
             if not s.wants_worker():
@@ -230,14 +239,14 @@ class WorkerBinding:
             return
         if not self._preempting:
             self._rebalance(wanting)
-        donors = [s for s in self.sessions.values() if s.attributes.preemptible and s.bound]
+        donors = [s for s in self.table.open.values() if s.attributes.preemptible and s.bound]
         for s in sorted(wanting, key=lambda x: -x.priority):
             if not donors:
                 return
-            need = scheduler.demand(s) - self._preempting
+            need = demand(s) - self._preempting
             if need <= 0:
                 return
-            for w in scheduler.preemption_victims(s, donors, need):
+            for w in preemption_victims(s, donors, need):
                 w.preempted = True
                 self._preempting += 1
                 self.unbind(w, f"preempted by session {s.id} (priority {s.priority})")
@@ -247,7 +256,7 @@ class WorkerBinding:
         """Fair share among equal priorities: one worker at a time moves from the
         best-served session to one that has work and no worker (see ``scheduler``)."""
         for s in sorted(wanting, key=lambda x: -x.priority):
-            donor = scheduler.rebalance_donor(s, self.sessions.values())
+            donor = rebalance_donor(s, self.table.open.values())
             if donor is None:
                 continue
             w = next(reversed(list(donor.bound.values())))  # newest binding first
@@ -258,7 +267,7 @@ class WorkerBinding:
 
     def expire_stalled(self, now: float, timeout_s: float) -> None:
         """Fail worker streams whose oldest batch in flight is older than ``timeout_s``."""
-        for s in list(self.sessions.values()):
+        for s in [*self.table.open.values(), *self.table.closing.values()]:
             for conn in list(s.streams):
                 oldest = next(iter(conn.inflight.values()), None)
                 if oldest is None or now - oldest.sent_at_s < timeout_s:

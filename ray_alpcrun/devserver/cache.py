@@ -28,14 +28,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import grpc
 
 from ray_alpcrun.devserver.errors import Rejected
 from ray_alpcrun.devserver.queue import checked
-from ray_alpcrun.transport import Context
+from ray_alpcrun.rpc import CacheStub, Context, UnaryUnaryMethod
 from ray_alpcrun.types import SharedData, Status
+
+R = TypeVar("R")
 
 log = logging.getLogger("ray_alpcrun.devserver")
 
@@ -147,12 +149,12 @@ class CentralCacheServicer:
 class NodeCacheServicer:
     """A node cache (:3337): local copies, misses read through from the central cache.
 
-    ``upstream`` is a ``transport.Stub(channel, "Cache", package)`` on an asyncio
+    ``upstream`` is a ``rpc.CacheStub(channel, package)`` on an asyncio
     channel to the central cache; ``metadata`` carries the API key.
     """
 
     def __init__(
-        self, store: SharedDataStore, upstream: Any, metadata: tuple[tuple[str, str], ...]
+        self, store: SharedDataStore, upstream: CacheStub, metadata: tuple[tuple[str, str], ...]
     ) -> None:
         self.store = store
         self._upstream = upstream
@@ -196,14 +198,14 @@ class NodeCacheServicer:
             task.exception()  # retrieved here: every asker may have gone away
 
     async def _fetch_once(self, sid: str, level: int | None) -> SharedData:
-        reply: SharedData = await self._upstream.GetSharedData(
-            SharedData(sid, level), metadata=self._metadata
-        )
+        reply = await self._upstream.GetSharedData(SharedData(sid, level), metadata=self._metadata)
         self.central_fetches += 1
         self.store.put(reply)
         return reply
 
-    async def _forward(self, context: Context, call: Any, request: SharedData) -> Any:
+    async def _forward(
+        self, context: Context, call: UnaryUnaryMethod[SharedData, R], request: SharedData
+    ) -> R:
         try:
             return await call(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:

@@ -1,5 +1,6 @@
 """The queue manager's state machine, without gRPC: sessions, client streams
-and timers; the worker side is ``binding.WorkerBinding`` (``core.binding``).
+and timers; the worker side is ``binding.WorkerBinding`` (``core.binding``),
+which shares only the ``SessionTable`` with it.
 
 Every method runs on the server's event loop; the gRPC layer (``queue``)
 translates requests into these calls and ``Rejected`` into status codes.
@@ -9,8 +10,12 @@ Decisions (the docs are silent):
 * A session is reaped after ``idle_timeout`` without activity: no client
   stream open and nothing queued or in flight (results nobody fetched in that
   time are dropped with it).
-* A closed session's id is remembered (``closed``) so that CloseSession is
-  idempotent and ``join`` can tell "closed" from "unknown".
+* A closed session's id is remembered (``SessionTable.closed``) so that
+  CloseSession is idempotent and ``join`` can tell "closed" from "unknown".
+* CloseSession (the docs: "queues are drained only if cleanup_on_client_exit"):
+  with it, queues are emptied at once; without, queued batches become dead
+  letters, in-flight ones are answered, and the session stays readable
+  (``closing``) until drained and its clients gone, or ``idle_timeout``.
 * Client streams: a stream attaches to every session it submits to (or names
   in the ``sessionid`` metadata; an empty batch only attaches). After the
   client half-closes, the server ends the stream (OK) once every task of its
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 
 from ulid import ULID
@@ -33,14 +37,11 @@ from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver.attributes import new_attributes, updated_attributes
 from ray_alpcrun.devserver.binding import WorkerBinding
 from ray_alpcrun.devserver.errors import Rejected, SessionClosed
-from ray_alpcrun.devserver.flow import QueueStats, TaskFlow
-from ray_alpcrun.devserver.sessions import SessionState
-from ray_alpcrun.devserver.workers import ClientConn
+from ray_alpcrun.devserver.flow import QueueStats
+from ray_alpcrun.devserver.model import ClientConn, SessionState, SessionTable
 from ray_alpcrun.types import Batch, Session
 
 log = logging.getLogger("ray_alpcrun.devserver")
-
-_CLOSED_REMEMBERED = 10_000
 
 
 class QueueCore:
@@ -50,31 +51,17 @@ class QueueCore:
         self.config = config
         self.clock = clock
         self.stats = QueueStats()
-        self.sessions: dict[str, SessionState] = {}
-        self.closed: OrderedDict[str, int] = OrderedDict()  # id -> tasks unanswered at close
-        self.flow = TaskFlow(self.stats, clock, config.max_deliveries, self._work_queued)
-        self.binding = WorkerBinding(
-            config, clock, self.stats, self.flow, self.sessions, self.session
-        )
+        self.table = SessionTable()
+        self.sessions = self.table.open  # the open sessions, by id
+        self.binding = WorkerBinding(config, clock, self.stats, self.table)
+        self.flow = self.binding.flow
         self.workers = self.binding.workers
-
-    def _work_queued(self, s: SessionState) -> None:
-        self.binding.work_queued(s)
-
-    def request_schedule(self) -> None:
-        self.binding.request_schedule()
 
     # --- sessions ----------------------------------------------------------
 
     def session(self, session_id: str) -> SessionState:
-        s = self.sessions.get(session_id)
-        if s is not None:
-            return s
-        if not session_id:
-            raise Rejected("INVALID_ARGUMENT", "no session id given")
-        if session_id in self.closed:
-            raise Rejected("NOT_FOUND", f"session {session_id} was closed")
-        raise Rejected("NOT_FOUND", f"session {session_id} not found")
+        """The open session, or ``Rejected`` (NOT_FOUND, INVALID_ARGUMENT)."""
+        return self.table.get(session_id)
 
     def create_session(self, req: Session) -> Session:
         if not req.app_id:
@@ -84,7 +71,7 @@ class QueueCore:
         sid = req.id or str(ULID())
         if sid in self.sessions:
             raise Rejected("ALREADY_EXISTS", f"session {sid} already exists")
-        self.closed.pop(sid, None)
+        self.table.closed.pop(sid, None)
         now = self.clock()
         s = SessionState(sid, req.app_id, attrs, created_s=now, last_activity_s=now)
         self.sessions[sid] = s
@@ -114,48 +101,78 @@ class QueueCore:
         for conn in s.streams:  # the window may have grown
             conn.wake.set()
         log.info("session %s updated: %s", s.id, s.attributes)
-        self.request_schedule()
+        self.binding.request_schedule()
 
     def close_session(self, session_id: str, reason: str = "closed by the client") -> None:
-        s = self.sessions.get(session_id)
+        """Unbind every worker and remove the session. With ``cleanup_on_client_exit``
+        its queues are emptied at once (streams ended, work in flight discarded);
+        without, nothing submitted is lost: queued batches become dead letters, the
+        batches in flight are answered, and results and dead letters stay readable
+        by the client streams attached to it until it is drained."""
+        s = self.table.open.get(session_id)
         if s is None:
-            if session_id in self.closed:
+            if session_id in self.table.closed or session_id in self.table.closing:
                 return  # idempotent
             self.session(session_id)  # raises the right error
             return
-        del self.sessions[session_id]
-        self.closed[session_id] = s.unanswered_tasks
-        while len(self.closed) > _CLOSED_REMEMBERED:
-            self.closed.popitem(last=False)
-        for conn in list(s.streams):
-            self.flow.release_stream(conn, requeue=False)
+        cleanup = s.attributes.cleanup_on_client_exit
+        del self.table.open[session_id]
         for w in list(s.bound.values()):
             self.binding.unbind(w, reason)
+        self.stats.sessions_closed += 1
+        if cleanup:
+            self._discard(s)
+        else:
+            s.closing = True
+            self.table.closing[s.id] = s
+            while (p := s.tasks.pop()) is not None:
+                self.flow.dead_letter(s, p, f"the session was closed before it ran ({reason})")
+            self._finish_if_drained(s)
+        log.info(
+            "session %s closed (%s), %d task(s) unanswered%s",
+            s.id,
+            reason,
+            s.unanswered_tasks,
+            ", queues emptied" if cleanup else "",
+        )
+        self.binding.request_schedule()
+
+    def _discard(self, s: SessionState) -> None:
+        """Forget ``s`` with whatever it still holds; its streams end now."""
+        self.table.forget(s)
+        for conn in list(s.streams):
+            self.flow.release_stream(conn, requeue=False)
         s.tasks.clear()
         s.live.clear()
+        self._detach_clients(s)
+        for fut in s.drained_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        s.drained_waiters.clear()
+
+    def _detach_clients(self, s: SessionState) -> None:
         for client in s.clients:
             client.sessions.remove(s)
             client.next_index = 0
             client.orphaned = not client.sessions
             client.wake.set()
         s.clients.clear()
-        for fut in s.drained_waiters:
-            if not fut.done():
-                fut.set_result(None)
-        s.drained_waiters.clear()
-        self.stats.sessions_closed += 1
-        log.info("session %s closed (%s), %d task(s) unanswered", s.id, reason, s.unanswered_tasks)
-        self.request_schedule()
+
+    def _finish_if_drained(self, s: SessionState) -> None:
+        """A closing session whose every task was handed out lets its client streams
+        go; it is forgotten once idle (its dead letters are read until then)."""
+        if s.closing and s.drained and s.clients:
+            self._detach_clients(s)
 
     async def wait_drained(self, session_id: str) -> None:
         """Return once every task of the session is answered and its results were
         handed to a client stream."""
         loop = asyncio.get_running_loop()
         while True:
-            s = self.sessions.get(session_id)
+            s = self.table.open.get(session_id) or self.table.closing.get(session_id)
             if s is None:
-                if session_id in self.closed:
-                    left = self.closed[session_id]
+                if session_id in self.table.closed:
+                    left = self.table.closed[session_id]
                     if left:
                         raise SessionClosed(f"session {session_id} closed with {left} unanswered")
                     return
@@ -168,15 +185,15 @@ class QueueCore:
             await fut
 
     def take_dead_letters(self, session_id: str) -> list[Batch]:
-        """Drain the session's dead-letter queue."""
-        s = self.session(session_id)
+        """Drain the session's dead-letter queue (a closing session's too)."""
+        s = self.table.closing.get(session_id) or self.session(session_id)
         out = list(s.dead_letters)
         s.dead_letters.clear()
         return out
 
     def return_dead_letters(self, session_id: str, batches: list[Batch]) -> None:
         """Put back dead letters a broken stream did not deliver."""
-        s = self.sessions.get(session_id)
+        s = self.table.open.get(session_id) or self.table.closing.get(session_id)
         if s is not None:
             s.dead_letters.extendleft(reversed(batches))
 
@@ -215,6 +232,8 @@ class QueueCore:
             batch = self.flow.take_result(conn)
             if batch is not None:
                 return batch
+            for s in [x for x in conn.sessions if x.closing]:
+                self._finish_if_drained(s)
             if conn.orphaned:
                 return None
             if conn.half_closed and all(s.drained for s in conn.sessions):
@@ -226,6 +245,8 @@ class QueueCore:
         for s in conn.sessions:
             s.clients.discard(conn)
             s.last_activity_s = self.clock()
+            if s.closing:
+                continue
             if client_gone and s.attributes.cleanup_on_client_exit and not s.clients:
                 self.close_session(s.id, "client exited (cleanup_on_client_exit)")
         conn.sessions = []
@@ -233,6 +254,10 @@ class QueueCore:
     def tick(self, now: float | None = None) -> None:
         """Reap idle sessions, then the worker timers (``WorkerBinding.tick``)."""
         now = self.clock() if now is None else now
+        for s in list(self.table.closing.values()):
+            idle_s = s.attributes.idle_timeout_s or 0.0
+            if not s.clients and not s.inflight_batches and now - s.last_activity_s >= idle_s:
+                self._discard(s)  # what nobody fetched within idle_timeout goes with it
         for s in list(self.sessions.values()):
             idle_s = s.attributes.idle_timeout_s or 0.0
             if (

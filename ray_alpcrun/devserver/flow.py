@@ -17,6 +17,20 @@ Decisions (the docs are silent):
   with the error "delivered N times without an answer".
 * When a worker stream ends (broken, or the worker half-closed), its batches
   in flight go back to the front of the queue.
+* A result batch answers the tasks whose id (``related_id``, else ``id``)
+  matches a task of the batch in flight; unknown or repeated answers are
+  dropped. ``related_id`` (and an empty ``id``) is filled in with the task id
+  when the worker left it out; an answer with neither ``id`` nor
+  ``related_id`` answers the task at the same position in the batch.
+  Tasks a result batch does not answer go back to the queue as a batch
+  with the same id (the client may therefore see one batch id in several
+  result batches); their delivery count carries over.
+* A result batch without an ``id`` (the guide's shared-data example answers
+  so) is matched to the batch in flight on its stream that holds the task its
+  first message's ``related_id`` names.
+* A dead-lettered batch holds the original task payloads (so it can be
+  resubmitted), ``dead=True`` and an ``error`` on every message: the worker's
+  error for that task when it gave one, else the reason.
 """
 
 from __future__ import annotations
@@ -28,15 +42,8 @@ from dataclasses import dataclass, field
 from ulid import ULID
 
 from ray_alpcrun.devserver.errors import Rejected
-from ray_alpcrun.devserver.sessions import (
-    Pending,
-    SessionState,
-    dead_batch,
-    remainder,
-    split_answers,
-)
-from ray_alpcrun.devserver.workers import ClientConn, StreamConn
-from ray_alpcrun.types import Batch
+from ray_alpcrun.devserver.model import ClientConn, Pending, SessionState, StreamConn
+from ray_alpcrun.types import Batch, Message, dead_batch
 
 log = logging.getLogger("ray_alpcrun.devserver")
 
@@ -168,7 +175,7 @@ class TaskFlow:
         if conn.closed:
             self._drop(conn, result, "the stream was closed")
             return
-        p = conn.inflight.pop(result.id, None)
+        p = conn.inflight.pop(result.id or self._batch_of(conn, result), None)
         if p is None:
             self._drop(conn, result, "the batch is not in flight on this worker")
             return
@@ -213,6 +220,18 @@ class TaskFlow:
         else:
             s.live.pop(p.batch.id, None)
 
+    @staticmethod
+    def _batch_of(conn: StreamConn, result: Batch) -> str:
+        """The id of the batch in flight on ``conn`` whose task the result's first
+        ``related_id`` names ("" if none): for result batches sent without an id."""
+        first = next((m.related_id for m in result.messages if m.related_id), None)
+        if first is None:
+            return ""
+        for batch_id, p in conn.inflight.items():
+            if any(t.id == first for t in p.batch.messages):
+                return batch_id
+        return ""
+
     def _drop(self, conn: StreamConn, result: Batch, why: str) -> None:
         self.stats.dropped_results += 1
         log.info(
@@ -228,6 +247,9 @@ class TaskFlow:
         if p.deliveries >= self._max_deliveries:
             self.dead_letter(s, p, f"delivered {p.deliveries} times without an answer")
             return
+        if s.closing:
+            self.dead_letter(s, p, "the session was closed before it was answered")
+            return
         s.tasks.push_front(p)
         s.wake_one_hungry()
         self._on_work(s)
@@ -240,7 +262,7 @@ class TaskFlow:
         worker_errors: dict[str, str] | None = None,
     ) -> None:
         s.live.pop(p.batch.id, None)
-        s.dead_letters.append(dead_batch(p, reason, worker_errors))
+        s.dead_letters.append(dead_letter_batch(p, reason, worker_errors))
         n = len(p.batch.messages)
         s.dead_tasks += n
         self.stats.dead_lettered_batches += 1
@@ -279,3 +301,66 @@ class TaskFlow:
             del w.streams[s.id]
         conn.closed = True
         conn.wake.set()
+
+
+def split_answers(pending: Pending, result: Batch) -> tuple[list[Message], list[Message]]:
+    """(answers, unanswered tasks) of ``pending`` given the worker's ``result``."""
+    tasks = pending.batch.messages
+    if len(tasks) == 1 and len(result.messages) == 1:
+        # Fast path: the common one-task batch needs no index.
+        answer = result.messages[0]
+        key = answer.related_id or answer.id or tasks[0].id
+        if key == tasks[0].id:
+            _label(answer, key)
+            return [answer], []
+        return [], tasks
+    by_id = {t.id: t for t in tasks}
+    answers: list[Message] = []
+    for position, answer in enumerate(result.messages):
+        key = answer.related_id or answer.id
+        if not key and position < len(tasks):
+            key = tasks[position].id  # an answer without ids answers the task at its place
+        if by_id.pop(key, None) is None:
+            continue
+        _label(answer, key)
+        answers.append(answer)
+    return answers, list(by_id.values())
+
+
+def _label(answer: Message, task_id: str) -> None:
+    if answer.related_id is None:
+        answer.related_id = task_id
+    if not answer.id:
+        answer.id = task_id
+
+
+def dead_letter_batch(
+    pending: Pending, reason: str, worker_errors: dict[str, str] | None = None
+) -> Batch:
+    """The dead-letter form of a task batch: payloads kept (so it can be resubmitted),
+    ``dead=True`` and an ``error`` on every message: the worker's error for that
+    task when it gave one, else the reason; under the client's batch id."""
+    b = pending.batch
+    dead = dead_batch(b, reason, worker_errors, keep_payloads=True)
+    dead.id = pending.reply_id
+    dead.priority = b.priority
+    dead.use_shared_data = b.use_shared_data
+    dead.required_shared_data_update_level = b.required_shared_data_update_level
+    return dead
+
+
+def remainder(pending: Pending, tasks: list[Message]) -> Pending:
+    """The unanswered part of a batch, same id and options, same delivery count."""
+    b = pending.batch
+    return Pending(
+        Batch(
+            id=b.id,
+            session_id=b.session_id,
+            priority=b.priority,
+            messages=tasks,
+            use_shared_data=b.use_shared_data,
+            required_shared_data_update_level=b.required_shared_data_update_level,
+        ),
+        pending.deliveries,
+        pending.client_batch_id,
+    )

@@ -24,7 +24,8 @@ import grpc
 
 from ray_alpcrun.devserver.core import QueueCore
 from ray_alpcrun.devserver.errors import Rejected
-from ray_alpcrun.transport import MD_NODE, MD_POD, MD_SESSION_ID, MD_WORKER_ID, Context
+from ray_alpcrun.rpc import Context
+from ray_alpcrun.transport import MD_NODE, MD_POD, MD_SESSION_ID, MD_WORKER_ID
 from ray_alpcrun.types import Batch, Instruction, Session, Status, WorkerState
 
 log = logging.getLogger("ray_alpcrun.devserver")
@@ -55,7 +56,7 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 
 class QueueServicer:
-    """``Queue`` RPCs; register with ``transport.service_handler("Queue", ...)``."""
+    """``Queue`` RPCs (an ``rpc.QueueHandler``); register with ``rpc.service_handler``."""
 
     def __init__(self, core: QueueCore) -> None:
         self.core = core

@@ -16,17 +16,17 @@ Rules:
   priority first, from the session with most workers), no more than the
   demand not already covered by workers being preempted.
 * Rebalancing (fair share): a session with work but no worker at all takes one
-  worker from a session of the same priority that holds at least two more
-  workers than it does, so equal sessions share the workers instead of the
-  first one keeping them all until it runs dry.
+  worker from a *preemptible* session of the same priority that holds at least
+  two workers, so equal sessions share the workers instead of the first one
+  keeping them all until it runs dry. A session that is not preemptible never
+  gives a worker up (the docs: only ``preemptible`` lets others take workers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ray_alpcrun.devserver.sessions import SessionState
-from ray_alpcrun.devserver.workers import Worker
+from ray_alpcrun.devserver.model import SessionState, Worker
 
 
 def _rank(s: SessionState) -> tuple[int, int, int, float]:
@@ -71,9 +71,14 @@ def preemption_victims(
 
 
 def rebalance_donor(needy: SessionState, sessions: Iterable[SessionState]) -> SessionState | None:
-    """The equal-priority session that should give ``needy`` (which has work and
-    no worker) one of its workers: the one holding the most, if it holds two or more."""
+    """The equal-priority preemptible session that should give ``needy`` (which has
+    work and no worker) one of its workers: the one holding the most, if it holds
+    two or more."""
     if needy.bound:
         return None
-    donors = [s for s in sessions if s.priority == needy.priority and len(s.bound) >= 2]
+    donors = [
+        s
+        for s in sessions
+        if s.attributes.preemptible and s.priority == needy.priority and len(s.bound) >= 2
+    ]
     return max(donors, key=lambda s: len(s.bound), default=None)

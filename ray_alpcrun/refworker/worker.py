@@ -34,7 +34,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.batches import dead_batch, result_batch
+from ray_alpcrun.bridge.batches import result_batch
 from ray_alpcrun.config import (
     DEFAULT_NODE_CACHE_ADDR,
     DEFAULT_QUEUE_ADDR,
@@ -59,7 +59,14 @@ from ray_alpcrun.transport import (
     open_channel,
     translate,
 )
-from ray_alpcrun.types import Batch, Instruction, SharedData, WorkerState, WorkerStatus
+from ray_alpcrun.types import (
+    Batch,
+    Instruction,
+    SharedData,
+    WorkerState,
+    WorkerStatus,
+    dead_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +385,7 @@ class ReferenceWorker:
             self.stats.dead_batches += 1
             reason = describe(exc)
             log.warning("batch answered dead: %s", reason, extra=fields(batch=batch.id))
-            return replace(dead_batch(batch, reason), session_id=sid)
+            return dead_batch(batch, reason, session_id=sid)
         # Results over the message limit become per-task errors that fit (5.3 rules).
         answer = result_batch(batch, outcomes, self._service.max_message_bytes)
         self.stats.task_errors += sum(1 for m in answer.messages if m.error is not None)
