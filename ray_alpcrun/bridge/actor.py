@@ -62,8 +62,11 @@ class Bridge:
         log_json: bool = False,
         health_port: int | None = None,
         health_host: str = "0.0.0.0",
+        auto_slots: bool = False,
     ) -> None:
         setup_logging(log_level, log_json)
+        # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.scaling).
+        self.auto_slots = auto_slots and pool_config.elastic
         self.handler = handler
         self.pool_config = pool_config
         self.settings = settings
@@ -81,6 +84,7 @@ class Bridge:
         from ray_alpcrun.pool import ActorPool
 
         exporter: asyncio.Task[None] | None = None
+        follower: asyncio.Task[None] | None = None
         try:
             if self.health_port is not None:
                 self.health = HealthServer(
@@ -122,6 +126,8 @@ class Bridge:
             if self._stop_requested:
                 return errors.EXIT_OK, ""
             exporter = asyncio.create_task(_export_ray_metrics(self))
+            if self.auto_slots:
+                follower = asyncio.create_task(_follow_pool(self))
             await self.worker.run()
             return errors.EXIT_OK, ""
         except errors.FatalError as exc:
@@ -132,8 +138,9 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            if exporter is not None:
-                exporter.cancel()
+            for task in (exporter, follower):
+                if task is not None:
+                    task.cancel()
             if self.pool is not None:
                 await self.pool.close()
             # Closed last: a Kubernetes preStop hook waits for this port to close.
@@ -166,10 +173,15 @@ class Bridge:
             return False, "starting"
         if not self.worker.ready:
             return False, "not registered with the queue manager"
-        live = int((await self.pool.status()).get("live", 0))
+        live, pending = self.pool.live, self.pool.pending
+        slots = f"{len(self.worker.slots)} slot(s) registered"
         if live < 1:
+            if self.pool_config.elastic or pending > 0:
+                # Batches wait for actors; the cluster grows for the pending ones.
+                waiting = self.pool.waiting_for or "no actor until there is work"
+                return True, f"{slots}; 0 actors, waiting: {waiting}"
             return False, "no live actor in the pool"
-        return True, f"{live} actor(s), {len(self.worker.slots)} slot(s) registered"
+        return True, f"{live} actor(s) ({pending} pending), {slots}"
 
     async def metrics_text(self) -> str:
         w = self.worker
@@ -188,7 +200,10 @@ class Bridge:
             "alpcrun_actor_restarts_total": float(self.pool.restarts if self.pool else 0),
             "alpcrun_reconnects_total": float(w.reconnects if w else 0),
         }
+        if self.pool is not None:
+            counters.update(scale_counters(self.pool.scale_status()))
         gauges = {
+            **(scale_gauges(self.pool) if self.pool is not None else {}),
             "alpcrun_sessions_bound": float(len(w.bound_sessions) if w else 0),
             "alpcrun_workers_registered": float(
                 sum(s.registered.is_set() for s in w.slots) if w else 0
@@ -235,8 +250,40 @@ class Bridge:
             )
         if self.pool is not None:
             out["actor_restarts"] = self.pool.restarts
+            out["scaling"] = {"live": self.pool.live, **self.pool.scale_status()}
             out["actors"] = await self.pool.status()
         return out
+
+
+# -- elastic pool figures (issue 13): the only place /metrics learns of scaling
+
+
+def scale_gauges(pool: Any) -> dict[str, float]:
+    """Actors alive, pending and wanted, and the bounds, as Prometheus gauges."""
+    status = pool.scale_status()
+    return {
+        "alpcrun_pool_actors_alive": float(pool.live),
+        "alpcrun_pool_actors_pending": float(status["pending"]),
+        "alpcrun_pool_actors_target": float(status["target"]),
+        "alpcrun_pool_actors_min": float(status["min_actors"]),
+        "alpcrun_pool_actors_max": float(status["max_actors"]),
+        "alpcrun_pool_batches": float(status["batches"]),
+    }
+
+
+def scale_counters(status: dict[str, Any]) -> dict[str, float]:
+    return {"alpcrun_pool_actors_released_total": float(status["released"])}
+
+
+async def _follow_pool(bridge: Bridge, period_s: float = 0.25) -> None:
+    """Keep the registered logical workers at ``target_slots`` of the pool."""
+    from ray_alpcrun.scaling import target_slots
+
+    while True:
+        worker, pool = bridge.worker, bridge.pool
+        if worker is not None and pool is not None and not bridge.draining:
+            worker.resize(target_slots(pool.live, pool.pending, pool.config.highest))
+        await asyncio.sleep(period_s)  # ok: sampling period
 
 
 async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
