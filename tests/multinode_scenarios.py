@@ -101,11 +101,11 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
     config = replace(config, pool=replace(pool, gpus_per_actor=1, cpus_per_actor=0.5))
     handle = start_bridge(config)
     await handle.wait_ready_async(90)
-    n = 300
+    n = 400
     async with client(svc) as c:
         session = await c.create_session(app_id="node-removed")
         run = asyncio.ensure_future(
-            session.run([f"t{i}:30".encode() for i in range(n)], batch_size=10, timeout_s=240)
+            session.run([f"t{i}:50".encode() for i in range(n)], batch_size=10, timeout_s=240)
         )
         while (await handle.status())["tasks_ok"] < n // 4:
             await asyncio.sleep(0.1)  # ok: polling the bridge's counters
@@ -137,7 +137,12 @@ def three_nodes() -> dict[str, Any]:
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 100 << 20},
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 100 << 20,
+            # A removed node is declared dead in seconds, not Ray's default ~30 s.
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3},
+        },
     )
     try:
         nodes = [
@@ -277,8 +282,11 @@ async def _burst(
 
 
 def main() -> None:
-    scenario = sys.argv[1]
-    result = three_nodes() if scenario == "three-nodes" else autoscale()
+    scenario, *numbers = sys.argv[1:]
+    if scenario == "three-nodes":
+        result = three_nodes()
+    else:  # autoscale [TASKS [TASK_MS]]
+        result = autoscale(*(int(x) for x in numbers))
     print("RESULT " + json.dumps(result), flush=True)
 
 
