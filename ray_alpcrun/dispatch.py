@@ -69,7 +69,7 @@ class Backend(Protocol[A]):
     async def end_session(self, actor: A, session_id: str) -> None:
         """Release the session's state on that actor."""
 
-    async def release(self, actor: A) -> None:
+    async def retire(self, actor: A) -> None:
         """Retire an idle actor: run every session's end hook there, then stop it."""
 
 
@@ -338,7 +338,7 @@ class Dispatcher(Generic[A]):
 
     async def _retire(self, member: Member[A]) -> None:
         try:
-            await self._backend.release(member.actor)
+            await self._backend.retire(member.actor)
         except Exception as exc:
             log.warning("releasing an actor failed", extra=fields(slot=member.slot, error=str(exc)))
         finally:

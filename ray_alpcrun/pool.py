@@ -139,7 +139,7 @@ class _RayBackend:
         except self._lost as exc:
             raise ActorLost(_first_line(exc)) from exc
 
-    async def release(self, actor: Any) -> None:
+    async def retire(self, actor: Any) -> None:
         try:
             await actor.close_sessions.remote()
         except self._lost as exc:

@@ -14,6 +14,7 @@ process of their own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -96,9 +97,8 @@ class FakeAutoscalingCluster:
         config_path = os.path.join(self.temp_dir, "autoscaling.json")
         Path(config_path).write_text(json.dumps(config))
         env = dict(os.environ)
-        env.update(
-            {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"}
-        )
+        # Token auth off: the drivers of these tests hold no token.
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
         cmd = [
             RAY, "start", "--head",
             f"--port={self.port}",
@@ -140,10 +140,8 @@ class FakeAutoscalingCluster:
 
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.own_pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + timeout_s / 2
             while self.own_pids() and time.monotonic() < deadline:
                 time.sleep(0.2)

@@ -30,7 +30,9 @@ from collections import Counter
 from typing import Any
 
 from ray_alpcrun.client import AsyncClient, TaskResult
+from ray_alpcrun.config import DevServerConfig
 
+FREE_PORTS = DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -107,8 +109,10 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
         run = asyncio.ensure_future(
             session.run([f"t{i}:50".encode() for i in range(n)], batch_size=10, timeout_s=240)
         )
-        while (await handle.status())["tasks_ok"] < n // 4:
-            await asyncio.sleep(0.1)  # ok: polling the bridge's counters
+        while True:  # polling the bridge's counters: it has no event to wait on
+            if (await handle.status())["tasks_ok"] >= n // 4:
+                break
+            await asyncio.sleep(0.1)  # ok: polling period
         busy = {a["node_id"] for a in (await handle.status())["actors"]["actors"]}
         victim = next(x for x in nodes if x.node_id in busy)
         cluster.remove_node(victim, allow_graceful=False)
@@ -132,7 +136,6 @@ def three_nodes() -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from ray_alpcrun.config import DevServerConfig
     from ray_alpcrun.devserver import LocalServices
 
     cluster = Cluster(
@@ -152,7 +155,7 @@ def three_nodes() -> dict[str, Any]:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         out = {"shared": asyncio.run(shared_copies())}
-        with LocalServices(DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)) as svc:
+        with LocalServices(FREE_PORTS) as svc:
             out["node_removed"] = asyncio.run(node_removed(cluster, nodes, svc))
         return out
     finally:
@@ -176,16 +179,18 @@ def _ready(port: int) -> tuple[bool, str]:
         return False, str(exc)
 
 
+GPU_WORKER = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0,
+              "max_workers": 3}  # fmt: skip
+
+
 def autoscale(tasks: int = 600, task_ms: int = 100, batch: int = 10) -> dict[str, Any]:
     import ray
 
-    from ray_alpcrun.config import DevServerConfig
     from ray_alpcrun.devserver import LocalServices
     from tests.fake_autoscaler import FakeAutoscalingCluster, free_port
 
     cluster = FakeAutoscalingCluster(
-        {"gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {},
-                        "min_workers": 0, "max_workers": 3}},  # fmt: skip
+        {"gpu_worker": GPU_WORKER},
         head_cpus=0,
         idle_timeout_minutes=0.05,
     )
@@ -195,7 +200,7 @@ def autoscale(tasks: int = 600, task_ms: int = 100, batch: int = 10) -> dict[str
     try:
         address = cluster.start()
         ray.init(address=address, log_to_driver=False)
-        with LocalServices(DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)) as svc:
+        with LocalServices(FREE_PORTS) as svc:
             port = free_port()
             env = dict(os.environ, METALCORE_API_KEY=svc.api_key, PYTHONPATH=ROOT)
             cmd = [
@@ -264,8 +269,10 @@ async def _burst(
         await session.close()
     closed_at = time.monotonic() - t0
     check_once(results, n)
-    while time.monotonic() - t0 - closed_at < 90 and await asyncio.to_thread(gpu_nodes) > 0:
-        await asyncio.sleep(0.5)  # ok: waiting for the autoscaler to remove nodes
+    while time.monotonic() - t0 - closed_at < 90:  # the autoscaler has no event to wait on
+        if await asyncio.to_thread(gpu_nodes) == 0:
+            break
+        await asyncio.sleep(0.5)  # ok: polling period
     gone_after = time.monotonic() - t0 - closed_at
     await asyncio.sleep(1.0)  # ok: one more sample after the last node went
     stop_sampling.set()
@@ -274,7 +281,8 @@ async def _burst(
     full = next((s["t"] for s in timeline if s["gpu_nodes"] >= max_nodes), None)
     assert await asyncio.to_thread(gpu_nodes) == 0, f"GPU nodes still up {gone_after:.0f} s after"
     return {
-        "tasks": n, "task_ms": task_ms, "first_answer_s": round(first_answer[0], 1) if first_answer else None,
+        "tasks": n, "task_ms": task_ms,
+        "first_answer_s": round(first_answer[0], 1) if first_answer else None,
         "session_s": round(closed_at, 1), "max_gpu_nodes": max_nodes,
         "scale_up_s": full, "scale_down_s": round(gone_after, 1),
         "workers_used": len({r.value().decode().split("|")[1] for r in results}),
@@ -283,10 +291,8 @@ async def _burst(
 
 def main() -> None:
     scenario, *numbers = sys.argv[1:]
-    if scenario == "three-nodes":
-        result = three_nodes()
-    else:  # autoscale [TASKS [TASK_MS]]
-        result = autoscale(*(int(x) for x in numbers))
+    # three-nodes | autoscale [TASKS [TASK_MS]]
+    result = three_nodes() if scenario == "three-nodes" else autoscale(*map(int, numbers))
     print("RESULT " + json.dumps(result), flush=True)
 
 
