@@ -183,7 +183,9 @@ GPU_WORKER = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers
               "max_workers": 3}  # fmt: skip
 
 
-def autoscale(tasks: int = 600, task_ms: int = 100, batch: int = 10) -> dict[str, Any]:
+def autoscale(
+    tasks: int = 600, task_ms: int = 100, sessions: int = 1, batch: int = 10
+) -> dict[str, Any]:
     import ray
 
     from ray_alpcrun.devserver import LocalServices
@@ -220,7 +222,8 @@ def autoscale(tasks: int = 600, task_ms: int = 100, batch: int = 10) -> dict[str
             out["ready_after_s"] = round(time.monotonic() - t0, 1)
             out["ready_text"] = ready[1]
             assert gpu_nodes() == 0
-            out.update(asyncio.run(_burst(svc, port, tasks, task_ms, batch, timeline)))
+            burst = _burst(svc, port, tasks, task_ms, batch, sessions, timeline)
+            out.update(asyncio.run(burst))
             assert out["max_gpu_nodes"] >= 2, out
             bridge.send_signal(signal.SIGTERM)
             out["bridge_exit"] = bridge.wait(timeout=60)
@@ -237,8 +240,16 @@ def autoscale(tasks: int = 600, task_ms: int = 100, batch: int = 10) -> dict[str
 
 
 async def _burst(
-    svc: Any, port: int, n: int, task_ms: int, batch: int, timeline: list[dict[str, Any]]
+    svc: Any,
+    port: int,
+    n: int,
+    task_ms: int,
+    batch: int,
+    sessions: int,
+    timeline: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """``sessions`` sessions at once, ``n`` slow tasks in all; samples the bridge's
+    /status and the cluster's GPU nodes every 0.5 s into ``timeline``."""
     t0 = time.monotonic()
     first_answer: list[float] = []
     stop_sampling = asyncio.Event()
@@ -262,13 +273,20 @@ async def _burst(
             await asyncio.sleep(0.5)  # ok: sampling period
 
     sampler = asyncio.ensure_future(sample())
-    async with client(svc) as c:
-        session = await c.create_session(app_id="burst")
-        payloads = [f"t{i}:{task_ms}".encode() for i in range(n)]
-        results = await session.run(payloads, batch_size=batch, timeout_s=300)
-        await session.close()
+    share = [n // sessions + (1 if k < n % sessions else 0) for k in range(sessions)]
+
+    async def one(k: int, count: int) -> list[TaskResult]:
+        async with client(svc) as c:
+            session = await c.create_session(app_id=f"burst-{k}")
+            payloads = [f"s{k}t{i}:{task_ms}".encode() for i in range(count)]
+            results = await session.run(payloads, batch_size=batch, timeout_s=300)
+            await session.close()
+        check_once(results, count)
+        return results
+
+    per_session = await asyncio.gather(*(one(k, c) for k, c in enumerate(share)))
+    results = [r for rs in per_session for r in rs]
     closed_at = time.monotonic() - t0
-    check_once(results, n)
     while time.monotonic() - t0 - closed_at < 90:  # the autoscaler has no event to wait on
         if await asyncio.to_thread(gpu_nodes) == 0:
             break
@@ -281,7 +299,7 @@ async def _burst(
     full = next((s["t"] for s in timeline if s["gpu_nodes"] >= max_nodes), None)
     assert await asyncio.to_thread(gpu_nodes) == 0, f"GPU nodes still up {gone_after:.0f} s after"
     return {
-        "tasks": n, "task_ms": task_ms,
+        "tasks": n, "task_ms": task_ms, "sessions": sessions,
         "first_answer_s": round(first_answer[0], 1) if first_answer else None,
         "session_s": round(closed_at, 1), "max_gpu_nodes": max_nodes,
         "scale_up_s": full, "scale_down_s": round(gone_after, 1),
@@ -291,7 +309,7 @@ async def _burst(
 
 def main() -> None:
     scenario, *numbers = sys.argv[1:]
-    # three-nodes | autoscale [TASKS [TASK_MS]]
+    # three-nodes | autoscale [TASKS [TASK_MS [SESSIONS]]]
     result = three_nodes() if scenario == "three-nodes" else autoscale(*map(int, numbers))
     print("RESULT " + json.dumps(result), flush=True)
 
