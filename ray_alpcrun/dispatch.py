@@ -168,6 +168,7 @@ class Dispatcher(Generic[A]):
         self._restarting: set[int] = set()
         self._starting: dict[int, asyncio.Task[None]] = {}
         self._elastic = elastic
+        self._admitting = 0  # batches waiting in _admit
         self.batches = 0
         """Batches in :meth:`run` now: on an actor or waiting for one (the load)."""
         self.released = 0
@@ -238,12 +239,10 @@ class Dispatcher(Generic[A]):
     ) -> list[Outcome]:
         n = len(payloads)
         out: list[Outcome | None] = [None] * n
-        live = self.members()
-        if not live:
-            try:
-                live = [await self._least_loaded()]
-            except AlpcrunError as exc:
-                return [(None, str(exc))] * n
+        try:
+            live = await self._admit()
+        except AlpcrunError as exc:
+            return [(None, str(exc))] * n
         plan = plan_chunks([m.inflight for m in live], n, self.chunk_floor())
         batch = payloads if isinstance(payloads, list) else list(payloads)
         jobs = []
@@ -471,11 +470,39 @@ class Dispatcher(Generic[A]):
             member.inflight -= n
             if member.inflight == 0:
                 member.idle_since = asyncio.get_running_loop().time()
+            if self._admitting:
+                self._notify()  # a batch waits for room on an actor
         if spent_s is not None and n:
             sample = spent_s / n
             cost = self.task_cost_s
             self.task_cost_s = sample if cost is None else cost + _COST_SMOOTHING * (sample - cost)
         return outcomes
+
+    async def _admit(self) -> list[Member[A]]:
+        """The actors a new batch may go to; waits while there are none.
+
+        While actors are pending (the pool grows, or one is being replaced), a
+        live actor takes at most two sub-batches' worth of queued tasks: the
+        rest of a burst waits here for the next free or new actor, instead of
+        piling onto the first actor that came up.
+        """
+        self._admitting += 1
+        try:
+            while True:
+                live = self.members()
+                if live and not self._restarting:
+                    return live
+                cap = 2 * self.chunk_floor()
+                free = [m for m in live if m.inflight < cap]
+                if free:
+                    return free
+                gone = not self._restarting and (not self._elastic or self.start_error)
+                if not live and (self._closed or gone):
+                    return [await self._least_loaded()]  # raises why there is none
+                wake = self._wake
+                await wake.wait()
+        finally:
+            self._admitting -= 1
 
     async def _least_loaded(self, claimed: set[Member[A]] | None = None) -> Member[A]:
         """The live actor with the fewest tasks in flight, not in ``claimed``; waits
