@@ -7,8 +7,9 @@ request can never fit. Three cases, by what Ray tells:
 * ``autoscaler``: the autoscaler published its node types (GCS cluster
   config). Fail when no node type (nor live node) offers the actor's shape,
   or when ``min_actors`` is more than all node types at their maximum hold.
-* ``autoscaling``: an autoscaler runs but its node types are not published
-  (Ray's v1 autoscaler). Nothing can be ruled out; actors wait.
+* ``autoscaling``: an autoscaler runs (v1: its status names node types; v2:
+  the GCS flag) but its node types are not published. Nothing can be ruled
+  out; actors wait.
 * ``static``: no autoscaler. The live nodes are all there is: ``min_actors``
   must fit on them now (with ``min_actors`` 0 the pool waits for nodes that
   join by hand).
@@ -63,8 +64,13 @@ def read_cluster() -> ClusterView:
     try:
         from ray.experimental.internal_kv import _internal_kv_get
 
+        # Ray's autoscaler v2 says so in the GCS; v1 writes a status with its node types.
+        v2 = _internal_kv_get(
+            ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY,
+            namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE,
+        )
         raw = _internal_kv_get(_AUTOSCALING_STATUS_KEY)
-        autoscaling = raw is not None and _has_autoscaler(json.loads(raw))
+        autoscaling = v2 == b"1" or (raw is not None and _has_autoscaler(json.loads(raw)))
     except Exception as exc:
         log.debug("cannot read the autoscaler status: %s", exc)
         autoscaling = False

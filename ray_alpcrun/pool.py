@@ -259,7 +259,7 @@ class ActorPool:
             raise
         self._backend, self._dispatcher = backend, dispatcher
         dispatcher.grow(cfg.lowest - first)
-        if cfg.elastic:
+        if cfg.elastic or first < cfg.lowest:
             self._scaler = asyncio.create_task(self._scale(dispatcher, view.source))
         log.info(
             "actor pool started: %d actor(s) ready, %d starting, %s; %g CPU and %g GPU each",
@@ -271,7 +271,9 @@ class ActorPool:
         )
 
     async def _scale(self, dispatcher: Dispatcher[Any], source: str) -> None:
-        """The elastic pool's loop: sample the load, ask for or release actors."""
+        """The elastic pool's loop: sample the load, ask for or release actors.
+
+        A fixed pool still waiting for room runs it only to say what it waits for."""
         from ray_alpcrun.cluster import shape_text
 
         cfg = self.config
@@ -283,7 +285,10 @@ class ActorPool:
         while True:
             now = loop.time()
             live, pending = len(dispatcher.members()), dispatcher.pending
-            decision = scaler.decide(dispatcher.batches, live, pending, now)
+            if cfg.elastic:
+                decision = scaler.decide(dispatcher.batches, live, pending, now)
+            else:
+                decision = Decision(cfg.num_actors)
             if decision.start:
                 dispatcher.grow(decision.start)
             released = dispatcher.release(decision.release) if decision.release else 0

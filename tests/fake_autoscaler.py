@@ -80,7 +80,9 @@ class FakeAutoscalingCluster:
         worker_types: dict[str, Any],
         head_cpus: float = 0,
         idle_timeout_minutes: float = 0.05,
+        v2: bool = False,
     ) -> None:
+        self.v2 = v2  # Ray's autoscaler v2: it publishes the node types in the GCS
         self.worker_types = worker_types
         self.head_cpus = head_cpus
         self.idle_timeout_minutes = idle_timeout_minutes
@@ -94,11 +96,21 @@ class FakeAutoscalingCluster:
 
         self.address = f"{get_node_ip_address()}:{self.port}"
         config = autoscaling_config(self.worker_types, self.address, self.idle_timeout_minutes)
+        if self.v2:
+            from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+            config["provider"].update(launch_multiple=True, head_node_id=FAKE_HEAD_NODE_ID)
         config_path = os.path.join(self.temp_dir, "autoscaling.json")
         Path(config_path).write_text(json.dumps(config))
         env = dict(os.environ)
         # Token auth off: the drivers of these tests hold no token.
         env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
+        if self.v2:
+            env.update(
+                RAY_enable_autoscaler_v2="1",
+                RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
+                RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
+            )
         cmd = [
             RAY, "start", "--head",
             f"--port={self.port}",
