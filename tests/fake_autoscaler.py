@@ -131,25 +131,24 @@ class FakeAutoscalingCluster:
         return self.address
 
     def own_pids(self) -> list[int]:
-        """Processes of this cluster: they name its temp dir or its GCS port."""
-        import psutil
-
+        """Processes of this cluster: they name its temp dir or its GCS port (Linux /proc)."""
         marks = (self.temp_dir, f":{self.port}", f"--gcs_server_port={self.port}")
         me = os.getpid()
         pids = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                line = " ".join(proc.info["cmdline"] or ())
-            except (psutil.Error, TypeError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == me:
                 continue
-            if proc.info["pid"] != me and any(m in line for m in marks):
-                pids.append(int(proc.info["pid"]))
+            try:
+                raw = (entry / "cmdline").read_bytes()
+                line = raw.replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if any(m in line for m in marks):
+                pids.append(int(entry.name))
         return pids
 
     def stop(self, timeout_s: float = 20.0) -> list[int]:
         """End this cluster's processes (and no other); returns any that survived."""
-        import psutil
-
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.own_pids():
                 with contextlib.suppress(ProcessLookupError):
@@ -157,6 +156,6 @@ class FakeAutoscalingCluster:
             deadline = time.monotonic() + timeout_s / 2
             while self.own_pids() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        left = [p for p in self.own_pids() if psutil.pid_exists(p)]
+        left = self.own_pids()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
