@@ -156,6 +156,11 @@ class Slot:
             self._call = None
 
     async def _bind(self, session_id: str) -> None:
+        if self.retired:
+            # Reported IDLE while retiring: the registration ends in a moment and
+            # the queue manager re-binds the session elsewhere.
+            log.info("BIND ignored: slot retiring", extra=fields(session=session_id))
+            return
         current = self.session
         if current is not None and current.session_id == session_id and not current.closed.is_set():
             return
