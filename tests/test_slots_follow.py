@@ -18,8 +18,11 @@ pytestmark = pytest.mark.timeout(120)
 class SlowEcho:
     """The compute side: echoes each payload after a short pause; records ended sessions."""
 
-    def __init__(self) -> None:
+    def __init__(self, signal_after: int) -> None:
         self.ended: list[str] = []
+        self.done = 0
+        self.signal_after = signal_after
+        self.reached = asyncio.Event()  # set once ``signal_after`` tasks are done
 
     async def share(self, session_id: str, level: int | None, payload: bytes) -> Any:
         return payload
@@ -28,6 +31,9 @@ class SlowEcho:
         self, session_id: str, payloads: list[bytes], shared: Any | None
     ) -> list[Outcome]:
         await asyncio.sleep(0.01)  # ok: stands in for compute
+        self.done += len(payloads)
+        if self.done >= self.signal_after:
+            self.reached.set()
         return [(p, None) for p in payloads]
 
     async def end_session(self, session_id: str) -> None:
@@ -53,12 +59,13 @@ async def test_slots_grow_and_retire_while_a_session_runs(devserver: Any) -> Non
         slots=1,
         session_linger_s=0.1,
     )
-    worker = BridgeWorker(settings, SlowEcho())
+    n = 300
+    processor = SlowEcho(signal_after=n // 3)
+    worker = BridgeWorker(settings, processor)
     running = asyncio.ensure_future(worker.run())
     await asyncio.wait_for(registered(worker, 1), 30)
     worker.resize(3)
     await asyncio.wait_for(registered(worker, 3), 30)
-    n = 300
     async with AsyncClient(
         devserver.queue_address,
         devserver.central_cache_address,
@@ -69,8 +76,7 @@ async def test_slots_grow_and_retire_while_a_session_runs(devserver: Any) -> Non
         run = asyncio.ensure_future(
             session.run([b"t%d" % i for i in range(n)], batch_size=5, timeout_s=60)
         )
-        while worker.stats.tasks_ok < n // 3:
-            await asyncio.sleep(0.01)  # ok: polling the counters
+        await asyncio.wait_for(processor.reached.wait(), 60)
         worker.resize(1)  # two slots drain their batches, then unregister
         results = await run
         await session.close()
