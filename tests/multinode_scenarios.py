@@ -221,6 +221,10 @@ def autoscale(
                 time.sleep(0.2)
             out["ready_after_s"] = round(time.monotonic() - t0, 1)
             out["ready_text"] = ready[1]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+            for gauge in ("alive", "pending", "target"):
+                assert f"alpcrun_pool_actors_{gauge} 0" in metrics, metrics
             assert gpu_nodes() == 0
             burst = _burst(svc, port, tasks, task_ms, batch, sessions, timeline)
             out.update(asyncio.run(burst))
@@ -236,6 +240,8 @@ def autoscale(
         out["stray_processes"] = len(left)
     out["timeline"] = timeline
     assert not left, f"processes left behind: {left}"
+    # /status showed the pool asking for actors Ray could not place yet, and the target.
+    assert any(x["pending"] > 0 for x in timeline) and max(x["target"] for x in timeline) == 3
     return out
 
 
