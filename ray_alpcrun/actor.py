@@ -151,6 +151,15 @@ class PoolActor:
         """Run the session end hook and drop its state; False if it was not here."""
         return self._runtime is not None and self._runtime.end_session(session_id)
 
+    def close_sessions(self) -> int:
+        """Before this actor is released: run every session's end hook; how many ran."""
+        runtime = self._runtime
+        if runtime is None:
+            return 0
+        count = len(runtime.session_ids)
+        runtime.close()
+        return count
+
     @ray.method(concurrency_group=CONTROL_GROUP)  # type: ignore[misc,untyped-decorator]
     def status(self) -> dict[str, Any]:
         """Counters for health checks; answers even while ``run`` is busy."""

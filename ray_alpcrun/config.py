@@ -135,9 +135,19 @@ class PoolConfig:
     at least ``min_chunk_work_s`` of work: for cheap tasks a Ray call costs more
     than the tasks, so small batches stay whole. ``actor_options`` are extra
     ``ray.remote`` options for the pool actors (e.g. ``runtime_env``).
+
+    Elastic sizing (see :mod:`ray_alpcrun.scaling`): with ``min_actors`` and
+    ``max_actors`` set, the pool keeps between them, asking for another actor
+    while the batches in flight per actor stay above
+    ``target_batches_per_actor`` and releasing idle actors once fewer would do
+    for ``downscale_delay_s``. Unset, the pool is fixed at ``num_actors``.
     """
 
     num_actors: int = 2
+    min_actors: int | None = None
+    max_actors: int | None = None
+    target_batches_per_actor: float = 1.0
+    downscale_delay_s: float = 30.0
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     max_sessions_per_actor: int = 32
@@ -154,6 +164,14 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if self.num_actors < 1:
             raise ConfigError("the pool needs at least one actor")
+        if self.min_actors is not None and self.min_actors < 0:
+            raise ConfigError("min_actors must not be negative")
+        if self.max_actors is not None and self.max_actors < max(1, self.lowest):
+            raise ConfigError("max_actors must be at least 1 and at least min_actors")
+        if self.target_batches_per_actor <= 0:
+            raise ConfigError("target_batches_per_actor must be positive")
+        if self.downscale_delay_s < 0:
+            raise ConfigError("downscale_delay_s must not be negative")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise ConfigError("gpus_per_actor and cpus_per_actor must not be negative")
         if self.max_sessions_per_actor < 1:
@@ -171,13 +189,33 @@ class PoolConfig:
         if self.memory_limit_bytes is not None and self.memory_limit_bytes < 256 * 1024 * 1024:
             raise ConfigError("memory_limit_bytes must be at least 256 MiB (a Ray worker needs it)")
 
+    @property
+    def elastic(self) -> bool:
+        """True when the pool grows and shrinks between ``min_actors`` and ``max_actors``."""
+        return self.min_actors is not None or self.max_actors is not None
+
+    @property
+    def lowest(self) -> int:
+        """Fewest actors kept (``num_actors`` for a fixed pool)."""
+        if self.min_actors is not None:
+            return self.min_actors
+        return 0 if self.max_actors is not None else self.num_actors
+
+    @property
+    def highest(self) -> int:
+        """Most actors asked for (``num_actors`` for a fixed pool)."""
+        if self.max_actors is not None:
+            return self.max_actors
+        return max(self.num_actors, self.lowest)
+
 
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """Everything ``python -m ray_alpcrun.bridge`` is told.
 
     ``pool=None`` sizes the pool from the Ray cluster's CPUs; ``slots=None``
-    registers one logical worker per pool actor.
+    (``--slots auto``) registers one logical worker per pool actor, and for an
+    elastic pool follows it (see :func:`ray_alpcrun.scaling.target_slots`).
     """
 
     services: ServiceConfig

@@ -65,6 +65,9 @@ class Backend(Protocol[A]):
     async def end_session(self, actor: A, session_id: str) -> None:
         """Release the session's state on that actor."""
 
+    async def retire(self, actor: A) -> None:
+        """Retire an idle actor: run every session's end hook there, then stop it."""
+
 
 @dataclass(eq=False, slots=True)
 class Member(Generic[A]):
@@ -74,6 +77,7 @@ class Member(Generic[A]):
     slot: int
     inflight: int = 0  # tasks submitted and not answered
     alive: bool = True
+    idle_since: float = 0.0  # loop time when ``inflight`` last dropped to zero
     # Killed by us (timeout, close): deaths of its other calls are not their tasks' fault.
     killed: bool = False
 
@@ -120,7 +124,11 @@ def plan_chunks(loads: Sequence[int], n: int, min_chunk: int) -> list[tuple[int,
 
 
 class Dispatcher(Generic[A]):
-    """Runs batches on a fixed number of actor slots; replaces actors that die or hang.
+    """Runs batches on actor slots; replaces actors that die or hang.
+
+    The slots are fixed at ``num_actors`` unless the owner adds and retires
+    actors with :meth:`grow` and :meth:`release` (the elastic pool). With
+    ``elastic``, a batch that finds no live actor waits for one instead of failing.
 
     >>> d = Dispatcher(backend, num_actors=2, task_timeout_s=30.0)
     >>> await d.start()
@@ -139,8 +147,9 @@ class Dispatcher(Generic[A]):
         timeout_slack_s: float = 1.0,
         restart_attempts: int = 3,
         restart_backoff_s: float = 0.5,
+        elastic: bool = False,
     ) -> None:
-        if num_actors < 1:
+        if num_actors < (0 if elastic else 1):
             raise ValueError("num_actors must be at least 1")
         self._backend = backend
         self._num_actors = num_actors
@@ -153,6 +162,15 @@ class Dispatcher(Generic[A]):
         self._restart_backoff_s = restart_backoff_s
         self._slots: list[Member[A] | None] = []
         self._restarting: set[int] = set()
+        self._starting: dict[int, asyncio.Task[None]] = {}
+        self._elastic = elastic
+        self._admitting = 0  # batches waiting in _admit
+        self.batches = 0
+        """Batches in :meth:`run` now: on an actor or waiting for one (the load)."""
+        self.released = 0
+        """Idle actors retired by :meth:`release`."""
+        self.start_error: str | None = None
+        """Why the last actor start failed, if it did (cleared by a success)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closed = False
@@ -163,8 +181,15 @@ class Dispatcher(Generic[A]):
 
     @property
     def size(self) -> int:
-        """Configured number of actors."""
-        return self._num_actors
+        """Actors kept: live or being started (the configured number for a fixed pool)."""
+        if not self._elastic:
+            return self._num_actors
+        return len(self.members()) + len(self._restarting)
+
+    @property
+    def pending(self) -> int:
+        """Actors asked for and not ready yet (started, restarted or waiting for room)."""
+        return len(self._restarting)
 
     def members(self) -> list[Member[A]]:
         """The live actors now."""
@@ -182,7 +207,11 @@ class Dispatcher(Generic[A]):
                 if not isinstance(r, BaseException):
                     self._backend.kill(r)
             raise failures[0]
-        self._slots = [Member(actor, i) for i, actor in enumerate(started)]  # type: ignore[arg-type]
+        now = asyncio.get_running_loop().time()
+        self._slots = [
+            Member(actor, i, idle_since=now)  # type: ignore[arg-type]
+            for i, actor in enumerate(started)
+        ]
 
     async def run(
         self,
@@ -195,13 +224,21 @@ class Dispatcher(Generic[A]):
         n = len(payloads)
         if n == 0:
             return []
+        self.batches += 1
+        try:
+            return await self._run_batch(session_id, payloads, shared, tags)
+        finally:
+            self.batches -= 1
+
+    async def _run_batch(
+        self, session_id: str, payloads: Sequence[bytes], shared: Any, tags: tuple[str, ...]
+    ) -> list[Outcome]:
+        n = len(payloads)
         out: list[Outcome | None] = [None] * n
-        live = self.members()
-        if not live:
-            try:
-                live = [await self._least_loaded()]
-            except AlpcrunError as exc:
-                return [(None, str(exc))] * n
+        try:
+            live = await self._admit()
+        except AlpcrunError as exc:
+            return [(None, str(exc))] * n
         plan = plan_chunks([m.inflight for m in live], n, self.chunk_floor())
         batch = payloads if isinstance(payloads, list) else list(payloads)
         jobs = []
@@ -248,6 +285,59 @@ class Dispatcher(Generic[A]):
                     "session end failed on an actor",
                     extra=fields(session=session_id, slot=m.slot, error=str(result)),
                 )
+
+    def grow(self, count: int) -> None:
+        """Ask for ``count`` more actors; they join as they become ready (pending till then)."""
+        for _ in range(count):
+            if self._closed:
+                return
+            free = [
+                i
+                for i, m in enumerate(self._slots)
+                if (m is None or not m.alive) and i not in self._restarting
+            ]
+            slot = free[0] if free else len(self._slots)
+            if slot == len(self._slots):
+                self._slots.append(None)
+            self._spawn(slot)
+
+    def release(self, count: int) -> int:
+        """Retire up to ``count`` actors: pending ones first, then the longest idle.
+
+        A live actor goes only with nothing in flight; it is out of the pool at
+        once (no new work reaches it), then its sessions' end hooks run and it
+        stops. Returns how many went.
+        """
+        done = 0
+        for slot in sorted(self._restarting, reverse=True):
+            if done >= count:
+                return done
+            task = self._starting.get(slot)
+            if task is not None and not task.done():
+                task.cancel()  # the backend kills an actor that was still starting
+                self._restarting.discard(slot)
+                done += 1
+        idle = sorted((m for m in self.members() if m.inflight == 0), key=_idle_since)
+        for m in idle[: count - done]:
+            m.alive = False
+            m.killed = True
+            self._slots[m.slot] = None
+            self.released += 1
+            done += 1
+            task = asyncio.create_task(self._retire(m))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if done:
+            self._notify()
+        return done
+
+    async def _retire(self, member: Member[A]) -> None:
+        try:
+            await self._backend.retire(member.actor)
+        except Exception as exc:
+            log.warning("releasing an actor failed", extra=fields(slot=member.slot, error=str(exc)))
+        finally:
+            self._backend.kill(member.actor)
 
     async def settle(self) -> None:
         """Wait until no actor replacement is pending (back to full size, or given up)."""
@@ -348,7 +438,7 @@ class Dispatcher(Generic[A]):
                 )
                 await self._run_part(None, single, out, claimed=claimed)
 
-        lanes = [lane() for _ in range(min(len(todo), self._num_actors))]
+        lanes = [lane() for _ in range(min(len(todo), max(1, self.size)))]
         done = await asyncio.gather(*lanes, return_exceptions=True)
         for result in done:
             if isinstance(result, BaseException):
@@ -374,11 +464,41 @@ class Dispatcher(Generic[A]):
                     raise _TimedOut from exc
         finally:
             member.inflight -= n
+            if member.inflight == 0:
+                member.idle_since = asyncio.get_running_loop().time()
+            if self._admitting:
+                self._notify()  # a batch waits for room on an actor
         if spent_s is not None and n:
             sample = spent_s / n
             cost = self.task_cost_s
             self.task_cost_s = sample if cost is None else cost + _COST_SMOOTHING * (sample - cost)
         return outcomes
+
+    async def _admit(self) -> list[Member[A]]:
+        """The actors a new batch may go to; waits while there are none.
+
+        While actors are pending (the pool grows, or one is being replaced), a
+        live actor takes at most two sub-batches' worth of queued tasks: the
+        rest of a burst waits here for the next free or new actor, instead of
+        piling onto the first actor that came up.
+        """
+        self._admitting += 1
+        try:
+            while True:
+                live = self.members()
+                if live and not self._restarting:
+                    return live
+                cap = 2 * self.chunk_floor()
+                free = [m for m in live if m.inflight < cap]
+                if free:
+                    return free
+                gone = not self._restarting and (not self._elastic or self.start_error)
+                if not live and (self._closed or gone):
+                    return [await self._least_loaded()]  # raises why there is none
+                wake = self._wake
+                await wake.wait()
+        finally:
+            self._admitting -= 1
 
     async def _least_loaded(self, claimed: set[Member[A]] | None = None) -> Member[A]:
         """The live actor with the fewest tasks in flight, not in ``claimed``; waits
@@ -391,7 +511,10 @@ class Dispatcher(Generic[A]):
             if free:
                 return min(free, key=_inflight)
             if not live and not self._restarting:
-                raise AlpcrunError("no live actors left in the pool")
+                if not self._elastic:
+                    raise AlpcrunError("no live actors left in the pool")
+                if self.start_error is not None:
+                    raise AlpcrunError(f"no pool actor could start: {self.start_error}")
             wake = self._wake
             await wake.wait()
 
@@ -408,8 +531,12 @@ class Dispatcher(Generic[A]):
         self._backend.kill(member.actor)
         if self._closed:
             return
-        self._restarting.add(member.slot)
-        task = asyncio.create_task(self._restart(member.slot))
+        self._spawn(member.slot)
+
+    def _spawn(self, slot: int) -> None:
+        self._restarting.add(slot)
+        task = asyncio.create_task(self._restart(slot))
+        self._starting[slot] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -419,6 +546,7 @@ class Dispatcher(Generic[A]):
                 try:
                     actor = await self._backend.start_actor()
                 except Exception as exc:
+                    self.start_error = str(exc)
                     log.warning(
                         "actor restart failed",
                         extra=fields(slot=slot, attempt=attempt + 1, error=str(exc)),
@@ -428,10 +556,14 @@ class Dispatcher(Generic[A]):
                 if self._closed:
                     self._backend.kill(actor)
                     return
-                self._slots[slot] = Member(actor, slot)
+                self.start_error = None
+                now = asyncio.get_running_loop().time()
+                self._slots[slot] = Member(actor, slot, idle_since=now)
                 return
             log.error("actor slot abandoned after failed restarts", extra=fields(slot=slot))
         finally:
+            if self._starting.get(slot) is asyncio.current_task():
+                del self._starting[slot]
             self._restarting.discard(slot)
             self._notify()
 
@@ -447,3 +579,7 @@ class Dispatcher(Generic[A]):
 
 def _inflight(member: Member[Any]) -> int:
     return member.inflight
+
+
+def _idle_since(member: Member[Any]) -> float:
+    return member.idle_since

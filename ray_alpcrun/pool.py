@@ -31,7 +31,9 @@ from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.dispatch import CallResult, Dispatcher
 from ray_alpcrun.errors import ActorLost, AlpcrunError, ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.handler import HandlerSpec
+from ray_alpcrun.logs import fields
 from ray_alpcrun.runtime import Outcome, describe
+from ray_alpcrun.scaling import Decision, Scaler
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ __all__ = ["ActorPool", "SharedRef"]
 
 DEFAULT_START_TIMEOUT_S = 120.0
 DEFAULT_STATUS_TIMEOUT_S = 5.0
+SCALE_TICK_S = 0.25
+WAIT_LOG_EVERY_S = 30.0
 
 
 class _RayBackend:
@@ -75,6 +79,11 @@ class _RayBackend:
         self.handles[id(actor)] = actor
         try:
             info: dict[str, Any] = await actor.ready.remote()
+        except asyncio.CancelledError:
+            # Released while waiting for room: the pending actor is Ray's demand
+            # signal to the autoscaler, so it must go too.
+            self.kill(actor)
+            raise
         except self._lost as exc:
             self.kill(actor)
             raise HandlerError(f"pool actor failed to start: {_first_line(exc)}") from exc
@@ -130,6 +139,12 @@ class _RayBackend:
         except self._lost as exc:
             raise ActorLost(_first_line(exc)) from exc
 
+    async def retire(self, actor: Any) -> None:
+        try:
+            await actor.close_sessions.remote()
+        except self._lost as exc:
+            raise ActorLost(_first_line(exc)) from exc
+
     async def status(self, actor: Any, timeout_s: float) -> dict[str, Any]:
         try:
             info: dict[str, Any] = await asyncio.wait_for(actor.status.remote(), timeout_s)
@@ -153,11 +168,28 @@ class ActorPool:
         self.start_timeout_s = DEFAULT_START_TIMEOUT_S
         self._backend: _RayBackend | None = None
         self._dispatcher: Dispatcher[Any] | None = None
+        self._scaler: asyncio.Task[None] | None = None
+        self.decision = Decision(self.config.lowest, reason="start")
+        """The elastic pool's latest scale decision (target and why)."""
+        self.waiting_for = ""
+        """What the pool waits for, while it has fewer live actors than it wants."""
 
     @property
     def size(self) -> int:
-        """Number of actors the pool keeps."""
+        """Number of actors the pool keeps (live or starting; at least 1)."""
+        if self._dispatcher is not None and self.config.elastic:
+            return max(1, self._dispatcher.size)
         return self.config.num_actors
+
+    @property
+    def live(self) -> int:
+        """Actors ready to take work now."""
+        return len(self._dispatcher.members()) if self._dispatcher is not None else 0
+
+    @property
+    def pending(self) -> int:
+        """Actors asked for and not ready yet (Ray's demand signal to its autoscaler)."""
+        return self._dispatcher.pending if self._dispatcher is not None else 0
 
     @property
     def restarts(self) -> int:
@@ -177,9 +209,19 @@ class ActorPool:
 
         if not ray.is_initialized():
             raise ConfigError("Ray is not initialised: call ray.init() before starting a pool")
+        from ray_alpcrun.cluster import check_request, read_cluster
+
         cfg = self.config
-        resources: dict[str, float] = await asyncio.to_thread(ray.cluster_resources)
-        _check_resources(cfg, resources)
+        view = await asyncio.to_thread(read_cluster)
+        fits_now = check_request(
+            view, cfg.lowest, cfg.highest, cfg.cpus_per_actor, cfg.gpus_per_actor
+        )
+        if view.source == "static" and cfg.lowest > 0:
+            resources: dict[str, float] = await asyncio.to_thread(ray.cluster_resources)
+            _check_resources(cfg, resources, cfg.lowest)
+        # Wait for the actors that fit now (a broken handler fails here); the
+        # rest start in the background and wait for the cluster to grow.
+        first = min(cfg.lowest, fits_now)
         try:
             blob = cloudpickle.dumps(self.handler)
         except Exception as exc:
@@ -196,7 +238,9 @@ class ActorPool:
         backend = _RayBackend(actor_class.options(**options), blob, cfg)
         dispatcher: Dispatcher[Any] = Dispatcher(
             backend,
-            num_actors=cfg.num_actors,
+            num_actors=first,
+            # Batches wait for actors that wait for the cluster to grow.
+            elastic=cfg.elastic or first < cfg.lowest,
             min_chunk=cfg.min_chunk,
             min_chunk_work_s=cfg.min_chunk_work_s,
             max_call_retries=cfg.max_call_retries,
@@ -209,17 +253,67 @@ class ActorPool:
                 backend.kill(actor)
             if isinstance(exc, asyncio.TimeoutError):
                 raise ConfigError(
-                    f"{cfg.num_actors} pool actor(s) did not start within "
+                    f"{first} pool actor(s) did not start within "
                     f"{self.start_timeout_s:g} s; does the cluster have the resources?"
                 ) from exc
             raise
         self._backend, self._dispatcher = backend, dispatcher
+        dispatcher.grow(cfg.lowest - first)
+        if cfg.elastic or first < cfg.lowest:
+            self._scaler = asyncio.create_task(self._scale(dispatcher, view.source))
         log.info(
-            "actor pool started: %d actor(s), %g CPU and %g GPU each",
-            cfg.num_actors,
+            "actor pool started: %d actor(s) ready, %d starting, %s; %g CPU and %g GPU each",
+            first,
+            cfg.lowest - first,
+            f"elastic {cfg.lowest}..{cfg.highest}" if cfg.elastic else "fixed",
             cfg.cpus_per_actor,
             cfg.gpus_per_actor,
         )
+
+    async def _scale(self, dispatcher: Dispatcher[Any], source: str) -> None:
+        """The elastic pool's loop: sample the load, ask for or release actors.
+
+        A fixed pool still waiting for room runs it only to say what it waits for."""
+        from ray_alpcrun.cluster import shape_text
+
+        cfg = self.config
+        scaler = Scaler(
+            cfg.lowest, cfg.highest, cfg.target_batches_per_actor, cfg.downscale_delay_s
+        )
+        loop = asyncio.get_running_loop()
+        logged_wait = -WAIT_LOG_EVERY_S
+        while True:
+            now = loop.time()
+            live, pending = len(dispatcher.members()), dispatcher.pending
+            if cfg.elastic:
+                decision = scaler.decide(dispatcher.batches, live, pending, now)
+            else:
+                decision = Decision(cfg.num_actors)
+            if decision.start:
+                dispatcher.grow(decision.start)
+            released = dispatcher.release(decision.release) if decision.release else 0
+            if decision.start or released:
+                log.info(
+                    "pool scaling: %s",
+                    f"+{decision.start} actor(s)" if decision.start else f"-{released} actor(s)",
+                    extra=fields(
+                        reason=decision.reason, target=decision.target, live=live, pending=pending
+                    ),
+                )
+            self.decision = decision
+            if pending and live < decision.target:
+                self.waiting_for = (
+                    f"{pending} actor(s) of {shape_text(cfg.cpus_per_actor, cfg.gpus_per_actor)} "
+                    f"waiting for room ({live} live, target {decision.target}; cluster: {source})"
+                )
+                if now - logged_wait >= WAIT_LOG_EVERY_S:
+                    logged_wait = now
+                    log.info("pool waiting: %s", self.waiting_for)
+                    if dispatcher.start_error:
+                        log.warning("last actor start failed: %s", dispatcher.start_error)
+            else:
+                self.waiting_for = ""
+            await asyncio.sleep(SCALE_TICK_S)  # ok: sampling period of the scaler
 
     def put_shared(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
         """Put a session's shared data in the object store, once; pass the result to :meth:`run`.
@@ -271,9 +365,25 @@ class ActorPool:
             "started": True,
             "size": self.size,
             "live": len(members),
+            **self.scale_status(),
             "restarts": dispatcher.restarts,
             "task_cost_s": dispatcher.task_cost_s,
             "actors": actors,
+        }
+
+    def scale_status(self) -> dict[str, Any]:
+        """The elastic figures for /status and /metrics: alive, pending, target, why."""
+        d = self._dispatcher
+        return {
+            "elastic": self.config.elastic,
+            "min_actors": self.config.lowest,
+            "max_actors": self.config.highest,
+            "pending": d.pending if d is not None else 0,
+            "target": self.decision.target,
+            "reason": self.decision.reason,
+            "batches": d.batches if d is not None else 0,
+            "released": d.released if d is not None else 0,
+            "waiting_for": self.waiting_for,
         }
 
     async def settle(self) -> None:
@@ -284,6 +394,10 @@ class ActorPool:
     async def close(self) -> None:
         """Kill every actor. Idempotent."""
         dispatcher, self._dispatcher = self._dispatcher, None
+        scaler, self._scaler = self._scaler, None
+        if scaler is not None:
+            scaler.cancel()
+            await asyncio.gather(scaler, return_exceptions=True)
         if dispatcher is not None:
             await dispatcher.close()
 
@@ -305,23 +419,23 @@ class ActorPool:
         return self._dispatcher
 
 
-def _check_resources(cfg: PoolConfig, resources: dict[str, float]) -> None:
-    """Fail fast instead of waiting forever for actors Ray can never place."""
+def _check_resources(cfg: PoolConfig, resources: dict[str, float], count: int) -> None:
+    """Fail fast instead of waiting forever for actors a static cluster can never place."""
     cluster_gpus = float(resources.get("GPU", 0.0))
     try:
         from ray_alpcrun.gpu import check_gpu_request
     except ImportError:  # GPU support not installed: only the plain count
-        if cfg.num_actors * cfg.gpus_per_actor > cluster_gpus + 1e-9:
+        if count * cfg.gpus_per_actor > cluster_gpus + 1e-9:
             raise ConfigError(
-                f"{cfg.num_actors} actor(s) x {cfg.gpus_per_actor:g} GPU asked for, "
+                f"{count} actor(s) x {cfg.gpus_per_actor:g} GPU asked for, "
                 f"but the Ray cluster has {cluster_gpus:g} GPU(s)"
             ) from None
     else:
-        check_gpu_request(cfg.num_actors, cfg.gpus_per_actor, cluster_gpus)
+        check_gpu_request(count, cfg.gpus_per_actor, cluster_gpus)
     cluster_cpus = float(resources.get("CPU", 0.0))
-    if cfg.num_actors * cfg.cpus_per_actor > cluster_cpus + 1e-9:
+    if count * cfg.cpus_per_actor > cluster_cpus + 1e-9:
         raise ConfigError(
-            f"{cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU asked for, "
+            f"{count} actor(s) x {cfg.cpus_per_actor:g} CPU asked for, "
             f"but the Ray cluster has {cluster_cpus:g} CPU(s); lower --actors or the CPUs per actor"
         )
 

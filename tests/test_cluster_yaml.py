@@ -93,7 +93,8 @@ def test_gpu_workers_autoscale(prepared: dict[str, Any]) -> None:
     gpu = gpu_node_types(prepared)
     assert gpu, "no worker node type offers a GPU"
     for name, spec in gpu.items():
-        assert spec["min_workers"] < spec["max_workers"], name
+        # Starts with no GPU node: the elastic pool's pending actors make it grow.
+        assert spec["min_workers"] == 0 < spec["max_workers"], name
         assert spec["max_workers"] <= prepared["max_workers"], name
         assert spec["node_config"]["InstanceType"].startswith(("g", "p")), name
     head = prepared["available_node_types"][prepared["head_node_type"]]
@@ -181,9 +182,16 @@ def test_bridge_unit_restarts_and_reads_settings_from_a_file(tmp_path: Path) -> 
 def test_bridge_cli_accepts_the_unit_flags(tmp_path: Path) -> None:
     # Catches drift between this file and the CLI: parse with the bridge's own parser.
     exec_start = unit_entries(render_unit(tmp_path, with_ca=True))["ExecStart"][0]
-    args = parse_bridge_args(shlex.split(exec_start.split(" -m ray_alpcrun.bridge ", 1)[1]))
+    argv = shlex.split(exec_start.split(" -m ray_alpcrun.bridge ", 1)[1])
+    args = parse_bridge_args(argv)
     assert args.ray_address == "auto"
-    assert args.gpus_per_actor >= 1 and args.actors >= 1
+    assert args.gpus_per_actor >= 1 and args.actors is None
+    # The elastic pool, as the bridge itself reads the flags.
+    from ray_alpcrun.bridge.cli import config_from_args
+    from ray_alpcrun.config import Env
+
+    pool = config_from_args(args, Env(api_key="k")).pool
+    assert pool is not None and pool.elastic and pool.lowest == 0 and pool.highest >= 1
 
 
 def test_gpu_nodes_can_hold_the_whole_pool(tmp_path: Path, prepared: dict[str, Any]) -> None:
@@ -195,7 +203,7 @@ def test_gpu_nodes_can_hold_the_whole_pool(tmp_path: Path, prepared: dict[str, A
     )
     per_node = max(spec["resources"]["GPU"] for spec in gpu_node_types(prepared).values())
     assert args.gpus_per_actor <= per_node
-    assert args.actors * args.gpus_per_actor <= capacity
+    assert args.max_actors * args.gpus_per_actor <= capacity
 
 
 def test_bridge_unit_uses_tls_when_a_ca_is_synced(tmp_path: Path) -> None:

@@ -103,6 +103,9 @@ class FakeBackend:
             raise ActorLost("dead")
         self.ended.append((actor.name, session_id))
 
+    async def retire(self, actor: FakeActor) -> None:
+        self.ended.append((actor.name, "*"))  # every session's end hook ran there
+
 
 def payloads(n: int, prefix: str = "t") -> list[bytes]:
     return [f"{prefix}{i}".encode() for i in range(n)]

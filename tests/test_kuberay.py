@@ -115,7 +115,8 @@ def test_gpu_worker_group_autoscales(cluster: dict[str, Any]) -> None:
         limits = ray["resources"]["limits"]
         if int(limits.get("nvidia.com/gpu", 0)) >= 1:
             gpu_groups.append(group)
-            assert group["minReplicas"] < group["maxReplicas"]
+            # Starts with no GPU pod: the elastic pool's pending actors make it grow.
+            assert group["minReplicas"] == 0 < group["maxReplicas"]
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
             assert "NVIDIA_VISIBLE_DEVICES" not in env_of(ray)
     assert gpu_groups, "no worker group with nvidia.com/gpu limits"
@@ -128,7 +129,9 @@ def test_gpu_worker_group_autoscales(cluster: dict[str, Any]) -> None:
     ]
     capacity = sum(g["maxReplicas"] * n for g, n in zip(gpu_groups, gpus_per_pod, strict=True))
     assert 1 <= gpus_per_actor <= max(gpus_per_pod)
-    assert int(flag(argv, "--actors")) * gpus_per_actor <= capacity
+    assert int(flag(argv, "--max-actors")) * gpus_per_actor <= capacity
+    assert int(flag(argv, "--min-actors")) == 0
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
 
 
 def test_bridge_joins_the_head_ray(cluster: dict[str, Any]) -> None:

@@ -50,6 +50,16 @@ class PoolProcessor:
         await self.pool.end_session(session_id)
 
 
+# (scale_status key, metric name, help) of the elastic pool's gauges.
+_SCALE_GAUGES = (
+    ("pending", "alpcrun_pool_actors_pending", "pool actors requested and not yet placed"),
+    ("target", "alpcrun_pool_actors_target", "pool actors the scaler wants now"),
+    ("min_actors", "alpcrun_pool_actors_min", "lower bound of the pool (--min-actors)"),
+    ("max_actors", "alpcrun_pool_actors_max", "upper bound of the pool (--max-actors)"),
+    ("batches", "alpcrun_pool_batches", "batches held by the pool (running or waiting)"),
+)
+
+
 class Bridge:
     """Runs inside the Ray actor (see :func:`bridge_actor_class`)."""
 
@@ -62,8 +72,11 @@ class Bridge:
         log_json: bool = False,
         health_port: int | None = None,
         health_host: str = "0.0.0.0",
+        auto_slots: bool = False,
     ) -> None:
         setup_logging(log_level, log_json)
+        # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.scaling).
+        self.auto_slots = auto_slots and pool_config.elastic
         self.handler = handler
         self.pool_config = pool_config
         self.settings = settings
@@ -115,6 +128,13 @@ class Bridge:
             "slots registered with the queue manager",
             of(lambda w: sum(s.registered.is_set() for s in w.slots)),
         )
+        # The elastic pool's figures (actors alive, pending and wanted, the bounds).
+        m.gauge("alpcrun_pool_actors_alive", "pool actors alive",
+                lambda: float(self.pool.live if self.pool else 0))  # fmt: skip
+        for key, name, help_text in _SCALE_GAUGES:
+            m.gauge(name, help_text, self._of_scale(key))
+        m.counter("alpcrun_pool_actors_released_total", "actors released by downscaling",
+                  self._of_scale("released"))  # fmt: skip
         m.labelled_gauge(
             "alpcrun_gpu_memory_used_bytes",
             "GPU memory used, per GPU actor",
@@ -122,6 +142,10 @@ class Bridge:
             lambda: self._gpu_memory,
         )
         return m  # fmt: skip
+
+    def _of_scale(self, key: str) -> Callable[[], float]:
+        """A figure of the pool's scaling state, read at scrape time."""
+        return lambda: float(self.pool.scale_status()[key]) if self.pool is not None else 0.0
 
     def _of_worker(self, read: Callable[[BridgeWorker], float]) -> Callable[[], float]:
         """A metric read from the worker at scrape time (0 before it exists)."""
@@ -132,6 +156,7 @@ class Bridge:
         from ray_alpcrun.pool import ActorPool
 
         exporter: asyncio.Task[None] | None = None
+        follower: asyncio.Task[None] | None = None
         try:
             if self.health_port is not None:
                 self.health = HealthServer(
@@ -173,6 +198,8 @@ class Bridge:
             if self._stop_requested:
                 return errors.EXIT_OK, ""
             exporter = asyncio.create_task(_export_ray_metrics(self))
+            if self.auto_slots:
+                follower = asyncio.create_task(_follow_pool(self))
             await self.worker.run()
             return errors.EXIT_OK, ""
         except errors.FatalError as exc:
@@ -183,8 +210,9 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            if exporter is not None:
-                exporter.cancel()
+            for task in (exporter, follower):
+                if task is not None:
+                    task.cancel()
             if self.pool is not None:
                 await self.pool.close()
             # Closed last: a Kubernetes preStop hook waits for this port to close.
@@ -217,10 +245,15 @@ class Bridge:
             return False, "starting"
         if not self.worker.ready:
             return False, "not registered with the queue manager"
-        live = int((await self.pool.status()).get("live", 0))
+        live, pending = self.pool.live, self.pool.pending
+        slots = f"{len(self.worker.slots)} slot(s) registered"
         if live < 1:
+            if self.pool_config.elastic or pending > 0:
+                # Batches wait for actors; the cluster grows for the pending ones.
+                waiting = self.pool.waiting_for or "no actor until there is work"
+                return True, f"{slots}; 0 actors, waiting: {waiting}"
             return False, "no live actor in the pool"
-        return True, f"{live} actor(s), {len(self.worker.slots)} slot(s) registered"
+        return True, f"{live} actor(s) ({pending} pending), {slots}"
 
     async def metrics_text(self) -> str:
         await self._refresh_gpu_memory()
@@ -269,8 +302,20 @@ class Bridge:
             )
         if self.pool is not None:
             out["actor_restarts"] = self.pool.restarts
+            out["scaling"] = {"live": self.pool.live, **self.pool.scale_status()}
             out["actors"] = await self.pool.status()
         return out
+
+
+async def _follow_pool(bridge: Bridge, period_s: float = 0.25) -> None:
+    """Keep the registered logical workers at ``target_slots`` of the pool."""
+    from ray_alpcrun.scaling import target_slots
+
+    while True:
+        worker, pool = bridge.worker, bridge.pool
+        if worker is not None and pool is not None and not bridge.draining:
+            worker.resize(target_slots(pool.live, pool.pending, pool.config.highest))
+        await asyncio.sleep(period_s)  # ok: sampling period
 
 
 async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:

@@ -49,9 +49,29 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
     add_worker_flags(p, env)
     a = p.add_argument
     a("--actors", type=int, default=env.num_threads, help="pool actors (default: cluster CPUs)")
+    a("--min-actors", type=int, default=None, help="elastic pool: fewest actors (0 allowed)")
+    a("--max-actors", type=int, default=None, help="elastic pool: most actors (needed for it)")
+    a(
+        "--target-batches-per-actor",
+        type=float,
+        default=1.0,
+        help="elastic pool: grow while batches in flight per actor stay above this",
+    )
+    a(
+        "--downscale-delay",
+        type=float,
+        default=30.0,
+        help="elastic pool: seconds of lower load before idle actors are released",
+    )
     a("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, fractional ok; 0 = CPU")
     a("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
-    a("--slots", type=int, default=None, help="logical workers registered (default: --actors)")
+    a(
+        "--slots",
+        type=_slots,
+        default=None,
+        help="logical workers registered: a number, or 'auto' (default): one per "
+        "actor, following an elastic pool with one spare while it may grow",
+    )
     a("--ray-address", default=None, help="Ray cluster to join ('auto'); default: start Ray")
     a("--task-timeout", type=float, default=None, help="seconds per task before it is failed")
     a("--drain-timeout", type=float, default=30.0, help="seconds to finish batches on stop")
@@ -70,9 +90,22 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
     services = service_config(args, env)
     identity = worker_identity(args)
     actors = args.actors if args.actors is not None else 0
+    elastic = args.min_actors is not None or args.max_actors is not None
+    lowest = 0
+    if elastic:
+        if args.max_actors is None:
+            raise errors.ConfigError("--min-actors needs --max-actors (the elastic pool's ceiling)")
+        if args.actors is not None and not env_actors(args, env):
+            raise errors.ConfigError("give either --actors N (fixed) or --min/--max-actors")
+        lowest = 0 if args.min_actors is None else args.min_actors
+        actors = max(1, lowest)
     pool = (
         PoolConfig(
             num_actors=actors,
+            min_actors=lowest if elastic else None,
+            max_actors=args.max_actors if elastic else None,
+            target_batches_per_actor=args.target_batches_per_actor,
+            downscale_delay_s=args.downscale_delay,
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             max_sessions_per_actor=args.max_sessions_per_actor,
@@ -99,6 +132,20 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         backoff_max_s=args.backoff_max,
         max_connect_attempts=args.connect_attempts,
     )
+
+
+def _slots(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def env_actors(args: argparse.Namespace, env: Env) -> bool:
+    """True when --actors came only from METALCORE_NUM_THREADS, not the command line."""
+    return env.num_threads is not None and args.actors == env.num_threads
 
 
 def main(argv: Sequence[str] | None = None) -> int:

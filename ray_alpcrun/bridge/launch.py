@@ -91,7 +91,15 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
 
     pool = resolve_pool(config)
     config = replace(config, pool=pool)
-    slots = config.slots or pool.num_actors
+    auto_slots = config.slots is None and pool.elastic
+    if config.slots is not None:
+        slots = config.slots
+    elif pool.elastic:
+        from ray_alpcrun.scaling import target_slots
+
+        slots = target_slots(0, pool.lowest, pool.highest)
+    else:
+        slots = pool.num_actors
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -109,5 +117,6 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
         config.log_json,
         config.health_port,
         config.health_host,
+        auto_slots,
     )
     return BridgeHandle(actor=actor, run_ref=actor.run.remote(), config=config)

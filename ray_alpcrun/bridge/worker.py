@@ -110,6 +110,7 @@ class Slot:
         self.registered = asyncio.Event()
         self.skipped_instructions = 0
         self.registrations = 0
+        self.retired = False  # set by BridgeWorker.resize: drain, then end the registration
 
     @property
     def session(self) -> SessionStream | None:
@@ -210,6 +211,10 @@ class BridgeWorker:
         self._rng = random.Random()
         self._holders: dict[str, set[Slot]] = {}
         self._linger: dict[str, asyncio.Task[None]] = {}
+        self._slot_tasks: dict[Slot, asyncio.Task[None]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._resized = asyncio.Event()
+        self._next_index = settings.slots
         self.connected = False
         self.reconnects = 0
         self.queue: Any = None
@@ -303,13 +308,25 @@ class BridgeWorker:
     async def run(self) -> None:
         """Serve until ``stop()``; raises FatalError for what retrying cannot fix."""
         self._open()
-        tasks = [asyncio.create_task(self._slot_loop(slot)) for slot in self.slots]
+        for slot in self.slots:
+            self._slot_tasks[slot] = asyncio.create_task(self._slot_loop(slot))
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]  # a fatal error
+            while self._slot_tasks:
+                resized = asyncio.ensure_future(self._resized.wait())
+                running = set(self._slot_tasks.values())
+                done, _ = await asyncio.wait(
+                    {*running, resized}, return_when=asyncio.FIRST_COMPLETED
+                )
+                resized.cancel()
+                self._resized.clear()
+                for slot, task in list(self._slot_tasks.items()):
+                    if task not in done:
+                        continue
+                    del self._slot_tasks[slot]
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]  # a fatal error
         finally:
+            tasks = list(self._slot_tasks.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -325,16 +342,18 @@ class BridgeWorker:
     async def _slot_loop(self, slot: Slot) -> None:
         s = self.settings
         attempt = 0
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not slot.retired:
             registrations = slot.registrations
             try:
                 await slot.serve()
             except asyncio.CancelledError:
                 # stop() cancels the calls; anything else cancelling us must propagate.
-                if self._stopping.is_set():
+                if self._stopping.is_set() or slot.retired:
                     return
                 raise
             except grpc.aio.AioRpcError as exc:
+                if slot.retired:
+                    return
                 err = transport.translate(exc)
                 fatal = fatal_for(err, s, "queue manager")
                 if fatal is not None:
@@ -345,7 +364,7 @@ class BridgeWorker:
                 )
             except errors.ProtocolError as exc:
                 log.error("protocol error", extra=fields(slot=slot.index, error=str(exc)))
-            if self._stopping.is_set():
+            if self._stopping.is_set() or slot.retired:
                 return
             if slot.registrations != registrations:
                 # Count only consecutive failures: a registration that worked (then
@@ -364,14 +383,64 @@ class BridgeWorker:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 
+    # -- logical workers that follow the pool (--slots auto on an elastic pool)
+
+    def resize(self, count: int) -> None:
+        """Keep ``count`` (at least 1) logical workers registered.
+
+        New slots register at once. Surplus slots retire idle ones first; a
+        retiring slot with a session drains it like an UNBIND (batches in flight
+        finish and are answered, IDLE is reported) before its registration ends.
+        """
+        count = max(1, count)
+        active = [slot for slot in self.slots if not slot.retired]
+        if self._stopping.is_set() or count == len(active):
+            return
+        if count > len(active):
+            for _ in range(count - len(active)):
+                slot = Slot(self, self._next_index)
+                self._next_index += 1
+                self.slots.append(slot)
+                if self._slot_tasks or self._channels:
+                    self._slot_tasks[slot] = asyncio.create_task(self._slot_loop(slot))
+            log.info("logical workers: %d -> %d", len(active), count)
+        else:
+            surplus = sorted(active, key=lambda x: (x.session is not None, -x.index))
+            for slot in surplus[: len(active) - count]:
+                slot.retired = True
+                task = asyncio.create_task(self._retire(slot))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            log.info("logical workers: %d -> %d (draining the rest)", len(active), count)
+        self._resized.set()
+
+    async def _retire(self, slot: Slot) -> None:
+        try:
+            await slot.drain(self.settings.drain_timeout_s)
+        finally:
+            if slot._call is not None:
+                slot._call.cancel()
+            task = self._slot_tasks.get(slot)
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), 5.0)
+                task.cancel()
+            if slot in self.slots:
+                self.slots.remove(slot)
+            self._resized.set()
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
     @property
     def ready(self) -> bool:
-        """True when every slot holds a registration."""
-        return all(slot.registered.is_set() for slot in self.slots)
+        """True when every slot registered at start (and not retired since) holds a
+        registration, and at least one slot does."""
+        first = [x for x in self.slots if x.index < self.settings.slots and not x.retired]
+        return all(x.registered.is_set() for x in first) and any(
+            x.registered.is_set() for x in self.slots
+        )
 
     async def wait_registered(self, timeout_s: float) -> None:
         await asyncio.wait_for(
