@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 from ray_alpcrun import errors
@@ -65,7 +66,8 @@ class Bridge:
     ) -> None:
         setup_logging(log_level, log_json)
         self.handler = handler
-        self.pool_config = pool_config
+        # The pool's actors log as the bridge does (their lines reach the driver).
+        self.pool_config = replace(pool_config, log_level=log_level, log_json=log_json)
         self.settings = settings
         self.health_port = health_port
         self.health_host = health_host

@@ -2,21 +2,24 @@
 
 Ray is started (or joined) first, then the bridge actor; gRPC lives only in
 that actor (and, with ``--local``, in the local services of this process).
-SIGTERM/SIGINT drain in-flight batches and exit 0; a second signal exits at once.
+A signal during startup stops it at once (exit 130); once serving, SIGTERM/SIGINT
+drain: batches that arrive are no longer started, those running finish and are
+answered, then exit 0; a second signal exits at once (130).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
 from typing import Any
 
 from ray_alpcrun import errors
+from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import (
     BridgeConfig,
     Env,
@@ -24,7 +27,13 @@ from ray_alpcrun.config import (
 )
 from ray_alpcrun.handler import load_handler
 from ray_alpcrun.logs import setup_logging
-from ray_alpcrun.worker_cli import ENV_HELP, add_worker_flags, service_config, worker_identity
+from ray_alpcrun.worker_cli import (
+    ENV_HELP,
+    EXIT_CODES_HELP,
+    add_worker_flags,
+    service_config,
+    worker_identity,
+)
 
 log = logging.getLogger("ray_alpcrun.bridge")
 
@@ -33,61 +42,88 @@ EPILOG = (
     + """\
   METALCORE_NUM_THREADS         default for --actors
 
-exit codes: 0 ok, 2 usage, 3 configuration, 4 API key rejected, 5 TLS failure,
-6 handler cannot load, 7 queue manager unreachable, 130 interrupted twice
 """
+    + EXIT_CODES_HELP
 )
+PROG = "ray_alpcrun.bridge"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """A signal arrived before the bridge was serving."""
 
 
 def build_parser(env: Env) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ray_alpcrun.bridge",
         description="Serve ALPCRUN.CH task batches with a pool of Ray actors.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_worker_flags(p, env)
     a = p.add_argument
-    a("--actors", type=int, default=env.num_threads, help="pool actors (default: cluster CPUs)")
+    a(
+        "--actors",
+        type=int,
+        default=env.num_threads,
+        help="pool actors, at least 1 (default: as many as the cluster can place)",
+    )
     a("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, fractional ok; 0 = CPU")
     a("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
     a("--slots", type=int, default=None, help="logical workers registered (default: --actors)")
     a("--ray-address", default=None, help="Ray cluster to join ('auto'); default: start Ray")
-    a("--task-timeout", type=float, default=None, help="seconds per task before it is failed")
-    a("--drain-timeout", type=float, default=30.0, help="seconds to finish batches on stop")
+    a(
+        "--task-timeout",
+        type=float,
+        default=None,
+        help="fail a task that runs longer than this many seconds, timed from when its "
+        "actor starts it (a sub-batch of N tasks gets N times this); default: no limit",
+    )
+    a(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to finish the batches already running",
+    )
+    a(
+        "--session-linger",
+        type=float,
+        default=30.0,
+        help="seconds a session's state (and its on_session_end) waits after the last "
+        "slot serving it is unbound, in case it is bound again; a stop ends it at once",
+    )
     a("--max-sessions-per-actor", type=int, default=32, help="sessions kept per actor")
     a("--gpu-memory-limit", type=int, default=None, help="CuPy pool cap per actor, bytes")
     a("--actor-memory-limit", type=int, default=None, help="private memory cap per actor, bytes")
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     a("--health-host", default="0.0.0.0", help="address the health endpoint listens on")
-    a("--log-json", action="store_true", help="log JSON lines")
+    a("--log-json", action="store_true", help="every line printed is a JSON object")
     a("--local", action="store_true", help="also run the local queue manager and caches")
-    return p
+    return p  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
     services = service_config(args, env)
     identity = worker_identity(args)
-    actors = args.actors if args.actors is not None else 0
-    pool = (
-        PoolConfig(
-            num_actors=actors,
-            gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor,
-            max_sessions_per_actor=args.max_sessions_per_actor,
-            task_timeout_s=args.task_timeout,
-            gpu_memory_limit_bytes=args.gpu_memory_limit,
-            memory_limit_bytes=args.actor_memory_limit,
-        )
-        if actors
-        else None
+    if args.actors is not None and args.actors < 1:
+        raise errors.ConfigError(f"--actors must be at least 1, got {args.actors}")
+    # Always built: the per-actor flags apply whether or not --actors is given
+    # (without it, start_bridge sizes the pool from the cluster).
+    pool = PoolConfig(
+        num_actors=args.actors or 1,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        max_sessions_per_actor=args.max_sessions_per_actor,
+        task_timeout_s=args.task_timeout,
+        gpu_memory_limit_bytes=args.gpu_memory_limit,
+        memory_limit_bytes=args.actor_memory_limit,
     )
     return BridgeConfig(
         services=services,
         identity=identity,
         handler=args.handler,
         pool=pool,
+        size_pool_from_cluster=args.actors is None,
         slots=args.slots,
         ray_address=args.ray_address,
         local=args.local,
@@ -98,60 +134,100 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         health_host=args.health_host,
         backoff_max_s=args.backoff_max,
         max_connect_attempts=args.connect_attempts,
+        session_linger_s=args.session_linger,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # From the first moment: a signal during startup stops it (Ray's own SIGTERM
+    # handler, installed by ray.init, would exit 15; SIGINT could be lost).
+    previous = {s: signal.signal(s, _interrupt) for s in _SIGNALS}
+    out = Output(PROG)
+    try:
+        return _main(argv, out)
+    except Interrupted as exc:
+        out.fail(f"interrupted during startup ({exc})")
+        return errors.EXIT_INTERRUPTED
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _main(argv: Sequence[str] | None, out: Output) -> int:
     env = Env.read()
     args = build_parser(env).parse_args(argv)
+    out.json_lines = args.log_json
     try:
         config = config_from_args(args, env)
         setup_logging(config.log_level, config.log_json)
         load_handler(config.handler)  # fail fast, before Ray starts
     except errors.HandlerError as exc:
-        print(f"ray_alpcrun.bridge: handler: {exc}", file=sys.stderr)
+        out.fail(f"handler: {exc}")
         return errors.EXIT_HANDLER
     except errors.ConfigError as exc:
-        print(f"ray_alpcrun.bridge: configuration: {exc}", file=sys.stderr)
+        out.fail(f"configuration: {exc}")
         return errors.EXIT_CONFIG
     if config.services.api_key is None and not config.local:
-        print(
-            "ray_alpcrun.bridge: no API key: set METALCORE_API_KEY or --api-key",
-            file=sys.stderr,
-        )
+        out.fail("no API key: set METALCORE_API_KEY or --api-key")
         return errors.EXIT_AUTH
-    return run(config)
+    return run(config, out)
 
 
-def run(config: BridgeConfig) -> int:
+def run(config: BridgeConfig, out: Output | None = None) -> int:
     import ray
 
     from ray_alpcrun.bridge.launch import start_bridge
+    from ray_alpcrun.raylogs import forward_actor_output
 
+    out = out or Output(PROG, config.log_json)
     started_ray = not ray.is_initialized()
-    if started_ray:
-        # Ray first: starting it after gRPC is active prints fork warnings.
-        ray.init(address=config.ray_address, configure_logging=False, log_to_driver=True)
     services: Any = None
     try:
+        if started_ray:
+            # Ray first: starting it after gRPC is active prints fork warnings.
+            _init_ray(config)
+        forward_actor_output(config.log_json)
         if config.local:
             try:
-                config, services = _start_local(config)
+                config, services = _start_local(config, out)
             except (OSError, RuntimeError, errors.AlpcrunError) as exc:
-                print(
-                    f"ray_alpcrun.bridge: cannot start the local services: {exc}", file=sys.stderr
-                )
+                out.fail(f"cannot start the local services: {exc}")
                 return errors.EXIT_CONFIG
         handle = start_bridge(config)
-        return _wait(handle)
+        return _wait(handle, out)
     finally:
+        # A signal now may not raise inside the clean-up; it ends the process.
+        for s in _SIGNALS:
+            signal.signal(s, _exit_now)
         if services is not None:
             services.__exit__(None, None, None)
         if started_ray:
             ray.shutdown()
 
 
-def _start_local(config: BridgeConfig) -> tuple[BridgeConfig, Any]:
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    os._exit(errors.EXIT_INTERRUPTED)
+
+
+def _init_ray(config: BridgeConfig) -> None:
+    import ray
+
+    try:
+        ray.init(address=config.ray_address, configure_logging=False, log_to_driver=True)
+    except SystemExit as exc:
+        # Ray's SIGTERM handler (set inside ray.init) exits with the signal number.
+        if exc.code == signal.SIGTERM:
+            raise Interrupted("SIGTERM") from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, Any]:
     from ray_alpcrun.config import DevServerConfig
     from ray_alpcrun.devserver import LocalServices
 
@@ -167,14 +243,13 @@ def _start_local(config: BridgeConfig) -> tuple[BridgeConfig, Any]:
         )
     )
     services.__enter__()
-    print(
+    out.say(
         f"local ALPCRUN.CH services: queue={services.queue_address} "
-        f"central-cache={services.central_cache_address} node-cache={services.node_cache_address}",
-        flush=True,
+        f"central-cache={services.central_cache_address} node-cache={services.node_cache_address}"
     )
     if config.services.api_key is None:
         # A generated key: clients need it to connect, so show it once.
-        print(f"  clients connect with METALCORE_API_KEY={services.api_key}", flush=True)
+        out.say(f"  clients connect with METALCORE_API_KEY={services.api_key}")
     services_config = replace(
         config.services,
         queue_address=services.queue_address,
@@ -185,7 +260,7 @@ def _start_local(config: BridgeConfig) -> tuple[BridgeConfig, Any]:
     return replace(config, services=services_config), services
 
 
-def _wait(handle: Any) -> int:
+def _wait(handle: Any, out: Output) -> int:
     """Block until the bridge ends; the first signal drains, the second kills."""
     import ray
 
@@ -201,19 +276,16 @@ def _wait(handle: Any) -> int:
             # not reliably surface as itself (the process exited 1, not 130).
             log.warning("second signal: stopping at once")
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            if signals["count"] > 1:
-                handle.kill()
-                return errors.EXIT_INTERRUPTED
-            done, _ = ray.wait([handle.run_ref], timeout=0.2)
-            if done:
-                break
-        code, reason = ray.get(handle.run_ref)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    for s in _SIGNALS:
+        signal.signal(s, on_signal)
+    while True:
+        if signals["count"] > 1:
+            handle.kill()
+            return errors.EXIT_INTERRUPTED
+        done, _ = ray.wait([handle.run_ref], timeout=0.2)
+        if done:
+            break
+    code, reason = ray.get(handle.run_ref)
     if reason:
-        print(f"ray_alpcrun.bridge: {reason}", file=sys.stderr)
+        out.fail(reason)
     return int(code)

@@ -74,6 +74,7 @@ class SessionStream:
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.draining = False
+        self.refused = 0  # batches that arrived while draining, left unanswered
 
     @property
     def in_flight(self) -> int:
@@ -97,6 +98,11 @@ class SessionStream:
                 if batch is grpc.aio.EOF:  # type: ignore[attr-defined]
                     log.info("session stream ended by the queue manager", extra=self._f())
                     break
+                if self.draining:
+                    # Stopping: a batch that arrives now is not started. The queue
+                    # manager re-delivers it when this stream closes unanswered.
+                    self.refused += 1
+                    continue
                 task = asyncio.create_task(self._handle(batch))
                 self._batches.add(task)
                 self._idle.clear()
@@ -180,6 +186,8 @@ class SessionStream:
     async def drain(self, timeout_s: float | None) -> bool:
         """Finish the batches in flight, half-close and wait for the end of the stream.
 
+        Batches that arrive from now on are not started (``refused`` counts them):
+        left unanswered, they go back to the queue manager when the stream closes.
         Returns False if the deadline passed first (the rest is then cancelled and
         the queue manager re-delivers it).
         """
@@ -197,6 +205,7 @@ class SessionStream:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.closed.wait(), _CLOSE_WAIT_S)
         await self.abort()
+        log.info("session drained", extra=self._f(finished=finished, not_started=self.refused))
         return finished
 
     async def abort(self) -> None:

@@ -155,6 +155,10 @@ class Slot:
             self._call = None
 
     async def _bind(self, session_id: str) -> None:
+        if self.worker.stopping:
+            # Draining: take no new session; the queue manager binds another worker.
+            log.info("BIND while stopping; ignored", extra=fields(session=session_id))
+            return
         current = self.session
         if current is not None and current.session_id == session_id and not current.closed.is_set():
             return
@@ -339,9 +343,11 @@ class BridgeWorker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Sessions released shortly before the stop end now, not never.
+            ending = [*self._linger, *self._holders]
             for linger in list(self._linger.values()):
                 linger.cancel()
-            for session_id in list(self._holders):
+            for session_id in dict.fromkeys(ending):
                 await self._end_session(session_id)
             for ch in self._channels:
                 await ch.close()
