@@ -90,6 +90,12 @@ def setup_logging(level: str = "info", json_lines: bool = False) -> None:
         # Only where nobody else (a Ray worker, pytest, an application) configured it.
         _install(root, formatter, logging.WARNING)
     logging.captureWarnings(True)
+    # Records of a logger with no handler anywhere (Ray's, while ray.init resets
+    # them) go to the last-resort handler: ours, not a plain line.
+    last = logging.StreamHandler(sys.stderr)
+    last.setFormatter(formatter)
+    last.setLevel(logging.WARNING)
+    logging.lastResort = last
 
 
 def _install(logger: logging.Logger, formatter: logging.Formatter, level: int = 0) -> None:

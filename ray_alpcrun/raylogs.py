@@ -54,7 +54,10 @@ def print_batch(data: dict[str, Any], json_lines: bool) -> None:
     sink = sys.stderr if data.get("is_err") else sys.stdout
     pid = data.get("pid")
     source = data.get("actor_name") or data.get("task_name") or ""
-    for line in data.get("lines", ()):
+    lines = data.get("lines", ())
+    if pid == "autoscaler":
+        lines = _autoscaler_events(lines)
+    for line in lines:
         if _TQDM_MAGIC in line:
             continue
         text = strip_ansi(line)
@@ -65,6 +68,29 @@ def print_batch(data: dict[str, Any], json_lines: bool) -> None:
         else:
             print(f"({source + ' ' if source else ''}pid={pid}) {text}", file=sink)
     sink.flush()
+
+
+def _autoscaler_events(lines: Any) -> Any:
+    """What Ray's own printer keeps of the autoscaler's output (its events only)."""
+    try:
+        from ray._private.worker import filter_autoscaler_events
+    except ImportError:  # pragma: no cover - a Ray without it: drop the status dumps
+        return ()
+    return filter_autoscaler_events(list(lines))
+
+
+def format_ray_logger(json_lines: bool) -> None:
+    """Ray's own driver-side logger prints through our formatter (one timestamp
+    format; JSON with ``--log-json``)."""
+    from ray_alpcrun.logs import JsonFormatter, KeyValueFormatter
+
+    logger = logging.getLogger("ray")
+    for old in list(logger.handlers):
+        # Ray's PlainRayHandler formats by itself, whatever formatter it is given.
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else KeyValueFormatter())
+    logger.addHandler(handler)
 
 
 def _as_json(text: str, pid: Any, source: str) -> str:

@@ -181,8 +181,9 @@ def run(config: BridgeConfig, out: Output | None = None) -> int:
     import ray
 
     from ray_alpcrun.bridge.launch import start_bridge
-    from ray_alpcrun.raylogs import forward_actor_output
+    from ray_alpcrun.raylogs import format_ray_logger, forward_actor_output
 
+    format_ray_logger(config.log_json)
     out = out or Output(PROG, config.log_json)
     started_ray = not ray.is_initialized()
     services: Any = None
@@ -237,6 +238,8 @@ def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, Any]:
         DevServerConfig(
             queue_port=queue_port,
             node_cache_port=cache_port,
+            # Port 0 for the queue asks for free ports: the central cache's too.
+            central_cache_port=0 if queue_port == 0 else DevServerConfig.central_cache_port,
             api_key=config.services.api_key,
             proto_package=config.services.proto_package,
             max_message_bytes=config.services.max_message_bytes,
