@@ -26,7 +26,7 @@ from ray_alpcrun.config import (
     PoolConfig,
 )
 from ray_alpcrun.handler import load_handler
-from ray_alpcrun.logs import setup_logging
+from ray_alpcrun.logs import fields, setup_logging
 from ray_alpcrun.worker_cli import (
     ENV_HELP,
     EXIT_CODES_HELP,
@@ -49,8 +49,9 @@ PROG = "ray_alpcrun.bridge"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-    """A signal arrived before the bridge was serving."""
+class Interrupted(BaseException):
+    """A signal arrived before the bridge was serving (a BaseException, as
+    KeyboardInterrupt: no ``except Exception`` on the way may swallow it)."""
 
 
 def build_parser(env: Env) -> argparse.ArgumentParser:
@@ -217,6 +218,7 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 def _init_ray(config: BridgeConfig) -> None:
     import ray
 
+    log.info("starting Ray", extra=fields(address=config.ray_address or "(new local cluster)"))
     try:
         ray.init(address=config.ray_address, configure_logging=False, log_to_driver=True)
     except SystemExit as exc:
