@@ -169,7 +169,7 @@ def test_every_line_is_json_with_log_json(
     try:
         local.wait_for('"registered"')
         devserver.wait_for("ready; stop with Ctrl-C")
-        refworker.wait_for('"registered"')
+        refworker.wait_for("worker registered")
         with client_for(svc) as client, client.create_session(app_id="json") as session:
             # A failing task: its traceback is logged, as JSON.
             assert [r.ok for r in session.run([b"ok", b"fail-me"])] == [True, False]
