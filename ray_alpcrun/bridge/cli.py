@@ -241,7 +241,7 @@ def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, Any]:
             queue_port=queue_port,
             node_cache_port=cache_port,
             # Port 0 for the queue asks for free ports: the central cache's too.
-            central_cache_port=0 if queue_port == 0 else DevServerConfig.central_cache_port,
+            central_cache_port=0 if queue_port == 0 else DevServerConfig().central_cache_port,
             api_key=config.services.api_key,
             proto_package=config.services.proto_package,
             max_message_bytes=config.services.max_message_bytes,
