@@ -2,7 +2,7 @@
 
 Ray is started (or joined) first, then the bridge actor; gRPC lives only in
 that actor (and, with ``--local``, in the local services of this process).
-A signal during startup stops it at once (exit 130); once serving, SIGTERM/SIGINT
+A signal during startup stops it after the step in progress (exit 130); once serving, SIGTERM/SIGINT
 drain: batches that arrive are no longer started, those running finish and are
 answered, then exit 0; a second signal exits at once (130).
 """
@@ -142,10 +142,11 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     # From the first moment: a signal during startup stops it (Ray's own SIGTERM
     # handler, installed by ray.init, would exit 15; SIGINT could be lost).
-    previous = {s: signal.signal(s, _interrupt) for s in _SIGNALS}
+    startup = StartupSignals()
+    previous = {s: signal.signal(s, startup) for s in _SIGNALS}
     out = Output(PROG)
     try:
-        return _main(argv, out)
+        return _main(argv, out, startup)
     except Interrupted as exc:
         out.fail(f"interrupted during startup ({exc})")
         return errors.EXIT_INTERRUPTED
@@ -154,11 +155,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(s, h)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+class StartupSignals:
+    """The signal handler until the bridge serves. The first signal is noted and
+    acted on at the next step of the startup (raising it inside ``ray.init`` or a
+    Ray call could leave Ray half-started and its shutdown hanging); a second
+    one raises at once."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)
+        if len(self.pending) > 1:
+            raise Interrupted(signal.Signals(signum).name)
+
+    def check(self) -> None:
+        """Raise Interrupted if a signal arrived."""
+        if self.pending:
+            raise Interrupted(signal.Signals(self.pending[0]).name)
 
 
-def _main(argv: Sequence[str] | None, out: Output) -> int:
+def _main(argv: Sequence[str] | None, out: Output, startup: StartupSignals) -> int:
     env = Env.read()
     args = build_parser(env).parse_args(argv)
     out.json_lines = args.log_json
@@ -175,10 +192,13 @@ def _main(argv: Sequence[str] | None, out: Output) -> int:
     if config.services.api_key is None and not config.local:
         out.fail("no API key: set METALCORE_API_KEY or --api-key")
         return errors.EXIT_AUTH
-    return run(config, out)
+    startup.check()
+    return run(config, out, startup)
 
 
-def run(config: BridgeConfig, out: Output | None = None) -> int:
+def run(
+    config: BridgeConfig, out: Output | None = None, startup: StartupSignals | None = None
+) -> int:
     import ray
 
     from ray_alpcrun.bridge.launch import start_bridge
@@ -186,12 +206,14 @@ def run(config: BridgeConfig, out: Output | None = None) -> int:
 
     format_ray_logger(config.log_json)
     out = out or Output(PROG, config.log_json)
+    startup = startup or StartupSignals()
     started_ray = not ray.is_initialized()
     services: Any = None
     try:
         if started_ray:
             # Ray first: starting it after gRPC is active prints fork warnings.
-            _init_ray(config)
+            _init_ray(config, startup)
+        startup.check()
         forward_actor_output(config.log_json)
         if config.local:
             try:
@@ -199,7 +221,11 @@ def run(config: BridgeConfig, out: Output | None = None) -> int:
             except (OSError, RuntimeError, errors.AlpcrunError) as exc:
                 out.fail(f"cannot start the local services: {exc}")
                 return errors.EXIT_CONFIG
+            startup.check()
         handle = start_bridge(config)
+        if startup.pending:
+            handle.kill()
+            startup.check()
         return _wait(handle, out)
     finally:
         # A signal now may not raise inside the clean-up; it ends the process.
@@ -215,19 +241,26 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
     os._exit(errors.EXIT_INTERRUPTED)
 
 
-def _init_ray(config: BridgeConfig) -> None:
+def _init_ray(config: BridgeConfig, startup: StartupSignals) -> None:
     import ray
 
     log.info("starting Ray", extra=fields(address=config.ray_address or "(new local cluster)"))
+    # ray.init installs a SIGTERM handler that exits 15 from wherever it is; keep
+    # ours (the private hook may move: then the SystemExit below is the fallback).
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    saved = getattr(utils, "set_sigterm_handler", None)
+    if saved is not None:
+        utils.set_sigterm_handler = lambda handler: None  # type: ignore[union-attr]
     try:
         ray.init(address=config.ray_address, configure_logging=False, log_to_driver=True)
     except SystemExit as exc:
-        # Ray's SIGTERM handler (set inside ray.init) exits with the signal number.
         if exc.code == signal.SIGTERM:
             raise Interrupted("SIGTERM") from None
         raise
     finally:
-        signal.signal(signal.SIGTERM, _interrupt)
+        if saved is not None:
+            utils.set_sigterm_handler = saved  # type: ignore[union-attr]
+        signal.signal(signal.SIGTERM, startup)
 
 
 def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, Any]:
