@@ -23,6 +23,7 @@ from ray import cloudpickle
 
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import load_handler
+from ray_alpcrun.logs import setup_logging
 from ray_alpcrun.runtime import HandlerRuntime, Outcome, SharedSpec, describe
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,11 @@ class PoolActor:
         gpu_memory_limit_bytes: int | None = None,
         memory_limit_bytes: int | None = None,
         sys_path: Sequence[str] = (),
+        log: tuple[str | None, bool] = (None, False),
     ) -> None:
+        level, json_lines = log
+        if level is not None:
+            setup_logging(level, json_lines)
         if memory_limit_bytes is not None:
             _limit_private_memory(memory_limit_bytes)
         for entry in sys_path:

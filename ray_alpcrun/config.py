@@ -160,6 +160,9 @@ class PoolConfig:
     # gets MemoryError (its task fails) instead of growing until the node is full.
     memory_limit_bytes: int | None = None
     actor_options: Mapping[str, Any] = field(default_factory=dict)
+    # How the actors log (see ray_alpcrun.logs.setup_logging); None: Ray's default.
+    log_level: str | None = None
+    log_json: bool = False
 
     def __post_init__(self) -> None:
         if self.num_actors < 1:
@@ -213,7 +216,8 @@ class PoolConfig:
 class BridgeConfig:
     """Everything ``python -m ray_alpcrun.bridge`` is told.
 
-    ``pool=None`` sizes the pool from the Ray cluster's CPUs; ``slots=None``
+    ``pool=None`` sizes the pool from the Ray cluster's CPUs (as does
+    ``size_pool_from_cluster``, keeping the pool's other settings); ``slots=None``
     (``--slots auto``) registers one logical worker per pool actor, and for an
     elastic pool follows it (see :func:`ray_alpcrun.scaling.target_slots`).
     """
@@ -222,6 +226,8 @@ class BridgeConfig:
     handler: str
     identity: WorkerIdentity = field(default_factory=WorkerIdentity)
     pool: PoolConfig | None = None
+    # True: the pool's per-actor settings apply, its actor count is what the cluster can place.
+    size_pool_from_cluster: bool = False
     slots: int | None = None
     ray_address: str | None = None
     local: bool = False
@@ -240,6 +246,8 @@ class BridgeConfig:
             raise ConfigError("slots must be at least 1")
         if self.drain_timeout_s < 0:
             raise ConfigError("drain timeout must not be negative")
+        if self.session_linger_s < 0:
+            raise ConfigError("session linger must not be negative")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ConfigError("backoff needs 0 < initial <= max")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

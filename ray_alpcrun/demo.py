@@ -15,10 +15,11 @@ import time
 from collections.abc import Sequence
 
 from ray_alpcrun import errors
+from ray_alpcrun.clikit import Parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_alpcrun.demo", description=__doc__)
+    p = Parser(prog="python -m ray_alpcrun.demo", description=__doc__)
     p.add_argument("--tasks", type=int, default=64, help="pricing tasks to submit")
     p.add_argument("--paths", type=int, default=5_000, help="Monte Carlo paths per task")
     p.add_argument("--contracts", type=int, default=48, help="options in the book")

@@ -21,10 +21,33 @@ def fields(**values: Any) -> dict[str, Any]:
     return {_FIELDS: values}
 
 
+def timestamp(created: float) -> str:
+    """The one timestamp format of every CLI: UTC, ISO 8601, milliseconds."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{stamp}.{int(created * 1000) % 1000:03d}Z"
+
+
+def json_line(
+    msg: str,
+    level: str = "info",
+    logger: str = "ray_alpcrun",
+    created: float | None = None,
+    **extra: Any,
+) -> str:
+    """One JSON log line in the shape of :class:`JsonFormatter` (for ``print``)."""
+    out: dict[str, Any] = {
+        "ts": timestamp(time.time() if created is None else created),
+        "level": level,
+        "logger": logger,
+        "msg": msg,
+    }
+    out.update(extra)
+    return json.dumps(out, default=str)
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        base = f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<5} {record.name}: "
+        base = f"{timestamp(record.created)} {record.levelname:<5} {record.name}: "
         base += record.getMessage()
         extra = getattr(record, _FIELDS, None)
         if extra:
@@ -36,16 +59,12 @@ class KeyValueFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": record.created,
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update(getattr(record, _FIELDS, None) or {})
+        extra = dict(getattr(record, _FIELDS, None) or {})
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+            extra["exc"] = self.formatException(record.exc_info)
+        return json_line(
+            record.getMessage(), record.levelname.lower(), record.name, record.created, **extra
+        )
 
 
 def _kv(value: Any) -> str:
@@ -56,14 +75,35 @@ def _kv(value: Any) -> str:
 
 
 def setup_logging(level: str = "info", json_lines: bool = False) -> None:
-    """Configure the ``ray_alpcrun`` loggers (stderr). Idempotent."""
+    """Configure the ``ray_alpcrun`` loggers (stderr). Idempotent.
+
+    Other libraries' records (Ray, gRPC, ``warnings``) at WARNING and above go
+    through the same formatter, so that with ``json_lines`` every line is JSON.
+    """
+    formatter = JsonFormatter() if json_lines else KeyValueFormatter()
     logger = logging.getLogger("ray_alpcrun")
     logger.setLevel(level.upper())
+    _install(logger, formatter)
+    logger.propagate = False
+    root = logging.getLogger()
+    if all(getattr(h, "_alpcrun", False) for h in root.handlers):
+        # Only where nobody else (a Ray worker, pytest, an application) configured it.
+        _install(root, formatter, logging.WARNING)
+    logging.captureWarnings(True)
+    # Records of a logger with no handler anywhere (Ray's, while ray.init resets
+    # them) go to the last-resort handler: ours, not a plain line.
+    last = logging.StreamHandler(sys.stderr)
+    last.setFormatter(formatter)
+    last.setLevel(logging.WARNING)
+    logging.lastResort = last
+
+
+def _install(logger: logging.Logger, formatter: logging.Formatter, level: int = 0) -> None:
     for h in list(logger.handlers):
         if getattr(h, "_alpcrun", False):
             logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else KeyValueFormatter())
+    handler.setFormatter(formatter)
+    handler.setLevel(level)
     handler._alpcrun = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
-    logger.propagate = False

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar, overload
 from ray_alpcrun.actor import SharedRef
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import AlpcrunError, TaskFailed, TasksFailed
-from ray_alpcrun.handler import HandlerSpec
+from ray_alpcrun.handler import HandlerSpec, import_object
 from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.pool import ActorPool
 from ray_alpcrun.runtime import Outcome
@@ -96,6 +96,10 @@ class RayPool:
         """Start Ray (if needed) and the actors. Idempotent; ``with`` calls it."""
         if self._pool is not None:
             return self
+        if isinstance(self._handler, str):
+            # A missing module (e.g. examples.* outside the repository root) fails
+            # here, in a second, not after Ray has started.
+            import_object(self._handler)
         self._init_ray()
         loop = LoopThread("ray-alpcrun-pool", "RayPool")
         pool = ActorPool(self._handler, self.config)

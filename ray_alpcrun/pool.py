@@ -75,6 +75,7 @@ class _RayBackend:
             gpu_memory_limit_bytes=cfg.gpu_memory_limit_bytes,
             memory_limit_bytes=cfg.memory_limit_bytes,
             sys_path=self._sys_path,
+            log=(cfg.log_level, cfg.log_json),
         )
         self.handles[id(actor)] = actor
         try:

@@ -11,7 +11,7 @@ otherwise, even when a newer level was seen before. No Ray, no gRPC.
 from __future__ import annotations
 
 import logging
-import traceback
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from typing import Any
 
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import Handler, SessionContext
+from ray_alpcrun.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class HandlerRuntime:
         self._decoded: dict[str, OrderedDict[int | None, Any]] = {}
         self._highest: dict[str, int | None] = {}
         self.shared_decodes = 0
+        self._tracebacks = TracebackLog()
+        self._fast_path_warned: set[str] = set()  # sessions told their process_batch failed
 
     @property
     def session_ids(self) -> list[str]:
@@ -144,25 +147,41 @@ class HandlerRuntime:
         if batch_fn is not None and len(payloads) > 1:
             try:
                 results = batch_fn(list(payloads), ctx)
-            except Exception:
+            except Exception as exc:
                 # Fall back to one task at a time so only the culprit fails.
-                log.debug("process_batch raised; retrying task by task\n%s", traceback.format_exc())
+                self._fast_path_failed(ctx, f"process_batch raised {describe(exc)}", exc)
             else:
                 if len(results) == len(payloads):
                     return [_outcome(r) for r in results]
-                log.warning(
-                    "process_batch returned %d results for %d tasks; retrying task by task",
-                    len(results),
-                    len(payloads),
+                self._fast_path_failed(
+                    ctx, f"process_batch returned {len(results)} results for {len(payloads)} tasks"
                 )
         out: list[Outcome] = []
         process = self.handler.process
-        for payload in payloads:
+        for index, payload in enumerate(payloads):
             try:
                 out.append(_outcome(process(payload, ctx)))
             except Exception as exc:
                 out.append((None, describe(exc)))
+                self._tracebacks.log(exc, session=session_id, task=index, tasks=len(payloads))
         return out
+
+    def _fast_path_failed(
+        self, ctx: SessionContext, reason: str, exc: BaseException | None = None
+    ) -> None:
+        """WARNING once per session (with the traceback): every later batch of the
+        session pays for the task-by-task fallback, so the user must hear of it."""
+        if ctx.id in self._fast_path_warned:
+            log.debug("process_batch fast path failed again: %s", reason, extra=_f(ctx.id))
+            return
+        self._fast_path_warned.add(ctx.id)
+        log.warning(
+            "process_batch fast path failed (%s); running this session's batches task by "
+            "task when it fails (warned once per session)",
+            reason,
+            exc_info=exc,
+            extra=_f(ctx.id),
+        )
 
     def end_session(self, session_id: str) -> bool:
         """Run the end hook and drop the session's state; False if it was not here."""
@@ -183,6 +202,7 @@ class HandlerRuntime:
             self._finish(oldest)
 
     def _finish(self, ctx: SessionContext) -> None:
+        self._fast_path_warned.discard(ctx.id)
         try:
             self.handler.on_session_end(ctx)
         except Exception:
@@ -204,6 +224,43 @@ class HandlerRuntime:
             ) from exc
         self.shared_decodes += 1
         return value
+
+
+def _f(session_id: str) -> dict[str, Any]:
+    return fields(session=session_id)
+
+
+class TracebackLog:
+    """Logs a failed task's traceback at WARNING, at most ``burst`` per ``window_s``
+    (a handler failing every task must not flood the log); the next logged one
+    says how many were left out."""
+
+    def __init__(
+        self, burst: int = 5, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self._clock = clock
+        self._window_start = -float("inf")
+        self._logged = 0
+        self.suppressed = 0
+
+    def log(self, exc: BaseException, **context: Any) -> bool:
+        now = self._clock()
+        if now - self._window_start >= self.window_s:
+            self._window_start, self._logged = now, 0
+        if self._logged >= self.burst:
+            self.suppressed += 1
+            return False
+        self._logged += 1
+        left_out, self.suppressed = self.suppressed, 0
+        log.warning(
+            "task failed in the handler: %s",
+            describe(exc),
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra=fields(**context, tracebacks_left_out=left_out),
+        )
+        return True
 
 
 def _is_newer(level: int | None, current: int | None) -> bool:

@@ -28,12 +28,26 @@ environment (flags win):
 """
 
 
+EXIT_CODES_HELP = """\
+exit codes:
+  0    stopped by SIGTERM/SIGINT after draining (or the queue manager ended it)
+  1    other failure
+  2    usage: an unknown flag or a bad value
+  3    configuration: bad settings, a port in use, resources the cluster cannot place
+  4    API key missing or rejected
+  5    TLS failure (certificate not trusted)
+  6    the handler cannot be loaded
+  7    queue manager unreachable (after --connect-attempts)
+  130  a signal during startup, or a second signal while draining
+"""
+
+
 def add_worker_flags(p: argparse.ArgumentParser, env: Env) -> None:
     """--queue, --cache, --handler, --proto-package, the API key, TLS, identity, limits."""
     a = p.add_argument
     a("--queue", default=env.queue_addr or DEFAULT_QUEUE_ADDR, help="queue manager HOST:PORT")
     a("--cache", default=env.cache_addr or DEFAULT_NODE_CACHE_ADDR, help="node cache HOST:PORT")
-    a("--handler", required=True, help="MODULE:OBJECT, a function or a Handler class")
+    a("--handler", required=True, help="MODULE:OBJECT, a function or a Handler class (required)")
     a("--proto-package", default=DEFAULT_PROTO_PACKAGE, help="proto package in method paths")
     a("--api-key", default=None, help="API key (default: METALCORE_API_KEY)")
     a("--ca-cert", default=env.ca_cert, help="CA bundle: use TLS to the queue manager")
@@ -47,9 +61,20 @@ def add_worker_flags(p: argparse.ArgumentParser, env: Env) -> None:
     a("--tls-server-name", default=None, help="expected server name in the certificates")
     a("--node", default=env.worker_node, help="worker node name")
     a("--pod", default=env.worker_pod, help="worker pod name")
-    a("--connect-attempts", type=int, default=None, help="give up after N failed connects")
+    a(
+        "--connect-attempts",
+        type=int,
+        default=None,
+        help="give up after N failed connects (exit 7; default: retry for ever)",
+    )
     a("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="gRPC limit")
-    a("--log-level", default=env.log_level or "info", help="debug, info, warning, error")
+    a(
+        "--log-level",
+        default=env.log_level or "info",
+        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        help="debug, info, warning, error",
+    )
 
 
 def service_config(args: argparse.Namespace, env: Env) -> ServiceConfig:

@@ -92,3 +92,26 @@ def gated(payload: bytes, shared: bytes | None) -> bytes:
     if payload.startswith(b"big:"):
         return b"x" * int(payload[4:])
     return echo(payload, shared)
+
+
+def slower(payload: bytes, shared: bytes | None) -> bytes:
+    """About 50 ms per task: a continuous feed keeps many batches queued."""
+    import time
+
+    time.sleep(0.05)  # ok: simulated work inside a handler, not a test wait
+    return payload
+
+
+class EndMarker(Handler):
+    """``on_session_end`` leaves a file named after the session in the directory
+    the first payload names, so a test sees that (and when) the hook ran."""
+
+    def process(self, payload: bytes, session: SessionContext) -> bytes:
+        session.state["dir"] = payload.decode()
+        return payload
+
+    def on_session_end(self, session: SessionContext) -> None:
+        directory = session.state.get("dir")
+        if directory:
+            with open(os.path.join(directory, f"ended-{session.id}"), "w") as f:
+                f.write("ended")

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
@@ -78,7 +79,8 @@ class Bridge:
         # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.scaling).
         self.auto_slots = auto_slots and pool_config.elastic
         self.handler = handler
-        self.pool_config = pool_config
+        # The pool's actors log as the bridge does (their lines reach the driver).
+        self.pool_config = replace(pool_config, log_level=log_level, log_json=log_json)
         self.settings = settings
         self.health_port = health_port
         self.health_host = health_host

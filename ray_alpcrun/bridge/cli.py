@@ -2,29 +2,38 @@
 
 Ray is started (or joined) first, then the bridge actor; gRPC lives only in
 that actor (and, with ``--local``, in the local services of this process).
-SIGTERM/SIGINT drain in-flight batches and exit 0; a second signal exits at once.
+A signal during startup stops it after the step in progress (exit 130); once serving, SIGTERM/SIGINT
+drain: batches that arrive are no longer started, those running finish and are
+answered, then exit 0; a second signal exits at once (130).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
 from typing import Any
 
 from ray_alpcrun import errors
+from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import (
     BridgeConfig,
     Env,
     PoolConfig,
 )
 from ray_alpcrun.handler import load_handler
-from ray_alpcrun.logs import setup_logging
-from ray_alpcrun.worker_cli import ENV_HELP, add_worker_flags, service_config, worker_identity
+from ray_alpcrun.logs import fields, setup_logging
+from ray_alpcrun.worker_cli import (
+    ENV_HELP,
+    EXIT_CODES_HELP,
+    add_worker_flags,
+    service_config,
+    worker_identity,
+)
 
 log = logging.getLogger("ray_alpcrun.bridge")
 
@@ -33,22 +42,32 @@ EPILOG = (
     + """\
   METALCORE_NUM_THREADS         default for --actors
 
-exit codes: 0 ok, 2 usage, 3 configuration, 4 API key rejected, 5 TLS failure,
-6 handler cannot load, 7 queue manager unreachable, 130 interrupted twice
 """
+    + EXIT_CODES_HELP
 )
+PROG = "ray_alpcrun.bridge"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """A signal arrived before the bridge was serving (a BaseException, as
+    KeyboardInterrupt: no ``except Exception`` on the way may swallow it)."""
 
 
 def build_parser(env: Env) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ray_alpcrun.bridge",
         description="Serve ALPCRUN.CH task batches with a pool of Ray actors.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_worker_flags(p, env)
     a = p.add_argument
-    a("--actors", type=int, default=env.num_threads, help="pool actors (default: cluster CPUs)")
+    a(
+        "--actors",
+        type=int,
+        default=env.num_threads,
+        help="pool actors, at least 1 (default: as many as the cluster can place)",
+    )
     a("--min-actors", type=int, default=None, help="elastic pool: fewest actors (0 allowed)")
     a("--max-actors", type=int, default=None, help="elastic pool: most actors (needed for it)")
     a(
@@ -73,24 +92,44 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         "actor, following an elastic pool with one spare while it may grow",
     )
     a("--ray-address", default=None, help="Ray cluster to join ('auto'); default: start Ray")
-    a("--task-timeout", type=float, default=None, help="seconds per task before it is failed")
-    a("--drain-timeout", type=float, default=30.0, help="seconds to finish batches on stop")
+    a(
+        "--task-timeout",
+        type=float,
+        default=None,
+        help="fail a task that runs longer than this many seconds, timed from when its "
+        "actor starts it (a sub-batch of N tasks gets N times this); default: no limit",
+    )
+    a(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to finish the batches already running",
+    )
+    a(
+        "--session-linger",
+        type=float,
+        default=30.0,
+        help="seconds a session's state (and its on_session_end) waits after the last "
+        "slot serving it is unbound, in case it is bound again; a stop ends it at once",
+    )
     a("--max-sessions-per-actor", type=int, default=32, help="sessions kept per actor")
     a("--gpu-memory-limit", type=int, default=None, help="CuPy pool cap per actor, bytes")
     a("--actor-memory-limit", type=int, default=None, help="private memory cap per actor, bytes")
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     a("--health-host", default="0.0.0.0", help="address the health endpoint listens on")
-    a("--log-json", action="store_true", help="log JSON lines")
+    a("--log-json", action="store_true", help="every line printed is a JSON object")
     a("--local", action="store_true", help="also run the local queue manager and caches")
-    return p
+    return p  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
     services = service_config(args, env)
     identity = worker_identity(args)
-    actors = args.actors if args.actors is not None else 0
+    if args.actors is not None and args.actors < 1:
+        raise errors.ConfigError(f"--actors must be at least 1, got {args.actors}")
     elastic = args.min_actors is not None or args.max_actors is not None
+    actors = args.actors or 1
     lowest = 0
     if elastic:
         if args.max_actors is None:
@@ -99,28 +138,27 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
             raise errors.ConfigError("give either --actors N (fixed) or --min/--max-actors")
         lowest = 0 if args.min_actors is None else args.min_actors
         actors = max(1, lowest)
-    pool = (
-        PoolConfig(
-            num_actors=actors,
-            min_actors=lowest if elastic else None,
-            max_actors=args.max_actors if elastic else None,
-            target_batches_per_actor=args.target_batches_per_actor,
-            downscale_delay_s=args.downscale_delay,
-            gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor,
-            max_sessions_per_actor=args.max_sessions_per_actor,
-            task_timeout_s=args.task_timeout,
-            gpu_memory_limit_bytes=args.gpu_memory_limit,
-            memory_limit_bytes=args.actor_memory_limit,
-        )
-        if actors
-        else None
+    # Always built: the per-actor flags apply whether or not --actors is given
+    # (without it, a fixed pool is sized from the cluster by start_bridge).
+    pool = PoolConfig(
+        num_actors=actors,
+        min_actors=lowest if elastic else None,
+        max_actors=args.max_actors if elastic else None,
+        target_batches_per_actor=args.target_batches_per_actor,
+        downscale_delay_s=args.downscale_delay,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        max_sessions_per_actor=args.max_sessions_per_actor,
+        task_timeout_s=args.task_timeout,
+        gpu_memory_limit_bytes=args.gpu_memory_limit,
+        memory_limit_bytes=args.actor_memory_limit,
     )
     return BridgeConfig(
         services=services,
         identity=identity,
         handler=args.handler,
         pool=pool,
+        size_pool_from_cluster=args.actors is None and not elastic,
         slots=args.slots,
         ray_address=args.ray_address,
         local=args.local,
@@ -131,6 +169,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         health_host=args.health_host,
         backoff_max_s=args.backoff_max,
         max_connect_attempts=args.connect_attempts,
+        session_linger_s=args.session_linger,
     )
 
 
@@ -149,56 +188,130 @@ def env_actors(args: argparse.Namespace, env: Env) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # From the first moment: a signal during startup stops it (Ray's own SIGTERM
+    # handler, installed by ray.init, would exit 15; SIGINT could be lost).
+    startup = StartupSignals()
+    previous = {s: signal.signal(s, startup) for s in _SIGNALS}
+    out = Output(PROG)
+    try:
+        return _main(argv, out, startup)
+    except Interrupted as exc:
+        out.fail(f"interrupted during startup ({exc})")
+        return errors.EXIT_INTERRUPTED
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class StartupSignals:
+    """The signal handler until the bridge serves. The first signal is noted and
+    acted on at the next step of the startup (raising it inside ``ray.init`` or a
+    Ray call could leave Ray half-started and its shutdown hanging); a second
+    one raises at once."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)
+        if len(self.pending) > 1:
+            raise Interrupted(signal.Signals(signum).name)
+
+    def check(self) -> None:
+        """Raise Interrupted if a signal arrived."""
+        if self.pending:
+            raise Interrupted(signal.Signals(self.pending[0]).name)
+
+
+def _main(argv: Sequence[str] | None, out: Output, startup: StartupSignals) -> int:
     env = Env.read()
     args = build_parser(env).parse_args(argv)
+    out.json_lines = args.log_json
     try:
         config = config_from_args(args, env)
         setup_logging(config.log_level, config.log_json)
         load_handler(config.handler)  # fail fast, before Ray starts
     except errors.HandlerError as exc:
-        print(f"ray_alpcrun.bridge: handler: {exc}", file=sys.stderr)
+        out.fail(f"handler: {exc}")
         return errors.EXIT_HANDLER
     except errors.ConfigError as exc:
-        print(f"ray_alpcrun.bridge: configuration: {exc}", file=sys.stderr)
+        out.fail(f"configuration: {exc}")
         return errors.EXIT_CONFIG
     if config.services.api_key is None and not config.local:
-        print(
-            "ray_alpcrun.bridge: no API key: set METALCORE_API_KEY or --api-key",
-            file=sys.stderr,
-        )
+        out.fail("no API key: set METALCORE_API_KEY or --api-key")
         return errors.EXIT_AUTH
-    return run(config)
+    startup.check()
+    return run(config, out, startup)
 
 
-def run(config: BridgeConfig) -> int:
+def run(
+    config: BridgeConfig, out: Output | None = None, startup: StartupSignals | None = None
+) -> int:
     import ray
 
     from ray_alpcrun.bridge.launch import start_bridge
+    from ray_alpcrun.raylogs import format_ray_logger, forward_actor_output
 
+    format_ray_logger(config.log_json)
+    out = out or Output(PROG, config.log_json)
+    startup = startup or StartupSignals()
     started_ray = not ray.is_initialized()
-    if started_ray:
-        # Ray first: starting it after gRPC is active prints fork warnings.
-        ray.init(address=config.ray_address, configure_logging=False, log_to_driver=True)
     services: Any = None
     try:
+        if started_ray:
+            # Ray first: starting it after gRPC is active prints fork warnings.
+            _init_ray(config, startup)
+        startup.check()
+        forward_actor_output(config.log_json)
         if config.local:
             try:
-                config, services = _start_local(config)
+                config, services = _start_local(config, out)
             except (OSError, RuntimeError, errors.AlpcrunError) as exc:
-                print(
-                    f"ray_alpcrun.bridge: cannot start the local services: {exc}", file=sys.stderr
-                )
+                out.fail(f"cannot start the local services: {exc}")
                 return errors.EXIT_CONFIG
+            startup.check()
         handle = start_bridge(config)
-        return _wait(handle)
+        if startup.pending:
+            handle.kill()
+            startup.check()
+        return _wait(handle, out)
     finally:
+        # A signal now may not raise inside the clean-up; it ends the process.
+        for s in _SIGNALS:
+            signal.signal(s, _exit_now)
         if services is not None:
             services.__exit__(None, None, None)
         if started_ray:
             ray.shutdown()
 
 
-def _start_local(config: BridgeConfig) -> tuple[BridgeConfig, Any]:
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    os._exit(errors.EXIT_INTERRUPTED)
+
+
+def _init_ray(config: BridgeConfig, startup: StartupSignals) -> None:
+    import ray
+
+    log.info("starting Ray", extra=fields(address=config.ray_address or "(new local cluster)"))
+    # ray.init installs a SIGTERM handler that exits 15 from wherever it is; keep
+    # ours (the private hook may move: then the SystemExit below is the fallback).
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    saved = getattr(utils, "set_sigterm_handler", None)
+    if saved is not None:
+        utils.set_sigterm_handler = lambda handler: None  # type: ignore[union-attr]
+    try:
+        ray.init(address=config.ray_address, configure_logging=False, log_to_driver=True)
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:
+            raise Interrupted("SIGTERM") from None
+        raise
+    finally:
+        if saved is not None:
+            utils.set_sigterm_handler = saved  # type: ignore[union-attr]
+        signal.signal(signal.SIGTERM, startup)
+
+
+def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, Any]:
     from ray_alpcrun.config import DevServerConfig
     from ray_alpcrun.devserver import LocalServices
 
@@ -208,20 +321,21 @@ def _start_local(config: BridgeConfig) -> tuple[BridgeConfig, Any]:
         DevServerConfig(
             queue_port=queue_port,
             node_cache_port=cache_port,
+            # Port 0 for the queue asks for free ports: the central cache's too.
+            central_cache_port=0 if queue_port == 0 else DevServerConfig().central_cache_port,
             api_key=config.services.api_key,
             proto_package=config.services.proto_package,
             max_message_bytes=config.services.max_message_bytes,
         )
     )
     services.__enter__()
-    print(
+    out.say(
         f"local ALPCRUN.CH services: queue={services.queue_address} "
-        f"central-cache={services.central_cache_address} node-cache={services.node_cache_address}",
-        flush=True,
+        f"central-cache={services.central_cache_address} node-cache={services.node_cache_address}"
     )
     if config.services.api_key is None:
         # A generated key: clients need it to connect, so show it once.
-        print(f"  clients connect with METALCORE_API_KEY={services.api_key}", flush=True)
+        out.say(f"  clients connect with METALCORE_API_KEY={services.api_key}")
     services_config = replace(
         config.services,
         queue_address=services.queue_address,
@@ -232,7 +346,7 @@ def _start_local(config: BridgeConfig) -> tuple[BridgeConfig, Any]:
     return replace(config, services=services_config), services
 
 
-def _wait(handle: Any) -> int:
+def _wait(handle: Any, out: Output) -> int:
     """Block until the bridge ends; the first signal drains, the second kills."""
     import ray
 
@@ -248,19 +362,16 @@ def _wait(handle: Any) -> int:
             # not reliably surface as itself (the process exited 1, not 130).
             log.warning("second signal: stopping at once")
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            if signals["count"] > 1:
-                handle.kill()
-                return errors.EXIT_INTERRUPTED
-            done, _ = ray.wait([handle.run_ref], timeout=0.2)
-            if done:
-                break
-        code, reason = ray.get(handle.run_ref)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    for s in _SIGNALS:
+        signal.signal(s, on_signal)
+    while True:
+        if signals["count"] > 1:
+            handle.kill()
+            return errors.EXIT_INTERRUPTED
+        done, _ = ray.wait([handle.run_ref], timeout=0.2)
+        if done:
+            break
+    code, reason = ray.get(handle.run_ref)
     if reason:
-        print(f"ray_alpcrun.bridge: {reason}", file=sys.stderr)
+        out.fail(reason)
     return int(code)

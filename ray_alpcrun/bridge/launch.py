@@ -32,13 +32,22 @@ def worker_settings(config: BridgeConfig, slots: int) -> WorkerSettings:
 
 
 def resolve_pool(config: BridgeConfig) -> PoolConfig:
-    """The pool settings, with the actor count defaulting to the cluster's CPUs."""
-    if config.pool is not None:
+    """The pool settings, with the actor count defaulting to as many actors as the
+    cluster's CPUs (and GPUs, for GPU actors) can hold, at least one: a pool the
+    cluster cannot place at all then fails its start with exit 3."""
+    if config.pool is not None and not config.size_pool_from_cluster:
         return config.pool
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return PoolConfig(num_actors=max(1, int(cpus)))
+    pool = config.pool or PoolConfig()
+    resources = ray.cluster_resources()
+    fits = []
+    if pool.cpus_per_actor > 0:
+        fits.append(float(resources.get("CPU", 1.0)) / pool.cpus_per_actor)
+    if pool.gpus_per_actor > 0:
+        fits.append(float(resources.get("GPU", 0.0)) / pool.gpus_per_actor)
+    count = int(min(fits)) if fits else int(resources.get("CPU", 1.0))
+    return replace(pool, num_actors=max(1, count))
 
 
 @dataclass
@@ -90,7 +99,7 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
     from ray_alpcrun.bridge.actor import bridge_actor_class
 
     pool = resolve_pool(config)
-    config = replace(config, pool=pool)
+    config = replace(config, pool=pool, size_pool_from_cluster=False)
     auto_slots = config.slots is None and pool.elastic
     if config.slots is not None:
         slots = config.slots

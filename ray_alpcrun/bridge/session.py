@@ -76,6 +76,7 @@ class SessionStream:
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.draining = False
+        self.refused = 0  # batches that arrived while draining, left unanswered
 
     @property
     def in_flight(self) -> int:
@@ -105,6 +106,11 @@ class SessionStream:
                     # the queue manager's own timeout re-delivers or dead-letters it.
                     self.link.stats.batches_undecodable += 1
                     log.error("undecodable task batch skipped", extra=self._f())
+                    continue
+                if self.draining:
+                    # Stopping: a batch that arrives now is not started. The queue
+                    # manager re-delivers it when this stream closes unanswered.
+                    self.refused += 1
                     continue
                 task = asyncio.create_task(self._handle(batch))
                 self._batches.add(task)
@@ -187,6 +193,8 @@ class SessionStream:
     async def drain(self, timeout_s: float | None) -> bool:
         """Finish the batches in flight, half-close and wait for the end of the stream.
 
+        Batches that arrive from now on are not started (``refused`` counts them):
+        left unanswered, they go back to the queue manager when the stream closes.
         Returns False if the deadline passed first (the rest is then cancelled and
         the queue manager re-delivers it).
         """
@@ -211,6 +219,7 @@ class SessionStream:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.closed.wait(), _CLOSE_WAIT_S)
         await self.abort()
+        log.info("session drained", extra=self._f(finished=finished, not_started=self.refused))
         return finished
 
     async def abort(self) -> None:

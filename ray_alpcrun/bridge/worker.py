@@ -330,9 +330,11 @@ class BridgeWorker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Sessions released shortly before the stop end now, not never.
+            ending = [*self._linger, *self._holders]
             for linger in list(self._linger.values()):
                 linger.cancel()
-            for session_id in list(self._holders):
+            for session_id in dict.fromkeys(ending):
                 await self._end_session(session_id)
             if self._channels:
                 await self.link.shared.close()

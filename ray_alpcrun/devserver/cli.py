@@ -1,33 +1,42 @@
 """``python -m ray_alpcrun.devserver``: run the local queue manager, central
 cache and node cache until SIGINT/SIGTERM.
 
-Exit codes: 0 stopped by a signal, 2 bad flags or settings.
+Exit codes: 0 stopped by a signal, 2 bad flags, 3 bad settings (a port in use).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
-import sys
 from collections.abc import Sequence
 
 from ray_alpcrun import errors
+from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import ENV_API_KEY, DevServerConfig, Env
 from ray_alpcrun.devserver.server import LocalServices
+from ray_alpcrun.logs import setup_logging
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
 from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
 
 EXIT_OK = 0
-EXIT_CONFIG = 2
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+PROG = "ray_alpcrun.devserver"
+EPILOG = """\
+exit codes:
+  0    stopped by SIGTERM/SIGINT
+  2    usage: an unknown flag or a bad value
+  3    configuration: bad settings, a port in use
+"""
 
 _DEFAULTS = DevServerConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ray_alpcrun.devserver",
+        epilog=EPILOG,
         description=(
             "Local ALPCRUN.CH services in one process: the queue manager (Queue service), "
             "the central cache and a node cache (Cache service). Every call must carry the "
@@ -118,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log level (default: $METALCORE_LOG_LEVEL or info)",
     )
+    p.add_argument("--log-json", action="store_true", help="every line printed is a JSON object")
     return p
 
 
@@ -144,36 +154,46 @@ def config_from_args(args: argparse.Namespace, env: Env) -> DevServerConfig:
     )
 
 
-async def _serve(svc: LocalServices) -> None:
+async def _serve(svc: LocalServices, out: Output) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with svc:
-        print(f"queue manager  {svc.queue_address}", flush=True)
-        print(f"central cache  {svc.central_cache_address}", flush=True)
-        print(f"node cache     {svc.node_cache_address}", flush=True)
-        print(f"proto package  {svc.proto_package or '(none)'}", flush=True)
+        say = out.say
+        say(f"queue manager  {svc.queue_address}", service="queue", address=svc.queue_address)
+        say(
+            f"central cache  {svc.central_cache_address}",
+            service="central_cache",
+            address=svc.central_cache_address,
+        )
+        say(
+            f"node cache     {svc.node_cache_address}",
+            service="node_cache",
+            address=svc.node_cache_address,
+        )
+        say(f"proto package  {svc.proto_package or '(none)'}", proto_package=svc.proto_package)
         if svc.api_key_generated:
             # The one place a key is printed: it was generated for the user to copy.
-            print(f"generated API key (export {ENV_API_KEY}=...): {svc.api_key}", flush=True)
-        print("ready; stop with Ctrl-C", flush=True)
+            say(f"generated API key (export {ENV_API_KEY}=...): {svc.api_key}")
+        say("ready; stop with Ctrl-C")
         await stop.wait()
-    print("stopped", flush=True)
+    say("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the services until SIGINT/SIGTERM; returns the exit code."""
     args = build_parser().parse_args(argv)
+    out = Output(PROG, args.log_json)
     try:
         env = Env.read()
-        level = (args.log_level or env.log_level or "info").upper()
-        logging.basicConfig(
-            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        setup_logging(args.log_level or env.log_level or "info", args.log_json)
         svc = LocalServices(config_from_args(args, env))
-        asyncio.run(_serve(svc))
+        asyncio.run(_serve(svc, out))
     except errors.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        out.fail(f"configuration: {exc}")
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        # A signal before the services were up (asyncio's handlers come later).
+        return EXIT_OK
     return EXIT_OK

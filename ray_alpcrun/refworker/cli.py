@@ -10,10 +10,10 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Sequence
 
 from ray_alpcrun import errors
+from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import (
     Env,
 )
@@ -21,30 +21,31 @@ from ray_alpcrun.handler import load_handler
 from ray_alpcrun.logs import setup_logging
 from ray_alpcrun.refworker.thread import GRPC_SETTLE_S
 from ray_alpcrun.refworker.worker import ReferenceWorker, ReferenceWorkerConfig
-from ray_alpcrun.worker_cli import ENV_HELP, add_worker_flags, service_config, worker_identity
+from ray_alpcrun.worker_cli import (
+    ENV_HELP,
+    EXIT_CODES_HELP,
+    add_worker_flags,
+    service_config,
+    worker_identity,
+)
 
 log = logging.getLogger("ray_alpcrun.refworker")
 
-EPILOG = (
-    ENV_HELP
-    + """
-exit codes: 0 ok, 1 other failure, 2 usage, 3 configuration, 4 API key rejected,
-6 handler cannot load, 7 queue manager unreachable, 130 interrupted twice
-"""
-)
+EPILOG = ENV_HELP + "\n" + EXIT_CODES_HELP
+PROG = "ray_alpcrun.refworker"
 
 
 def build_parser(env: Env) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ray_alpcrun.refworker",
         description="Serve ALPCRUN.CH task batches with one handler in this process (no Ray).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_worker_flags(p, env)
     p.add_argument(
         "--connect-timeout", type=float, default=10.0, help="seconds to wait for the channel"
     )
+    p.add_argument("--log-json", action="store_true", help="every line printed is a JSON object")
     return p
 
 
@@ -62,26 +63,31 @@ def config_from_args(args: argparse.Namespace, env: Env) -> ReferenceWorkerConfi
 def main(argv: Sequence[str] | None = None) -> int:
     env = Env.read()
     args = build_parser(env).parse_args(argv)
+    out = Output(PROG, args.log_json)
     try:
-        setup_logging(args.log_level)
+        setup_logging(args.log_level, args.log_json)
         config = config_from_args(args, env)
         worker = ReferenceWorker(config, load_handler(args.handler))
     except errors.HandlerError as exc:
-        print(f"ray_alpcrun.refworker: handler: {exc}", file=sys.stderr)
+        out.fail(f"handler: {exc}")
         return errors.EXIT_HANDLER
     except (errors.ConfigError, ValueError) as exc:
-        print(f"ray_alpcrun.refworker: configuration: {exc}", file=sys.stderr)
+        out.fail(f"configuration: {exc}")
         return errors.EXIT_CONFIG
     try:
         asyncio.run(_run(worker))
     except errors.AuthError as exc:
-        print(f"ray_alpcrun.refworker: API key rejected: {exc}", file=sys.stderr)
+        out.fail(f"API key rejected: {exc}")
         return errors.EXIT_AUTH
     except errors.RpcError as exc:
-        print(f"ray_alpcrun.refworker: {exc}", file=sys.stderr)
+        # The same words as the bridge's.
+        out.fail(
+            f"queue manager at {config.service.queue_address} unreachable after "
+            f"{config.max_connect_attempts} attempts ({exc})"
+        )
         return errors.EXIT_UNAVAILABLE
     except errors.AlpcrunError as exc:
-        print(f"ray_alpcrun.refworker: {exc}", file=sys.stderr)
+        out.fail(str(exc))
         return errors.EXIT_FAILURE
     except KeyboardInterrupt:
         return errors.EXIT_INTERRUPTED
