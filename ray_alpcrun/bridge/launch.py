@@ -37,7 +37,7 @@ def resolve_pool(config: BridgeConfig) -> PoolConfig:
     import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return PoolConfig(num_actors=max(1, int(cpus)))
+    return PoolConfig(num_actors=max(1, int(cpus)), data_path=config.data_path)
 
 
 @dataclass
