@@ -68,7 +68,9 @@ def name(pid: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--system", default="bridge", choices=["bridge", "reference", "replicas"])
+    p.add_argument(
+        "--system", default="bridge", choices=["bridge", "bridge-calls", "reference", "replicas"]
+    )
     p.add_argument("--workload", default="noop", choices=list(run.HANDLERS))
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 MAX_OUTSTANDING = 2
 """Executions in flight per actor; more sub-batches wait and travel together."""
 _MAX_INFLIGHT = 8  # Ray's cap: above MAX_OUTSTANDING plus session ends
-DEFAULT_IDLE_S = 5.0
+DEFAULT_IDLE_S = 1.0
 _BUILD_RETRY_S = 30.0  # after a failed compile, ordinary calls only for this long
 
 

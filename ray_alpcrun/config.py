@@ -143,7 +143,7 @@ class PoolConfig:
     # ray_alpcrun.compiled; ordinary calls while a graph is not up) or "calls".
     data_path: str = "compiled"
     # A compiled graph unused this long is torn down (Ray's channels spin while idle).
-    compiled_idle_s: float = 5.0
+    compiled_idle_s: float = 1.0
     actor_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
