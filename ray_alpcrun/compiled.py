@@ -25,8 +25,12 @@ Design (checked against Ray 2.60):
   ``_ray_system`` thread, so ordinary calls still reach the actor (``ready``,
   ``status``, and ``run`` before the graph is up). The actor guards its handler
   with a lock, so a call and a graph step never run the handler concurrently.
-  A graph is built on the first sub-batch for an actor; until it is up (the
-  compile blocks the event loop for ~0.1 s) sub-batches go as ordinary calls.
+  A graph is built on the first sub-batch for an actor that has lived
+  ``_STABLE_S``; until it is up sub-batches go as ordinary calls. The compile
+  blocks the event loop (~0.1-0.3 s: Ray's asyncio graph must be made on the
+  loop, and it calls the actor), so it waits until the actor's ordinary calls
+  have finished (a probe queued behind them answers), and actors replaced again
+  and again do not pay it each time.
 * **Failure**: Ray answers only the first execution of a graph whose actor died
   (with an odd error) and leaves the rest hanging. So every execution of a graph
   waits on its reply *or* the graph's ``broken`` event, set by any channel error,
@@ -61,7 +65,10 @@ MAX_OUTSTANDING = 2
 """Executions in flight per actor; more sub-batches wait and travel together."""
 _MAX_INFLIGHT = 8  # Ray's cap: above MAX_OUTSTANDING plus session ends
 DEFAULT_IDLE_S = 1.0
-_BUILD_RETRY_S = 30.0  # after a failed compile, ordinary calls only for this long
+_BUILD_RETRY_S = 30.0
+# An actor gets a graph once it has lived this long: compiling blocks the event loop,
+# and an actor replaced again and again (crashing tasks) would pay it every time.
+_STABLE_S = 2.0  # after a failed compile, ordinary calls only for this long
 
 
 @dataclass(eq=False)
@@ -97,6 +104,7 @@ class CompiledBackend:
         )
         self._graphs: dict[int, _Graph] = {}
         self._no_build_until: dict[int, float] = {}
+        self._born: dict[int, float] = {}  # when each actor started
         self._builds: dict[int, asyncio.Event] = {}  # set when the build ended
         self._calls_out: dict[int, int] = {}  # ordinary calls in flight per actor
         self._drain: dict[int, asyncio.Event] = {}
@@ -119,7 +127,9 @@ class CompiledBackend:
         return graph is not None and graph.ready and not graph.broken.is_set()
 
     async def start_actor(self) -> Any:
-        return await self._inner.start_actor()
+        actor = await self._inner.start_actor()
+        self._born[id(actor)] = time.monotonic()
+        return actor
 
     async def call(
         self,
@@ -166,6 +176,7 @@ class CompiledBackend:
         self._inner.kill(actor)
         self._steps.forget(id(actor))
         self._no_build_until.pop(id(actor), None)
+        self._born.pop(id(actor), None)
         self._drained(id(actor))  # a build waiting for calls to finish gives up
         build = self._builds.pop(id(actor), None)
         if build is not None:
@@ -179,7 +190,8 @@ class CompiledBackend:
         if graph is None or not self.graph_ready(actor):
             await self._inner.end_session(actor, session_id)
             return
-        await self._execute(actor, graph, ("end", session_id))
+        # Shielded: a submission cut short would leave Ray's reply queue out of step.
+        await asyncio.shield(self._execute(actor, graph, ("end", session_id)))
 
     async def status(self, actor: Any, timeout_s: float) -> dict[str, Any]:
         info: dict[str, Any] = await self._inner.status(actor, timeout_s)
@@ -264,7 +276,8 @@ class CompiledBackend:
         key = id(actor)
         if key in self._graphs or key not in self.handles:
             return None
-        if time.monotonic() < self._no_build_until.get(key, 0.0):
+        now = time.monotonic()
+        if now < self._no_build_until.get(key, 0.0) or now < self._born.get(key, 0.0) + _STABLE_S:
             return None
         done = self._builds[key] = asyncio.Event()
         self._spawn(self._build(actor, done))
