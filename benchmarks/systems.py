@@ -171,7 +171,7 @@ def bridge(
     api_key: str,
     max_message_bytes: int,
     log: IO[str],
-    data_path: str = "compiled",
+    data_path: str = "calls",
 ) -> Iterator[Deployment]:
     """The bridge CLI with ``k`` actors (and ``k`` slots), its own Ray; registered when
     this yields. Actors reserve ``min(1, cores / k)`` CPUs so that ``k`` fit.

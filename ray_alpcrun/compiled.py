@@ -44,6 +44,14 @@ Design (checked against Ray 2.60):
   ~90 % of a core in the bridge and ~60 % in the actor, per idle graph), so a
   graph lives only while there is work: one unused for ``idle_s`` is torn down
   (in a thread; teardown blocks) and rebuilt when work comes back.
+
+Measured on a loaded 2-core box (``benchmarks/profile_bridge.py``, noop, one
+actor), this path costs *more* CPU per task than ordinary calls: at batch 1000
+about 20 ms (bridge) + 10 ms (actor) per 1,000 tasks against 5 + 2 ms, at batch
+100 30 + 19 ms against 23 + 11 ms; Ray's channel threads spin while they wait
+for the next execution even under load. So ``calls`` is the default data path
+and this one is opt-in (``--data-path compiled``), for machines with cores to
+spare.
 """
 
 from __future__ import annotations

@@ -139,9 +139,10 @@ class PoolConfig:
     # Cap on each actor's private memory (RLIMIT_DATA): a leaking handler then
     # gets MemoryError (its task fails) instead of growing until the node is full.
     memory_limit_bytes: int | None = None
-    # How sub-batches reach the actors: "compiled" (Ray Compiled Graphs, see
-    # ray_alpcrun.compiled; ordinary calls while a graph is not up) or "calls".
-    data_path: str = "compiled"
+    # How sub-batches reach the actors: "calls" (ordinary Ray actor calls; the default,
+    # faster on a 2-core box, see README "Performance") or "compiled" (Ray Compiled
+    # Graphs, ray_alpcrun.compiled; ordinary calls while a graph is not up).
+    data_path: str = "calls"
     # A compiled graph unused this long is torn down (Ray's channels spin while idle).
     compiled_idle_s: float = 1.0
     actor_options: Mapping[str, Any] = field(default_factory=dict)
@@ -196,7 +197,7 @@ class BridgeConfig:
     max_connect_attempts: int | None = None
     session_linger_s: float = 30.0
     # The pool's data path when ``pool`` is None (else ``pool.data_path``).
-    data_path: str = "compiled"
+    data_path: str = "calls"
 
     def __post_init__(self) -> None:
         if self.data_path not in DATA_PATHS:

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("CHAOS_SEED", "20240611"))
 # The bridge's data path to its actors (``--data-path``): "compiled" or "calls".
-DATA_PATH = os.environ.get("CHAOS_DATA_PATH", "compiled")
+DATA_PATH = os.environ.get("CHAOS_DATA_PATH", "calls")
 SESSIONS, TASKS, BATCH = 3, 300, 5
 FAULTS = 6  # cuts and actor kills during the first phase
 

@@ -62,7 +62,7 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
     a(
         "--data-path",
         choices=DATA_PATHS,
-        default="compiled",
+        default="calls",
         help="how sub-batches reach the actors: Ray compiled graphs, or ordinary actor calls",
     )
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
