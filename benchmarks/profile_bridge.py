@@ -69,7 +69,7 @@ def name(pid: int) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--system", default="bridge", choices=["bridge", "bridge-calls", "reference", "replicas"]
+        "--system", default="bridge", choices=["bridge", "bridge-compiled", "reference", "replicas"]
     )
     p.add_argument("--workload", default="noop", choices=list(run.HANDLERS))
     p.add_argument("--batch", type=int, default=1000)

@@ -4,9 +4,9 @@
     python benchmarks/run.py --out results.json            # the whole matrix
 
 Systems: ``reference`` (one plain worker process), ``replicas`` (K plain worker
-processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray; sub-batches
-reach the actors over Ray compiled graphs, ``--data-path compiled``) and
-``bridge-calls`` (the same with ordinary Ray actor calls, ``--data-path calls``). Workloads:
+processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray; ordinary Ray actor
+calls, ``--data-path calls``, the default) and ``bridge-compiled`` (the same over
+Ray compiled graphs, ``--data-path compiled``). Workloads:
 ``noop`` (echo), ``cpu`` (about 5 ms of NumPy per task), ``shared`` (every task
 sums a slice of 256 MB of shared data). Each deployment gets a fresh devserver
 process; the client runs in this process, the same way for every system.
@@ -75,13 +75,13 @@ TASKS = {
 }
 BATCH_SIZES = (1, 10, 100, 1000)
 # The bridge systems and their ``--data-path``.
-BRIDGE_PATHS = {"bridge": "compiled", "bridge-calls": "calls"}
+BRIDGE_PATHS = {"bridge": "calls", "bridge-compiled": "compiled"}
 # One colour per system in every panel of the plot.
 COLOURS = {
     "reference": "tab:gray",
     "replicas": "tab:green",
     "bridge": "tab:blue",
-    "bridge-calls": "tab:orange",
+    "bridge-compiled": "tab:orange",
 }
 WINDOW = 10  # the queue manager's default batches in flight per worker
 SAMPLE_S = 0.5  # PSS sampling while measuring throughput and latency
@@ -117,12 +117,12 @@ def quick_cases() -> list[Case]:
     return [
         Case("reference", "noop", 1, BATCH_SIZES),
         Case("bridge", "noop", 1, BATCH_SIZES),
-        Case("bridge-calls", "noop", 1, BATCH_SIZES),
+        Case("bridge-compiled", "noop", 1, BATCH_SIZES),
         Case("replicas", "noop", 2, (100, 1000)),
         Case("reference", "cpu", 1, (10, 100)),
         Case("replicas", "cpu", 2, (10, 100)),
         Case("bridge", "cpu", 2, (10, 100)),
-        Case("bridge-calls", "cpu", 2, (10, 100)),
+        Case("bridge-compiled", "cpu", 2, (10, 100)),
         Case("replicas", "shared", 1, (100,)),
         Case("replicas", "shared", 4, (100,)),
         Case("bridge", "shared", 1, (100,)),
@@ -137,7 +137,7 @@ def full_cases() -> list[Case]:
         for k in (1, 2, 4):
             cases.append(Case("replicas", workload, k, BATCH_SIZES))
             cases.append(Case("bridge", workload, k, BATCH_SIZES))
-            cases.append(Case("bridge-calls", workload, k, BATCH_SIZES))
+            cases.append(Case("bridge-compiled", workload, k, BATCH_SIZES))
     return cases
 
 
