@@ -64,8 +64,10 @@ def measure(data_path: str, actors: int, seconds: float, log: object) -> dict[st
                 max_message_bytes=run.MAX_MESSAGE_BYTES,
             ) as client:
                 session = await client.create_session(app_id="idle-cpu")
-                sent = run.payloads("noop", 2000)
-                for _ in range(3):
+                sent = run.payloads("noop", 1000)
+                # Long enough for the graphs to come up (actors older than 2 s).
+                until = time.monotonic() + 5.0
+                while time.monotonic() < until:
                     await session.run(sent, batch_size=10)
                 await session.close()
 
