@@ -17,7 +17,24 @@ from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.pool import ActorPool
 from tests import handlers
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+
+def test_data_path_flag_reaches_the_pool_config() -> None:
+    from ray_alpcrun.bridge import cli
+    from ray_alpcrun.config import Env
+    from ray_alpcrun.errors import ConfigError
+
+    parser = cli.build_parser(Env())
+    base = ["--handler", "tests.handlers:echo"]
+    default = cli.config_from_args(parser.parse_args([*base, "--actors", "2"]), Env())
+    assert default.pool is not None and default.pool.data_path == "calls"
+    args = parser.parse_args([*base, "--actors", "2", "--data-path", "compiled"])
+    assert cli.config_from_args(args, Env()).pool.data_path == "compiled"  # type: ignore[union-attr]
+    sized_later = cli.config_from_args(parser.parse_args([*base, "--data-path", "compiled"]), Env())
+    assert sized_later.pool is None and sized_later.data_path == "compiled"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--data-path", "rpc"])
+    with pytest.raises(ConfigError):
+        PoolConfig(data_path="rpc")
 
 
 def config(**kwargs: Any) -> PoolConfig:
@@ -49,6 +66,7 @@ async def warm(pool: ActorPool, session: str = "warm", **kw: Any) -> None:
     raise AssertionError("compiled graphs did not come up")
 
 
+@pytest.mark.usefixtures("ray_session")
 async def test_batches_and_shared_data_go_through_the_graphs() -> None:
     async with ActorPool("tests.handlers:echo", config()) as pool:
         ref = pool.put_shared("s1", 1, b"common")
@@ -68,6 +86,7 @@ async def test_batches_and_shared_data_go_through_the_graphs() -> None:
         assert backend.builds == builds == 2
 
 
+@pytest.mark.usefixtures("ray_session")
 async def test_many_small_batches_coalesce_and_each_gets_its_own_answers() -> None:
     async with ActorPool("tests.handlers:echo", config(num_actors=1)) as pool:
         await warm(pool)
@@ -81,6 +100,7 @@ async def test_many_small_batches_coalesce_and_each_gets_its_own_answers() -> No
         assert backend._steps.calls - calls < len(streams)
 
 
+@pytest.mark.usefixtures("ray_session")
 async def test_actor_killed_mid_batch_on_the_graph_loses_nothing(ray_session: Any) -> None:
     ray = ray_session
     name = f"gate-{uuid.uuid4().hex}"
@@ -109,6 +129,7 @@ async def test_actor_killed_mid_batch_on_the_graph_loses_nothing(ray_session: An
         ray.kill(gate)
 
 
+@pytest.mark.usefixtures("ray_session")
 async def test_crashing_task_on_the_graph_fails_alone() -> None:
     async with ActorPool("tests.handlers:crash", config(max_call_retries=2)) as pool:
         await warm(pool)
@@ -123,6 +144,7 @@ async def test_crashing_task_on_the_graph_fails_alone() -> None:
         assert await pool.run("s", [b"after"]) == [(b"after", None)]
 
 
+@pytest.mark.usefixtures("ray_session")
 async def test_hung_task_on_the_graph_times_out_alone() -> None:
     async with ActorPool("tests.handlers:hang", config(task_timeout_s=1.0)) as pool:
         await warm(pool)
@@ -135,6 +157,7 @@ async def test_hung_task_on_the_graph_times_out_alone() -> None:
                 assert outcome == (p, None)
 
 
+@pytest.mark.usefixtures("ray_session")
 async def test_an_idle_graph_is_torn_down_and_rebuilt_with_work() -> None:
     async with ActorPool("tests.handlers:echo", config(num_actors=1, compiled_idle_s=0.3)) as pool:
         await warm(pool)
