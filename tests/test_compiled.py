@@ -122,7 +122,8 @@ async def test_actor_killed_mid_batch_on_the_graph_loses_nothing(ray_session: An
             assert pool.restarts == 1
             await pool.settle()
             await warm(pool, "s", shared=ref)  # the replacement gets its own graph
-            assert backend.builds == builds + 1
+            # (and a survivor whose graph idled out meanwhile gets a new one).
+            assert backend.builds >= builds + 1
             status = await pool.status()
             assert status["live"] == 2
     finally:
