@@ -41,17 +41,19 @@ Design (checked against Ray 2.60):
   actor, and the next sub-batch for the replacement builds its graph.
   Errors raised by ``step`` itself are answered per sub-batch, as ordinary calls.
 * **Idle**: Ray's channel readers wait by spinning (measured on a 2-core box:
-  ~90 % of a core in the bridge and ~60 % in the actor, per idle graph), so a
+  ~90 % of a core in the bridge and 25-60 % in the actor, per idle graph), so a
   graph lives only while there is work: one unused for ``idle_s`` is torn down
   (in a thread; teardown blocks) and rebuilt when work comes back.
 
 Measured on a loaded 2-core box (``benchmarks/profile_bridge.py``, noop, one
-actor), this path costs *more* CPU per task than ordinary calls: at batch 1000
-about 20 ms (bridge) + 10 ms (actor) per 1,000 tasks against 5 + 2 ms, at batch
-100 30 + 19 ms against 23 + 11 ms; Ray's channel threads spin while they wait
-for the next execution even under load. So ``calls`` is the default data path
-and this one is opt-in (``--data-path compiled``), for machines with cores to
-spare.
+actor; README "Performance"): at batch 1 this path served 2.3x the tasks/s of
+ordinary calls (830 against 367) with less CPU per task in the bridge (0.8 against
+1.5 ms) and in the actor (0.5 against 0.8 ms); at batch 100 and 1000 the two were
+within the noise of the shared box (each ahead in one of two rounds). Ray's
+channel threads spin while they wait, which costs CPU that a small machine's
+other processes need. ``calls`` stays the default until a quiet-machine run of
+``benchmarks/run.py --quick`` (systems ``bridge`` and ``bridge-compiled``)
+decides; this path is opt-in with ``--data-path compiled``.
 """
 
 from __future__ import annotations
