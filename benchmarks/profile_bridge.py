@@ -68,7 +68,9 @@ def name(pid: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--system", default="bridge", choices=["bridge", "reference", "replicas"])
+    p.add_argument(
+        "--system", default="bridge", choices=["bridge", "bridge-compiled", "reference", "replicas"]
+    )
     p.add_argument("--workload", default="noop", choices=list(run.HANDLERS))
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)
@@ -99,7 +101,10 @@ def main() -> int:
                 session = await client.create_session(app_id="profile")
                 if args.workload == "shared":
                     await session.set_shared_data(run.shared_data(), ttl_s=None)
-                n = max(args.batch * 20, 20000 if args.workload == "noop" else 400)
+                # Tasks per run (counted when a run ends): a few seconds' worth.
+                n = max(args.batch * 20, min(20000, args.batch * 200))
+                if args.workload != "noop":
+                    n = max(args.batch * 20, 400)
                 sent = run.payloads(args.workload, n)
                 while not stop.is_set():
                     results = await session.run(sent, batch_size=args.batch)

@@ -4,7 +4,9 @@
     python benchmarks/run.py --out results.json            # the whole matrix
 
 Systems: ``reference`` (one plain worker process), ``replicas`` (K plain worker
-processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray). Workloads:
+processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray; ordinary Ray actor
+calls, ``--data-path calls``, the default) and ``bridge-compiled`` (the same over
+Ray compiled graphs, ``--data-path compiled``). Workloads:
 ``noop`` (echo), ``cpu`` (about 5 ms of NumPy per task), ``shared`` (every task
 sums a slice of 256 MB of shared data). Each deployment gets a fresh devserver
 process; the client runs in this process, the same way for every system.
@@ -72,6 +74,15 @@ TASKS = {
     "shared": {1: 800, 10: 4000, 100: 10000, 1000: 20000},
 }
 BATCH_SIZES = (1, 10, 100, 1000)
+# The bridge systems and their ``--data-path``.
+BRIDGE_PATHS = {"bridge": "calls", "bridge-compiled": "compiled"}
+# One colour per system in every panel of the plot.
+COLOURS = {
+    "reference": "tab:gray",
+    "replicas": "tab:green",
+    "bridge": "tab:blue",
+    "bridge-compiled": "tab:orange",
+}
 WINDOW = 10  # the queue manager's default batches in flight per worker
 SAMPLE_S = 0.5  # PSS sampling while measuring throughput and latency
 FAST_SAMPLE_S = 0.05  # ... and while a row sets up (shared data fetched, warm-up)
@@ -106,10 +117,12 @@ def quick_cases() -> list[Case]:
     return [
         Case("reference", "noop", 1, BATCH_SIZES),
         Case("bridge", "noop", 1, BATCH_SIZES),
+        Case("bridge-compiled", "noop", 1, BATCH_SIZES),
         Case("replicas", "noop", 2, (100, 1000)),
         Case("reference", "cpu", 1, (10, 100)),
         Case("replicas", "cpu", 2, (10, 100)),
         Case("bridge", "cpu", 2, (10, 100)),
+        Case("bridge-compiled", "cpu", 2, (10, 100)),
         Case("replicas", "shared", 1, (100,)),
         Case("replicas", "shared", 4, (100,)),
         Case("bridge", "shared", 1, (100,)),
@@ -124,6 +137,7 @@ def full_cases() -> list[Case]:
         for k in (1, 2, 4):
             cases.append(Case("replicas", workload, k, BATCH_SIZES))
             cases.append(Case("bridge", workload, k, BATCH_SIZES))
+            cases.append(Case("bridge-compiled", workload, k, BATCH_SIZES))
     return cases
 
 
@@ -265,8 +279,11 @@ def deploy(
     case: Case, dev: systems.DevServer, api_key: str, log: IO[str]
 ) -> Iterator[systems.Deployment]:
     handler = HANDLERS[case.workload]
-    if case.system == "bridge":
-        with systems.bridge(case.workers, handler, dev, api_key, MAX_MESSAGE_BYTES, log) as d:
+    if case.system in BRIDGE_PATHS:
+        path = BRIDGE_PATHS[case.system]
+        with systems.bridge(
+            case.workers, handler, dev, api_key, MAX_MESSAGE_BYTES, log, data_path=path
+        ) as d:
             yield d
     else:
         n = 1 if case.system == "reference" else case.workers
@@ -329,33 +346,63 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Tasks/s against batch size per workload; for the shared workload, peak PSS
+    and tasks/s against the number of workers. One colour per system everywhere."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = [w for w in HANDLERS if any(r["workload"] == w for r in rows)]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
-    for ax, workload in zip(axes[0], workloads, strict=True):
+    panels: list[tuple[str, str, str]] = [
+        (w, "batch_size", "tasks_per_s") for w in ("noop", "cpu") if _has(rows, w)
+    ]
+    if _has(rows, "shared"):
+        panels += [("shared", "workers", "peak_pss_mb"), ("shared", "workers", "tasks_per_s")]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    styles = ("-", "--", ":", "-.")
+    for ax, (workload, x_key, y_key) in zip(axes[0], panels, strict=True):
         lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
         for r in rows:
-            if r["workload"] == workload:
-                key = (r["system"], r["workers"])
-                lines.setdefault(key, []).append((r["batch_size"], r["tasks_per_s"]))
-        for (system, workers), points in sorted(lines.items()):
+            if r["workload"] != workload:
+                continue
+            # Against batch size: a line per (system, K); against K: per (system, batch).
+            group = r["workers"] if x_key == "batch_size" else r["batch_size"]
+            lines.setdefault((r["system"], group), []).append((r[x_key], r[y_key]))
+        groups = sorted({g for _, g in lines})
+        for (system, group), points in sorted(lines.items()):
             points.sort()
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=f"{system} K={workers}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(workload)
-        ax.set_xlabel("batch size (tasks)")
-        ax.set_ylabel("tasks/s")
+            label = f"{system} K={group}" if x_key == "batch_size" else f"{system} batch {group}"
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                color=COLOURS.get(system, "black"),
+                linestyle=styles[groups.index(group) % len(styles)],
+                label=label,
+            )
+        if x_key == "batch_size":
+            ax.set_xscale("log")
+            ax.set_xlabel("batch size (tasks)")
+        else:
+            ax.set_xlabel("actors / replicas (K)")
+        if y_key == "tasks_per_s":
+            ax.set_yscale("log")
+            ax.set_ylabel("tasks/s")
+        else:
+            ax.set_ylabel("peak memory, PSS (MB)")
+        ax.set_title(f"{workload}: {'tasks/s' if y_key == 'tasks_per_s' else 'memory'}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _has(rows: list[dict[str, Any]], workload: str) -> bool:
+    return any(r["workload"] == workload for r in rows)
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:

@@ -165,16 +165,25 @@ def reference_workers(
 
 @contextmanager
 def bridge(
-    k: int, handler: str, dev: DevServer, api_key: str, max_message_bytes: int, log: IO[str]
+    k: int,
+    handler: str,
+    dev: DevServer,
+    api_key: str,
+    max_message_bytes: int,
+    log: IO[str],
+    data_path: str = "calls",
 ) -> Iterator[Deployment]:
     """The bridge CLI with ``k`` actors (and ``k`` slots), its own Ray; registered when
-    this yields. Actors reserve ``min(1, cores / k)`` CPUs so that ``k`` fit."""
+    this yields. Actors reserve ``min(1, cores / k)`` CPUs so that ``k`` fit.
+    ``data_path``: the bridge's ``--data-path`` (compiled graphs or ordinary calls)."""
     cpus = os.cpu_count() or 1
     command = [sys.executable, "-m", "ray_alpcrun.bridge", "--handler", handler]
     command += ["--queue", dev.queue, "--cache", dev.node_cache, "--log-level", "warning"]
     command += ["--actors", str(k), "--cpus-per-actor", f"{min(1.0, cpus / k):g}"]
-    command += ["--max-message-bytes", str(max_message_bytes)]
+    command += ["--max-message-bytes", str(max_message_bytes), "--data-path", data_path]
     env = worker_env(api_key)
+    # Its own Ray, never a cluster some other process left behind on this machine.
+    env.setdefault("RAY_ADDRESS", "local")
     dep = Deployment(f"bridge-{k}")
     try:
         dep.procs.append(

@@ -3,7 +3,10 @@
 A plain class; :mod:`ray_alpcrun.pool` applies ``ray.remote`` with its options.
 Calls run one at a time (the handler needs no locks), except ``ready`` and
 ``status``, which answer from a second thread so that a busy or hung handler
-does not make the actor look dead.
+does not make the actor look dead. A compiled graph (:mod:`ray_alpcrun.compiled`)
+calls :meth:`PoolActor.step` from Ray's own system thread, so the handler's
+runtime is also guarded by a lock: an ordinary call still queued when the graph
+starts never runs at the same time as a graph step.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +55,9 @@ class SharedRef:
 RunReply = tuple[list[Outcome], float] | str
 # ``run``'s arguments: session id, payloads, shared data, session tags.
 RunArgs = tuple[str, list[bytes], SharedRef | None, tuple[str, ...]]
+# What travels through a compiled graph (:meth:`PoolActor.step`).
+StepRequest = tuple[str, Any]
+StepReply = list[RunReply] | bool
 
 
 class PoolActor:
@@ -87,6 +94,7 @@ class PoolActor:
         self._error_kind = "handler"
         self._device: Any = None
         self._runtime: HandlerRuntime | None = None
+        self._lock = threading.Lock()
         try:
             self._device = _setup_device(use_gpu, gpu_memory_limit_bytes)
         except Exception as exc:
@@ -138,12 +146,13 @@ class PoolActor:
         spec = None
         if shared is not None:
             spec = SharedSpec(shared.level, lambda: self._fetch(shared.ref))
-        self.calls += 1
-        started = time.perf_counter()
-        try:
-            outcomes = runtime.run(session_id, payloads, spec, tags)
-        except SessionSetupError as exc:
-            return str(exc)
+        with self._lock:
+            self.calls += 1
+            started = time.perf_counter()
+            try:
+                outcomes = runtime.run(session_id, payloads, spec, tags)
+            except SessionSetupError as exc:
+                return str(exc)
         self.tasks_done += len(outcomes)
         return outcomes, time.perf_counter() - started
 
@@ -154,7 +163,23 @@ class PoolActor:
 
     def end_session(self, session_id: str) -> bool:
         """Run the session end hook and drop its state; False if it was not here."""
-        return self._runtime is not None and self._runtime.end_session(session_id)
+        with self._lock:
+            return self._runtime is not None and self._runtime.end_session(session_id)
+
+    def step(self, request: StepRequest) -> StepReply:
+        """The compiled graph's one method: a request in, its reply out.
+
+        ``("run", [RunArgs, ...])`` answers ``[RunReply, ...]`` as
+        :meth:`run_many`; ``("end", session_id)`` answers as :meth:`end_session`.
+        Ending a session goes through the graph too, so that it is ordered with
+        the sub-batches sent before it.
+        """
+        op, arg = request
+        if op == "run":
+            return self.run_many(cast(list[RunArgs], arg))
+        if op == "end":
+            return self.end_session(cast(str, arg))
+        raise ValueError(f"unknown graph request {op!r}")
 
     def close_sessions(self) -> int:
         """Before this actor is released: run every session's end hook; how many ran."""

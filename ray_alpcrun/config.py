@@ -126,6 +126,9 @@ class WorkerIdentity:
             raise ConfigError("worker node and pod must not be empty")
 
 
+DATA_PATHS = ("compiled", "calls")
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     """How the Ray actor pool is shaped (see :class:`ray_alpcrun.pool.ActorPool`).
@@ -159,6 +162,12 @@ class PoolConfig:
     # Cap on each actor's private memory (RLIMIT_DATA): a leaking handler then
     # gets MemoryError (its task fails) instead of growing until the node is full.
     memory_limit_bytes: int | None = None
+    # How sub-batches reach the actors: "calls" (ordinary Ray actor calls; the default,
+    # faster on a 2-core box, see README "Performance") or "compiled" (Ray Compiled
+    # Graphs, ray_alpcrun.compiled; ordinary calls while a graph is not up).
+    data_path: str = "calls"
+    # A compiled graph unused this long is torn down (Ray's channels spin while idle).
+    compiled_idle_s: float = 1.0
     actor_options: Mapping[str, Any] = field(default_factory=dict)
     # How the actors log (see ray_alpcrun.logs.setup_logging); None: Ray's default.
     log_level: str | None = None
@@ -189,6 +198,10 @@ class PoolConfig:
             raise ConfigError("min_chunk_work_s must not be negative")
         if self.gpu_memory_limit_bytes is not None and self.gpu_memory_limit_bytes <= 0:
             raise ConfigError("gpu_memory_limit_bytes must be positive")
+        if self.data_path not in DATA_PATHS:
+            raise ConfigError(f"data_path must be one of {', '.join(DATA_PATHS)}")
+        if self.compiled_idle_s <= 0:
+            raise ConfigError("compiled_idle_s must be positive")
         if self.memory_limit_bytes is not None and self.memory_limit_bytes < 256 * 1024 * 1024:
             raise ConfigError("memory_limit_bytes must be at least 256 MiB (a Ray worker needs it)")
 
@@ -240,8 +253,12 @@ class BridgeConfig:
     backoff_max_s: float = 10.0
     max_connect_attempts: int | None = None
     session_linger_s: float = 30.0
+    # The pool's data path when ``pool`` is None (else ``pool.data_path``).
+    data_path: str = "calls"
 
     def __post_init__(self) -> None:
+        if self.data_path not in DATA_PATHS:
+            raise ConfigError(f"data_path must be one of {', '.join(DATA_PATHS)}")
         if self.slots is not None and self.slots < 1:
             raise ConfigError("slots must be at least 1")
         if self.drain_timeout_s < 0:

@@ -236,7 +236,11 @@ class ActorPool:
         options.update(cfg.actor_options)
         # concurrency_groups cannot go through .options(); it belongs to the class.
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
-        backend = _RayBackend(actor_class.options(**options), blob, cfg)
+        backend: Any = _RayBackend(actor_class.options(**options), blob, cfg)
+        if cfg.data_path == "compiled":
+            from ray_alpcrun.compiled import CompiledBackend
+
+            backend = CompiledBackend(backend, idle_s=cfg.compiled_idle_s)
         dispatcher: Dispatcher[Any] = Dispatcher(
             backend,
             num_actors=first,
@@ -401,6 +405,9 @@ class ActorPool:
             await asyncio.gather(scaler, return_exceptions=True)
         if dispatcher is not None:
             await dispatcher.close()
+        backend, self._backend = self._backend, None
+        if backend is not None and hasattr(backend, "close"):
+            await backend.close()  # the compiled path: wait for its graphs' teardown
 
     async def __aenter__(self) -> ActorPool:
         await self.start()

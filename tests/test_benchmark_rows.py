@@ -53,6 +53,9 @@ def test_quick_matrix_holds_every_case_the_targets_name() -> None:
         ("reference", "noop", 1, 1000),
         ("bridge", "noop", 1, 100),
         ("bridge", "noop", 1, 1000),
+        ("bridge-compiled", "noop", 1, 1),
+        ("bridge-compiled", "noop", 1, 100),
+        ("bridge-compiled", "noop", 1, 1000),
         ("reference", "cpu", 1, 100),
         ("replicas", "cpu", 2, 100),
         ("bridge", "cpu", 2, 100),
@@ -91,3 +94,17 @@ def test_reference_noop_case_end_to_end(tmp_path: Path) -> None:
     assert table[0].startswith("| system | workload | batch_size")
     assert len(table) == 3
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_has_a_memory_panel_for_shared_data_and_a_colour_per_system(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = []
+    for system in run.COLOURS:
+        for k, batch in ((1, 10), (1, 100), (4, 100)):
+            for workload in ("noop", "shared"):
+                case = run.Case(system, workload, k, (batch,))
+                rows.append(run.make_row(case, batch, 100.0 * k, [0.001, 0.002], 50.0 * k, 1))
+    out = tmp_path / "plot.png"
+    run.plot(rows, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(run.BRIDGE_PATHS) <= set(run.COLOURS)

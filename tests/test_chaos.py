@@ -37,6 +37,8 @@ from tests.chaos_proxy import TcpProxy
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("CHAOS_SEED", "20240611"))
+# The bridge's data path to its actors (``--data-path``): "compiled" or "calls".
+DATA_PATH = os.environ.get("CHAOS_DATA_PATH", "calls")
 SESSIONS, TASKS, BATCH = 3, 300, 5
 FAULTS = 6  # cuts and actor kills during the first phase
 
@@ -163,7 +165,13 @@ def test_chaos(ray_session: Any, tmp_path: Path) -> None:
     ports = DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)
     with LocalServices(ports) as svc, TcpProxy(svc.queue_address) as proxy:
         config = bridge_config(
-            svc, "tests.chaos_handlers:chaos", 3, slots=3, task_timeout_s=1.0, backoff_max_s=0.5
+            svc,
+            "tests.chaos_handlers:chaos",
+            3,
+            slots=3,
+            task_timeout_s=1.0,
+            backoff_max_s=0.5,
+            data_path=DATA_PATH,
         )
         config = replace(config, services=replace(config.services, queue_address=proxy.address))
         handle = start_bridge(config)
@@ -229,6 +237,7 @@ def test_chaos(ray_session: Any, tmp_path: Path) -> None:
             injected[f"{kind} task"] += 1
     figures = {
         "seed": SEED,
+        "data_path": DATA_PATH,
         "faults_injected": dict(injected),
         "faults_total": sum(injected.values()),
         "sessions_checked": SESSIONS + len(phase_b),

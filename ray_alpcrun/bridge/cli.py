@@ -21,6 +21,7 @@ from typing import Any
 from ray_alpcrun import errors
 from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import (
+    DATA_PATHS,
     BridgeConfig,
     Env,
     PoolConfig,
@@ -115,6 +116,12 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
     a("--max-sessions-per-actor", type=int, default=32, help="sessions kept per actor")
     a("--gpu-memory-limit", type=int, default=None, help="CuPy pool cap per actor, bytes")
     a("--actor-memory-limit", type=int, default=None, help="private memory cap per actor, bytes")
+    a(
+        "--data-path",
+        choices=DATA_PATHS,
+        default="calls",
+        help="how sub-batches reach the actors: Ray compiled graphs, or ordinary actor calls",
+    )
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     a("--health-host", default="0.0.0.0", help="address the health endpoint listens on")
@@ -152,6 +159,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         task_timeout_s=args.task_timeout,
         gpu_memory_limit_bytes=args.gpu_memory_limit,
         memory_limit_bytes=args.actor_memory_limit,
+        data_path=args.data_path,
     )
     return BridgeConfig(
         services=services,
@@ -159,6 +167,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         handler=args.handler,
         pool=pool,
         size_pool_from_cluster=args.actors is None and not elastic,
+        data_path=args.data_path,
         slots=args.slots,
         ray_address=args.ray_address,
         local=args.local,

@@ -39,7 +39,7 @@ def resolve_pool(config: BridgeConfig) -> PoolConfig:
         return config.pool
     import ray
 
-    pool = config.pool or PoolConfig()
+    pool = config.pool or PoolConfig(data_path=config.data_path)
     resources = ray.cluster_resources()
     fits = []
     if pool.cpus_per_actor > 0:
