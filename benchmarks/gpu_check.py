@@ -47,7 +47,7 @@ from examples.monte_carlo.pricing import (  # noqa: E402
     encode_market,
     encode_task,
 )
-from ray_alpcrun.gpu import nvml_devices, setup_device  # noqa: E402
+from ray_alpcrun.pool.gpu import nvml_devices, setup_device  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 TARGET_SPEEDUP = 50.0

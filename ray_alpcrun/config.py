@@ -136,7 +136,7 @@ class PoolConfig:
     than the tasks, so small batches stay whole. ``actor_options`` are extra
     ``ray.remote`` options for the pool actors (e.g. ``runtime_env``).
 
-    Elastic sizing (see :mod:`ray_alpcrun.scaling`): with ``min_actors`` and
+    Elastic sizing (see :mod:`ray_alpcrun.pool.scaling`): with ``min_actors`` and
     ``max_actors`` set, the pool keeps between them, asking for another actor
     while the batches in flight per actor stay above
     ``target_batches_per_actor`` and releasing idle actors once fewer would do
@@ -215,7 +215,7 @@ class BridgeConfig:
 
     ``pool=None`` sizes the pool from the Ray cluster's CPUs; ``slots=None``
     (``--slots auto``) registers one logical worker per pool actor, and for an
-    elastic pool follows it (see :func:`ray_alpcrun.scaling.target_slots`).
+    elastic pool follows it (see :func:`ray_alpcrun.pool.scaling.target_slots`).
     """
 
     services: ServiceConfig

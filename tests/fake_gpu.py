@@ -184,7 +184,7 @@ class _FakeRuntime:
 
 
 class FakeCupy:
-    """The slice of ``cupy`` that ray_alpcrun.gpu uses; arrays are :class:`FakeArray`."""
+    """The slice of ``cupy`` that ray_alpcrun.pool.gpu uses; arrays are :class:`FakeArray`."""
 
     ndarray = FakeArray
 

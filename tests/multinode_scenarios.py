@@ -69,7 +69,7 @@ async def shared_copies() -> dict[str, Any]:
     from ray.experimental import get_object_locations
 
     from ray_alpcrun.config import PoolConfig
-    from ray_alpcrun.pool import ActorPool
+    from ray_alpcrun.pool.actor_pool import ActorPool
 
     cfg = PoolConfig(num_actors=6, gpus_per_actor=1, cpus_per_actor=0.5, min_chunk=1)
     async with ActorPool("tests.elastic_handlers:shared_size", cfg) as pool:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ray_alpcrun.coalesce import Coalescer
+from ray_alpcrun.pool.coalesce import Coalescer
 
 
 class FakeActor:

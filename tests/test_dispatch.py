@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from ray_alpcrun.dispatch import CallResult, Dispatcher, plan_chunks
 from ray_alpcrun.errors import ActorLost, SessionSetupError
+from ray_alpcrun.pool.dispatch import CallResult, Dispatcher, plan_chunks
 from ray_alpcrun.runtime import Outcome
 
 

@@ -55,6 +55,6 @@ def test_every_project_error_derives_from_one_root() -> None:
     assert issubclass(errors.SubmitTimeout, TimeoutError)
     # The old homes keep working for code written against them.
     from ray_alpcrun.client import SubmitTimeout
-    from ray_alpcrun.dispatch import ActorLost  # type: ignore[attr-defined]
+    from ray_alpcrun.pool.dispatch import ActorLost  # type: ignore[attr-defined]
 
     assert SubmitTimeout is errors.SubmitTimeout and ActorLost is errors.ActorLost

@@ -18,7 +18,7 @@ import pytest
 
 from ray_alpcrun import gpu
 from ray_alpcrun.errors import ConfigError
-from ray_alpcrun.gpu import (
+from ray_alpcrun.pool.gpu import (
     CPU_FALLBACK,
     array_module,
     check_gpu_request,
@@ -26,7 +26,7 @@ from ray_alpcrun.gpu import (
     setup_device,
     uuid_hex,
 )
-from ray_alpcrun.nvml import CudaIdentity, find_nvml_device, nvml_uuid
+from ray_alpcrun.pool.nvml import CudaIdentity, find_nvml_device, nvml_uuid
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -49,7 +49,7 @@ def _fallback_records(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_no_gpu_assigned_falls_back_to_cpu_and_says_so_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ray_alpcrun.gpu")
+    caplog.set_level(logging.INFO, logger="ray_alpcrun.pool.gpu")
     assert setup_device(gpu_ids=[]) is None
     assert setup_device(gpu_ids=[]) is None
     assert setup_device() is None  # outside Ray: nothing assigned
@@ -59,7 +59,7 @@ def test_no_gpu_assigned_falls_back_to_cpu_and_says_so_once(
 
 
 def test_broken_cuda_falls_back_with_the_reason(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="ray_alpcrun.gpu")
+    caplog.set_level(logging.INFO, logger="ray_alpcrun.pool.gpu")
     broken = FakeCupy(machine(), [0], broken=True)
     assert setup_device(gpu_ids=["0"], cupy_module=broken, nvml=FakeNvml(machine())) is None
     (message,) = _fallback_records(caplog)
@@ -204,7 +204,7 @@ def test_importing_the_package_pulls_in_no_ray_cupy_or_nvml() -> None:
     code = textwrap.dedent(
         """
         import json, sys
-        import ray_alpcrun, ray_alpcrun.gpu, ray_alpcrun.nvml, ray_alpcrun.handler
+        import ray_alpcrun, ray_alpcrun.pool.gpu, ray_alpcrun.pool.nvml, ray_alpcrun.handler
         import ray_alpcrun.runtime
         print(json.dumps(sorted(m for m in ("ray", "cupy", "pynvml") if m in sys.modules)))
         """
@@ -227,7 +227,7 @@ class Probe:
     def run(self):
         sys.path.insert(0, {tests!r})
         from fake_gpu import FakeCupy, FakeNvml, machine
-        from ray_alpcrun.gpu import setup_device
+        from ray_alpcrun.pool.gpu import setup_device
         visible = [int(i) for i in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
         gpus = machine()
         device = setup_device(cupy_module=FakeCupy(gpus, visible), nvml=FakeNvml(gpus))

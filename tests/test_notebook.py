@@ -10,7 +10,7 @@ import pytest
 
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import AlpcrunError, SessionSetupError, TaskFailed, TasksFailed
-from ray_alpcrun.notebook import RayPool
+from ray_alpcrun.pool.notebook import RayPool
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

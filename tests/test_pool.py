@@ -13,7 +13,7 @@ import pytest
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.handler import Handler, HandlerSpec, SessionContext
-from ray_alpcrun.pool import ActorPool
+from ray_alpcrun.pool.actor_pool import ActorPool
 from tests import handlers
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from ray_alpcrun.bridge.cli import build_parser, config_from_args
-from ray_alpcrun.cluster import ClusterView, check_request
 from ray_alpcrun.config import Env, PoolConfig
-from ray_alpcrun.dispatch import Dispatcher
 from ray_alpcrun.errors import ConfigError
-from ray_alpcrun.scaling import (
+from ray_alpcrun.pool.cluster import ClusterView, check_request
+from ray_alpcrun.pool.dispatch import Dispatcher
+from ray_alpcrun.pool.scaling import (
     NodeType,
     Scaler,
     actors_per_node,

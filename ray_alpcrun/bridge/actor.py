@@ -24,8 +24,8 @@ from ray_alpcrun.logs import fields, setup_logging
 from ray_alpcrun.runtime import Outcome
 
 if TYPE_CHECKING:
-    from ray_alpcrun.actor import SharedRef
-    from ray_alpcrun.pool import ActorPool
+    from ray_alpcrun.pool.actor_pool import ActorPool
+    from ray_alpcrun.pool.pool_actor import SharedRef
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Bridge:
         auto_slots: bool = False,
     ) -> None:
         setup_logging(log_level, log_json)
-        # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.scaling).
+        # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.pool.scaling).
         self.auto_slots = auto_slots and pool_config.elastic
         self.handler = handler
         self.pool_config = pool_config
@@ -153,7 +153,7 @@ class Bridge:
 
     async def run(self) -> tuple[int, str]:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
-        from ray_alpcrun.pool import ActorPool
+        from ray_alpcrun.pool.actor_pool import ActorPool
 
         exporter: asyncio.Task[None] | None = None
         follower: asyncio.Task[None] | None = None
@@ -309,7 +309,7 @@ class Bridge:
 
 async def _follow_pool(bridge: Bridge, period_s: float = 0.25) -> None:
     """Keep the registered logical workers at ``target_slots`` of the pool."""
-    from ray_alpcrun.scaling import target_slots
+    from ray_alpcrun.pool.scaling import target_slots
 
     while True:
         worker, pool = bridge.worker, bridge.pool

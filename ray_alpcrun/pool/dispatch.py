@@ -2,7 +2,7 @@
 
 Pure asyncio and no Ray: actors are reached through a :class:`Backend`, so this
 logic is tested against a fake one (``tests/test_dispatch.py``) and runs on Ray
-through :mod:`ray_alpcrun.pool`.
+through :mod:`ray_alpcrun.pool.actor_pool`.
 
 Guarantees, per task of a :meth:`Dispatcher.run` call: exactly one outcome — the
 handler's result, the handler's error, ``"actor died N times"`` once retries are

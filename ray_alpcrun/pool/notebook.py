@@ -2,7 +2,7 @@
 
 Same handler API, shared data and error semantics as the bridge::
 
-    from ray_alpcrun.notebook import RayPool
+    from ray_alpcrun.pool.notebook import RayPool
 
     with RayPool("examples.monte_carlo.handler:price", actors=2, shared=params) as pool:
         results = pool.map(payloads)              # list[bytes]; TasksFailed if any task failed
@@ -26,12 +26,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from ray_alpcrun.actor import SharedRef
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import AlpcrunError, TaskFailed, TasksFailed
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.loop_thread import LoopThread
-from ray_alpcrun.pool import ActorPool
+from ray_alpcrun.pool.actor_pool import ActorPool
+from ray_alpcrun.pool.pool_actor import SharedRef
 from ray_alpcrun.runtime import Outcome
 
 __all__ = ["RayPool"]

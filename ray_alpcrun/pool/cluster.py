@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_alpcrun.errors import ConfigError
-from ray_alpcrun.scaling import NodeType, actors_per_node, cluster_capacity
+from ray_alpcrun.pool.scaling import NodeType, actors_per_node, cluster_capacity
 
 log = logging.getLogger(__name__)
 

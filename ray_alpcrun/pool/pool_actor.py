@@ -1,6 +1,6 @@
 """The pool's Ray actor: one :class:`~ray_alpcrun.runtime.HandlerRuntime` per actor process.
 
-A plain class; :mod:`ray_alpcrun.pool` applies ``ray.remote`` with its options.
+A plain class; :mod:`ray_alpcrun.pool.actor_pool` applies ``ray.remote`` with its options.
 Calls run one at a time (the handler needs no locks), except ``ready`` and
 ``status``, which answer from a second thread so that a busy or hung handler
 does not make the actor look dead.
@@ -143,7 +143,7 @@ class PoolActor:
         return outcomes, time.perf_counter() - started
 
     def run_many(self, parts: list[RunArgs]) -> list[RunReply]:
-        """Several sub-batches in one call (see :mod:`ray_alpcrun.coalesce`): one
+        """Several sub-batches in one call (see :mod:`ray_alpcrun.pool.coalesce`): one
         reply per part, in order, each exactly as :meth:`run` answers it."""
         return [self.run(*part) for part in parts]
 
@@ -222,12 +222,12 @@ def _limit_private_memory(limit_bytes: int) -> None:
 
 
 def _setup_device(use_gpu: bool, memory_limit_bytes: int | None) -> Any:
-    """The actor's GPU (``ray_alpcrun.gpu``), or None to compute on the CPU with NumPy."""
+    """The actor's GPU (``ray_alpcrun.pool.gpu``), or None to compute on the CPU with NumPy."""
     if not use_gpu:
         return None
     try:
-        from ray_alpcrun.gpu import setup_device
+        from ray_alpcrun.pool.gpu import setup_device
     except ImportError:
-        log.warning("GPU requested but ray_alpcrun.gpu is unavailable; using NumPy")
+        log.warning("GPU requested but ray_alpcrun.pool.gpu is unavailable; using NumPy")
         return None
     return setup_device(memory_limit_bytes)

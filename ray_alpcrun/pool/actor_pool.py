@@ -1,6 +1,6 @@
 """ActorPool: a handler running in N Ray actors, driven from asyncio.
 
-Used by the bridge actor and by :mod:`ray_alpcrun.notebook`::
+Used by the bridge actor and by :mod:`ray_alpcrun.pool.notebook`::
 
     pool = ActorPool("examples.pricing:Pricer", PoolConfig(num_actors=2))
     await pool.start()
@@ -10,7 +10,7 @@ Used by the bridge actor and by :mod:`ray_alpcrun.notebook`::
     await pool.close()
 
 Splitting, least-loaded assignment, retries and timeouts live in
-:mod:`ray_alpcrun.dispatch`; this module only speaks Ray. Ray's own retries are
+:mod:`ray_alpcrun.pool.dispatch`; this module only speaks Ray. Ray's own retries are
 off (``max_restarts=0``, ``max_task_retries=0``): the dispatcher retries, so no
 task is answered twice. Nothing here blocks the event loop: ObjectRefs are awaited.
 """
@@ -25,15 +25,15 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from ray_alpcrun.actor import CONTROL_GROUP, PoolActor, RunArgs, RunReply, SharedRef
-from ray_alpcrun.coalesce import Coalescer
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.dispatch import CallResult, Dispatcher
 from ray_alpcrun.errors import ActorLost, AlpcrunError, ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
+from ray_alpcrun.pool.coalesce import Coalescer
+from ray_alpcrun.pool.dispatch import CallResult, Dispatcher
+from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, RunArgs, RunReply, SharedRef
+from ray_alpcrun.pool.scaling import Decision, Scaler
 from ray_alpcrun.runtime import Outcome, describe
-from ray_alpcrun.scaling import Decision, Scaler
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ WAIT_LOG_EVERY_S = 30.0
 
 
 class _RayBackend:
-    """The dispatcher's :class:`~ray_alpcrun.dispatch.Backend` on Ray actors."""
+    """The dispatcher's :class:`~ray_alpcrun.pool.dispatch.Backend` on Ray actors."""
 
     def __init__(self, actor_class: Any, handler_blob: bytes, config: PoolConfig) -> None:
         import ray
@@ -209,7 +209,7 @@ class ActorPool:
 
         if not ray.is_initialized():
             raise ConfigError("Ray is not initialised: call ray.init() before starting a pool")
-        from ray_alpcrun.cluster import check_request, read_cluster
+        from ray_alpcrun.pool.cluster import check_request, read_cluster
 
         cfg = self.config
         view = await asyncio.to_thread(read_cluster)
@@ -274,7 +274,7 @@ class ActorPool:
         """The elastic pool's loop: sample the load, ask for or release actors.
 
         A fixed pool still waiting for room runs it only to say what it waits for."""
-        from ray_alpcrun.cluster import shape_text
+        from ray_alpcrun.pool.cluster import shape_text
 
         cfg = self.config
         scaler = Scaler(
@@ -423,7 +423,7 @@ def _check_resources(cfg: PoolConfig, resources: dict[str, float], count: int) -
     """Fail fast instead of waiting forever for actors a static cluster can never place."""
     cluster_gpus = float(resources.get("GPU", 0.0))
     try:
-        from ray_alpcrun.gpu import check_gpu_request
+        from ray_alpcrun.pool.gpu import check_gpu_request
     except ImportError:  # GPU support not installed: only the plain count
         if count * cfg.gpus_per_actor > cluster_gpus + 1e-9:
             raise ConfigError(

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ray_alpcrun.errors import ConfigError
-from ray_alpcrun.nvml import (
+from ray_alpcrun.pool.nvml import (
     CudaIdentity,
     cuda_identity,
     find_nvml_device,
