@@ -1,7 +1,7 @@
 """Least-loaded dispatch of task batches over a set of actors, with retries and timeouts.
 
 Pure asyncio and no Ray: actors are reached through a :class:`Backend`, so this
-logic is tested against a fake one (``tests/test_dispatch.py``) and runs on Ray
+logic is tested against a fake one (``tests/unit/test_dispatch.py``) and runs on Ray
 through :mod:`ray_alpcrun.pool.actor_pool`.
 
 Guarantees, per task of a :meth:`Dispatcher.run` call: exactly one outcome — the
