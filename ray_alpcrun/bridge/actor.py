@@ -266,7 +266,7 @@ class Bridge:
             for actor in (await self.pool.status()).get("actors", []):
                 device = actor.get("device") or {}
                 if "memory_used_bytes" in device:
-                    gpu.append((str(actor.get("slot")), float(device["memory_used_bytes"])))
+                    gpu.append((str(actor.get("actor")), float(device["memory_used_bytes"])))
         self._gpu_memory = gpu
 
     async def status(self) -> dict[str, Any]:

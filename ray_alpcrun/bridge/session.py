@@ -62,7 +62,9 @@ class Link:
     max_message_bytes: int
 
 
-class SessionStream:
+class WorkerStream:
+    """One call of the queue manager's ``WorkerStream`` RPC, bound to one session."""
+
     def __init__(self, link: Link, session_id: str, worker_id: str, pod: str) -> None:
         self.link = link
         self.pod = pod

@@ -2,7 +2,7 @@
 
 Each slot registers on ``WorkerUpdate`` (reading its ``workerid`` header),
 reports IDLE/BUSY and follows BIND/UNBIND by opening or draining a
-:class:`SessionStream`. Connection loss is retried with exponential backoff and
+:class:`WorkerStream`. Connection loss is retried with exponential backoff and
 jitter; configuration errors (API key, TLS trust, proto package) stop the
 bridge with a :class:`~ray_alpcrun.errors.FatalError`. Never imports Ray.
 """
@@ -20,7 +20,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors, transport
-from ray_alpcrun.bridge.session import Link, Processor, SessionStream
+from ray_alpcrun.bridge.session import Link, Processor, WorkerStream
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
 from ray_alpcrun.shared_data import SharedDataCache
@@ -113,9 +113,9 @@ class Slot:
         self.retired = False  # set by BridgeWorker.resize: drain, then end the registration
 
     @property
-    def session(self) -> SessionStream | None:
+    def session(self) -> WorkerStream | None:
         current = None if self.machine is None else self.machine.current
-        return current if isinstance(current, SessionStream) else None
+        return current if isinstance(current, WorkerStream) else None
 
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
         if self._call is None:
@@ -127,8 +127,8 @@ class Slot:
             async with self._lock:
                 await self._call.write(WorkerState(self.worker_id, status, session_id))
 
-    def _open_stream(self, session_id: str) -> SessionStream:
-        stream = SessionStream(self.worker.link, session_id, self.worker_id, self.pod)
+    def _open_stream(self, session_id: str) -> WorkerStream:
+        stream = WorkerStream(self.worker.link, session_id, self.worker_id, self.pod)
         self.worker.hold(session_id, self)
         stream.start()
         return stream

@@ -358,7 +358,7 @@ class ActorPool:
         members = dispatcher.members()
         infos = await asyncio.gather(*(backend.status(m.actor, timeout_s) for m in members))
         actors = [
-            {"slot": m.slot, "inflight": m.inflight, **info}
+            {"actor": m.index, "inflight": m.inflight, **info}
             for m, info in zip(members, infos, strict=True)
         ]
         return {

@@ -71,10 +71,10 @@ class Backend(Protocol[A]):
 
 @dataclass(eq=False, slots=True)
 class Member(Generic[A]):
-    """One incarnation of an actor in a pool slot."""
+    """One incarnation of an actor at one index of the pool."""
 
     actor: A
-    slot: int
+    index: int
     inflight: int = 0  # tasks submitted and not answered
     alive: bool = True
     idle_since: float = 0.0  # loop time when ``inflight`` last dropped to zero
@@ -124,9 +124,9 @@ def plan_chunks(loads: Sequence[int], n: int, min_chunk: int) -> list[tuple[int,
 
 
 class Dispatcher(Generic[A]):
-    """Runs batches on actor slots; replaces actors that die or hang.
+    """Runs batches on a row of actors; replaces actors that die or hang.
 
-    The slots are fixed at ``num_actors`` unless the owner adds and retires
+    The row holds ``num_actors`` unless the owner adds and retires
     actors with :meth:`grow` and :meth:`release` (the elastic pool). With
     ``elastic``, a batch that finds no live actor waits for one instead of failing.
 
@@ -160,7 +160,7 @@ class Dispatcher(Generic[A]):
         self._slack_s = timeout_slack_s
         self._restart_attempts = restart_attempts
         self._restart_backoff_s = restart_backoff_s
-        self._slots: list[Member[A] | None] = []
+        self._members: list[Member[A] | None] = []
         self._restarting: set[int] = set()
         self._starting: dict[int, asyncio.Task[None]] = {}
         self._elastic = elastic
@@ -193,7 +193,7 @@ class Dispatcher(Generic[A]):
 
     def members(self) -> list[Member[A]]:
         """The live actors now."""
-        return [m for m in self._slots if m is not None and m.alive]
+        return [m for m in self._members if m is not None and m.alive]
 
     async def start(self) -> None:
         """Start every actor; on any failure stop the others and re-raise it."""
@@ -208,7 +208,7 @@ class Dispatcher(Generic[A]):
                     self._backend.kill(r)
             raise failures[0]
         now = asyncio.get_running_loop().time()
-        self._slots = [
+        self._members = [
             Member(actor, i, idle_since=now)  # type: ignore[arg-type]
             for i, actor in enumerate(started)
         ]
@@ -283,7 +283,7 @@ class Dispatcher(Generic[A]):
             elif isinstance(result, Exception):
                 log.warning(
                     "session end failed on an actor",
-                    extra=fields(session=session_id, slot=m.slot, error=str(result)),
+                    extra=fields(session=session_id, actor=m.index, error=str(result)),
                 )
 
     def grow(self, count: int) -> None:
@@ -293,13 +293,13 @@ class Dispatcher(Generic[A]):
                 return
             free = [
                 i
-                for i, m in enumerate(self._slots)
+                for i, m in enumerate(self._members)
                 if (m is None or not m.alive) and i not in self._restarting
             ]
-            slot = free[0] if free else len(self._slots)
-            if slot == len(self._slots):
-                self._slots.append(None)
-            self._spawn(slot)
+            index = free[0] if free else len(self._members)
+            if index == len(self._members):
+                self._members.append(None)
+            self._spawn(index)
 
     def release(self, count: int) -> int:
         """Retire up to ``count`` actors: pending ones first, then the longest idle.
@@ -309,19 +309,19 @@ class Dispatcher(Generic[A]):
         stops. Returns how many went.
         """
         done = 0
-        for slot in sorted(self._restarting, reverse=True):
+        for index in sorted(self._restarting, reverse=True):
             if done >= count:
                 return done
-            task = self._starting.get(slot)
+            task = self._starting.get(index)
             if task is not None and not task.done():
                 task.cancel()  # the backend kills an actor that was still starting
-                self._restarting.discard(slot)
+                self._restarting.discard(index)
                 done += 1
         idle = sorted((m for m in self.members() if m.inflight == 0), key=_idle_since)
         for m in idle[: count - done]:
             m.alive = False
             m.killed = True
-            self._slots[m.slot] = None
+            self._members[m.index] = None
             self.released += 1
             done += 1
             task = asyncio.create_task(self._retire(m))
@@ -335,7 +335,9 @@ class Dispatcher(Generic[A]):
         try:
             await self._backend.retire(member.actor)
         except Exception as exc:
-            log.warning("releasing an actor failed", extra=fields(slot=member.slot, error=str(exc)))
+            log.warning(
+                "releasing an actor failed", extra=fields(actor=member.index, error=str(exc))
+            )
         finally:
             self._backend.kill(member.actor)
 
@@ -401,7 +403,7 @@ class Dispatcher(Generic[A]):
             except _TimedOut:
                 log.warning(
                     "sub-batch timed out; replacing its actor",
-                    extra=fields(session=part.session_id, slot=member.slot, tasks=n),
+                    extra=fields(session=part.session_id, actor=member.index, tasks=n),
                 )
                 member.killed = True
                 self._replace(member, "timed out")
@@ -525,22 +527,22 @@ class Dispatcher(Generic[A]):
         self.restarts += 1
         log.warning(
             "replacing actor",
-            extra=fields(slot=member.slot, reason=reason, restarts=self.restarts),
+            extra=fields(actor=member.index, reason=reason, restarts=self.restarts),
         )
         # It may only be unreachable, or hung: make sure it is gone.
         self._backend.kill(member.actor)
         if self._closed:
             return
-        self._spawn(member.slot)
+        self._spawn(member.index)
 
-    def _spawn(self, slot: int) -> None:
-        self._restarting.add(slot)
-        task = asyncio.create_task(self._restart(slot))
-        self._starting[slot] = task
+    def _spawn(self, index: int) -> None:
+        self._restarting.add(index)
+        task = asyncio.create_task(self._restart(index))
+        self._starting[index] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _restart(self, slot: int) -> None:
+    async def _restart(self, index: int) -> None:
         try:
             for attempt in range(self._restart_attempts):
                 try:
@@ -549,7 +551,7 @@ class Dispatcher(Generic[A]):
                     self.start_error = str(exc)
                     log.warning(
                         "actor restart failed",
-                        extra=fields(slot=slot, attempt=attempt + 1, error=str(exc)),
+                        extra=fields(actor=index, attempt=attempt + 1, error=str(exc)),
                     )
                     await asyncio.sleep(self._restart_backoff_s * 2**attempt)  # ok: backoff
                     continue
@@ -558,13 +560,13 @@ class Dispatcher(Generic[A]):
                     return
                 self.start_error = None
                 now = asyncio.get_running_loop().time()
-                self._slots[slot] = Member(actor, slot, idle_since=now)
+                self._members[index] = Member(actor, index, idle_since=now)
                 return
-            log.error("actor slot abandoned after failed restarts", extra=fields(slot=slot))
+            log.error("actor abandoned after failed restarts", extra=fields(actor=index))
         finally:
-            if self._starting.get(slot) is asyncio.current_task():
-                del self._starting[slot]
-            self._restarting.discard(slot)
+            if self._starting.get(index) is asyncio.current_task():
+                del self._starting[index]
+            self._restarting.discard(index)
             self._notify()
 
     def _notify(self) -> None:

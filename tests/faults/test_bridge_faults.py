@@ -20,7 +20,7 @@ import pytest
 
 from ray_alpcrun import errors
 from ray_alpcrun.bridge.launch import BridgeHandle, start_bridge
-from ray_alpcrun.bridge.session import Link, SessionStream
+from ray_alpcrun.bridge.session import Link, WorkerStream
 from ray_alpcrun.client import Client
 from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
@@ -218,7 +218,7 @@ def test_size_limits_answer_with_clear_errors_and_the_bridge_keeps_serving(
 
 
 def test_a_batch_for_another_session_is_answered_dead_not_processed() -> None:
-    stream = SessionStream(cast(Link, None), "S1", "W1", "pod")  # never reaches the link
+    stream = WorkerStream(cast(Link, None), "S1", "W1", "pod")  # never reaches the link
     batch = Batch(id="B", session_id="S2", messages=[Message("t0", b"x"), Message("t1", b"y")])
     out = asyncio.run(stream._answer(batch))
     assert out.dead and [m.related_id for m in out.messages] == ["t0", "t1"]

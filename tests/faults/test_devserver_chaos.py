@@ -14,7 +14,7 @@ import pytest
 
 from ray_alpcrun import transport
 from ray_alpcrun.devserver import LocalServices
-from ray_alpcrun.types import Batch, Message, Session
+from ray_alpcrun.types import Batch, Message, SessionInfo
 from tests.support.devserver_kit import (
     FakeClock,
     RawClient,
@@ -95,7 +95,7 @@ class WorkerChurn:
 async def dead_letters(svc: LocalServices, channel: grpc.aio.Channel, sid: str) -> list[Message]:
     out: list[Message] = []
     stub = queue_stub(svc, channel)
-    async for b in stub.ClientStreamDeadLetters(Session(id=sid), metadata=md(svc)):
+    async for b in stub.ClientStreamDeadLetters(SessionInfo(id=sid), metadata=md(svc)):
         assert b.dead is True and all(m.error for m in b.messages)
         out.extend(b.messages)
     return out

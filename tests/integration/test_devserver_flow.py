@@ -14,7 +14,7 @@ from ulid import ULID
 
 from ray_alpcrun import transport
 from ray_alpcrun.devserver import LocalServices
-from ray_alpcrun.types import Batch, InstructionType, Message, Session
+from ray_alpcrun.types import Batch, InstructionType, Message, SessionInfo
 from tests.support.devserver_kit import (
     FakeClock,
     RawClient,
@@ -272,13 +272,13 @@ async def test_dead_batch_from_worker(svc: LocalServices, channel: grpc.aio.Chan
         assert await client.read_all() == []  # nothing answered as a result
         await svc.ajoin(s.id, timeout_s=5)
     stub = queue_stub(svc, channel)
-    dead = [b async for b in stub.ClientStreamDeadLetters(Session(id=s.id), metadata=md(svc))]
+    dead = [b async for b in stub.ClientStreamDeadLetters(SessionInfo(id=s.id), metadata=md(svc))]
     assert len(dead) == 1 and dead[0].dead is True
     assert [(m.id, m.payload, m.error) for m in dead[0].messages] == [
         ("t0", b"t0", "cannot parse"),
         ("t1", b"t1", "the worker marked the batch dead"),
     ]
-    again = [b async for b in stub.ClientStreamDeadLetters(Session(id=s.id), metadata=md(svc))]
+    again = [b async for b in stub.ClientStreamDeadLetters(SessionInfo(id=s.id), metadata=md(svc))]
     assert again == []  # reading drains the dead-letter queue
 
 
@@ -293,7 +293,9 @@ async def test_delivery_exhaustion_dead_letters(
                 await crashing.got_batch.wait()
         await svc.ajoin(s.id, timeout_s=5)
         stub = queue_stub(svc, channel)
-        dead = [b async for b in stub.ClientStreamDeadLetters(Session(id=s.id), metadata=md(svc))]
+        dead = [
+            b async for b in stub.ClientStreamDeadLetters(SessionInfo(id=s.id), metadata=md(svc))
+        ]
     assert len(dead) == 1
     assert dead[0].messages[0].error == "delivered 2 times without an answer"
     assert svc.stats()["dead_lettered_batches"] == 1

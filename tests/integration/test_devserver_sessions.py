@@ -11,7 +11,7 @@ from ulid import ULID
 
 from ray_alpcrun import errors, transport
 from ray_alpcrun.devserver import LocalServices, SessionClosed
-from ray_alpcrun.types import Batch, Message, Session, SessionAttributes
+from ray_alpcrun.types import Batch, Message, SessionAttributes, SessionInfo
 from tests.support.devserver_kit import (
     FakeClock,
     RawClient,
@@ -94,14 +94,14 @@ async def test_create_keeps_given_attributes(svc: LocalServices, channel: grpc.a
 @pytest.mark.parametrize(
     "session",
     [
-        Session(app_id=""),
-        Session(app_id="x", attributes=SessionAttributes(priority=11)),
-        Session(app_id="x", attributes=SessionAttributes(max_workers=0)),
-        Session(app_id="x", attributes=SessionAttributes(min_workers=3, max_workers=2)),
+        SessionInfo(app_id=""),
+        SessionInfo(app_id="x", attributes=SessionAttributes(priority=11)),
+        SessionInfo(app_id="x", attributes=SessionAttributes(max_workers=0)),
+        SessionInfo(app_id="x", attributes=SessionAttributes(min_workers=3, max_workers=2)),
     ],
 )
 async def test_create_validates(
-    svc: LocalServices, channel: grpc.aio.Channel, session: Session
+    svc: LocalServices, channel: grpc.aio.Channel, session: SessionInfo
 ) -> None:
     stub = queue_stub(svc, channel)
     await expect_code(
@@ -113,7 +113,7 @@ async def test_update_is_partial(svc: LocalServices, channel: grpc.aio.Channel) 
     stub = queue_stub(svc, channel)
     s = await create_session(svc, channel, priority=3, max_workers=10, tags=("x",))
     await stub.UpdateSession(
-        Session(id=s.id, attributes=SessionAttributes(priority=8, max_workers=200)),
+        SessionInfo(id=s.id, attributes=SessionAttributes(priority=8, max_workers=200)),
         metadata=md(svc),
     )
     a = svc.core.sessions[s.id].attributes
@@ -126,7 +126,7 @@ async def test_update_is_partial(svc: LocalServices, channel: grpc.aio.Channel) 
     await expect_code(
         grpc.StatusCode.INVALID_ARGUMENT,
         stub.UpdateSession(
-            Session(id=s.id, attributes=SessionAttributes(priority=12)), metadata=md(svc)
+            SessionInfo(id=s.id, attributes=SessionAttributes(priority=12)), metadata=md(svc)
         ),
     )
 
@@ -134,10 +134,10 @@ async def test_update_is_partial(svc: LocalServices, channel: grpc.aio.Channel) 
 async def test_close_then_not_found(svc: LocalServices, channel: grpc.aio.Channel) -> None:
     stub = queue_stub(svc, channel)
     s = await create_session(svc, channel)
-    await stub.CloseSession(Session(id=s.id), metadata=md(svc))
-    await stub.CloseSession(Session(id=s.id), metadata=md(svc))  # idempotent
+    await stub.CloseSession(SessionInfo(id=s.id), metadata=md(svc))
+    await stub.CloseSession(SessionInfo(id=s.id), metadata=md(svc))  # idempotent
     details = await expect_code(
-        grpc.StatusCode.NOT_FOUND, stub.UpdateSession(Session(id=s.id), metadata=md(svc))
+        grpc.StatusCode.NOT_FOUND, stub.UpdateSession(SessionInfo(id=s.id), metadata=md(svc))
     )
     assert s.id in details
     assert svc.stats()["sessions"] == 0
@@ -147,11 +147,11 @@ async def test_unknown_session_everywhere(svc: LocalServices, channel: grpc.aio.
     stub = queue_stub(svc, channel)
     unknown = str(ULID())
     for call in (
-        stub.UpdateSession(Session(id=unknown), metadata=md(svc)),
-        stub.CloseSession(Session(id=unknown), metadata=md(svc)),
+        stub.UpdateSession(SessionInfo(id=unknown), metadata=md(svc)),
+        stub.CloseSession(SessionInfo(id=unknown), metadata=md(svc)),
     ):
         assert unknown in await expect_code(grpc.StatusCode.NOT_FOUND, call)
-    dead = stub.ClientStreamDeadLetters(Session(id=unknown), metadata=md(svc))
+    dead = stub.ClientStreamDeadLetters(SessionInfo(id=unknown), metadata=md(svc))
     await expect_code(grpc.StatusCode.NOT_FOUND, dead.read())
     client = stub.ClientStream(iter([Batch(session_id=unknown)]), metadata=md(svc))
     await expect_code(grpc.StatusCode.NOT_FOUND, client.read())
@@ -200,7 +200,7 @@ async def test_idle_session_is_reaped_and_unbinds(
         await svc.atick()
         assert s.id not in svc.core.sessions
         await expect_code(
-            grpc.StatusCode.NOT_FOUND, stub.UpdateSession(Session(id=s.id), metadata=md(svc))
+            grpc.StatusCode.NOT_FOUND, stub.UpdateSession(SessionInfo(id=s.id), metadata=md(svc))
         )
         await svc.ajoin(s.id)  # closed after every task was answered: fine
         await wait_for(lambda: len(worker.instructions) == 2)
@@ -225,7 +225,7 @@ async def test_cleanup_on_client_exit(svc: LocalServices, channel: grpc.aio.Chan
     with pytest.raises(SessionClosed, match="1 unanswered"):  # the held task was dropped
         await svc.ajoin(s.id, timeout_s=5)
     await expect_code(
-        grpc.StatusCode.NOT_FOUND, stub.UpdateSession(Session(id=s.id), metadata=md(svc))
+        grpc.StatusCode.NOT_FOUND, stub.UpdateSession(SessionInfo(id=s.id), metadata=md(svc))
     )
 
 
@@ -240,7 +240,7 @@ async def test_join_reports_closed_with_unanswered(
         await wait_for(lambda: svc.stats()["submitted_tasks"] == 1)
         with pytest.raises(TimeoutError, match="1 task"):
             await svc.ajoin(s.id, timeout_s=0.05)
-        await stub.CloseSession(Session(id=s.id), metadata=md(svc))
+        await stub.CloseSession(SessionInfo(id=s.id), metadata=md(svc))
         with pytest.raises(SessionClosed, match="1 unanswered"):
             await svc.ajoin(s.id)
         assert await client.read_all() == []  # the server ends the stream of a closed session

@@ -14,7 +14,7 @@ from ray_alpcrun.devserver import LocalServices, Rejected, SessionClosed, schedu
 from ray_alpcrun.devserver.attributes import new_attributes, updated_attributes
 from ray_alpcrun.devserver.flow import split_answers
 from ray_alpcrun.devserver.model import Pending, SessionState, TaskQueue
-from ray_alpcrun.types import Batch, Message, Session, SessionAttributes
+from ray_alpcrun.types import Batch, Message, SessionAttributes, SessionInfo
 from tests.support.devserver_kit import RawClient, RawWorker, create_session, free_config, md, tasks
 
 
@@ -131,7 +131,7 @@ async def test_queue_manager_restart_keeps_port_and_forgets() -> None:
             assert svc.queue_address == address
             stub = transport.Stub(channel, "Queue", svc.proto_package)
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.UpdateSession(Session(id=old.id), metadata=md(svc))
+                await stub.UpdateSession(SessionInfo(id=old.id), metadata=md(svc))
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             new = await create_session(svc, channel)
             async with RawWorker(svc), RawClient(svc) as client:
@@ -147,7 +147,7 @@ def test_sync_form_in_a_background_thread() -> None:
         meta = md(svc)
         with transport.open_sync_channel(svc.queue_address) as channel:
             stub = transport.Stub(channel, "Queue", svc.proto_package)
-            s = stub.CreateSession(Session(app_id="sync"), metadata=meta)
+            s = stub.CreateSession(SessionInfo(app_id="sync"), metadata=meta)
             call = stub.ClientStream(iter(tasks(s.id, 2)), metadata=meta)
             deadline = time.monotonic() + 10
             while svc.stats()["submitted_tasks"] < 2 and time.monotonic() < deadline:
@@ -155,23 +155,23 @@ def test_sync_form_in_a_background_thread() -> None:
             with pytest.raises(TimeoutError, match="2 task"):
                 svc.join(s.id, timeout_s=0.2)  # no worker: nothing gets answered
             svc.tick()
-            stub.CloseSession(Session(id=s.id), metadata=meta)
+            stub.CloseSession(SessionInfo(id=s.id), metadata=meta)
             # Without cleanup_on_client_exit nothing submitted is lost: the queued
             # tasks became dead letters, so the session is drained.
             svc.join(s.id)
             assert list(call) == []  # the server ended the stream of the closed session
-            dead = list(stub.ClientStreamDeadLetters(Session(id=s.id), metadata=meta))
+            dead = list(stub.ClientStreamDeadLetters(SessionInfo(id=s.id), metadata=meta))
             assert sorted(m.id for b in dead for m in b.messages) == ["t0", "t1"]
             assert all(
                 b.dead and "closed before it ran" in (b.messages[0].error or "") for b in dead
             )
             # With it, CloseSession empties the queues: the tasks are gone unanswered.
             attrs = SessionAttributes(cleanup_on_client_exit=True)
-            c = stub.CreateSession(Session(app_id="sync", attributes=attrs), metadata=meta)
+            c = stub.CreateSession(SessionInfo(app_id="sync", attributes=attrs), metadata=meta)
             call = stub.ClientStream(iter(tasks(c.id, 2)), metadata=meta)
             while svc.stats()["submitted_tasks"] < 4 and time.monotonic() < deadline:
                 time.sleep(0.005)  # ok: polling a server-side counter
-            stub.CloseSession(Session(id=c.id), metadata=meta)
+            stub.CloseSession(SessionInfo(id=c.id), metadata=meta)
             with pytest.raises(SessionClosed, match="2 unanswered"):
                 svc.join(c.id)
             assert list(call) == []

@@ -19,7 +19,7 @@ from ray_alpcrun import transport
 from ray_alpcrun.config import Env
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.devserver.cli import EXIT_CONFIG, build_parser, config_from_args, main
-from ray_alpcrun.types import Batch, Session, SharedData
+from ray_alpcrun.types import Batch, SessionInfo, SharedData
 from tests.support.certs import ca_signed, self_signed
 from tests.support.devserver_kit import free_config, md
 
@@ -48,8 +48,8 @@ def calls(svc: LocalServices, channels: dict[str, grpc.aio.Channel], meta: Any) 
     node = transport.Stub(channels["node"], "Cache", svc.proto_package)
     worker_meta = (*meta, ("node", "n"), ("pod", "p"))
     return [
-        queue.CreateSession(Session(app_id="x"), metadata=meta),
-        queue.ClientStreamDeadLetters(Session(id="s"), metadata=meta).read(),
+        queue.CreateSession(SessionInfo(app_id="x"), metadata=meta),
+        queue.ClientStreamDeadLetters(SessionInfo(id="s"), metadata=meta).read(),
         # The worker waits for the response header before sending, as the seed does.
         header_then_read(queue.WorkerUpdate(iter(()), metadata=worker_meta)),
         queue.ClientStream(iter([Batch(session_id="s")]), metadata=meta).read(),
@@ -87,7 +87,7 @@ async def test_wrong_api_key(svc: LocalServices, channels: dict[str, grpc.aio.Ch
 
 async def test_right_key_passes(svc: LocalServices, channels: dict[str, grpc.aio.Channel]) -> None:
     queue = transport.Stub(channels["queue"], "Queue", svc.proto_package)
-    session = await queue.CreateSession(Session(app_id="x"), metadata=md(svc))
+    session = await queue.CreateSession(SessionInfo(app_id="x"), metadata=md(svc))
     assert session.id
 
 
@@ -98,13 +98,13 @@ async def test_proto_package(package: str) -> None:
         n = transport.open_channel(svc.node_cache_address)
         try:
             queue = transport.Stub(q, "Queue", package)
-            assert (await queue.CreateSession(Session(app_id="x"), metadata=md(svc))).id
+            assert (await queue.CreateSession(SessionInfo(app_id="x"), metadata=md(svc))).id
             node = transport.Stub(n, "Cache", package)
             await node.SetSharedData(SharedData("s", 1, b"x"), metadata=md(svc))
             assert (await node.GetSharedData(SharedData("s", 1), metadata=md(svc))).payload == b"x"
             other = "other.v9" if package else "ghpc.v1"
             wrong = transport.Stub(q, "Queue", other)
-            code, _ = await code_of(wrong.CreateSession(Session(app_id="x"), metadata=md(svc)))
+            code, _ = await code_of(wrong.CreateSession(SessionInfo(app_id="x"), metadata=md(svc)))
             assert code == grpc.StatusCode.UNIMPLEMENTED
         finally:
             await q.close(None)
@@ -148,13 +148,13 @@ async def test_tls(tmp_path: Path) -> None:
         plain = transport.open_channel(svc.queue_address)
         try:
             queue = transport.Stub(q, "Queue")
-            assert (await queue.CreateSession(Session(app_id="x"), metadata=md(svc))).id
+            assert (await queue.CreateSession(SessionInfo(app_id="x"), metadata=md(svc))).id
             node = transport.Stub(n, "Cache")
             await node.SetSharedData(SharedData("s", 1, b"x"), metadata=md(svc))
             assert (await node.GetSharedData(SharedData("s", 1), metadata=md(svc))).payload == b"x"
             code, _ = await code_of(
                 transport.Stub(plain, "Queue").CreateSession(
-                    Session(app_id="x"), metadata=md(svc), timeout=5
+                    SessionInfo(app_id="x"), metadata=md(svc), timeout=5
                 )
             )
             assert code == grpc.StatusCode.UNAVAILABLE
@@ -254,7 +254,7 @@ def test_cli_serves_until_sigterm() -> None:
         key = lines["generated API key (export METALCORE_API_KEY=...):"]
         with transport.open_sync_channel(lines["queue manager"]) as channel:
             stub = transport.Stub(channel, "Queue")
-            assert stub.CreateSession(Session(app_id="x"), metadata=(("api_key", key),)).id
+            assert stub.CreateSession(SessionInfo(app_id="x"), metadata=(("api_key", key),)).id
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

@@ -17,7 +17,7 @@ from ray_alpcrun.client import Client
 from ray_alpcrun.config import DevServerConfig, ServiceConfig
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.transport import MD_SESSION_ID, Stub, make_metadata, open_channel
-from ray_alpcrun.types import Batch, Message, Session, SessionAttributes
+from ray_alpcrun.types import Batch, Message, SessionAttributes, SessionInfo
 from tests.support.refworker_support import Gate, assert_exactly_once, mixed, start_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ async def test_result_batches_follow_the_section_5_3_rules(services: LocalServic
         queue = Stub(channel, "Queue", services.proto_package)
         md = make_metadata(services.api_key)
         session = await queue.CreateSession(
-            Session(app_id="rules", attributes=SessionAttributes()), metadata=md
+            SessionInfo(app_id="rules", attributes=SessionAttributes()), metadata=md
         )
         call = queue.ClientStream(metadata=(*md, (MD_SESSION_ID, session.id)))
         sent = {

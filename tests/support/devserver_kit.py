@@ -19,8 +19,8 @@ from ray_alpcrun.types import (
     Instruction,
     InstructionType,
     Message,
-    Session,
     SessionAttributes,
+    SessionInfo,
     WorkerState,
     WorkerStatus,
 )
@@ -225,10 +225,10 @@ class RawClient:
 
 async def create_session(
     svc: LocalServices, channel: grpc.aio.Channel, **attributes: Any
-) -> Session:
+) -> SessionInfo:
     attrs = SessionAttributes(**attributes) if attributes else None
-    session: Session = await queue_stub(svc, channel).CreateSession(
-        Session(app_id="test-app", attributes=attrs), metadata=md(svc)
+    session: SessionInfo = await queue_stub(svc, channel).CreateSession(
+        SessionInfo(app_id="test-app", attributes=attrs), metadata=md(svc)
     )
     return session
 
