@@ -10,30 +10,30 @@ Used by the bridge actor and by :mod:`ray_alpcrun.pool.notebook`::
     await pool.close()
 
 Splitting, least-loaded assignment, retries and timeouts live in
-:mod:`ray_alpcrun.pool.dispatch`; this module only speaks Ray. Ray's own retries are
-off (``max_restarts=0``, ``max_task_retries=0``): the dispatcher retries, so no
-task is answered twice. Nothing here blocks the event loop: ObjectRefs are awaited.
+:mod:`ray_alpcrun.pool.dispatch`, the calls to the actors in
+:mod:`ray_alpcrun.pool.backend`; this module creates the actors and sizes the
+pool. Ray's own retries are off (``max_restarts=0``, ``max_task_retries=0``):
+the dispatcher retries, so no task is answered twice. Nothing here blocks the
+event loop: ObjectRefs are awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.errors import ActorLost, AlpcrunError, ConfigError, HandlerError, SessionSetupError
+from ray_alpcrun.errors import AlpcrunError, ConfigError, HandlerError
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
-from ray_alpcrun.pool.coalesce import Coalescer
-from ray_alpcrun.pool.dispatch import CallResult, Dispatcher
-from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, RunArgs, RunReply, SharedRef
+from ray_alpcrun.pool.backend import RayBackend
+from ray_alpcrun.pool.dispatch import Dispatcher
+from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, SharedRef
 from ray_alpcrun.pool.scaling import Decision, Scaler
-from ray_alpcrun.runtime import Outcome, describe
+from ray_alpcrun.runtime import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -43,116 +43,6 @@ DEFAULT_START_TIMEOUT_S = 120.0
 DEFAULT_STATUS_TIMEOUT_S = 5.0
 SCALE_TICK_S = 0.25
 WAIT_LOG_EVERY_S = 30.0
-
-
-class _RayBackend:
-    """The dispatcher's :class:`~ray_alpcrun.pool.dispatch.Backend` on Ray actors."""
-
-    def __init__(self, actor_class: Any, handler_blob: bytes, config: PoolConfig) -> None:
-        import ray
-
-        self._ray = ray
-        self._lost: tuple[type[BaseException], ...] = (
-            ray.exceptions.RayActorError,  # includes ActorDiedError, ActorUnavailableError
-            ray.exceptions.ObjectLostError,
-        )
-        self._task_error = ray.exceptions.RayTaskError
-        self._actor_class = actor_class
-        self._blob = handler_blob
-        self._config = config
-        self._sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
-        # Every actor created and not yet killed, so a failed start leaks none.
-        self.handles: dict[int, Any] = {}
-        # Sub-batches that queue for a busy actor travel together in one Ray call.
-        self._calls: Coalescer[RunArgs, RunReply] = Coalescer(self._run_one, self._run_many)
-
-    async def start_actor(self) -> Any:
-        cfg = self._config
-        actor = self._actor_class.remote(
-            self._blob,
-            max_sessions=cfg.max_sessions_per_actor,
-            use_gpu=cfg.gpus_per_actor > 0,
-            gpu_memory_limit_bytes=cfg.gpu_memory_limit_bytes,
-            memory_limit_bytes=cfg.memory_limit_bytes,
-            sys_path=self._sys_path,
-        )
-        self.handles[id(actor)] = actor
-        try:
-            info: dict[str, Any] = await actor.ready.remote()
-        except asyncio.CancelledError:
-            # Released while waiting for room: the pending actor is Ray's demand
-            # signal to the autoscaler, so it must go too.
-            self.kill(actor)
-            raise
-        except self._lost as exc:
-            self.kill(actor)
-            raise HandlerError(f"pool actor failed to start: {_first_line(exc)}") from exc
-        if "error" in info:
-            self.kill(actor)
-            kind = ConfigError if info.get("error_kind") == "device" else HandlerError
-            raise kind(info["error"])
-        log.debug("pool actor ready: %s", info)
-        return actor
-
-    async def call(
-        self,
-        actor: Any,
-        session_id: str,
-        payloads: list[bytes],
-        shared: Any,
-        tags: tuple[str, ...],
-    ) -> CallResult:
-        try:
-            reply = await self._calls.call(actor, id(actor), (session_id, payloads, shared, tags))
-        except self._lost as exc:
-            raise ActorLost(_first_line(exc)) from exc
-        except self._task_error as exc:
-            # PoolActor.run catches handler errors itself: this is Ray failing
-            # around the call (e.g. arguments that cannot be unpickled).
-            error = f"pool actor call failed: {_first_line(exc)}"
-            return [(None, error)] * len(payloads), None
-        if isinstance(reply, str):
-            raise SessionSetupError(reply)
-        return reply
-
-    @staticmethod
-    async def _run_one(actor: Any, part: RunArgs) -> RunReply:
-        reply: RunReply = await actor.run.remote(*part)
-        return reply
-
-    @staticmethod
-    async def _run_many(actor: Any, parts: list[RunArgs]) -> list[RunReply]:
-        replies: list[RunReply] = await actor.run_many.remote(parts)
-        return replies
-
-    def kill(self, actor: Any) -> None:
-        self.handles.pop(id(actor), None)
-        self._calls.forget(id(actor))
-        try:
-            self._ray.kill(actor, no_restart=True)
-        except Exception as exc:  # already gone is fine
-            log.debug("ray.kill failed: %s", exc)
-
-    async def end_session(self, actor: Any, session_id: str) -> None:
-        try:
-            await actor.end_session.remote(session_id)
-        except self._lost as exc:
-            raise ActorLost(_first_line(exc)) from exc
-
-    async def retire(self, actor: Any) -> None:
-        try:
-            await actor.close_sessions.remote()
-        except self._lost as exc:
-            raise ActorLost(_first_line(exc)) from exc
-
-    async def status(self, actor: Any, timeout_s: float) -> dict[str, Any]:
-        try:
-            info: dict[str, Any] = await asyncio.wait_for(actor.status.remote(), timeout_s)
-        except asyncio.TimeoutError:
-            return {"error": f"no answer within {timeout_s:g} s"}
-        except self._lost as exc:
-            return {"error": _first_line(exc)}
-        return info
 
 
 class ActorPool:
@@ -166,7 +56,7 @@ class ActorPool:
         self.handler = handler
         self.config = config if config is not None else PoolConfig()
         self.start_timeout_s = DEFAULT_START_TIMEOUT_S
-        self._backend: _RayBackend | None = None
+        self._backend: RayBackend | None = None
         self._dispatcher: Dispatcher[Any] | None = None
         self._scaler: asyncio.Task[None] | None = None
         self.decision = Decision(self.config.lowest, reason="start")
@@ -235,7 +125,7 @@ class ActorPool:
         options.update(cfg.actor_options)
         # concurrency_groups cannot go through .options(); it belongs to the class.
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
-        backend = _RayBackend(actor_class.options(**options), blob, cfg)
+        backend = RayBackend(actor_class.options(**options), blob, cfg)
         dispatcher: Dispatcher[Any] = Dispatcher(
             backend,
             num_actors=first,
@@ -438,8 +328,3 @@ def _check_resources(cfg: PoolConfig, resources: dict[str, float], count: int) -
             f"{count} actor(s) x {cfg.cpus_per_actor:g} CPU asked for, "
             f"but the Ray cluster has {cluster_cpus:g} CPU(s); lower --actors or the CPUs per actor"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else describe(exc)

@@ -20,7 +20,7 @@ from ray_alpcrun.pool.scaling import (
     desired_actors,
     target_slots,
 )
-from tests.unit.test_dispatch import FakeActor, FakeBackend, payloads
+from tests.support.fake_backend import FakeActor, FakeBackend, payloads
 
 # -- rules -------------------------------------------------------------------------
 
