@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, LATENCY_NAME, BridgeMetrics, BridgeStats
-from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
+from ray_alpcrun.bridge.worker import BridgeWorker
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.health import HealthServer

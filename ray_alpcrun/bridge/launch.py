@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ray_alpcrun.bridge.worker import WorkerSettings
+from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.config import BridgeConfig, PoolConfig
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from ray_alpcrun import errors
 from ray_alpcrun._proto import ghpc_pb2 as pb
-from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
+from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.bridge.worker import BridgeWorker
 from ray_alpcrun.handler import Handler, SessionContext, load_handler
 from ray_alpcrun.runtime import HandlerRuntime, SharedSpec
 from ray_alpcrun.shared_data import SharedDataCache

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
+from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.bridge.worker import BridgeWorker
 from ray_alpcrun.client import AsyncClient
 from ray_alpcrun.runtime import Outcome
 from tests.support.bridge_support import assert_exactly_once

@@ -10,7 +10,7 @@ import pytest
 
 from ray_alpcrun import errors
 from ray_alpcrun.bridge.batches import result_batch
-from ray_alpcrun.bridge.worker import WorkerSettings, backoff_delay, fatal_for
+from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
 from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.transport import TlsFiles
 from ray_alpcrun.types import Batch, Message, SharedData, dead_batch
