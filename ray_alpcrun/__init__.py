@@ -31,6 +31,8 @@ _LAZY: dict[str, str] = {
     "RayPool": "ray_alpcrun.pool.notebook",
     # The local queue manager and caches (tests, examples, notebooks).
     "LocalServices": "ray_alpcrun.devserver",
+    # Embedding the bridge in a Python program.
+    "start_bridge": "ray_alpcrun.bridge.launch",
     # Configuration.
     "BridgeConfig": "ray_alpcrun.config",
     "DevServerConfig": "ray_alpcrun.config",
@@ -59,8 +61,9 @@ __all__ = [  # noqa: RUF022 - grouped by what a user does, not sorted
     "TaskResult",
     # Ray without a queue manager
     "RayPool",
-    # local services
+    # local services, embedding the bridge
     "LocalServices",
+    "start_bridge",
     # configuration
     "BridgeConfig",
     "DevServerConfig",
@@ -77,6 +80,7 @@ __all__ = [  # noqa: RUF022 - grouped by what a user does, not sorted
 ]
 
 if TYPE_CHECKING:
+    from ray_alpcrun.bridge.launch import start_bridge
     from ray_alpcrun.client import AsyncClient, AsyncSession, Client, Session, TaskResult
     from ray_alpcrun.config import BridgeConfig, DevServerConfig, PoolConfig, ServiceConfig
     from ray_alpcrun.devserver import LocalServices
