@@ -31,6 +31,7 @@ from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.backend import RayBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
+from ray_alpcrun.pool.gpu import check_gpu_request
 from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, SharedRef
 from ray_alpcrun.pool.scaling import Decision, Scaler
 from ray_alpcrun.runtime import Outcome
@@ -312,16 +313,7 @@ class ActorPool:
 def _check_resources(cfg: PoolConfig, resources: dict[str, float], count: int) -> None:
     """Fail fast instead of waiting forever for actors a static cluster can never place."""
     cluster_gpus = float(resources.get("GPU", 0.0))
-    try:
-        from ray_alpcrun.pool.gpu import check_gpu_request
-    except ImportError:  # GPU support not installed: only the plain count
-        if count * cfg.gpus_per_actor > cluster_gpus + 1e-9:
-            raise ConfigError(
-                f"{count} actor(s) x {cfg.gpus_per_actor:g} GPU asked for, "
-                f"but the Ray cluster has {cluster_gpus:g} GPU(s)"
-            ) from None
-    else:
-        check_gpu_request(count, cfg.gpus_per_actor, cluster_gpus)
+    check_gpu_request(count, cfg.gpus_per_actor, cluster_gpus)
     cluster_cpus = float(resources.get("CPU", 0.0))
     if count * cfg.cpus_per_actor > cluster_cpus + 1e-9:
         raise ConfigError(

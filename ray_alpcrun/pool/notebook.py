@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+from tqdm.auto import tqdm
+
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import AlpcrunError, TaskFailed, TasksFailed
 from ray_alpcrun.handler import HandlerSpec
@@ -245,9 +247,9 @@ class RayPool:
         pool = self._running()
         shared, tags = self._shared, self.tags
         show = self.progress if progress is None else progress
-        bar = _progress_bar(len(batch)) if show and batch else None
-        if bar is None:
+        if not (show and batch):
             return await pool.run(self.session_id, batch, shared=shared, tags=tags)
+        bar = tqdm(total=len(batch), unit="task")  # a notebook widget or a terminal bar
         piece = max(1, math.ceil(len(batch) / (pool.size * _PIECES_PER_ACTOR)))
 
         async def part(chunk: list[bytes]) -> list[Outcome]:
@@ -292,12 +294,3 @@ def _results(outcomes: list[Outcome], return_errors: bool) -> list[Any]:
     if failures and not return_errors:
         raise TasksFailed(failures, list(results))
     return results
-
-
-def _progress_bar(total: int) -> Any:
-    """A tqdm bar (notebook widget or terminal), or None without tqdm."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="task")

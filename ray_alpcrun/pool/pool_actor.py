@@ -23,6 +23,7 @@ from ray import cloudpickle
 
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import load_handler
+from ray_alpcrun.pool.gpu import setup_device
 from ray_alpcrun.runtime import HandlerRuntime, Outcome, SharedSpec, describe
 
 log = logging.getLogger(__name__)
@@ -224,10 +225,5 @@ def _limit_private_memory(limit_bytes: int) -> None:
 def _setup_device(use_gpu: bool, memory_limit_bytes: int | None) -> Any:
     """The actor's GPU (``ray_alpcrun.pool.gpu``), or None to compute on the CPU with NumPy."""
     if not use_gpu:
-        return None
-    try:
-        from ray_alpcrun.pool.gpu import setup_device
-    except ImportError:
-        log.warning("GPU requested but ray_alpcrun.pool.gpu is unavailable; using NumPy")
         return None
     return setup_device(memory_limit_bytes)
