@@ -58,3 +58,17 @@ def test_every_project_error_derives_from_one_root() -> None:
     from ray_alpcrun.pool.dispatch import ActorLost  # type: ignore[attr-defined]
 
     assert SubmitTimeout is errors.SubmitTimeout and ActorLost is errors.ActorLost
+
+
+def test_no_hand_written_translation_is_left() -> None:
+    # Every gRPC failure that becomes a project error goes through rpc_errors().
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "ray_alpcrun"
+    sites = [
+        f"{path.relative_to(root)}:{n}"
+        for path in root.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "raise translate(" in line or "raise transport.translate(" in line
+    ]
+    assert sites == []
