@@ -32,7 +32,7 @@ from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.backend import RayBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
 from ray_alpcrun.pool.gpu import check_gpu_request
-from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, SharedRef
+from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, PoolActorHandle, SharedRef
 from ray_alpcrun.pool.scaling import Decision, Scaler
 from ray_alpcrun.runtime import Outcome
 
@@ -58,7 +58,7 @@ class ActorPool:
         self.config = config if config is not None else PoolConfig()
         self.start_timeout_s = DEFAULT_START_TIMEOUT_S
         self._backend: RayBackend | None = None
-        self._dispatcher: Dispatcher[Any] | None = None
+        self._dispatcher: Dispatcher[PoolActorHandle] | None = None
         self._scaler: asyncio.Task[None] | None = None
         self.decision = Decision(self.config.lowest, reason="start")
         """The elastic pool's latest scale decision (target and why)."""
@@ -117,7 +117,7 @@ class ActorPool:
             blob = cloudpickle.dumps(self.handler)
         except Exception as exc:
             raise HandlerError(f"handler {self.handler!r} cannot be pickled: {exc}") from exc
-        options: dict[str, Any] = {
+        options: dict[str, object] = {
             "num_cpus": cfg.cpus_per_actor,
             "num_gpus": cfg.gpus_per_actor,
             "max_restarts": 0,
@@ -127,7 +127,7 @@ class ActorPool:
         # concurrency_groups cannot go through .options(); it belongs to the class.
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
         backend = RayBackend(actor_class.options(**options), blob, cfg)
-        dispatcher: Dispatcher[Any] = Dispatcher(
+        dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
             backend,
             num_actors=first,
             # Batches wait for actors that wait for the cluster to grow.
@@ -161,7 +161,7 @@ class ActorPool:
             cfg.gpus_per_actor,
         )
 
-    async def _scale(self, dispatcher: Dispatcher[Any], source: str) -> None:
+    async def _scale(self, dispatcher: Dispatcher[PoolActorHandle], source: str) -> None:
         """The elastic pool's loop: sample the load, ask for or release actors.
 
         A fixed pool still waiting for room runs it only to say what it waits for."""
@@ -304,7 +304,7 @@ class ActorPool:
     ) -> None:
         await self.close()
 
-    def _running(self) -> Dispatcher[Any]:
+    def _running(self) -> Dispatcher[PoolActorHandle]:
         if self._dispatcher is None:
             raise AlpcrunError("the actor pool is not running (call start() first)")
         return self._dispatcher

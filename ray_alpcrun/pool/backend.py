@@ -13,13 +13,19 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any
 
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import ActorLost, ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.pool.coalesce import Coalescer
 from ray_alpcrun.pool.dispatch import CallResult
-from ray_alpcrun.pool.pool_actor import RunArgs, RunReply
+from ray_alpcrun.pool.pool_actor import (
+    ActorInfo,
+    PoolActorClass,
+    PoolActorHandle,
+    RunArgs,
+    RunReply,
+    SharedRef,
+)
 from ray_alpcrun.runtime import describe
 
 log = logging.getLogger(__name__)
@@ -28,7 +34,9 @@ log = logging.getLogger(__name__)
 class RayBackend:
     """The dispatcher's :class:`~ray_alpcrun.pool.dispatch.Backend` on Ray actors."""
 
-    def __init__(self, actor_class: Any, handler_blob: bytes, config: PoolConfig) -> None:
+    def __init__(
+        self, actor_class: PoolActorClass, handler_blob: bytes, config: PoolConfig
+    ) -> None:
         import ray
 
         self._ray = ray
@@ -42,11 +50,13 @@ class RayBackend:
         self._config = config
         self._sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
         # Every actor created and not yet killed, so a failed start leaks none.
-        self.handles: dict[int, Any] = {}
+        self.handles: dict[int, PoolActorHandle] = {}
         # Sub-batches that queue for a busy actor travel together in one Ray call.
-        self._calls: Coalescer[RunArgs, RunReply] = Coalescer(self._run_one, self._run_many)
+        self._calls: Coalescer[PoolActorHandle, RunArgs, RunReply] = Coalescer(
+            self._run_one, self._run_many
+        )
 
-    async def start_actor(self) -> Any:
+    async def start_actor(self) -> PoolActorHandle:
         cfg = self._config
         actor = self._actor_class.remote(
             self._blob,
@@ -58,7 +68,7 @@ class RayBackend:
         )
         self.handles[id(actor)] = actor
         try:
-            info: dict[str, Any] = await actor.ready.remote()
+            info = await actor.ready.remote()
         except asyncio.CancelledError:
             # Released while waiting for room: the pending actor is Ray's demand
             # signal to the autoscaler, so it must go too.
@@ -76,12 +86,14 @@ class RayBackend:
 
     async def call(
         self,
-        actor: Any,
+        actor: PoolActorHandle,
         session_id: str,
         payloads: list[bytes],
-        shared: Any,
+        shared: object,
         tags: tuple[str, ...],
     ) -> CallResult:
+        if shared is not None and not isinstance(shared, SharedRef):
+            raise TypeError(f"shared data reaches the actors as a SharedRef, not {shared!r}")
         try:
             reply = await self._calls.call(actor, id(actor), (session_id, payloads, shared, tags))
         except self._lost as exc:
@@ -96,16 +108,14 @@ class RayBackend:
         return reply
 
     @staticmethod
-    async def _run_one(actor: Any, part: RunArgs) -> RunReply:
-        reply: RunReply = await actor.run.remote(*part)
-        return reply
+    async def _run_one(actor: PoolActorHandle, part: RunArgs) -> RunReply:
+        return await actor.run.remote(*part)
 
     @staticmethod
-    async def _run_many(actor: Any, parts: list[RunArgs]) -> list[RunReply]:
-        replies: list[RunReply] = await actor.run_many.remote(parts)
-        return replies
+    async def _run_many(actor: PoolActorHandle, parts: list[RunArgs]) -> list[RunReply]:
+        return await actor.run_many.remote(parts)
 
-    def kill(self, actor: Any) -> None:
+    def kill(self, actor: PoolActorHandle) -> None:
         self.handles.pop(id(actor), None)
         self._calls.forget(id(actor))
         try:
@@ -113,21 +123,21 @@ class RayBackend:
         except Exception as exc:  # already gone is fine
             log.debug("ray.kill failed: %s", exc)
 
-    async def end_session(self, actor: Any, session_id: str) -> None:
+    async def end_session(self, actor: PoolActorHandle, session_id: str) -> None:
         try:
             await actor.end_session.remote(session_id)
         except self._lost as exc:
             raise ActorLost(_first_line(exc)) from exc
 
-    async def retire(self, actor: Any) -> None:
+    async def retire(self, actor: PoolActorHandle) -> None:
         try:
             await actor.close_sessions.remote()
         except self._lost as exc:
             raise ActorLost(_first_line(exc)) from exc
 
-    async def status(self, actor: Any, timeout_s: float) -> dict[str, Any]:
+    async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
         try:
-            info: dict[str, Any] = await asyncio.wait_for(actor.status.remote(), timeout_s)
+            info = await asyncio.wait_for(actor.status.remote(), timeout_s)
         except asyncio.TimeoutError:
             return {"error": f"no answer within {timeout_s:g} s"}
         except self._lost as exc:

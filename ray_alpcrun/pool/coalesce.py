@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 P = TypeVar("P")  # one sub-batch's call arguments
 R = TypeVar("R")  # one sub-batch's reply
+H = TypeVar("H")  # an actor (handle)
 
-SendOne = Callable[[Any, P], Awaitable[R]]
-SendMany = Callable[[Any, list[P]], Awaitable[list[R]]]
+SendOne = Callable[[H, P], Awaitable[R]]
+SendMany = Callable[[H, list[P]], Awaitable[list[R]]]
 
 
 @dataclass
@@ -32,7 +33,7 @@ class _Lane(Generic[P, R]):
     pending: list[tuple[P, asyncio.Future[R]]] = field(default_factory=list)
 
 
-class Coalescer(Generic[P, R]):
+class Coalescer(Generic[H, P, R]):
     """``await call(actor, key, part)``: the reply to ``part``, sent alone or merged.
 
     ``send_one(actor, part)`` makes a call for one part; ``send_many(actor, parts)``
@@ -41,7 +42,7 @@ class Coalescer(Generic[P, R]):
     """
 
     def __init__(
-        self, send_one: SendOne[P, R], send_many: SendMany[P, R], max_outstanding: int = 2
+        self, send_one: SendOne[H, P, R], send_many: SendMany[H, P, R], max_outstanding: int = 2
     ) -> None:
         if max_outstanding < 1:
             raise ValueError("max_outstanding must be at least 1")
@@ -53,7 +54,7 @@ class Coalescer(Generic[P, R]):
         self.calls = 0
         """Calls made so far (for tests and statistics)."""
 
-    async def call(self, actor: Any, key: Hashable, part: P) -> R:
+    async def call(self, actor: H, key: Hashable, part: P) -> R:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
@@ -67,7 +68,7 @@ class Coalescer(Generic[P, R]):
         """Drop an actor's lane (it was killed); calls already made still answer."""
         self._lanes.pop(key, None)
 
-    def _flush(self, actor: Any, key: Hashable, lane: _Lane[P, R]) -> None:
+    def _flush(self, actor: H, key: Hashable, lane: _Lane[P, R]) -> None:
         # Parts whose caller gave up (timeout, cancellation) are not sent.
         batch = [(p, f) for p, f in lane.pending if not f.done()]
         lane.pending = []
@@ -81,7 +82,7 @@ class Coalescer(Generic[P, R]):
 
     async def _send(
         self,
-        actor: Any,
+        actor: H,
         key: Hashable,
         lane: _Lane[P, R],
         batch: list[tuple[P, asyncio.Future[R]]],

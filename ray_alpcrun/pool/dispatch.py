@@ -22,7 +22,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ray_alpcrun.errors import ActorLost, AlpcrunError
 from ray_alpcrun.logs import fields
@@ -46,7 +46,7 @@ _COST_SMOOTHING = 0.2
 class _Part:
     session_id: str
     payloads: list[bytes]
-    shared: Any
+    shared: object
     tags: tuple[str, ...]
     offset: int  # index of payloads[0] in the whole batch
 
@@ -129,7 +129,7 @@ class Dispatcher(Membership[A]):
         self,
         session_id: str,
         payloads: Sequence[bytes],
-        shared: Any = None,
+        shared: object = None,
         tags: tuple[str, ...] = (),
     ) -> list[Outcome]:
         """Run a batch: one outcome per payload, in order."""
@@ -143,7 +143,7 @@ class Dispatcher(Membership[A]):
             self.batches -= 1
 
     async def _run_batch(
-        self, session_id: str, payloads: Sequence[bytes], shared: Any, tags: tuple[str, ...]
+        self, session_id: str, payloads: Sequence[bytes], shared: object, tags: tuple[str, ...]
     ) -> list[Outcome]:
         n = len(payloads)
         out: list[Outcome | None] = [None] * n
@@ -365,5 +365,5 @@ class Dispatcher(Membership[A]):
             out[i] = (None, error)
 
 
-def _inflight(member: Member[Any]) -> int:
+def _inflight(member: Member[A]) -> int:
     return member.inflight

@@ -29,6 +29,9 @@ from typing import Any
 from ray_alpcrun.errors import ConfigError
 from ray_alpcrun.pool.nvml import (
     CudaIdentity,
+    GpuReading,
+    Nvml,
+    NvmlHandle,
     cuda_identity,
     find_nvml_device,
     nvml_devices,
@@ -130,6 +133,15 @@ def check_gpu_request(num_actors: int, gpus_per_actor: float, cluster_gpus: floa
 # ---------------------------------------------------------------- the device
 
 
+class DeviceStatus(GpuReading):
+    """A GPU actor's device for a status call: NVML's readings and CuPy's pool."""
+
+    pool_limit_bytes: int | None
+    pool_used_bytes: int
+    pool_held_bytes: int
+    ray_gpu_ids: list[str]
+
+
 class Device:
     """The CUDA device a GPU actor computes on (CUDA index 0 of its visible set)."""
 
@@ -138,8 +150,8 @@ class Device:
         *,
         cupy: Any,
         identity: CudaIdentity,
-        nvml: Any = None,
-        nvml_handle: Any = None,
+        nvml: Nvml | None = None,
+        nvml_handle: NvmlHandle | None = None,
         nvml_index: int | None = None,
         pool_limit_bytes: int | None = None,
         ray_gpu_ids: Sequence[str] = (),
@@ -215,8 +227,9 @@ class Device:
         self._cupy.get_default_memory_pool().free_all_blocks()
         self._cupy.get_default_pinned_memory_pool().free_all_blocks()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DeviceStatus:
         """Readings for a status call: identity, memory, utilisation, temperature, pool use."""
+        reading: GpuReading
         if self._nvml is not None and self._nvml_handle is not None:
             reading = read_nvml(self._nvml, self._nvml_handle, self.nvml_index)
         else:
@@ -239,11 +252,14 @@ class Device:
         reading["uuid"] = reading["uuid"] or self.uuid
         reading["name"] = reading["name"] or self.name
         pool = self._cupy.get_default_memory_pool()
-        reading["pool_limit_bytes"] = self.pool_limit_bytes
-        reading["pool_used_bytes"] = int(pool.used_bytes())
-        reading["pool_held_bytes"] = int(pool.total_bytes())
-        reading["ray_gpu_ids"] = list(self.ray_gpu_ids)
-        return reading
+        status: DeviceStatus = {
+            **reading,
+            "pool_limit_bytes": self.pool_limit_bytes,
+            "pool_used_bytes": int(pool.used_bytes()),
+            "pool_held_bytes": int(pool.total_bytes()),
+            "ray_gpu_ids": list(self.ray_gpu_ids),
+        }
+        return status
 
     def close(self) -> None:
         """Free the pools and let go of NVML."""
@@ -290,7 +306,7 @@ def setup_device(
     *,
     memory_fraction: float | None = None,
     cupy_module: Any = None,
-    nvml: Any = None,
+    nvml: Nvml | None = None,
 ) -> Device | None:
     """Set up this actor's GPU, or return ``None`` to compute on the CPU.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ray_alpcrun.logs import fields
 from ray_alpcrun.runtime import Outcome
@@ -36,7 +36,7 @@ class Backend(Protocol[A]):
         actor: A,
         session_id: str,
         payloads: list[bytes],
-        shared: Any,
+        shared: object,
         tags: tuple[str, ...],
     ) -> CallResult:
         """Run a sub-batch; one outcome per payload, in order, and the handler's time.
@@ -266,5 +266,5 @@ class Membership(Generic[A]):
         self._wake = asyncio.Event()
 
 
-def _idle_since(member: Member[Any]) -> float:
+def _idle_since(member: Member[A]) -> float:
     return member.idle_since

@@ -11,9 +11,64 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Protocol, TypedDict, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# NVML's device handles are opaque pointers: only handed back to NVML.
+NvmlHandle = object
+
+
+class _Memory(Protocol):
+    used: int
+    total: int
+
+
+class _Utilization(Protocol):
+    gpu: int
+
+
+class _PciInfo(Protocol):
+    busId: str | bytes
+
+
+class Nvml(Protocol):
+    """The part of ``pynvml`` used here (the module itself, or a test's fake)."""
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetCount(self) -> int: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> NvmlHandle: ...
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> NvmlHandle: ...
+    def nvmlDeviceGetIndex(self, handle: NvmlHandle) -> int: ...
+    def nvmlDeviceGetUUID(self, handle: NvmlHandle) -> str | bytes: ...
+    def nvmlDeviceGetName(self, handle: NvmlHandle) -> str | bytes: ...
+    def nvmlDeviceGetPciInfo(self, handle: NvmlHandle) -> _PciInfo: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: NvmlHandle) -> _Memory: ...
+    def nvmlDeviceGetUtilizationRates(self, handle: NvmlHandle) -> _Utilization: ...
+    def nvmlDeviceGetTemperature(self, handle: NvmlHandle, sensor: int) -> int: ...
+
+
+class CudaRuntime(Protocol):
+    """The part of ``cupy.cuda.runtime`` used here (or a test's fake)."""
+
+    def getDeviceProperties(self, device: int) -> Mapping[str, object]: ...
+    def deviceGetPCIBusId(self, device: int) -> str: ...
+
+
+class GpuReading(TypedDict):
+    """One device's NVML readings; what the device does not support is ``None``."""
+
+    index: int | None
+    uuid: str | None
+    name: str | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    utilization_pct: int | None
+    temperature_c: int | None
 
 
 def uuid_hex(value: str | bytes | bytearray) -> str:
@@ -74,7 +129,7 @@ class CudaIdentity:
     total_memory_bytes: int
 
 
-def cuda_identity(runtime: Any, cuda_index: int = 0) -> CudaIdentity:
+def cuda_identity(runtime: CudaRuntime, cuda_index: int = 0) -> CudaIdentity:
     """Read a visible device's identity through ``cupy.cuda.runtime`` (or a fake of it)."""
     props = runtime.getDeviceProperties(cuda_index)
     raw_name = props.get("name", b"")
@@ -83,16 +138,17 @@ def cuda_identity(runtime: Any, cuda_index: int = 0) -> CudaIdentity:
         pci: str | None = runtime.deviceGetPCIBusId(cuda_index)
     except Exception:  # older CuPy or a HIP build: the UUID alone will do
         pci = None
+    total = props.get("totalGlobalMem", 0)
     return CudaIdentity(
         cuda_index=cuda_index,
-        uuid_raw=bytes(props.get("uuid", b"")),
+        uuid_raw=_raw_bytes(props.get("uuid", b"")),
         pci_bus_id=pci,
         name=name.rstrip("\x00"),
-        total_memory_bytes=int(props.get("totalGlobalMem", 0)),
+        total_memory_bytes=total if isinstance(total, int) else 0,
     )
 
 
-def find_nvml_device(nvml: Any, identity: CudaIdentity) -> tuple[int, Any]:
+def find_nvml_device(nvml: Nvml, identity: CudaIdentity) -> tuple[int, NvmlHandle]:
     """The NVML (index, handle) of the GPU CUDA calls ``identity``.
 
     Tries ``nvmlDeviceGetHandleByUUID`` first, then scans every NVML device
@@ -110,9 +166,9 @@ def find_nvml_device(nvml: Any, identity: CudaIdentity) -> tuple[int, Any]:
             log.debug("nvmlDeviceGetHandleByUUID(%s) failed (%s); scanning", nvml_uuid(raw), exc)
     want_hex = raw[:16].hex()
     want_pci = _pci_key(identity.pci_bus_id)
-    by_uuid: list[tuple[int, Any]] = []
-    by_prefix: list[tuple[int, Any]] = []
-    by_pci: list[tuple[int, Any]] = []
+    by_uuid: list[tuple[int, NvmlHandle]] = []
+    by_prefix: list[tuple[int, NvmlHandle]] = []
+    by_pci: list[tuple[int, NvmlHandle]] = []
     for index in range(int(nvml.nvmlDeviceGetCount())):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         have_hex = uuid_hex(nvml.nvmlDeviceGetUUID(handle))
@@ -135,20 +191,25 @@ def find_nvml_device(nvml: Any, identity: CudaIdentity) -> tuple[int, Any]:
     )
 
 
-def import_nvml() -> Any:
+def import_nvml() -> Nvml:
     import pynvml
 
-    return pynvml
+    nvml: Nvml = pynvml
+    return nvml
 
 
-def _text(value: Any) -> str:
+def _raw_bytes(value: object) -> bytes:
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else b""
+
+
+def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def read_nvml(nvml: Any, handle: Any, index: int | None = None) -> dict[str, Any]:
+def read_nvml(nvml: Nvml, handle: NvmlHandle, index: int | None = None) -> GpuReading:
     """One device's readings; a reading the device does not support is ``None``."""
 
-    def attempt(fn: Any, *args: Any) -> Any:
+    def attempt(fn: Callable[..., T], *args: int) -> T | None:
         try:
             return fn(handle, *args)
         except Exception:
@@ -170,7 +231,7 @@ def read_nvml(nvml: Any, handle: Any, index: int | None = None) -> dict[str, Any
     }
 
 
-def nvml_devices(nvml: Any = None) -> list[dict[str, Any]]:
+def nvml_devices(nvml: Nvml | None = None) -> list[GpuReading]:
     """Readings for every GPU on this machine (for a status call); ``[]`` without NVML."""
     try:
         nvml = nvml if nvml is not None else import_nvml()
@@ -193,7 +254,9 @@ def nvml_devices(nvml: Any = None) -> list[dict[str, Any]]:
             log.debug("nvmlShutdown failed", exc_info=True)
 
 
-def open_device(nvml: Any, identity: CudaIdentity) -> tuple[Any, Any, int | None]:
+def open_device(
+    nvml: Nvml | None, identity: CudaIdentity
+) -> tuple[Nvml | None, NvmlHandle | None, int | None]:
     """Initialise NVML and find ``identity``: ``(nvml, handle, index)``, or Nones (logged)."""
     try:
         nvml = nvml if nvml is not None else import_nvml()

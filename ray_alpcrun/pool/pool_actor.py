@@ -14,16 +14,16 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Protocol, TypeVar, cast
 
 import ray
 from ray import cloudpickle
 
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import load_handler
-from ray_alpcrun.pool.gpu import setup_device
+from ray_alpcrun.pool.gpu import Device, setup_device
 from ray_alpcrun.runtime import HandlerRuntime, Outcome, SharedSpec, describe
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class SharedRef:
 
     session_id: str
     level: int | None
-    ref: Any  # ray.ObjectRef
+    ref: object  # a ray.ObjectRef: opaque here, handed back to ray.get
 
 
 # ``run`` answers its outcomes and the seconds the handler took, or a string:
@@ -51,6 +51,49 @@ class SharedRef:
 RunReply = tuple[list[Outcome], float] | str
 # ``run``'s arguments: session id, payloads, shared data, session tags.
 RunArgs = tuple[str, list[bytes], SharedRef | None, tuple[str, ...]]
+# ``ready``/``status``: JSON-like facts about the actor (pid, host, device, counters).
+ActorInfo = dict[str, object]
+
+R_co = TypeVar("R_co", covariant=True)
+
+
+class RemoteMethod(Protocol[R_co]):
+    """One actor method behind Ray: ``remote(...)`` starts the call, its ObjectRef
+    is awaited for the reply."""
+
+    def remote(self, *args: object) -> Awaitable[R_co]: ...
+
+
+class PoolActorHandle(Protocol):
+    """A :class:`PoolActor` as Ray hands it out (its ``ActorHandle``)."""
+
+    @property
+    def ready(self) -> RemoteMethod[ActorInfo]: ...
+    @property
+    def run(self) -> RemoteMethod[RunReply]: ...
+    @property
+    def run_many(self) -> RemoteMethod[list[RunReply]]: ...
+    @property
+    def end_session(self) -> RemoteMethod[bool]: ...
+    @property
+    def close_sessions(self) -> RemoteMethod[int]: ...
+    @property
+    def status(self) -> RemoteMethod[ActorInfo]: ...
+
+
+class PoolActorClass(Protocol):
+    """``ray.remote(PoolActor).options(...)``: creates one actor."""
+
+    def remote(
+        self,
+        handler_blob: bytes,
+        *,
+        max_sessions: int,
+        use_gpu: bool,
+        gpu_memory_limit_bytes: int | None,
+        memory_limit_bytes: int | None,
+        sys_path: list[str],
+    ) -> PoolActorHandle: ...
 
 
 class PoolActor:
@@ -81,7 +124,7 @@ class PoolActor:
         self.calls = 0
         self._error: str | None = None
         self._error_kind = "handler"
-        self._device: Any = None
+        self._device: Device | None = None
         self._runtime: HandlerRuntime | None = None
         try:
             self._device = _setup_device(use_gpu, gpu_memory_limit_bytes)
@@ -110,7 +153,7 @@ class PoolActor:
         gc.freeze()
 
     @ray.method(concurrency_group=CONTROL_GROUP)  # type: ignore[misc,untyped-decorator]
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> ActorInfo:
         """Who this actor is; ``error`` (and ``error_kind``) if the handler cannot run."""
         info = self._identity()
         if self._error is not None:
@@ -162,7 +205,7 @@ class PoolActor:
         return count
 
     @ray.method(concurrency_group=CONTROL_GROUP)  # type: ignore[misc,untyped-decorator]
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ActorInfo:
         """Counters for health checks; answers even while ``run`` is busy."""
         info = self._identity()
         runtime = self._runtime
@@ -180,7 +223,7 @@ class PoolActor:
         )
         return info
 
-    def _fetch(self, ref: Any) -> bytes:
+    def _fetch(self, ref: object) -> bytes:
         """Bring shared data over from the object store (a cache miss in the runtime)."""
         value = ray.get(ref)
         if isinstance(value, (bytes, bytearray)):
@@ -191,12 +234,12 @@ class PoolActor:
             return cast(bytes, memoryview(value))
         return cast(bytes, value.tobytes())
 
-    def _identity(self) -> dict[str, Any]:
+    def _identity(self) -> ActorInfo:
         try:
             node_id = ray.get_runtime_context().get_node_id()
         except Exception:
             node_id = None
-        device: dict[str, Any] | None = None
+        device: Mapping[str, object] | None = None
         if self._device is not None:
             try:
                 device = self._device.status()
@@ -222,7 +265,7 @@ def _limit_private_memory(limit_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, hard))
 
 
-def _setup_device(use_gpu: bool, memory_limit_bytes: int | None) -> Any:
+def _setup_device(use_gpu: bool, memory_limit_bytes: int | None) -> Device | None:
     """The actor's GPU (``ray_alpcrun.pool.gpu``), or None to compute on the CPU with NumPy."""
     if not use_gpu:
         return None
