@@ -48,7 +48,8 @@ class Harness:
     def __init__(self) -> None:
         self.log: list[str] = []
         self.streams: list[FakeStream] = []
-        self.machine = SlotMachine(self.open, self.report, name="W1")
+        self.released: list[str] = []  # sessions the slot stopped serving (bridge bookkeeping)
+        self.machine = SlotMachine(self.open, self.report, self.released.append, name="W1")
         self.reported = asyncio.Queue[tuple[WorkerStatus, str]]()
 
     def open(self, session_id: str) -> FakeStream:
@@ -182,3 +183,87 @@ async def test_a_stop_pending_when_the_registration_ends_returns() -> None:
     await h.machine.close()
     await asyncio.wait_for(stopping, 5)
     await asyncio.wait_for(h.machine.stop(1.0), 5)  # after close: returns at once
+
+
+# -- BIND/UNBIND queueing, stream end and drain, as the bridge relies on them --------
+
+
+async def test_bind_to_another_session_drains_the_first_without_idle() -> None:
+    seen: list[Harness] = []
+
+    async def script(h: Harness) -> None:
+        seen.append(h)
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.send(BIND, "B")
+        assert await h.state() == (BUSY, "B")
+        assert h.released == ["A"] and h.machine.session_id == "B"
+
+    log = await _with_machine(script)
+    assert log[:5] == ["open A#0", "BUSY A", "drain A#0", "half-closed A#0", "open B#1"], log
+    assert "IDLE" not in log[:6]
+    assert seen[0].released == ["A", "B"]  # the graceful stop released B too
+
+
+async def test_unbind_with_nothing_held_reports_idle() -> None:
+    async def script(h: Harness) -> None:
+        h.send(UNBIND, "A")
+        assert await h.state() == (IDLE, "")
+        assert h.machine.applied == 1
+
+    assert await _with_machine(script) == ["IDLE"]
+
+
+async def test_instructions_wait_for_the_drain_in_order() -> None:
+    async def script(h: Harness) -> None:
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.streams[0].in_flight_done.clear()  # a slow batch holds the drain
+        h.send(UNBIND, "A")
+        h.send(BIND, "B")
+        h.send(UNBIND, "B")
+        await asyncio.sleep(0.05)  # ok: give the machine the chance to overtake (it must not)
+        assert h.machine.pending == 2 and len(h.streams) == 1
+        h.streams[0].in_flight_done.set()
+        assert [await h.state() for _ in range(3)] == [(IDLE, ""), (BUSY, "B"), (IDLE, "")]
+
+    log = await _with_machine(script)
+    assert log == [
+        "open A#0", "BUSY A", "drain A#0", "half-closed A#0", "IDLE",
+        "open B#1", "BUSY B", "drain B#1", "half-closed B#1", "IDLE",
+    ]  # fmt: skip
+
+
+async def test_stop_drains_the_batch_in_flight_then_reports_idle_and_applies_no_more() -> None:
+    h = Harness()
+    runner = asyncio.create_task(h.machine.run())
+    try:
+        h.send(BIND, "A")
+        assert await h.state() == (BUSY, "A")
+        h.streams[0].in_flight_done.clear()
+        stopping = asyncio.create_task(h.machine.stop(5.0))
+        await asyncio.sleep(0.05)  # ok: the stop is waiting on the batch
+        assert not stopping.done() and h.log[-1] == "drain A#0"
+        h.streams[0].in_flight_done.set()
+        await asyncio.wait_for(stopping, 5)
+        assert await h.state() == (IDLE, "")
+        h.send(BIND, "B")  # after stop: skipped, no stream opened
+        await asyncio.sleep(0.05)  # ok: let the machine see it
+        assert len(h.streams) == 1 and h.reported.empty()
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await h.machine.close()
+    assert h.log == ["open A#0", "BUSY A", "drain A#0", "half-closed A#0", "IDLE"]
+
+
+async def test_close_aborts_the_stream_held_and_releases_its_session() -> None:
+    h = Harness()
+    runner = asyncio.create_task(h.machine.run())
+    h.send(BIND, "A")
+    assert await h.state() == (BUSY, "A")
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    await h.machine.close()  # the registration is gone: no drain, no IDLE
+    assert h.log == ["open A#0", "BUSY A", "abort A#0"]
+    assert h.released == ["A"] and h.reported.empty()
