@@ -4,8 +4,8 @@
 RPC's codecs. Never imports Ray.
 
 Every RPC is typed end to end, as grpclib's ``UnaryUnaryMethod`` /
-``StreamStreamMethod`` are: ``QueueStub.CreateSession`` takes a ``Session`` and
-its call awaits to a ``Session``. The declarations below are checked against
+``StreamStreamMethod`` are: ``QueueStub.CreateSession`` takes a ``SessionInfo`` and
+its call awaits to a ``SessionInfo``. The declarations below are checked against
 the table when this module is imported, so they cannot drift from the proto::
 
     queue = QueueStub(channel, package="ghpc.v1")
