@@ -68,3 +68,17 @@ def devserver() -> Iterator[Any]:
 
     with LocalServices() as svc:
         yield svc
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the multi-node scenarios first, before the session's Ray starts.
+
+    They start Ray clusters of their own in subprocesses. Run after the
+    Ray-heavy fault tests in the same session, the autoscale scenario's bridge
+    actor is cancelled before it runs (the same happens on main in that order;
+    the cause is not known yet). Alone or first they pass.
+    """
+    first = [item for item in items if item.nodeid.startswith("tests/faults/test_multinode.py")]
+    if first:
+        chosen = set(first)
+        items[:] = first + [item for item in items if item not in chosen]
