@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.multinode_scenarios import autoscale
+from tests.support.multinode_scenarios import autoscale
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -7,7 +7,7 @@
 Steps (each prints its figures; ``--json PATH`` also writes them):
 
 1. NVML readings of every GPU;
-2. ``pytest -m gpu`` (the device tests in tests/test_gpu.py);
+2. ``pytest -m gpu`` (the device tests in tests/integration/test_gpu.py);
 3. Monte Carlo paths/s on the GPU (CuPy: fused kernel and generic array engine);
 4. the same book with NumPy on every CPU core (one process per core);
 5. the example end to end: local services (devserver) -> bridge -> a GPU actor -> client;
@@ -47,7 +47,7 @@ from examples.monte_carlo.pricing import (  # noqa: E402
     encode_market,
     encode_task,
 )
-from ray_alpcrun.gpu import nvml_devices, setup_device  # noqa: E402
+from ray_alpcrun.pool.gpu import nvml_devices, setup_device  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 TARGET_SPEEDUP = 50.0
@@ -118,7 +118,7 @@ class NvmlSampler(threading.Thread):
 
 def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "tests/test_gpu.py"]  # fmt: skip
+           "tests/integration/test_gpu.py"]  # fmt: skip
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)

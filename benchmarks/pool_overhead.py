@@ -17,7 +17,7 @@ import time
 import ray
 
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.pool import ActorPool
+from ray_alpcrun.pool.actor_pool import ActorPool
 
 
 def noop(payload: bytes, shared: bytes | None) -> bytes:

@@ -112,7 +112,7 @@ def main() -> int:
     from ray_alpcrun.bridge.launch import start_bridge
     from ray_alpcrun.config import DevServerConfig
     from ray_alpcrun.devserver import LocalServices
-    from tests.bridge_support import bridge_config
+    from tests.support.bridge_support import bridge_config
 
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     curve: list[dict[str, Any]] = []

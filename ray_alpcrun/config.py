@@ -139,7 +139,7 @@ class PoolConfig:
     than the tasks, so small batches stay whole. ``actor_options`` are extra
     ``ray.remote`` options for the pool actors (e.g. ``runtime_env``).
 
-    Elastic sizing (see :mod:`ray_alpcrun.scaling`): with ``min_actors`` and
+    Elastic sizing (see :mod:`ray_alpcrun.pool.scaling`): with ``min_actors`` and
     ``max_actors`` set, the pool keeps between them, asking for another actor
     while the batches in flight per actor stay above
     ``target_batches_per_actor`` and releasing idle actors once fewer would do
@@ -164,7 +164,7 @@ class PoolConfig:
     memory_limit_bytes: int | None = None
     # How sub-batches reach the actors: "calls" (ordinary Ray actor calls; the default,
     # faster on a 2-core box, see README "Performance") or "compiled" (Ray Compiled
-    # Graphs, ray_alpcrun.compiled; ordinary calls while a graph is not up).
+    # Graphs, ray_alpcrun.pool.compiled; ordinary calls while a graph is not up).
     data_path: str = "calls"
     # A compiled graph unused this long is torn down (Ray's channels spin while idle).
     compiled_idle_s: float = 1.0
@@ -232,7 +232,7 @@ class BridgeConfig:
     ``pool=None`` sizes the pool from the Ray cluster's CPUs (as does
     ``size_pool_from_cluster``, keeping the pool's other settings); ``slots=None``
     (``--slots auto``) registers one logical worker per pool actor, and for an
-    elastic pool follows it (see :func:`ray_alpcrun.scaling.target_slots`).
+    elastic pool follows it (see :func:`ray_alpcrun.pool.scaling.target_slots`).
     """
 
     services: ServiceConfig

@@ -45,7 +45,7 @@ class HandlerError(AlpcrunError):
 
 
 class TaskFailed(AlpcrunError):
-    """Raised by ``ray_alpcrun.pool`` when a task's handler raised and errors are not returned."""
+    """Raised by the Ray pool when a task's handler raised and errors are not returned."""
 
     def __init__(self, task_id: str, error: str) -> None:
         super().__init__(f"task {task_id}: {error}")

@@ -4,12 +4,12 @@
 RPC's codecs. Never imports Ray.
 
 Every RPC is typed end to end, as grpclib's ``UnaryUnaryMethod`` /
-``StreamStreamMethod`` are: ``QueueStub.CreateSession`` takes a ``Session`` and
-its call awaits to a ``Session``. The declarations below are checked against
+``StreamStreamMethod`` are: ``QueueStub.CreateSession`` takes a ``SessionInfo`` and
+its call awaits to a ``SessionInfo``. The declarations below are checked against
 the table when this module is imported, so they cannot drift from the proto::
 
     queue = QueueStub(channel, package="ghpc.v1")
-    session = await queue.CreateSession(Session(app_id="demo"), metadata=md)
+    session = await queue.CreateSession(SessionInfo(app_id="demo"), metadata=md)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.types import Batch, Instruction, Session, SharedData, Status, WorkerState
+from ray_alpcrun.types import Batch, Instruction, SessionInfo, SharedData, Status, WorkerState
 from ray_alpcrun.wire import CODECS, DEFAULT_PROTO_PACKAGE, METHODS, MethodSpec
 
 Req = TypeVar("Req")
@@ -102,11 +102,11 @@ class QueueStub(_ServiceStub):
     """The queue manager's RPCs (5.3), typed."""
 
     SERVICE = "Queue"
-    CreateSession: UnaryUnaryMethod[Session, Session]
-    UpdateSession: UnaryUnaryMethod[Session, Status]
-    CloseSession: UnaryUnaryMethod[Session, Status]
+    CreateSession: UnaryUnaryMethod[SessionInfo, SessionInfo]
+    UpdateSession: UnaryUnaryMethod[SessionInfo, Status]
+    CloseSession: UnaryUnaryMethod[SessionInfo, Status]
     ClientStream: StreamStreamMethod[Batch, Batch]
-    ClientStreamDeadLetters: UnaryStreamMethod[Session, Batch]
+    ClientStreamDeadLetters: UnaryStreamMethod[SessionInfo, Batch]
     WorkerStream: StreamStreamMethod[Batch, Batch]
     WorkerUpdate: StreamStreamMethod[WorkerState, Instruction]
 
@@ -137,14 +137,14 @@ def Stub(channel: AnyChannel, service: str, package: str = DEFAULT_PROTO_PACKAGE
 class QueueHandler(Protocol):
     """What a ``Queue`` server implements (the devserver's ``QueueServicer``)."""
 
-    async def CreateSession(self, request: Session, context: Context) -> Session: ...
-    async def UpdateSession(self, request: Session, context: Context) -> Status: ...
-    async def CloseSession(self, request: Session, context: Context) -> Status: ...
+    async def CreateSession(self, request: SessionInfo, context: Context) -> SessionInfo: ...
+    async def UpdateSession(self, request: SessionInfo, context: Context) -> Status: ...
+    async def CloseSession(self, request: SessionInfo, context: Context) -> Status: ...
     def ClientStream(
         self, requests: AsyncIterator[Batch], context: Context
     ) -> AsyncIterator[Batch]: ...
     def ClientStreamDeadLetters(
-        self, request: Session, context: Context
+        self, request: SessionInfo, context: Context
     ) -> AsyncIterator[Batch]: ...
     def WorkerStream(
         self, requests: AsyncIterator[Batch], context: Context

@@ -42,7 +42,7 @@ class SessionAttributes:
 
 
 @dataclass(frozen=True, slots=True)
-class Session:
+class SessionInfo:
     id: str = ""
     app_id: str = ""
     attributes: SessionAttributes | None = None

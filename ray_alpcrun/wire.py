@@ -22,8 +22,8 @@ from ray_alpcrun.types import (
     Instruction,
     InstructionType,
     Message,
-    Session,
     SessionAttributes,
+    SessionInfo,
     SharedData,
     Status,
     WorkerState,
@@ -46,7 +46,7 @@ def _set_duration(d: Duration, seconds: float) -> None:
 # --- sessions --------------------------------------------------------------
 
 
-def session_to_pb(s: Session) -> pb.Session:
+def session_to_pb(s: SessionInfo) -> pb.Session:
     msg = pb.Session(id=s.id)
     msg.app.id = s.app_id
     a = s.attributes
@@ -67,7 +67,7 @@ def session_to_pb(s: Session) -> pb.Session:
     return msg
 
 
-def session_from_pb(msg: pb.Session) -> Session:
+def session_from_pb(msg: pb.Session) -> SessionInfo:
     attrs = None
     if msg.HasField("attributes"):
         a = msg.attributes
@@ -82,7 +82,7 @@ def session_from_pb(msg: pb.Session) -> Session:
             max_inflight_batches_per_worker=a.max_inflight_batches_per_worker,
             tags=tuple(a.tags),
         )
-    return Session(id=msg.id, app_id=msg.app.id, attributes=attrs)
+    return SessionInfo(id=msg.id, app_id=msg.app.id, attributes=attrs)
 
 
 # --- batches ---------------------------------------------------------------
@@ -204,6 +204,7 @@ T = TypeVar("T")
 class Codec(Generic[T]):
     """Turns one of the project's types into wire bytes and back."""
 
+    message: str  # the protobuf message's name, e.g. "Session" for SessionInfo
     encode: Callable[[T], bytes]
     decode: Callable[[bytes], T]
 
@@ -222,11 +223,11 @@ def _codec(
         except DecodeError as exc:
             raise ProtocolError(f"malformed {name}: {exc}") from exc
 
-    return Codec(encode, decode)
+    return Codec(name, encode, decode)
 
 
 CODECS: dict[type, Codec[Any]] = {
-    Session: _codec(pb.Session, session_to_pb, session_from_pb),
+    SessionInfo: _codec(pb.Session, session_to_pb, session_from_pb),
     Batch: _codec(pb.Batch, batch_to_pb, batch_from_pb),
     Status: _codec(pb.Status, status_to_pb, status_from_pb),
     Instruction: _codec(pb.Instruction, instruction_to_pb, instruction_from_pb),
@@ -248,7 +249,7 @@ class MethodSpec:
 
 def _methods() -> dict[str, MethodSpec]:
     pool = pb.DESCRIPTOR
-    own = {cls.__name__: cls for cls in CODECS}
+    own = {codec.message: cls for cls, codec in CODECS.items()}
     out: dict[str, MethodSpec] = {}
     for service in pool.services_by_name.values():
         for m in service.methods:

@@ -43,7 +43,7 @@ def bridge(services: Any, ray_session: Any) -> Iterator[Any]:
     """Factory: ``bridge(handler, actors=2, **BridgeConfig fields)`` starts a bridge
     on ``services``, waits until it is registered, and always stops it."""
     from ray_alpcrun.bridge.launch import BridgeHandle, start_bridge
-    from tests.bridge_support import bridge_config
+    from tests.support.bridge_support import bridge_config
 
     started: list[BridgeHandle] = []
 

@@ -16,8 +16,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, LATENCY_NAME, BridgeMetrics, BridgeStats
-from ray_alpcrun.bridge.worker import BridgeWorker, WorkerSettings
+from ray_alpcrun.bridge.worker import BridgeWorker
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.health import HealthServer
@@ -25,8 +26,8 @@ from ray_alpcrun.logs import fields, setup_logging
 from ray_alpcrun.runtime import Outcome
 
 if TYPE_CHECKING:
-    from ray_alpcrun.actor import SharedRef
-    from ray_alpcrun.pool import ActorPool
+    from ray_alpcrun.pool.actor_pool import ActorPool
+    from ray_alpcrun.pool.pool_actor import SharedRef
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Bridge:
         auto_slots: bool = False,
     ) -> None:
         setup_logging(log_level, log_json)
-        # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.scaling).
+        # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.pool.scaling).
         self.auto_slots = auto_slots and pool_config.elastic
         self.handler = handler
         # The pool's actors log as the bridge does (their lines reach the driver).
@@ -155,7 +156,7 @@ class Bridge:
 
     async def run(self) -> tuple[int, str]:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
-        from ray_alpcrun.pool import ActorPool
+        from ray_alpcrun.pool.actor_pool import ActorPool
 
         exporter: asyncio.Task[None] | None = None
         follower: asyncio.Task[None] | None = None
@@ -268,7 +269,7 @@ class Bridge:
             for actor in (await self.pool.status()).get("actors", []):
                 device = actor.get("device") or {}
                 if "memory_used_bytes" in device:
-                    gpu.append((str(actor.get("slot")), float(device["memory_used_bytes"])))
+                    gpu.append((str(actor.get("actor")), float(device["memory_used_bytes"])))
         self._gpu_memory = gpu
 
     async def status(self) -> dict[str, Any]:
@@ -311,7 +312,7 @@ class Bridge:
 
 async def _follow_pool(bridge: Bridge, period_s: float = 0.25) -> None:
     """Keep the registered logical workers at ``target_slots`` of the pool."""
-    from ray_alpcrun.scaling import target_slots
+    from ray_alpcrun.pool.scaling import target_slots
 
     while True:
         worker, pool = bridge.worker, bridge.pool

@@ -259,7 +259,7 @@ def run(
     import ray
 
     from ray_alpcrun.bridge.launch import start_bridge
-    from ray_alpcrun.raylogs import format_ray_logger, forward_actor_output
+    from ray_alpcrun.bridge.raylogs import format_ray_logger, forward_actor_output
 
     format_ray_logger(config.log_json)
     out = out or Output(PROG, config.log_json)

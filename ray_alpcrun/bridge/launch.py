@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ray_alpcrun.bridge.worker import WorkerSettings
+from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.config import BridgeConfig, PoolConfig
 
 
@@ -104,7 +104,7 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
     if config.slots is not None:
         slots = config.slots
     elif pool.elastic:
-        from ray_alpcrun.scaling import target_slots
+        from ray_alpcrun.pool.scaling import target_slots
 
         slots = target_slots(0, pool.lowest, pool.highest)
     else:

@@ -62,13 +62,15 @@ class Link:
     max_message_bytes: int
 
 
-class SessionStream:
+class WorkerStream:
+    """One call of the queue manager's ``WorkerStream`` RPC, bound to one session."""
+
     def __init__(self, link: Link, session_id: str, worker_id: str, pod: str) -> None:
         self.link = link
         self.pod = pod
         self.session_id = session_id
         self.worker_id = worker_id
-        self._call: Any = None
+        self._call: grpc.aio.StreamStreamCall[Batch, Batch] | None = None
         self._write_lock = asyncio.Lock()
         self._batches: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -94,6 +96,7 @@ class SessionStream:
 
     async def _read(self) -> None:
         call = self._call
+        assert call is not None  # start() opened it before starting this reader
         try:
             while True:
                 batch = await call.read()
@@ -179,13 +182,14 @@ class SessionStream:
         return result_batch(batch, outcomes, self.link.max_message_bytes)
 
     async def _send(self, answer: Batch) -> None:
-        if self.closed.is_set():
+        call = self._call
+        if self.closed.is_set() or call is None:
             self.link.stats.results_dropped += 1
             log.info("stream gone; result dropped", extra=self._f(batch=answer.id))
             return
         try:
             async with self._write_lock:
-                await self._call.write(answer)
+                await call.write(answer)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
             self.link.stats.results_dropped += 1
             log.info("result dropped: stream closed", extra=self._f(batch=answer.id, error=exc))

@@ -2,9 +2,10 @@
 
 Each slot registers on ``WorkerUpdate`` (reading its ``workerid`` header),
 reports IDLE/BUSY and follows BIND/UNBIND by opening or draining a
-:class:`SessionStream`. Connection loss is retried with exponential backoff and
+:class:`WorkerStream`. Connection loss is retried with exponential backoff and
 jitter; configuration errors (API key, TLS trust, proto package) stop the
-bridge with a :class:`~ray_alpcrun.errors.FatalError`. Never imports Ray.
+bridge with a :class:`~ray_alpcrun.errors.FatalError` (see
+:mod:`ray_alpcrun.bridge.settings`). Never imports Ray.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import asyncio
 import contextlib
 import logging
 import random
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import grpc.aio
 
 from ray_alpcrun import errors, transport
-from ray_alpcrun.bridge.session import Link, Processor, SessionStream
+from ray_alpcrun.bridge.session import Link, Processor, WorkerStream
+from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
+from ray_alpcrun.rpc import CacheStub, QueueStub
 from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.slot import SlotMachine
 from ray_alpcrun.transport import MD_NODE, MD_POD, MD_WORKER_ID
@@ -34,63 +35,6 @@ from ray_alpcrun.types import (
 )
 
 log = logging.getLogger(__name__)
-
-_TLS_WORDS = ("ssl", "tls", "certificate", "handshake", "x509")
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSettings:
-    """What the gRPC side needs; built by the CLI from ``BridgeConfig``."""
-
-    queue_address: str
-    cache_address: str
-    api_key: str | None = field(repr=False)  # never in reprs, logs, tracebacks
-    proto_package: str
-    node: str
-    pod: str
-    slots: int
-    tls: transport.TlsFiles | None = None  # to the queue manager
-    cache_tls: transport.TlsFiles | None = None  # to the node cache; None: plaintext
-    max_message_bytes: int = transport.DEFAULT_MAX_MESSAGE_BYTES
-    connect_timeout_s: float = 10.0
-    backoff_initial_s: float = 0.2
-    backoff_max_s: float = 10.0
-    max_connect_attempts: int | None = None
-    drain_timeout_s: float = 30.0
-    session_linger_s: float = 30.0
-
-
-def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(max, initial * 2**attempt)]."""
-    return rng.uniform(0.0, min(max_s, initial_s * (2.0**attempt)))
-
-
-def fatal_for(
-    exc: errors.RpcError, settings: WorkerSettings, what: str
-) -> errors.FatalError | None:
-    """The fatal error a failed call means, or None if retrying may help."""
-    if isinstance(exc, errors.AuthError):
-        return errors.FatalError(
-            errors.EXIT_AUTH,
-            f"the {what} rejected the API key ({exc.code}: {exc.details}); set "
-            "METALCORE_API_KEY or --api-key to the key the services were started with",
-        )
-    cache = what == "node cache"
-    tls = settings.cache_tls if cache else settings.tls
-    flag = "--cache-ca-cert" if cache else "--ca-cert"
-    if exc.code == "UNAVAILABLE" and tls and any(w in exc.details.lower() for w in _TLS_WORDS):
-        return errors.FatalError(
-            errors.EXIT_TLS,
-            f"TLS to the {what} failed ({exc.details}); check {flag} "
-            f"({tls.ca_cert}) and the server's certificate",
-        )
-    if exc.code == "UNIMPLEMENTED":
-        return errors.FatalError(
-            errors.EXIT_CONFIG,
-            f"the {what} does not serve this RPC under proto package "
-            f"{settings.proto_package!r}; check --proto-package",
-        )
-    return None
 
 
 class Slot:
@@ -105,7 +49,7 @@ class Slot:
         self.pod = pod if worker.settings.slots == 1 else f"{pod}-s{index}"
         self.worker_id = ""
         self.machine: SlotMachine | None = None
-        self._call: Any = None
+        self._call: grpc.aio.StreamStreamCall[WorkerState, Instruction] | None = None
         self._lock = asyncio.Lock()
         self.registered = asyncio.Event()
         self.skipped_instructions = 0
@@ -113,9 +57,9 @@ class Slot:
         self.retired = False  # set by BridgeWorker.resize: drain, then end the registration
 
     @property
-    def session(self) -> SessionStream | None:
+    def session(self) -> WorkerStream | None:
         current = None if self.machine is None else self.machine.current
-        return current if isinstance(current, SessionStream) else None
+        return current if isinstance(current, WorkerStream) else None
 
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
         if self._call is None:
@@ -127,8 +71,8 @@ class Slot:
             async with self._lock:
                 await self._call.write(WorkerState(self.worker_id, status, session_id))
 
-    def _open_stream(self, session_id: str) -> SessionStream:
-        stream = SessionStream(self.worker.link, session_id, self.worker_id, self.pod)
+    def _open_stream(self, session_id: str) -> WorkerStream:
+        stream = WorkerStream(self.worker.link, session_id, self.worker_id, self.pod)
         self.worker.hold(session_id, self)
         stream.start()
         return stream
@@ -215,11 +159,11 @@ class BridgeWorker:
         self._retiring: set[asyncio.Task[None]] = set()
         self._resized = asyncio.Event()
         self._next_index = settings.slots
-        self.connected = False
         self.reconnects = 0
-        self.queue: Any = None
+        self.queue: QueueStub  # with link and _cache, set by _open()
+        self._cache: CacheStub
         self.link: Link
-        self._channels: list[Any] = []
+        self._channels: list[grpc.aio.Channel] = []
 
     # -- session bookkeeping: end a session on the actors once no slot serves it
 
@@ -275,8 +219,8 @@ class BridgeWorker:
         qch = transport.open_channel(s.queue_address, s.tls, s.max_message_bytes)
         cch = transport.open_channel(s.cache_address, s.cache_tls, s.max_message_bytes)
         self._channels = [qch, cch]
-        self.queue = transport.Stub(qch, "Queue", s.proto_package)
-        self._cache = transport.Stub(cch, "Cache", s.proto_package)
+        self.queue = QueueStub(qch, s.proto_package)
+        self._cache = CacheStub(cch, s.proto_package)
         self.link = Link(
             queue=self.queue,
             metadata=self.base_metadata,
@@ -339,7 +283,7 @@ class BridgeWorker:
             if self._channels:
                 await self.link.shared.close()
             for ch in self._channels:
-                await ch.close()
+                await ch.close(None)
 
     async def _slot_loop(self, slot: Slot) -> None:
         s = self.settings
@@ -373,7 +317,6 @@ class BridgeWorker:
                 # ended, normally or not) starts the count again, as the reference
                 # worker does; otherwise reconnects spread over days add up to exit 7.
                 attempt = 0
-            self.connected = any(x.registered.is_set() for x in self.slots)
             if s.max_connect_attempts is not None and attempt >= s.max_connect_attempts:
                 raise errors.FatalError(
                     errors.EXIT_UNAVAILABLE,

@@ -39,7 +39,7 @@ from ray_alpcrun.transport import (
     rpc_errors,
     translate,
 )
-from ray_alpcrun.types import Session, SessionAttributes
+from ray_alpcrun.types import SessionAttributes, SessionInfo
 from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
 
 Req = TypeVar("Req")
@@ -160,7 +160,7 @@ class AsyncClient:
             tags=tuple(tags),
         )
         queue = await self.queue_stub()
-        reply = await self.call(queue.CreateSession, Session(app_id=app_id, attributes=attrs))
+        reply = await self.call(queue.CreateSession, SessionInfo(app_id=app_id, attributes=attrs))
         if not reply.id:
             raise errors.ProtocolError("CreateSession answered without a session id")
         if reply.attributes is None:
@@ -175,7 +175,7 @@ class AsyncClient:
         """
         if not session_id:
             raise ValueError("session_id is required")
-        return self._adopt(AsyncSession(self, Session(id=session_id, app_id=app_id)))
+        return self._adopt(AsyncSession(self, SessionInfo(id=session_id, app_id=app_id)))
 
     # --- SessionHost (client/interfaces.py): what AsyncSession uses -----------
 

@@ -15,9 +15,9 @@ from ray_alpcrun import errors
 from ray_alpcrun.client.batching import chunks, progress_bar
 from ray_alpcrun.client.interfaces import SessionHost
 from ray_alpcrun.client.results import Submission, TaskResult
-from ray_alpcrun.client.stream import SessionStream
+from ray_alpcrun.client.stream import ClientStream
 from ray_alpcrun.transport import MD_SESSION_ID, make_metadata, rpc_errors
-from ray_alpcrun.types import Batch, Message, Session, SessionAttributes, SharedData
+from ray_alpcrun.types import Batch, Message, SessionAttributes, SessionInfo, SharedData
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -119,14 +119,14 @@ class AsyncSession:
     ``async with session:`` closes it on exit.
     """
 
-    def __init__(self, client: SessionHost, session: Session) -> None:
+    def __init__(self, client: SessionHost, session: SessionInfo) -> None:
         self._client = client
         self._session = session
         self.shared_level: int | None = None
         self._tag = secrets.token_hex(4) + "."
         self._next_task = 0
         self._next_batch = 0
-        self._stream: SessionStream | None = None
+        self._stream: ClientStream | None = None
         self._closed = False
         self._dead_letters: list[Batch] = []
 
@@ -295,7 +295,9 @@ class AsyncSession:
         """
         stub = await self._client.queue_stub()
         call = stub.ClientStreamDeadLetters(
-            Session(id=self.id), metadata=self._client.metadata, timeout=self._client.rpc_timeout_s
+            SessionInfo(id=self.id),
+            metadata=self._client.metadata,
+            timeout=self._client.rpc_timeout_s,
         )
         fresh: list[Batch] = []
         try:
@@ -328,11 +330,11 @@ class AsyncSession:
         await self.disconnect()
         self._client.forget(self)
         queue = await self._client.queue_stub()
-        await self._client.call(queue.CloseSession, Session(id=self.id))
+        await self._client.call(queue.CloseSession, SessionInfo(id=self.id))
 
     # --- internals ------------------------------------------------------------
 
-    async def _open_stream(self) -> SessionStream:
+    async def _open_stream(self) -> ClientStream:
         if self._closed:
             raise errors.AlpcrunError(f"session {self.id} is closed")
         stream = self._stream
@@ -341,7 +343,7 @@ class AsyncSession:
             if self._stream is not None and self._stream.healthy:
                 return self._stream  # another submit opened it meanwhile
             metadata = make_metadata(self._client.api_key, **{MD_SESSION_ID: self.id})
-            stream = SessionStream(
+            stream = ClientStream(
                 stub,
                 self.id,
                 metadata,
@@ -355,7 +357,7 @@ class AsyncSession:
 
     async def _send_all(
         self,
-        stream: SessionStream,
+        stream: ClientStream,
         sub: Submission,
         payloads: Payloads,
         opts: SubmitOptions,

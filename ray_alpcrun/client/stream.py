@@ -23,15 +23,15 @@ from ray_alpcrun import errors
 from ray_alpcrun.client.results import DEAD_LETTER_ERROR, Submission, TaskResult
 from ray_alpcrun.rpc import QueueStub
 from ray_alpcrun.transport import Metadata, translate
-from ray_alpcrun.types import Batch, Session
+from ray_alpcrun.types import Batch, SessionInfo
 
 log = logging.getLogger(__name__)
 
 DIAGNOSE_TIMEOUT_S = 5.0
 
 
-class SessionStream:
-    """Owns the stream call, its reader task and the dead-letter poller."""
+class ClientStream:
+    """One session's ``ClientStream`` call: owns it, its reader task and the dead-letter poller."""
 
     def __init__(
         self,
@@ -154,7 +154,7 @@ class SessionStream:
         as INTERNAL, hiding the server's status (e.g. NOT_FOUND for an unknown
         session). Ask the server about the session to learn the real cause."""
         call = self._stub.ClientStreamDeadLetters(
-            Session(id=self.session_id), metadata=self._metadata, timeout=DIAGNOSE_TIMEOUT_S
+            SessionInfo(id=self.session_id), metadata=self._metadata, timeout=DIAGNOSE_TIMEOUT_S
         )
         try:
             async for batch in call:
@@ -166,7 +166,7 @@ class SessionStream:
         return failure
 
     async def _poll_dead_letters(self) -> None:
-        request = Session(id=self.session_id)
+        request = SessionInfo(id=self.session_id)
         while self._pending:
             await asyncio.sleep(self._poll_s)  # poll interval, only while tasks are outstanding
             call = self._stub.ClientStreamDeadLetters(request, metadata=self._metadata)

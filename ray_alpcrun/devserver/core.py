@@ -39,7 +39,7 @@ from ray_alpcrun.devserver.binding import WorkerBinding
 from ray_alpcrun.devserver.errors import Rejected, SessionClosed
 from ray_alpcrun.devserver.flow import QueueStats
 from ray_alpcrun.devserver.model import ClientConn, SessionState, SessionTable
-from ray_alpcrun.types import Batch, Session
+from ray_alpcrun.types import Batch, SessionInfo
 
 log = logging.getLogger("ray_alpcrun.devserver")
 
@@ -63,7 +63,7 @@ class QueueCore:
         """The open session, or ``Rejected`` (NOT_FOUND, INVALID_ARGUMENT)."""
         return self.table.get(session_id)
 
-    def create_session(self, req: Session) -> Session:
+    def create_session(self, req: SessionInfo) -> SessionInfo:
         if not req.app_id:
             raise Rejected("INVALID_ARGUMENT", "app.id is required to create a session")
         attrs = new_attributes(req.attributes)
@@ -87,10 +87,10 @@ class QueueCore:
         return self.view(s)
 
     @staticmethod
-    def view(s: SessionState) -> Session:
-        return Session(id=s.id, app_id=s.app_id, attributes=s.attributes)
+    def view(s: SessionState) -> SessionInfo:
+        return SessionInfo(id=s.id, app_id=s.app_id, attributes=s.attributes)
 
-    def update_session(self, req: Session) -> None:
+    def update_session(self, req: SessionInfo) -> None:
         s = self.session(req.id)
         s.attributes = updated_attributes(s.attributes, req.attributes)
         s.last_activity_s = self.clock()

@@ -26,7 +26,7 @@ from ray_alpcrun.devserver.core import QueueCore
 from ray_alpcrun.devserver.errors import Rejected
 from ray_alpcrun.rpc import Context
 from ray_alpcrun.transport import MD_NODE, MD_POD, MD_SESSION_ID, MD_WORKER_ID
-from ray_alpcrun.types import Batch, Instruction, Session, Status, WorkerState
+from ray_alpcrun.types import Batch, Instruction, SessionInfo, Status, WorkerState
 
 log = logging.getLogger("ray_alpcrun.devserver")
 
@@ -61,19 +61,19 @@ class QueueServicer:
     def __init__(self, core: QueueCore) -> None:
         self.core = core
 
-    async def CreateSession(self, request: Session, context: Context) -> Session:
+    async def CreateSession(self, request: SessionInfo, context: Context) -> SessionInfo:
         return await checked(context, self.core.create_session, request)
 
-    async def UpdateSession(self, request: Session, context: Context) -> Status:
+    async def UpdateSession(self, request: SessionInfo, context: Context) -> Status:
         await checked(context, self.core.update_session, request)
         return Status()
 
-    async def CloseSession(self, request: Session, context: Context) -> Status:
+    async def CloseSession(self, request: SessionInfo, context: Context) -> Status:
         await checked(context, self.core.close_session, request.id)
         return Status()
 
     async def ClientStreamDeadLetters(
-        self, request: Session, context: Context
+        self, request: SessionInfo, context: Context
     ) -> AsyncIterator[Batch]:
         batches = await checked(context, self.core.take_dead_letters, request.id)
         sent = 0

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -37,6 +36,7 @@ from ray_alpcrun.devserver.cache import CentralCacheServicer, NodeCacheServicer,
 from ray_alpcrun.devserver.core import QueueCore
 from ray_alpcrun.devserver.errors import Rejected
 from ray_alpcrun.devserver.queue import QueueServicer
+from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.transport import (
     Stub,
     TlsFiles,
@@ -87,7 +87,7 @@ class LocalServices:
         self._channel: grpc.aio.Channel | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: LoopThread | None = None  # set by start(): the sync life cycle
 
     # --- addresses ---------------------------------------------------------
 
@@ -273,12 +273,9 @@ class LocalServices:
         """Start the services on their own event loop in a background thread."""
         if self._thread is not None:
             raise RuntimeError("already running")
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="alpcrun-devserver", daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
+        self._thread = thread = LoopThread("alpcrun-devserver", "LocalServices")
         try:
-            asyncio.run_coroutine_threadsafe(self.astart(), loop).result()
+            thread.run(self.astart())
         except BaseException:
             self._shutdown_thread()
             raise
@@ -293,12 +290,10 @@ class LocalServices:
             self._shutdown_thread()
 
     def _shutdown_thread(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        thread = self._thread
+        if thread is None:
             return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+        thread.stop()
         self._loop, self._thread = None, None
 
     def restart(self) -> None:

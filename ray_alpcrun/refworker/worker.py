@@ -57,6 +57,7 @@ from ray_alpcrun.transport import (
     TlsFiles,
     make_metadata,
     open_channel,
+    rpc_errors,
     translate,
 )
 from ray_alpcrun.types import (
@@ -247,17 +248,16 @@ class ReferenceWorker:
         channel = open_channel(svc.queue_address, svc.tls, svc.max_message_bytes)
         cache_channel = open_channel(svc.cache_address, svc.cache_tls, svc.max_message_bytes)
         try:
-            try:
-                await asyncio.wait_for(channel.channel_ready(), self.config.connect_timeout_s)
-            except asyncio.TimeoutError:
-                raise errors.UnavailableError(
-                    "UNAVAILABLE", f"queue manager {svc.queue_address} not ready in time"
-                ) from None
-            self._queue = Stub(channel, "Queue", svc.proto_package)
-            self._cache = Stub(cache_channel, "Cache", svc.proto_package)
-            await self._follow_instructions()
-        except grpc.RpcError as exc:
-            raise translate(exc) from exc
+            with rpc_errors():
+                try:
+                    await asyncio.wait_for(channel.channel_ready(), self.config.connect_timeout_s)
+                except asyncio.TimeoutError:
+                    raise errors.UnavailableError(
+                        "UNAVAILABLE", f"queue manager {svc.queue_address} not ready in time"
+                    ) from None
+                self._queue = Stub(channel, "Queue", svc.proto_package)
+                self._cache = Stub(cache_channel, "Cache", svc.proto_package)
+                await self._follow_instructions()
         finally:
             await self._abandon_all()
             await channel.close(None)
@@ -397,12 +397,10 @@ class ReferenceWorker:
 
     async def _fetch_shared(self, session_id: str, level: int | None) -> SharedData:
         request = SharedData(session_id=session_id, update_level=level)
-        try:
+        with rpc_errors():
             reply: SharedData = await self._cache.GetSharedData(
                 request, metadata=self._identity_md, timeout=self.config.rpc_timeout_s
             )
-        except grpc.RpcError as exc:
-            raise translate(exc) from exc
         self.stats.shared_fetches += 1
         return reply
 

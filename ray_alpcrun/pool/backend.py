@@ -1,0 +1,151 @@
+"""The dispatcher's :class:`~ray_alpcrun.pool.membership.Backend` on Ray actors.
+
+Ray's failures become the project's at this boundary: a dead or unreachable
+actor is :class:`ActorLost` (the dispatcher replaces it and retries), a session
+that cannot start on an actor is :class:`SessionSetupError`. Sub-batches that
+queue for a busy actor travel together in one Ray call (:mod:`.coalesce`).
+Nothing here blocks the event loop: ObjectRefs are awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from ray_alpcrun.config import PoolConfig
+from ray_alpcrun.errors import ActorLost, ConfigError, HandlerError, SessionSetupError
+from ray_alpcrun.pool.coalesce import Coalescer
+from ray_alpcrun.pool.dispatch import CallResult
+from ray_alpcrun.pool.pool_actor import (
+    ActorInfo,
+    PoolActorClass,
+    PoolActorHandle,
+    RunArgs,
+    RunReply,
+    SharedRef,
+)
+from ray_alpcrun.runtime import describe
+
+log = logging.getLogger(__name__)
+
+
+class RayBackend:
+    """The dispatcher's :class:`~ray_alpcrun.pool.dispatch.Backend` on Ray actors."""
+
+    def __init__(
+        self, actor_class: PoolActorClass, handler_blob: bytes, config: PoolConfig
+    ) -> None:
+        import ray
+
+        self._ray = ray
+        self._lost: tuple[type[BaseException], ...] = (
+            ray.exceptions.RayActorError,  # includes ActorDiedError, ActorUnavailableError
+            ray.exceptions.ObjectLostError,
+        )
+        self._task_error = ray.exceptions.RayTaskError
+        self._actor_class = actor_class
+        self._blob = handler_blob
+        self._config = config
+        self._sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+        # Every actor created and not yet killed, so a failed start leaks none.
+        self.handles: dict[int, PoolActorHandle] = {}
+        # Sub-batches that queue for a busy actor travel together in one Ray call.
+        self._calls: Coalescer[PoolActorHandle, RunArgs, RunReply] = Coalescer(
+            self._run_one, self._run_many
+        )
+
+    async def start_actor(self) -> PoolActorHandle:
+        cfg = self._config
+        actor = self._actor_class.remote(
+            self._blob,
+            max_sessions=cfg.max_sessions_per_actor,
+            use_gpu=cfg.gpus_per_actor > 0,
+            gpu_memory_limit_bytes=cfg.gpu_memory_limit_bytes,
+            memory_limit_bytes=cfg.memory_limit_bytes,
+            sys_path=self._sys_path,
+            log=(cfg.log_level, cfg.log_json),
+        )
+        self.handles[id(actor)] = actor
+        try:
+            info = await actor.ready.remote()
+        except asyncio.CancelledError:
+            # Released while waiting for room: the pending actor is Ray's demand
+            # signal to the autoscaler, so it must go too.
+            self.kill(actor)
+            raise
+        except self._lost as exc:
+            self.kill(actor)
+            raise HandlerError(f"pool actor failed to start: {_first_line(exc)}") from exc
+        if "error" in info:
+            self.kill(actor)
+            kind = ConfigError if info.get("error_kind") == "device" else HandlerError
+            raise kind(info["error"])
+        log.debug("pool actor ready: %s", info)
+        return actor
+
+    async def call(
+        self,
+        actor: PoolActorHandle,
+        session_id: str,
+        payloads: list[bytes],
+        shared: object,
+        tags: tuple[str, ...],
+    ) -> CallResult:
+        if shared is not None and not isinstance(shared, SharedRef):
+            raise TypeError(f"shared data reaches the actors as a SharedRef, not {shared!r}")
+        try:
+            reply = await self._calls.call(actor, id(actor), (session_id, payloads, shared, tags))
+        except self._lost as exc:
+            raise ActorLost(_first_line(exc)) from exc
+        except self._task_error as exc:
+            # PoolActor.run catches handler errors itself: this is Ray failing
+            # around the call (e.g. arguments that cannot be unpickled).
+            error = f"pool actor call failed: {_first_line(exc)}"
+            return [(None, error)] * len(payloads), None
+        if isinstance(reply, str):
+            raise SessionSetupError(reply)
+        return reply
+
+    @staticmethod
+    async def _run_one(actor: PoolActorHandle, part: RunArgs) -> RunReply:
+        return await actor.run.remote(*part)
+
+    @staticmethod
+    async def _run_many(actor: PoolActorHandle, parts: list[RunArgs]) -> list[RunReply]:
+        return await actor.run_many.remote(parts)
+
+    def kill(self, actor: PoolActorHandle) -> None:
+        self.handles.pop(id(actor), None)
+        self._calls.forget(id(actor))
+        try:
+            self._ray.kill(actor, no_restart=True)
+        except Exception as exc:  # already gone is fine
+            log.debug("ray.kill failed: %s", exc)
+
+    async def end_session(self, actor: PoolActorHandle, session_id: str) -> None:
+        try:
+            await actor.end_session.remote(session_id)
+        except self._lost as exc:
+            raise ActorLost(_first_line(exc)) from exc
+
+    async def retire(self, actor: PoolActorHandle) -> None:
+        try:
+            await actor.close_sessions.remote()
+        except self._lost as exc:
+            raise ActorLost(_first_line(exc)) from exc
+
+    async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
+        try:
+            info = await asyncio.wait_for(actor.status.remote(), timeout_s)
+        except asyncio.TimeoutError:
+            return {"error": f"no answer within {timeout_s:g} s"}
+        except self._lost as exc:
+            return {"error": _first_line(exc)}
+        return info
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else describe(exc)

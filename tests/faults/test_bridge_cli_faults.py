@@ -1,0 +1,210 @@
+"""``python -m ray_alpcrun.bridge`` as a subprocess: fatal configuration errors
+stop it within seconds with one clear line and a distinct exit code; SIGTERM
+drains the batches in flight (starting no new one) and exits 0; a second signal exits at once (130).
+
+Runs that need Ray join the test session's cluster (``--ray-address``) so each
+costs a driver connection, not a Ray start. The wall-clock to exit is printed
+(``pytest -s``); ``BRIDGE_CLI_STANDALONE=1`` makes every run start its own Ray,
+as in production.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ray_alpcrun import errors
+from ray_alpcrun.bridge.launch import start_bridge
+from ray_alpcrun.config import DevServerConfig
+from ray_alpcrun.devserver import LocalServices
+from ray_alpcrun.transport import TlsFiles
+from tests.support.bridge_support import assert_exactly_once, bridge_config, client_for, ray_get
+from tests.support.certs import self_signed
+
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "cli-fault-key-4b1d9e"
+WRONG_KEY = "wrong-key-never-print-me-93c2"
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_session: Any) -> str | None:
+    if os.environ.get("BRIDGE_CLI_STANDALONE"):
+        return None
+    return str(ray_session.get_runtime_context().gcs_address)
+
+
+def services(**kw: Any) -> LocalServices:
+    return LocalServices(
+        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0, **kw)
+    )
+
+
+class Bridge:
+    """The CLI in a subprocess; output goes to a file (a full pipe would stall it)."""
+
+    def __init__(self, args: list[str], key: str | None, ray_address: str | None) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("METALCORE_API_KEY", None)
+        if key is not None:
+            env["METALCORE_API_KEY"] = key
+        if ray_address is not None:
+            args = [*args, "--ray-address", ray_address]
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in output()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ray_alpcrun.bridge", "--actors", "2",
+             "--cpus-per-actor", "0.5", *args],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def wait(self, timeout_s: float = 90.0) -> tuple[int, float, str]:
+        """(exit code, seconds from start to exit, everything it printed)."""
+        try:
+            code = self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        elapsed = time.perf_counter() - self.started
+        self.log.seek(0)
+        out = self.log.read()
+        self.log.close()
+        return code, elapsed, out
+
+
+def reason_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("ray_alpcrun.bridge: ")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_unknown_handler_exits_6_before_ray_starts() -> None:
+    run = Bridge(["--handler", "tests.no_such_module:fn"], KEY, None)
+    code, elapsed, out = run.wait(30)
+    print(f"\nunknown handler: exit {code} after {elapsed:.2f} s", flush=True)
+    assert code == errors.EXIT_HANDLER, out
+    assert "tests.no_such_module" in reason_line(out)
+    assert "Started a local Ray instance" not in out
+
+
+def test_missing_api_key_exits_4_before_ray_starts() -> None:
+    run = Bridge(["--handler", "tests.support.bridge_handlers:echo"], None, None)
+    code, elapsed, out = run.wait(30)
+    print(f"\nmissing API key: exit {code} after {elapsed:.2f} s", flush=True)
+    assert code == errors.EXIT_AUTH, out
+    assert "API key" in reason_line(out) and "METALCORE_API_KEY" in reason_line(out)
+
+
+def test_wrong_api_key_exits_4_within_seconds_without_printing_it(
+    ray_address: str | None,
+) -> None:
+    with services(api_key=KEY) as svc:
+        run = Bridge(
+            ["--handler", "tests.support.bridge_handlers:echo", "--queue", svc.queue_address,
+             "--cache", svc.node_cache_address], WRONG_KEY, ray_address,
+        )  # fmt: skip
+        code, elapsed, out = run.wait()
+    print(f"\nwrong API key: exit {code} after {elapsed:.2f} s", flush=True)
+    assert code == errors.EXIT_AUTH, out
+    line = reason_line(out)
+    assert "API key" in line and "PERMISSION_DENIED" in line
+    assert WRONG_KEY not in out and KEY not in out
+    assert elapsed < 30
+
+
+def test_a_server_certificate_not_signed_by_the_ca_exits_5(
+    ray_address: str | None, tmp_path: Path
+) -> None:
+    server = self_signed(tmp_path / "server")
+    other_ca = self_signed(tmp_path / "other", common_name="other-ca")
+    with services(api_key=KEY, tls=TlsFiles(cert=server.cert, key=server.key)) as svc:
+        run = Bridge(
+            ["--handler", "tests.support.bridge_handlers:echo", "--queue", svc.queue_address,
+             "--cache", svc.node_cache_address, "--ca-cert", other_ca.cert], KEY, ray_address,
+        )  # fmt: skip
+        code, elapsed, out = run.wait()
+    print(f"\nbad CA: exit {code} after {elapsed:.2f} s", flush=True)
+    assert code == errors.EXIT_TLS, out
+    line = reason_line(out)
+    assert "TLS" in line and other_ca.cert in line and "--ca-cert" in line
+    assert elapsed < 30
+
+
+@pytest.fixture
+def drained_services() -> Iterator[LocalServices]:
+    with services(api_key=KEY) as svc:
+        yield svc
+
+
+def test_sigterm_drains_in_flight_batches_then_exits_0(
+    ray_address: str | None, drained_services: LocalServices
+) -> None:
+    svc = drained_services
+    n = 400
+    run = Bridge(
+        ["--handler", "tests.support.bridge_handlers:slow", "--queue", svc.queue_address,
+         "--cache", svc.node_cache_address, "--drain-timeout", "20"], KEY, ray_address,
+    )  # fmt: skip
+    results = []
+    finisher = None
+    try:
+        with client_for(svc) as client:
+            session = client.create_session(app_id="drain")
+            for r in session.submit([f"{i}".encode() for i in range(n)], batch_size=10):
+                results.append(r)
+                if len(results) == 20:
+                    in_flight = svc.stats()["deliveries"] - svc.stats()["result_batches"]
+                    run.proc.send_signal(signal.SIGTERM)
+                    signalled = time.perf_counter()
+                    code, _, out = run.wait()
+                    drain_s = time.perf_counter() - signalled
+                    stats = svc.stats()
+                    # Another bridge finishes the session: nothing may be lost or doubled.
+                    finisher = start_bridge(
+                        bridge_config(svc, "tests.support.bridge_handlers:echo", 1)
+                    )
+            session.close()
+    finally:
+        if finisher is not None:
+            ray_get(finisher.stop(drain=False))
+    print(f"\nSIGTERM: exit {code} {drain_s:.2f} s after, {in_flight} in flight", flush=True)
+    assert code == 0, out
+    assert in_flight >= 1
+    # Every batch the drained bridge started was answered by it; those that
+    # arrived after the signal were not started and went to the finisher.
+    assert stats["dead_lettered_tasks"] == 0, stats
+    assert "result dropped" not in out and "drain deadline passed" not in out, out
+    assert KEY not in out
+    assert_exactly_once(results, n)
+    assert all(r.payload == f"{r.index}".encode() for r in results)
+
+
+def test_a_second_signal_exits_130_at_once(
+    ray_address: str | None, drained_services: LocalServices
+) -> None:
+    svc = drained_services
+    run = Bridge(
+        ["--handler", "tests.support.bridge_handlers:slow", "--queue", svc.queue_address,
+         "--cache", svc.node_cache_address, "--drain-timeout", "60"], KEY, ray_address,
+    )  # fmt: skip
+    with client_for(svc) as client:
+        session = client.create_session(app_id="interrupt")
+        it = session.submit([b"x"] * 2000, batch_size=50)
+        assert next(it).ok  # the bridge is serving, batches are in flight
+        run.proc.send_signal(signal.SIGTERM)
+        run.proc.send_signal(signal.SIGINT)
+        signalled = time.perf_counter()
+        code, _, out = run.wait(60)
+        session.close()
+    print(f"\nsecond signal: exit {code} {time.perf_counter() - signalled:.2f} s after", flush=True)
+    assert code == errors.EXIT_INTERRUPTED, out

@@ -1,0 +1,188 @@
+"""What a user meets at the three command lines (issue 11): ``--version``,
+``--help`` with defaults and exit codes, "unknown flag", per-actor flags without
+``--actors``, a signal during startup, a drain that stops taking batches,
+``on_session_end`` at stop, and ``--log-json`` where every line is JSON.
+
+Bridge runs join the test session's Ray cluster (``--ray-address``), except the
+startup-signal ones, which must start their own Ray to be interrupted in it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ray_alpcrun import __version__, errors
+from ray_alpcrun.bridge.launch import start_bridge
+from ray_alpcrun.config import DevServerConfig
+from ray_alpcrun.devserver import LocalServices
+from tests.support.bridge_support import assert_exactly_once, bridge_config, client_for, ray_get
+from tests.support.cli_support import Cli, json_records, run
+
+pytestmark = pytest.mark.timeout(180)
+KEY = "cli-user-key-7f3a"
+CLIS = ("ray_alpcrun.bridge", "ray_alpcrun.devserver", "ray_alpcrun.refworker")
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_session: Any) -> str:
+    return str(ray_session.get_runtime_context().gcs_address)
+
+
+@pytest.fixture
+def svc() -> Iterator[LocalServices]:
+    with LocalServices(
+        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0, api_key=KEY)
+    ) as services:
+        yield services
+
+
+def bridge(svc: LocalServices, ray_address: str, *args: str) -> Cli:
+    return Cli(
+        "ray_alpcrun.bridge",
+        ["--queue", svc.queue_address, "--cache", svc.node_cache_address,
+         "--ray-address", ray_address, "--cpus-per-actor", "0.5", *args],
+        env={"METALCORE_API_KEY": KEY},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_version_help_and_a_mistyped_flag(module: str) -> None:
+    code, out = run(module, "--version")
+    assert code == 0 and __version__ in out, out
+    code, out = run(module, "--help")
+    assert code == 0, out
+    assert "exit codes:" in out and "(default: " in out, out
+    code, out = run(module, "--handlr", "x")
+    assert code == errors.EXIT_USAGE, out
+    assert "unknown flag: --handlr" in out and "required" not in out, out
+
+
+def test_actors_0_is_rejected() -> None:
+    code, out = run("ray_alpcrun.bridge", "--handler", "tests.support.bridge_handlers:echo",
+                    "--actors", "0", "--api-key", KEY)  # fmt: skip
+    assert code == errors.EXIT_CONFIG, out
+    assert "--actors must be at least 1" in out
+
+
+def test_gpus_per_actor_applies_without_actors(ray_address: str, svc: LocalServices) -> None:
+    # The test cluster has no GPU: the flag must not silently give CPU actors.
+    run_ = bridge(svc, ray_address, "--handler", "tests.support.bridge_handlers:echo",
+                  "--gpus-per-actor", "1")  # fmt: skip
+    code, out = run_.wait(120)
+    assert code == errors.EXIT_CONFIG, out
+    assert "GPU" in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_startup_stops_it(signum: int) -> None:
+    run_ = Cli(
+        "ray_alpcrun.bridge",
+        ["--handler", "tests.support.bridge_handlers:echo", "--actors", "1",
+         "--cpus-per-actor", "0.5",
+         "--queue", "127.0.0.1:9", "--cache", "127.0.0.1:9"],
+        env={"METALCORE_API_KEY": KEY},
+    )  # fmt: skip
+    run_.wait_for("starting Ray")  # its own Ray starts now: the signal lands inside ray.init
+    run_.proc.send_signal(signum)
+    code, out = run_.wait(150)  # ray.init finishes first, then Ray shuts down
+    assert code == errors.EXIT_INTERRUPTED, out
+    assert f"interrupted during startup ({signal.Signals(signum).name})" in out, out
+    assert "bridge serving" not in out
+
+
+def test_sigterm_stops_taking_batches(ray_address: str, svc: LocalServices) -> None:
+    """Fed continuously, a draining bridge starts no new batch: it answers those
+    running and exits 0 long before --drain-timeout; the rest is re-delivered."""
+    n = 2000
+    run_ = bridge(svc, ray_address, "--handler", "tests.support.bridge_handlers:slower",
+                  "--actors", "2", "--drain-timeout", "60")  # fmt: skip
+    results = []
+    finisher = None
+    try:
+        with client_for(svc) as client:
+            session = client.create_session(app_id="drain-continuous")
+            for r in session.submit([f"{i}".encode() for i in range(n)], batch_size=10):
+                results.append(r)
+                if len(results) == 40:
+                    run_.proc.send_signal(signal.SIGTERM)
+                    signalled = time.perf_counter()
+                    code, out = run_.wait(90)
+                    drain_s = time.perf_counter() - signalled
+                    finisher = start_bridge(
+                        bridge_config(svc, "tests.support.bridge_handlers:echo", 2, slots=2)
+                    )
+            session.close()
+    finally:
+        if finisher is not None:
+            ray_get(finisher.stop(drain=False))
+    print(f"\ncontinuous feed: exit {code} {drain_s:.2f} s after SIGTERM", flush=True)
+    assert code == 0, out
+    assert "drain deadline passed" not in out, out  # finished what it started, in time
+    assert "result dropped" not in out, out  # every batch it started was answered
+    assert "session drained" in out and "not_started=" in out, out
+    assert "\x1b[" not in out  # no colour codes in a file
+    assert_exactly_once(results, n)
+
+
+def test_session_end_runs_at_stop(
+    ray_address: str, svc: LocalServices, tmp_path: Path, ray_session: Any
+) -> None:
+    """A session closed shortly before the stop is ended then, not never."""
+    handle = start_bridge(bridge_config(svc, "tests.support.bridge_handlers:EndMarker", 1))
+    try:
+        handle.wait_ready(60)
+        with client_for(svc) as client:
+            session = client.create_session(app_id="end-at-stop")
+            assert all(r.ok for r in session.run([str(tmp_path).encode()] * 3))
+            session_id = session.id
+            session.close()
+    finally:
+        ray_get(handle.stop(drain=True))
+        assert ray_get(handle.run_ref)[0] == 0
+    assert (tmp_path / f"ended-{session_id}").exists()
+
+
+def test_every_line_is_json_with_log_json(
+    ray_address: str, svc: LocalServices, tmp_path: Path
+) -> None:
+    """Bridge (with --local: what Ray forwards from the actors, handler
+    tracebacks), devserver and reference worker: every line parses as JSON."""
+    local = Cli(
+        "ray_alpcrun.bridge",
+        ["--local", "--log-json", "--handler", "tests.support.bridge_handlers:echo",
+         "--actors", "1",
+         "--cpus-per-actor", "0.5", "--queue", "127.0.0.1:0", "--cache", "127.0.0.1:0",
+         "--ray-address", ray_address],
+    )  # fmt: skip
+    devserver = Cli("ray_alpcrun.devserver", ["--log-json", "--queue-port", "0",
+                    "--central-cache-port", "0", "--node-cache-port", "0"])  # fmt: skip
+    refworker = Cli(
+        "ray_alpcrun.refworker",
+        ["--log-json", "--handler", "tests.support.bridge_handlers:echo",
+         "--queue", svc.queue_address, "--cache", svc.node_cache_address],
+        env={"METALCORE_API_KEY": KEY},
+    )  # fmt: skip
+    try:
+        local.wait_for('"registered"')
+        devserver.wait_for("ready; stop with Ctrl-C")
+        refworker.wait_for("worker registered")
+        with client_for(svc) as client, client.create_session(app_id="json") as session:
+            # A failing task: its traceback is logged, as JSON.
+            assert [r.ok for r in session.run([b"ok", b"fail-me"])] == [True, False]
+    finally:
+        for cli in (local, devserver, refworker):
+            cli.proc.send_signal(signal.SIGTERM)
+        codes_outs = [cli.wait(90) for cli in (local, devserver, refworker)]
+    for code, out in codes_outs:
+        assert code == 0, out
+        assert json_records(out)
+    bridge_records, _, worker_records = (json_records(out) for _, out in codes_outs)
+    assert any(r.get("actor") == "Bridge" for r in bridge_records)
+    failed = [r for r in worker_records if r["msg"].startswith("task failed in the handler")]
+    assert failed and "Traceback" in failed[0]["exc"] and "asked to fail" in failed[0]["exc"]

@@ -1,0 +1,178 @@
+"""The compiled-graph data path (ray_alpcrun.pool.compiled) on real Ray actors.
+
+Each test first runs batches until every actor's graph is up, so what follows
+goes through the graphs and not the ordinary calls that serve meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from ray_alpcrun.config import PoolConfig
+from ray_alpcrun.pool.actor_pool import ActorPool
+from ray_alpcrun.pool.compiled import CompiledBackend
+from tests.support import handlers
+
+
+def test_data_path_flag_reaches_the_pool_config() -> None:
+    from ray_alpcrun.bridge import cli
+    from ray_alpcrun.config import Env
+    from ray_alpcrun.errors import ConfigError
+
+    parser = cli.build_parser(Env())
+    base = ["--handler", "tests.support.handlers:echo"]
+    default = cli.config_from_args(parser.parse_args([*base, "--actors", "2"]), Env())
+    assert default.pool is not None and default.pool.data_path == "calls"
+    args = parser.parse_args([*base, "--actors", "2", "--data-path", "compiled"])
+    assert cli.config_from_args(args, Env()).pool.data_path == "compiled"  # type: ignore[union-attr]
+    sized_later = cli.config_from_args(parser.parse_args([*base, "--data-path", "compiled"]), Env())
+    # Without --actors the pool's size comes from the cluster; its other settings stay.
+    assert sized_later.size_pool_from_cluster and sized_later.data_path == "compiled"
+    assert sized_later.pool is not None and sized_later.pool.data_path == "compiled"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--data-path", "rpc"])
+    with pytest.raises(ConfigError):
+        PoolConfig(data_path="rpc")
+
+
+def config(**kwargs: Any) -> PoolConfig:
+    kwargs.setdefault("num_actors", 2)
+    kwargs.setdefault("min_chunk", 1)
+    kwargs.setdefault("min_chunk_work_s", 0.0)
+    kwargs.setdefault("data_path", "compiled")
+    return PoolConfig(**kwargs)
+
+
+def backend_of(pool: ActorPool) -> CompiledBackend:
+    backend = pool._backend
+    assert isinstance(backend, CompiledBackend)
+    return backend
+
+
+async def warm(pool: ActorPool, session: str = "warm", **kw: Any) -> None:
+    """Run small batches until every live actor's graph is up (bounded)."""
+    backend = backend_of(pool)
+    dispatcher = pool._running()
+    for _ in range(400):
+        members = dispatcher.members()
+        if len(members) == pool.size and all(backend.graph_ready(m.actor) for m in members):
+            return
+        n = 2 * pool.size
+        out = await pool.run(session, [b"w%d" % i for i in range(n)], **kw)
+        assert all(error is None for _, error in out)
+        await asyncio.sleep(0.01)  # ok: lets a pending build run between batches
+    raise AssertionError("compiled graphs did not come up")
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_batches_and_shared_data_go_through_the_graphs() -> None:
+    async with ActorPool("tests.support.handlers:echo", config()) as pool:
+        ref = pool.put_shared("s1", 1, b"common")
+        await warm(pool, "s1", shared=ref)
+        backend = backend_of(pool)
+        builds = backend.builds
+        out = await pool.run("s1", [b"a", b"fail-me", b"c", b"d"], shared=ref)
+        assert out == [
+            (b"a|common", None),
+            (None, "ValueError: asked to fail: fail-me"),
+            (b"c|common", None),
+            (b"d|common", None),
+        ]
+        status = await pool.status()
+        assert [a["data_path"] for a in status["actors"]] == ["compiled", "compiled"]
+        await pool.end_session("s1")  # through the graph, ordered after the batches
+        assert backend.builds == builds == 2
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_many_small_batches_coalesce_and_each_gets_its_own_answers() -> None:
+    async with ActorPool("tests.support.handlers:echo", config(num_actors=1)) as pool:
+        await warm(pool)
+        backend = backend_of(pool)
+        calls = backend._steps.calls
+        streams = [[f"s{k}-t{i}".encode() for i in range(3)] for k in range(40)]
+        outs = await asyncio.gather(*(pool.run(f"stream{k}", b) for k, b in enumerate(streams)))
+        for batch, out in zip(streams, outs, strict=True):
+            assert out == [(p, None) for p in batch]
+        # 40 batches queued for one actor travelled in fewer graph executions.
+        assert backend._steps.calls - calls < len(streams)
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_actor_killed_mid_batch_on_the_graph_loses_nothing(ray_session: Any) -> None:
+    ray = ray_session
+    name = f"gate-{uuid.uuid4().hex}"
+    gate = ray.remote(num_cpus=0)(handlers.Gate).options(name=name).remote()
+    try:
+        async with ActorPool("tests.support.handlers:gated", config()) as pool:
+            ref = pool.put_shared("s", 1, name.encode())
+            await warm(pool, "s", shared=ref)
+            backend = backend_of(pool)
+            builds = backend.builds
+            batch = [f"t{i}".encode() for i in range(10)]
+            batch[3] = b"block"
+            running = asyncio.create_task(pool.run("s", batch, shared=ref))
+            [victim] = await gate.wait_entered.remote()
+            ray.kill(victim, no_restart=True)
+            out = await asyncio.wait_for(running, 60)
+            # Every task answered exactly once, the blocked one included (retried).
+            assert out == [(p, None) for p in batch]
+            assert pool.restarts == 1
+            await pool.settle()
+            await warm(pool, "s", shared=ref)  # the replacement gets its own graph
+            # (and a survivor whose graph idled out meanwhile gets a new one).
+            assert backend.builds >= builds + 1
+            status = await pool.status()
+            assert status["live"] == 2
+    finally:
+        ray.kill(gate)
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_crashing_task_on_the_graph_fails_alone() -> None:
+    async with ActorPool("tests.support.handlers:crash", config(max_call_retries=2)) as pool:
+        await warm(pool)
+        batch = [b"a", b"b", b"crash", b"c", b"d", b"e"]
+        out = await asyncio.wait_for(pool.run("s", batch), 120)
+        for p, (result, error) in zip(batch, out, strict=True):
+            if p == b"crash":
+                assert result is None and error is not None and "actor died" in error
+            else:
+                assert (result, error) == (p, None)
+        await pool.settle()
+        assert await pool.run("s", [b"after"]) == [(b"after", None)]
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_hung_task_on_the_graph_times_out_alone() -> None:
+    async with ActorPool("tests.support.handlers:hang", config(task_timeout_s=1.0)) as pool:
+        await warm(pool)
+        batch = [b"a", b"hang", b"c", b"d"]
+        out = await asyncio.wait_for(pool.run("s", batch), 120)
+        for p, outcome in zip(batch, out, strict=True):
+            if p == b"hang":
+                assert outcome == (None, "task timed out after 1 s")
+            else:
+                assert outcome == (p, None)
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_an_idle_graph_is_torn_down_and_rebuilt_with_work() -> None:
+    async with ActorPool(
+        "tests.support.handlers:echo", config(num_actors=1, compiled_idle_s=0.3)
+    ) as pool:
+        await warm(pool)
+        backend = backend_of(pool)
+        [member] = pool._running().members()
+        for _ in range(200):  # the idle timer fires 0.3 s after the last step
+            if not backend.graph_ready(member.actor):
+                break
+            await asyncio.sleep(0.05)  # ok: waiting for the idle timer itself
+        assert not backend.graph_ready(member.actor)
+        assert await pool.run("s", [b"x"]) == [(b"x", None)]  # served meanwhile
+        await warm(pool)
+        assert backend.builds >= 2

@@ -1,0 +1,143 @@
+"""Pure pieces of the bridge: result rules, oversized results, the shared-data
+cache, backoff and fatal-error classification. No network, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from ray_alpcrun import errors
+from ray_alpcrun.bridge.batches import result_batch
+from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
+from ray_alpcrun.shared_data import SharedDataCache
+from ray_alpcrun.transport import TlsFiles
+from ray_alpcrun.types import Batch, Message, SharedData, dead_batch
+
+
+def _task(n: int) -> Batch:
+    return Batch(
+        id="B1",
+        session_id="S1",
+        messages=[Message(f"t{i}", f"p{i}".encode()) for i in range(n)],
+    )
+
+
+def test_result_batch_follows_the_result_rules() -> None:
+    out = result_batch(_task(3), [(b"r0", None), (None, "ValueError: bad"), (b"r2", None)], 1 << 20)
+    assert (out.id, out.session_id, out.dead) == ("B1", "S1", False)
+    assert [(m.id, m.related_id) for m in out.messages] == [(f"t{i}", f"t{i}") for i in range(3)]
+    assert out.messages[0].payload == b"r0" and out.messages[0].error is None
+    assert out.messages[1].payload == b"" and out.messages[1].error == "ValueError: bad"
+
+
+def test_outcome_count_must_match() -> None:
+    with pytest.raises(ValueError):
+        result_batch(_task(2), [(b"x", None)], 1 << 20)
+
+
+def test_oversized_results_become_errors_not_drops() -> None:
+    outcomes = [(b"x" * 600, None), (b"y" * 10, None), (b"z" * 500, None)]
+    out = result_batch(_task(3), outcomes, max_message_bytes=1000)
+    assert len(out.messages) == 3
+    assert out.messages[0].error is not None and "result too large" in out.messages[0].error
+    assert out.messages[1].payload == b"y" * 10
+    assert sum(len(m.payload) for m in out.messages) <= 1000
+
+
+def test_dead_batch_answers_every_task() -> None:
+    out = dead_batch(_task(4), "shared data unavailable")
+    assert out.dead is True
+    assert all(m.error == "shared data unavailable" and m.related_id == m.id for m in out.messages)
+
+
+async def test_shared_cache_fetches_once_per_level_and_drops_older() -> None:
+    calls: list[tuple[str, int | None]] = []
+    gate = asyncio.Event()
+
+    async def fetch(session_id: str, level: int | None) -> SharedData:
+        calls.append((session_id, level))
+        await gate.wait()
+        return SharedData(session_id, level, f"L{level}".encode())
+
+    async def share(session_id: str, level: int | None, payload: bytes) -> object:
+        return ("handle", level, payload)
+
+    cache = SharedDataCache(fetch, share)
+    waiters = [asyncio.create_task(cache.get("S", 1)) for _ in range(5)]
+    await asyncio.sleep(0)  # ok: let the five waiters reach the cache before the fetch completes
+    gate.set()
+    handles = await asyncio.gather(*waiters)
+    assert calls == [("S", 1)]
+    assert all(h == ("handle", 1, b"L1") for h in handles)
+    assert await cache.get("S", 2) == ("handle", 2, b"L2")
+    assert calls == [("S", 1), ("S", 2)] and len(cache) == 2  # level 1 may be asked again
+    cache.forget("S")
+    assert len(cache) == 0
+
+
+async def test_shared_cache_failure_is_not_cached() -> None:
+    attempts = 0
+
+    async def fetch(session_id: str, level: int | None) -> SharedData:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise errors.NotFoundError("NOT_FOUND", "no level 3")
+        return SharedData(session_id, level, b"ok")
+
+    async def share(session_id: str, level: int | None, payload: bytes) -> bytes:
+        return payload
+
+    cache = SharedDataCache(fetch, share)
+    with pytest.raises(errors.SharedDataUnavailable, match=r"level 3.*NOT_FOUND"):
+        await cache.get("S", 3)
+    assert await cache.get("S", 3) == b"ok"
+
+
+def test_backoff_is_bounded_and_jittered() -> None:
+    rng = random.Random(7)
+    delays = [backoff_delay(a, 0.1, 2.0, rng) for a in range(12)]
+    assert all(0 <= d <= 2.0 for d in delays)
+    assert len(set(delays)) == len(delays)
+    assert max(backoff_delay(1, 0.1, 2.0, rng) for _ in range(200)) <= 0.2
+
+
+def _settings(tls: TlsFiles | None = None) -> WorkerSettings:
+    return WorkerSettings("127.0.0.1:1", "127.0.0.1:2", "k", "ghpc.v1", "n", "p", 1, tls=tls)
+
+
+def test_fatal_classification() -> None:
+    auth = fatal_for(errors.AuthError("PERMISSION_DENIED", "wrong"), _settings(), "queue manager")
+    assert auth is not None and auth.exit_code == errors.EXIT_AUTH and "API key" in auth.reason
+    tls = fatal_for(
+        errors.UnavailableError("UNAVAILABLE", "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED"),
+        _settings(TlsFiles(ca_cert="/certs/ca.crt")),
+        "queue manager",
+    )
+    assert tls is not None and tls.exit_code == errors.EXIT_TLS and "/certs/ca.crt" in tls.reason
+    pkg = fatal_for(errors.RpcError("UNIMPLEMENTED", "x"), _settings(), "queue manager")
+    assert pkg is not None and pkg.exit_code == errors.EXIT_CONFIG and "proto-package" in pkg.reason
+    assert fatal_for(errors.UnavailableError("UNAVAILABLE", "refused"), _settings(), "q") is None
+
+
+async def test_shared_cache_retries_an_unavailable_node_cache() -> None:
+    attempts = 0
+
+    async def fetch(session_id: str, level: int | None) -> SharedData:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise errors.UnavailableError("UNAVAILABLE", "restarting")
+        return SharedData(session_id, level, b"back")
+
+    async def share(session_id: str, level: int | None, payload: bytes) -> bytes:
+        return payload
+
+    cache = SharedDataCache(fetch, share, attempts=3, first_pause_s=0.001)
+    assert await cache.get("S", 1) == b"back" and attempts == 3
+    gone = SharedDataCache(fetch, share, attempts=1)
+    attempts = 0
+    with pytest.raises(errors.SharedDataUnavailable, match="UNAVAILABLE"):
+        await gone.get("S", 1)

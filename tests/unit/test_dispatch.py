@@ -1,0 +1,243 @@
+"""Dispatch logic against a fake backend: no Ray, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ray_alpcrun.errors import ActorLost, SessionSetupError
+from ray_alpcrun.pool.dispatch import CallResult, Dispatcher, plan_chunks
+from tests.support.fake_backend import FakeActor, FakeBackend, payloads, started
+
+# -- plan_chunks ------------------------------------------------------------------
+
+
+def test_plan_keeps_small_batches_whole_and_splits_big_ones_evenly() -> None:
+    assert plan_chunks([0, 0, 0, 0], 3, 16) == [(0, 3)]
+    assert plan_chunks([0, 0], 1000, 16) == [(0, 500), (1, 500)]
+    assert plan_chunks([0, 0, 0], 10, 1) == [(0, 4), (1, 3), (2, 3)]
+    assert plan_chunks([0] * 8, 40, 16) == [(0, 20), (1, 20)]
+    assert plan_chunks([], 5, 1) == []
+    assert plan_chunks([3], 0, 1) == []
+
+
+def test_plan_fills_the_least_loaded_first() -> None:
+    # Actor 0 already has 100 tasks queued: all 60 go to actor 1.
+    assert plan_chunks([100, 0], 60, 1) == [(1, 60)]
+    # Loads 10 and 0, 30 new tasks: even out at 20 each.
+    assert plan_chunks([10, 0], 30, 1) == [(1, 20), (0, 10)]
+    # A chunk under min_chunk is folded into the others.
+    assert plan_chunks([10, 0], 30, 16) == [(1, 30)]
+
+
+@pytest.mark.parametrize("loads", [[0, 0], [5, 0, 9], [1, 2, 3, 4], [50, 0, 0]])
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+def test_plan_covers_every_task_once(loads: list[int], n: int) -> None:
+    plan = plan_chunks(loads, n, 4)
+    assert sum(c for _, c in plan) == n
+    assert len({i for i, _ in plan}) == len(plan)
+    assert all(c > 0 for _, c in plan)
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+async def test_one_call_per_actor_per_sub_batch_in_order() -> None:
+    backend = FakeBackend()
+    d = await started(backend)
+    batch = payloads(10)
+    out = await d.run("s", batch)
+    assert out == [(p.upper(), None) for p in batch]
+    assert [len(a.calls) for a in backend.actors] == [1, 1]
+    assert backend.actors[0].calls[0] + backend.actors[1].calls[0] == batch
+
+
+async def test_handler_errors_stay_per_task() -> None:
+    d = await started(FakeBackend())
+    out = await d.run("s", [b"a", b"fail", b"c"])
+    assert out == [(b"A", None), (None, "ValueError: failed"), (b"C", None)]
+
+
+async def test_least_loaded_gets_the_next_batch() -> None:
+    backend = FakeBackend()
+    d = await started(backend, min_chunk=100)
+    busy = asyncio.create_task(d.run("s", [b"wait"]))
+    await backend.entered.wait()
+    # Actor 0 holds the waiting task: the next two batches go to actor 1.
+    assert await d.run("s", [b"x"]) == [(b"X", None)]
+    assert await d.run("s", [b"y"]) == [(b"Y", None)]
+    assert backend.actors[1].calls == [[b"x"], [b"y"]]
+    backend.release.set()
+    assert await busy == [(b"WAIT", None)]
+
+
+async def test_actor_death_retries_on_a_live_actor_exactly_once() -> None:
+    backend = FakeBackend()
+    d = await started(backend)
+    batch = [*payloads(5), b"die-once", *payloads(4, "u")]
+    out = await d.run("s", batch)
+    assert out == [(p.upper(), None) for p in batch]
+    assert d.restarts == 1
+    assert len(backend.actors) == 3  # two at start, one replacement
+    assert set(backend.answered.values()) == {1}
+    assert sum(backend.answered.values()) == len(batch)
+
+
+async def test_a_task_that_always_kills_its_actor_fails_alone() -> None:
+    backend = FakeBackend()
+    d = await started(backend, max_call_retries=2)
+    batch = [b"a", b"b", b"die", b"c", b"d", b"e"]
+    out = await d.run("s", batch)
+    for p, outcome in zip(batch, out, strict=True):
+        if p == b"die":
+            assert outcome[0] is None
+            assert outcome[1] is not None and outcome[1].startswith("actor died 3 times")
+        else:
+            assert outcome == (p.upper(), None)
+    assert set(backend.answered.values()) == {1}
+    # Two deaths of the sub-batch, then three of the culprit alone: only deaths
+    # while a task runs alone count against it.
+    assert d.restarts == 5
+    # Isolated tasks never queue behind each other: a crash takes only its own task.
+    assert backend.singles_peak == 1
+
+
+async def test_without_retries_only_the_culprit_fails() -> None:
+    d = await started(FakeBackend(), num_actors=1, max_call_retries=0)
+    out = await d.run("s", [b"a", b"die"])
+    assert out[0] == (b"A", None)
+    assert out[1][0] is None and out[1][1] and "actor died 1 times" in out[1][1]
+
+
+async def test_neighbours_of_repeated_crashes_never_fail() -> None:
+    # Many crashing tasks spread over concurrent batches: every other task still
+    # gets its result, however often its sub-batch shared an actor with a crash.
+    backend = FakeBackend()
+    d = await started(backend, num_actors=2, max_call_retries=1)
+    batches = [[*payloads(4, f"b{j}-"), b"die", *payloads(3, f"c{j}-")] for j in range(4)]
+    outs = await asyncio.gather(*(d.run("s", b) for b in batches))
+    for batch, out in zip(batches, outs, strict=True):
+        for p, (result, error) in zip(batch, out, strict=True):
+            if p == b"die":
+                assert result is None and error and error.startswith("actor died 2 times")
+            else:
+                assert (result, error) == (p.upper(), None)
+    assert set(backend.answered.values()) == {1}
+
+
+async def test_hung_task_times_out_and_the_others_succeed() -> None:
+    backend = FakeBackend()
+    d = await started(backend, task_timeout_s=0.05, timeout_slack_s=0.05)
+    batch = [*payloads(3), b"hang", *payloads(3, "u")]
+    out = await d.run("s", batch)
+    for p, outcome in zip(batch, out, strict=True):
+        if p == b"hang":
+            assert outcome == (None, "task timed out after 0.05 s")
+        else:
+            assert outcome == (p.upper(), None)
+    assert set(backend.answered.values()) == {1}
+    assert d.restarts >= 1
+    assert backend.killed  # the stuck actor was killed
+
+
+async def test_session_setup_error_propagates() -> None:
+    d = await started(FakeBackend())
+    with pytest.raises(SessionSetupError):
+        await d.run("s", [b"a", b"setup", b"c", b"d"])
+
+
+async def test_concurrent_batches_all_answered() -> None:
+    backend = FakeBackend()
+    d = await started(backend, num_actors=3, min_chunk=2)
+    batches = [payloads(n, f"b{n}-") for n in (1, 5, 17, 40)]
+    outs = await asyncio.gather(*(d.run("s", b) for b in batches))
+    for b, out in zip(batches, outs, strict=True):
+        assert out == [(p.upper(), None) for p in b]
+
+
+async def test_end_session_fans_out_to_every_live_actor() -> None:
+    backend = FakeBackend()
+    d = await started(backend, num_actors=3)
+    await d.end_session("s9")
+    assert sorted(backend.ended) == [(0, "s9"), (1, "s9"), (2, "s9")]
+
+
+async def test_closed_pool_answers_errors() -> None:
+    backend = FakeBackend()
+    d = await started(backend)
+    await d.close()
+    out = await d.run("s", [b"a"])
+    assert out == [(None, "the actor pool is closed")]
+    assert len(backend.killed) == 2
+
+
+async def test_failed_start_stops_the_actors_that_did_start() -> None:
+    class HalfBroken(FakeBackend):
+        async def start_actor(self) -> FakeActor:
+            actor = await super().start_actor()
+            if actor.name == 1:
+                raise RuntimeError("no handler")
+            return actor
+
+    backend = HalfBroken()
+    d: Dispatcher[FakeActor] = Dispatcher(backend, num_actors=2)
+    with pytest.raises(RuntimeError, match="no handler"):
+        await d.start()
+    assert backend.killed == [backend.actors[0]]
+
+
+async def test_with_every_actor_dead_the_retry_waits_for_a_replacement() -> None:
+    backend = FakeBackend()
+    d = await started(backend, num_actors=1)
+    out = await d.run("s", [b"a", b"die-once", b"c"])
+    assert out == [(b"A", None), (b"DIE-ONCE", None), (b"C", None)]
+    await d.settle()
+    assert d.restarts == 1 and len(d.members()) == 1
+
+
+async def test_measured_cheap_tasks_stay_in_one_call_and_costly_ones_split() -> None:
+    backend = FakeBackend()
+    d = await started(backend, min_chunk=4, min_chunk_work_s=0.01)
+    assert d.chunk_floor() == 4  # nothing measured yet
+    backend.cost_s = 1e-6
+    await d.run("s", payloads(100))
+    assert d.task_cost_s == pytest.approx(1e-6)
+    before = sum(len(a.calls) for a in backend.actors)
+    await d.run("s", payloads(1000))
+    assert sum(len(a.calls) for a in backend.actors) == before + 1
+    backend.cost_s = 0.005
+    for _ in range(30):  # the running estimate follows the new cost
+        await d.run("s", payloads(1))
+    assert d.chunk_floor() == 4
+    before = sum(len(a.calls) for a in backend.actors)
+    await d.run("s", payloads(100))
+    assert sum(len(a.calls) for a in backend.actors) == before + 2
+
+
+async def test_isolated_tasks_never_share_an_actor() -> None:
+    class SlowRestarts(FakeBackend):
+        """The second replacement waits until an actor died a third time."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.third_death = asyncio.Event()
+
+        async def start_actor(self) -> FakeActor:
+            if len(self.actors) >= 3:
+                await self.third_death.wait()
+            return await super().start_actor()
+
+        async def _call(self, actor: FakeActor, payloads: list[bytes]) -> CallResult:
+            try:
+                return await super()._call(actor, payloads)
+            except ActorLost:
+                if sum(a.dead for a in self.actors) >= 3:
+                    self.third_death.set()
+                raise
+
+    backend = SlowRestarts()
+    d = await started(backend, min_chunk=100)
+    out = await d.run("s", [b"a", b"die", b"b", b"c"])
+    assert [o[0] for o in out] == [b"A", None, b"B", b"C"]
+    assert backend.singles_peak == 1

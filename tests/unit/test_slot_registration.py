@@ -1,0 +1,179 @@
+"""A bridge logical worker (``bridge.worker.Slot``) registering with a scripted
+fake queue manager: the ``workerid`` header, IDLE on registration, BIND/UNBIND
+turned into WorkerStream calls and WorkerState reports in order, undecodable
+instructions skipped, the end of the update stream. No network, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import grpc.aio
+import pytest
+
+from ray_alpcrun import errors
+from ray_alpcrun.bridge.session import Link
+from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.bridge.stats import BridgeStats
+from ray_alpcrun.bridge.worker import BridgeWorker, Slot
+from ray_alpcrun.rpc import QueueStub
+from ray_alpcrun.shared_data import SharedDataCache
+from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID
+from ray_alpcrun.types import Instruction, InstructionType, WorkerState, WorkerStatus
+
+pytestmark = pytest.mark.timeout(60)
+BIND, UNBIND = InstructionType.BIND, InstructionType.UNBIND
+EOF_ = grpc.aio.EOF  # type: ignore[attr-defined]
+
+
+class FakeCall:
+    """One streaming call as grpc.aio hands it out: the test scripts what is read."""
+
+    def __init__(self, metadata: Any, header: tuple[tuple[str, str], ...] = ()) -> None:
+        self.metadata = dict(metadata or ())
+        self.header = header
+        self.incoming: asyncio.Queue[Any] = asyncio.Queue()
+        self.written: asyncio.Queue[Any] = asyncio.Queue()
+        self.half_closed = False
+        self.cancelled = False
+
+    async def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.header
+
+    async def read(self) -> Any:
+        return await self.incoming.get()
+
+    async def write(self, message: Any) -> None:
+        await self.written.put(message)
+
+    async def done_writing(self) -> None:
+        self.half_closed = True
+        self.incoming.put_nowait(EOF_)  # the queue manager ends the stream in turn
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self.incoming.put_nowait(EOF_)
+        return True
+
+
+class FakeQueue:
+    """``WorkerUpdate`` and ``WorkerStream`` of a scripted queue manager."""
+
+    def __init__(self, worker_id: str = "W1") -> None:
+        self.worker_id = worker_id
+        self.update: FakeCall | None = None
+        self.streams: list[FakeCall] = []
+
+    def WorkerUpdate(self, metadata: Any = None) -> FakeCall:
+        header = ((MD_WORKER_ID, self.worker_id),) if self.worker_id else ()
+        self.update = FakeCall(metadata, header)
+        return self.update
+
+    def WorkerStream(self, metadata: Any = None) -> FakeCall:
+        call = FakeCall(metadata)
+        self.streams.append(call)
+        return call
+
+
+class NoCompute:
+    async def share(self, session_id: str, level: int | None, payload: bytes) -> None:
+        return None
+
+    async def process(self, session_id: str, payloads: list[bytes], shared: Any) -> list[Any]:
+        raise AssertionError("no task is sent in these tests")
+
+    async def end_session(self, session_id: str) -> None:
+        return None
+
+
+def make_slot(queue: FakeQueue) -> tuple[BridgeWorker, Slot]:
+    settings = WorkerSettings(
+        "127.0.0.1:1",
+        "127.0.0.1:2",
+        "key",
+        "ghpc.v1",
+        "node",
+        "pod",
+        1,
+        drain_timeout_s=5.0,
+        session_linger_s=0.0,
+    )
+    worker = BridgeWorker(settings, NoCompute())
+    worker.queue = cast(QueueStub, queue)
+
+    async def no_fetch(session_id: str, level: int | None) -> Any:
+        raise AssertionError("no shared data in these tests")
+
+    worker.link = Link(
+        queue=cast(QueueStub, queue),
+        metadata=worker.base_metadata,
+        shared=SharedDataCache(no_fetch, NoCompute().share),
+        processor=NoCompute(),
+        stats=BridgeStats(),
+        max_message_bytes=1 << 20,
+    )
+    return worker, worker.slots[0]
+
+
+async def written(call: FakeCall) -> WorkerState:
+    state = await asyncio.wait_for(call.written.get(), 5)
+    assert isinstance(state, WorkerState)
+    return state
+
+
+async def test_registration_bind_unbind_and_the_end_of_the_update_stream() -> None:
+    queue = FakeQueue("W1")
+    worker, slot = make_slot(queue)
+    serving = asyncio.create_task(slot.serve())
+    await asyncio.wait_for(slot.registered.wait(), 5)
+    update = cast(FakeCall, queue.update)
+    assert update.metadata[MD_POD] == "pod"
+    assert slot.worker_id == "W1" and slot.registrations == 1
+    assert await written(update) == WorkerState("W1", WorkerStatus.IDLE, "")
+
+    update.incoming.put_nowait(Instruction(BIND, "S1"))
+    assert await written(update) == WorkerState("W1", WorkerStatus.BUSY, "S1")
+    [stream] = queue.streams
+    assert stream.metadata[MD_SESSION_ID] == "S1" and stream.metadata[MD_WORKER_ID] == "W1"
+    assert worker.bound_sessions == ["S1"]
+
+    update.incoming.put_nowait(None)  # a frame grpc could not decode
+    update.incoming.put_nowait(Instruction(UNBIND, "S1"))
+    assert await written(update) == WorkerState("W1", WorkerStatus.IDLE, "")
+    assert stream.half_closed and slot.skipped_instructions == 1
+    assert worker.bound_sessions == []
+
+    update.incoming.put_nowait(EOF_)  # the queue manager ends the registration
+    await asyncio.wait_for(serving, 5)
+    assert not slot.registered.is_set() and update.cancelled
+    assert update.written.empty()
+    await asyncio.sleep(0.01)  # ok: the session's zero linger runs out
+    assert worker.bound_sessions == []
+
+
+async def test_the_end_of_the_update_stream_aborts_the_bound_session() -> None:
+    queue = FakeQueue("W1")
+    _, slot = make_slot(queue)
+    serving = asyncio.create_task(slot.serve())
+    await asyncio.wait_for(slot.registered.wait(), 5)
+    update = cast(FakeCall, queue.update)
+    assert (await written(update)).status == WorkerStatus.IDLE
+    update.incoming.put_nowait(Instruction(BIND, "S1"))
+    assert (await written(update)).status == WorkerStatus.BUSY
+    update.incoming.put_nowait(EOF_)
+    await asyncio.wait_for(serving, 5)
+    # The registration is gone: the queue manager re-queues what was in flight,
+    # so the stream is cancelled rather than drained, and no IDLE is sent.
+    assert queue.streams[0].cancelled and not queue.streams[0].half_closed
+    assert update.written.empty() and slot.session is None
+
+
+async def test_a_registration_without_a_worker_id_header_is_a_protocol_error() -> None:
+    queue = FakeQueue("")
+    _, slot = make_slot(queue)
+    update_ready = asyncio.create_task(slot.serve())
+    await asyncio.sleep(0)  # ok: serve() opened the call
+    cast(FakeCall, queue.update).incoming.put_nowait(EOF_)
+    with pytest.raises(errors.ProtocolError, match=MD_WORKER_ID):
+        await asyncio.wait_for(update_ready, 5)
+    assert not slot.registered.is_set()
