@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ray_alpcrun import gpu
 from ray_alpcrun.errors import ConfigError
+from ray_alpcrun.pool import gpu
 from ray_alpcrun.pool.gpu import (
     CPU_FALLBACK,
     array_module,
