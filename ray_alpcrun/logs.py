@@ -31,16 +31,22 @@ def json_line(
     level: str = "info",
     logger: str = "ray_alpcrun",
     created: float | None = None,
+    /,
     **extra: object,
 ) -> str:
-    """One JSON log line in the shape of :class:`JsonFormatter` (for ``print``)."""
+    """One JSON log line in the shape of :class:`JsonFormatter` (for ``print``).
+
+    The first four are positional-only, so a field named ``level`` or ``msg``
+    (``fields(level=2)``) is a field, not a clash; it is written as ``level_``
+    so that the line's own keys keep their meaning."""
     out: dict[str, object] = {
         "ts": timestamp(time.time() if created is None else created),
         "level": level,
         "logger": logger,
         "msg": msg,
     }
-    out.update(extra)
+    for key, value in extra.items():
+        out[f"{key}_" if key in out else key] = value
     return json.dumps(out, default=str)
 
 
