@@ -8,7 +8,6 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from ray_alpcrun.errors import ConfigError
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
@@ -168,7 +167,7 @@ class PoolConfig:
     data_path: str = "calls"
     # A compiled graph unused this long is torn down (Ray's channels spin while idle).
     compiled_idle_s: float = 1.0
-    actor_options: Mapping[str, Any] = field(default_factory=dict)
+    actor_options: Mapping[str, object] = field(default_factory=dict)
     # How the actors log (see ray_alpcrun.logs.setup_logging); None: Ray's default.
     log_level: str | None = None
     log_json: bool = False

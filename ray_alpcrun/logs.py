@@ -10,13 +10,12 @@ import json
 import logging
 import sys
 import time
-from typing import Any
 
 _FIELDS = "alpcrun_fields"
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
 
-def fields(**values: Any) -> dict[str, Any]:
+def fields(**values: object) -> dict[str, object]:
     """Structured fields for one log call (``extra=fields(...)``)."""
     return {_FIELDS: values}
 
@@ -32,16 +31,22 @@ def json_line(
     level: str = "info",
     logger: str = "ray_alpcrun",
     created: float | None = None,
-    **extra: Any,
+    /,
+    **extra: object,
 ) -> str:
-    """One JSON log line in the shape of :class:`JsonFormatter` (for ``print``)."""
-    out: dict[str, Any] = {
+    """One JSON log line in the shape of :class:`JsonFormatter` (for ``print``).
+
+    The first four are positional-only, so a field named ``level`` or ``msg``
+    (``fields(level=2)``) is a field, not a clash; it is written as ``level_``
+    so that the line's own keys keep their meaning."""
+    out: dict[str, object] = {
         "ts": timestamp(time.time() if created is None else created),
         "level": level,
         "logger": logger,
         "msg": msg,
     }
-    out.update(extra)
+    for key, value in extra.items():
+        out[f"{key}_" if key in out else key] = value
     return json.dumps(out, default=str)
 
 
@@ -67,7 +72,7 @@ class JsonFormatter(logging.Formatter):
         )
 
 
-def _kv(value: Any) -> str:
+def _kv(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
 
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import Handler, SessionContext
@@ -58,9 +58,9 @@ class HandlerRuntime:
         handler: Handler,
         *,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
-        xp: Any = None,
-        device: Any = None,
-        to_device: Callable[[Any], Any] | None = None,
+        xp: ModuleType | None = None,
+        device: object = None,  # the GPU actor's pool.gpu.Device: handed to the handler
+        to_device: Callable[[object], object] | None = None,
     ) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
@@ -72,7 +72,7 @@ class HandlerRuntime:
         self._sessions: OrderedDict[str, SessionContext] = OrderedDict()
         # Decoded shared data per session and level (a batch may ask for any level),
         # and the highest level each session has seen (for ``on_shared_update``).
-        self._decoded: dict[str, OrderedDict[int | None, Any]] = {}
+        self._decoded: dict[str, OrderedDict[int | None, object]] = {}
         self._highest: dict[str, int | None] = {}
         self.shared_decodes = 0
         self._tracebacks = TracebackLog()
@@ -212,7 +212,7 @@ class HandlerRuntime:
         self._decoded.pop(ctx.id, None)
         self._highest.pop(ctx.id, None)
 
-    def _decode(self, ctx: SessionContext, shared: SharedSpec) -> Any:
+    def _decode(self, ctx: SessionContext, shared: SharedSpec) -> object:
         try:
             value = self.handler.decode_shared(shared.fetch())
             if self._to_device is not None:
@@ -226,7 +226,7 @@ class HandlerRuntime:
         return value
 
 
-def _f(session_id: str) -> dict[str, Any]:
+def _f(session_id: str) -> dict[str, object]:
     return fields(session=session_id)
 
 
@@ -245,7 +245,7 @@ class TracebackLog:
         self._logged = 0
         self.suppressed = 0
 
-    def log(self, exc: BaseException, **context: Any) -> bool:
+    def log(self, exc: BaseException, **context: object) -> bool:
         now = self._clock()
         if now - self._window_start >= self.window_s:
             self._window_start, self._logged = now, 0
@@ -269,7 +269,7 @@ def _is_newer(level: int | None, current: int | None) -> bool:
     return current is None or level > current
 
 
-def _outcome(result: Any) -> Outcome:
+def _outcome(result: object) -> Outcome:
     if isinstance(result, BaseException):
         return None, describe(result)
     if isinstance(result, (bytes, bytearray, memoryview)):

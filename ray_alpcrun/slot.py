@@ -31,10 +31,10 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ray_alpcrun.logs import fields
-from ray_alpcrun.types import InstructionType, WorkerStatus
+from ray_alpcrun.types import Instruction, InstructionType, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SlotStream(Protocol):
     session_id: str
     closed: asyncio.Event  # set once the stream ended, whoever ended it
 
-    async def drain(self, timeout_s: float | None) -> Any:
+    async def drain(self, timeout_s: float | None) -> object:
         """Finish the batches in flight, half-close, wait (bounded) for the end."""
 
     async def abort(self) -> None:
@@ -97,7 +97,7 @@ class SlotMachine:
         self.drain_timeout_s = drain_timeout_s
         self.name = name
         self.current: SlotStream | None = None
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._events: asyncio.Queue[Instruction | _Stop | _Gone] = asyncio.Queue()
         self._watchers: set[asyncio.Task[None]] = set()
         self.stopped = False
         self.closed = False
@@ -112,8 +112,8 @@ class SlotMachine:
     def pending(self) -> int:
         return self._events.qsize()
 
-    def instruct(self, instruction: Any) -> None:
-        """Queue one decoded ``Instruction`` (any object with ``type``/``session_id``)."""
+    def instruct(self, instruction: Instruction) -> None:
+        """Queue one decoded ``Instruction``."""
         self._events.put_nowait(instruction)
 
     async def stop(self, timeout_s: float | None) -> None:
@@ -154,7 +154,7 @@ class SlotMachine:
             await current.abort()
             self._release(current.session_id)
 
-    async def _apply(self, instruction: Any) -> None:
+    async def _apply(self, instruction: Instruction) -> None:
         kind, session_id = instruction.type, instruction.session_id
         if kind == InstructionType.BIND:
             await self._end_current(drain=True)
@@ -225,5 +225,5 @@ class SlotMachine:
             if not event.done.done():
                 event.done.set_result(None)
 
-    def _f(self, **extra: Any) -> dict[str, Any]:
+    def _f(self, **extra: object) -> dict[str, object]:
         return fields(worker=self.name, **extra)

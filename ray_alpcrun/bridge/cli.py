@@ -16,7 +16,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ray_alpcrun import errors
 from ray_alpcrun.clikit import Output, Parser
@@ -35,6 +35,10 @@ from ray_alpcrun.worker_cli import (
     service_config,
     worker_identity,
 )
+
+if TYPE_CHECKING:
+    from ray_alpcrun.bridge.launch import BridgeHandle
+    from ray_alpcrun.devserver import LocalServices
 
 log = logging.getLogger("ray_alpcrun.bridge")
 
@@ -265,7 +269,7 @@ def run(
     out = out or Output(PROG, config.log_json)
     startup = startup or StartupSignals()
     started_ray = not ray.is_initialized()
-    services: Any = None
+    services: LocalServices | None = None
     try:
         if started_ray:
             # Ray first: starting it after gRPC is active prints fork warnings.
@@ -320,7 +324,7 @@ def _init_ray(config: BridgeConfig, startup: StartupSignals) -> None:
         signal.signal(signal.SIGTERM, startup)
 
 
-def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, Any]:
+def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, LocalServices]:
     from ray_alpcrun.config import DevServerConfig
     from ray_alpcrun.devserver import LocalServices
 
@@ -355,7 +359,7 @@ def _start_local(config: BridgeConfig, out: Output) -> tuple[BridgeConfig, Any]:
     return replace(config, services=services_config), services
 
 
-def _wait(handle: Any, out: Output) -> int:
+def _wait(handle: BridgeHandle, out: Output) -> int:
     """Block until the bridge ends; the first signal drains, the second kills."""
     import ray
 

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.config import BridgeConfig, PoolConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from ray_alpcrun.pool.pool_actor import RemoteMethod
+
+
+class BridgeActorHandle(Protocol):
+    """A :class:`~ray_alpcrun.bridge.actor.Bridge` as Ray hands it out (its ``ActorHandle``)."""
+
+    @property
+    def run(self) -> RemoteMethod[tuple[int, str]]: ...
+    @property
+    def stop(self) -> RemoteMethod[None]: ...
+    @property
+    def wait_ready(self) -> RemoteMethod[bool]: ...
+    @property
+    def status(self) -> RemoteMethod[dict[str, object]]: ...
 
 
 def worker_settings(config: BridgeConfig, slots: int) -> WorkerSettings:
@@ -54,11 +72,11 @@ def resolve_pool(config: BridgeConfig) -> PoolConfig:
 class BridgeHandle:
     """A running bridge actor. ``run_ref`` resolves to ``(exit_code, reason)``."""
 
-    actor: Any
-    run_ref: Any
+    actor: BridgeActorHandle
+    run_ref: Awaitable[tuple[int, str]]  # an ObjectRef
     config: BridgeConfig
 
-    def stop(self, drain: bool = True) -> Any:
+    def stop(self, drain: bool = True) -> Awaitable[None]:
         """Ask the bridge to stop (returns an ObjectRef; ``run_ref`` resolves after)."""
         return self.actor.stop.remote(drain)
 
@@ -67,7 +85,7 @@ class BridgeHandle:
 
         ray.kill(self.actor, no_restart=True)
 
-    def status(self) -> Any:
+    def status(self) -> Awaitable[dict[str, object]]:
         return self.actor.status.remote()
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
@@ -114,7 +132,7 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
 
     # On this (the driver's) node: the health port, node identity and node cache are here.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    options: dict[str, Any] = {"scheduling_strategy": here}
+    options: dict[str, object] = {"scheduling_strategy": here}
     if name is not None:
         options["name"] = name
     cls = bridge_actor_class().options(**options)

@@ -18,7 +18,8 @@ import json
 import logging
 import re
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TypedDict
 
 from ray_alpcrun.logs import json_line
 
@@ -27,6 +28,18 @@ log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RAY_PRINTER = "ray_print_logs"
 _TQDM_MAGIC = "__ray_tqdm_magic_token__"
+
+
+class LogBatch(TypedDict, total=False):
+    """One batch of lines from one Ray process, as Ray's stdstream dispatcher hands it over."""
+
+    ip: str
+    pid: int | str  # a worker's pid, or "raylet" / "autoscaler"
+    job: str
+    is_err: bool
+    lines: list[str]
+    actor_name: str
+    task_name: str
 
 
 def strip_ansi(text: str) -> str:
@@ -49,12 +62,12 @@ def forward_actor_output(json_lines: bool) -> bool:
     return True
 
 
-def print_batch(data: dict[str, Any], json_lines: bool) -> None:
+def print_batch(data: LogBatch, json_lines: bool) -> None:
     """One batch of lines from one Ray process (Ray's ``LogBatch``)."""
     sink = sys.stderr if data.get("is_err") else sys.stdout
     pid = data.get("pid")
     source = data.get("actor_name") or data.get("task_name") or ""
-    lines = data.get("lines", ())
+    lines: Sequence[str] = data.get("lines", ())
     if pid == "autoscaler":
         lines = _autoscaler_events(lines)
     for line in lines:
@@ -70,13 +83,14 @@ def print_batch(data: dict[str, Any], json_lines: bool) -> None:
     sink.flush()
 
 
-def _autoscaler_events(lines: Any) -> Any:
+def _autoscaler_events(lines: Sequence[str]) -> Sequence[str]:
     """What Ray's own printer keeps of the autoscaler's output (its events only)."""
     try:
         from ray._private.worker import filter_autoscaler_events
     except ImportError:  # pragma: no cover - a Ray without it: drop the status dumps
         return ()
-    return filter_autoscaler_events(list(lines))
+    events: list[str] = filter_autoscaler_events(list(lines))
+    return events
 
 
 def format_ray_logger(json_lines: bool) -> None:
@@ -93,7 +107,7 @@ def format_ray_logger(json_lines: bool) -> None:
     logger.addHandler(handler)
 
 
-def _as_json(text: str, pid: Any, source: str) -> str:
+def _as_json(text: str, pid: object, source: str) -> str:
     try:
         record = json.loads(text)
     except ValueError:
@@ -103,7 +117,6 @@ def _as_json(text: str, pid: Any, source: str) -> str:
         if source:
             record.setdefault("actor", source)
         return json.dumps(record, default=str)
-    extra: dict[str, Any] = {"pid": pid}
     if source:
-        extra["actor"] = source
-    return json_line(text, "info", "ray", **extra)
+        return json_line(text, "info", "ray", pid=pid, actor=source)
+    return json_line(text, "info", "ray", pid=pid)

@@ -236,5 +236,5 @@ class WorkerStream:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.closed.set()
 
-    def _f(self, **extra: Any) -> dict[str, Any]:
+    def _f(self, **extra: object) -> dict[str, object]:
         return fields(worker=self.worker_id, session=self.session_id, **extra)

@@ -253,7 +253,7 @@ class LocalServices:
 
     # --- sync life cycle (own loop in a background thread) -----------------
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+    def _run(self, coro: Coroutine[object, None, T], timeout_s: float | None = None) -> T:
         loop = self._loop
         if loop is None:
             coro.close()

@@ -127,11 +127,10 @@ class ActorPool:
         options.update(cfg.actor_options)
         # concurrency_groups cannot go through .options(); it belongs to the class.
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
-        backend: RayBackend | CompiledBackend = RayBackend(
-            actor_class.options(**options), blob, cfg
-        )
+        calls = RayBackend(actor_class.options(**options), blob, cfg)
+        backend: RayBackend | CompiledBackend = calls
         if cfg.data_path == "compiled":
-            backend = CompiledBackend(backend, idle_s=cfg.compiled_idle_s)
+            backend = CompiledBackend(calls, idle_s=cfg.compiled_idle_s)
         dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
             backend,
             num_actors=first,

@@ -61,16 +61,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from ray_alpcrun.errors import ActorLost, SessionSetupError
 from ray_alpcrun.pool.coalesce import Coalescer
 from ray_alpcrun.pool.membership import CallResult
-from ray_alpcrun.pool.pool_actor import RunArgs, RunReply, StepReply
+from ray_alpcrun.pool.pool_actor import (
+    ActorInfo,
+    CompiledGraph,
+    PoolActorHandle,
+    RunArgs,
+    RunReply,
+    SharedRef,
+    StepReply,
+)
 from ray_alpcrun.runtime import describe
 
+if TYPE_CHECKING:
+    from ray_alpcrun.pool.backend import RayBackend
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# What one execution carries: sub-batches to run, or a session to end.
+_Request = tuple[Literal["run"], list[RunArgs]] | tuple[Literal["end"], str]
 
 MAX_OUTSTANDING = 2
 """Executions in flight per actor; more sub-batches wait and travel together."""
@@ -86,7 +102,7 @@ _STABLE_S = 2.0  # after a failed compile, ordinary calls only for this long
 class _Graph:
     """One actor's compiled graph and the executions waiting on it."""
 
-    dag: Any = None
+    dag: CompiledGraph
     ready: bool = False
     broken: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: int = 0
@@ -102,7 +118,7 @@ class CompiledBackend:
     starts, kills and queries actors and carries sub-batches while no graph is up.
     """
 
-    def __init__(self, calls: Any, *, idle_s: float = DEFAULT_IDLE_S) -> None:
+    def __init__(self, calls: RayBackend, *, idle_s: float = DEFAULT_IDLE_S) -> None:
         import ray
 
         self._ray = ray
@@ -119,8 +135,8 @@ class CompiledBackend:
         self._builds: dict[int, asyncio.Event] = {}  # set when the build ended
         self._calls_out: dict[int, int] = {}  # ordinary calls in flight per actor
         self._drain: dict[int, asyncio.Event] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._steps: Coalescer[Any, RunArgs, RunReply] = Coalescer(
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._steps: Coalescer[PoolActorHandle, RunArgs, RunReply] = Coalescer(
             self._send_one, self._send_many, MAX_OUTSTANDING
         )
         self.builds = 0
@@ -128,26 +144,25 @@ class CompiledBackend:
         self.teardowns = 0
 
     @property
-    def handles(self) -> dict[int, Any]:
-        handles: dict[int, Any] = self._inner.handles
-        return handles
+    def handles(self) -> dict[int, PoolActorHandle]:
+        return self._inner.handles
 
-    def graph_ready(self, actor: Any) -> bool:
+    def graph_ready(self, actor: PoolActorHandle) -> bool:
         """Whether sub-batches for ``actor`` go through its compiled graph now."""
         graph = self._graphs.get(id(actor))
         return graph is not None and graph.ready and not graph.broken.is_set()
 
-    async def start_actor(self) -> Any:
+    async def start_actor(self) -> PoolActorHandle:
         actor = await self._inner.start_actor()
         self._born[id(actor)] = time.monotonic()
         return actor
 
     async def call(
         self,
-        actor: Any,
+        actor: PoolActorHandle,
         session_id: str,
         payloads: list[bytes],
-        shared: Any,
+        shared: object,
         tags: tuple[str, ...],
     ) -> CallResult:
         key = id(actor)
@@ -172,6 +187,8 @@ class CompiledBackend:
                     del self._calls_out[key]
                     self._drained(key)
             return result
+        if shared is not None and not isinstance(shared, SharedRef):
+            raise TypeError(f"shared data reaches the actors as a SharedRef, not {shared!r}")
         try:
             reply = await self._steps.call(actor, id(actor), (session_id, payloads, shared, tags))
         except self._lost as exc:  # from an ordinary call after a teardown
@@ -183,7 +200,7 @@ class CompiledBackend:
             raise SessionSetupError(reply)
         return reply
 
-    def kill(self, actor: Any) -> None:
+    def kill(self, actor: PoolActorHandle) -> None:
         self._inner.kill(actor)
         self._steps.forget(id(actor))
         self._no_build_until.pop(id(actor), None)
@@ -196,7 +213,7 @@ class CompiledBackend:
         if graph is not None:
             self._teardown(graph, "actor killed")
 
-    async def end_session(self, actor: Any, session_id: str) -> None:
+    async def end_session(self, actor: PoolActorHandle, session_id: str) -> None:
         graph = self._graphs.get(id(actor))
         if graph is None or not self.graph_ready(actor):
             await self._inner.end_session(actor, session_id)
@@ -204,7 +221,7 @@ class CompiledBackend:
         # Shielded: a submission cut short would leave Ray's reply queue out of step.
         await asyncio.shield(self._execute(actor, graph, ("end", session_id)))
 
-    async def retire(self, actor: Any) -> None:
+    async def retire(self, actor: PoolActorHandle) -> None:
         """An idle actor leaves the elastic pool: its graph goes first, then its
         sessions end through an ordinary call (the dispatcher kills it after)."""
         graph = self._graphs.pop(id(actor), None)
@@ -212,8 +229,8 @@ class CompiledBackend:
             self._teardown(graph, "actor retired")
         await self._inner.retire(actor)
 
-    async def status(self, actor: Any, timeout_s: float) -> dict[str, Any]:
-        info: dict[str, Any] = await self._inner.status(actor, timeout_s)
+    async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
+        info = await self._inner.status(actor, timeout_s)
         info["data_path"] = "compiled" if self.graph_ready(actor) else "calls"
         return info
 
@@ -228,21 +245,20 @@ class CompiledBackend:
 
     # -- the graph path -------------------------------------------------------
 
-    async def _send_one(self, actor: Any, part: RunArgs) -> RunReply:
+    async def _send_one(self, actor: PoolActorHandle, part: RunArgs) -> RunReply:
         return (await self._send_many(actor, [part]))[0]
 
-    async def _send_many(self, actor: Any, parts: list[RunArgs]) -> list[RunReply]:
+    async def _send_many(self, actor: PoolActorHandle, parts: list[RunArgs]) -> list[RunReply]:
         graph = self._graphs.get(id(actor))
         if graph is None or not graph.ready or graph.broken.is_set():
             # Torn down (idle, or a neighbour's failure) after the caller chose this path.
-            replies: list[RunReply] = await self._inner._run_many(actor, parts)
-            return replies
+            return await self._inner._run_many(actor, parts)
         reply = await self._execute(actor, graph, ("run", parts))
         if not isinstance(reply, list) or len(reply) != len(parts):
             raise ActorLost(f"compiled graph answered {reply!r:.80} for {len(parts)} parts")
         return reply
 
-    async def _execute(self, actor: Any, graph: _Graph, request: tuple[str, Any]) -> StepReply:
+    async def _execute(self, actor: PoolActorHandle, graph: _Graph, request: _Request) -> StepReply:
         graph.inflight += 1
         graph.last_used = time.monotonic()
         try:
@@ -276,22 +292,21 @@ class CompiledBackend:
             graph.inflight -= 1
             graph.last_used = time.monotonic()
 
-    async def _ordinary(self, actor: Any, request: tuple[str, Any]) -> StepReply:
-        op, arg = request
-        if op == "end":
+    async def _ordinary(self, actor: PoolActorHandle, request: _Request) -> StepReply:
+        _, arg = request
+        if isinstance(arg, str):  # ("end", session_id)
             await self._inner.end_session(actor, arg)
             return True
-        replies: list[RunReply] = await self._inner._run_many(actor, arg)
-        return replies
+        return await self._inner._run_many(actor, arg)
 
-    def _broken(self, actor: Any, graph: _Graph, reason: str) -> None:
+    def _broken(self, actor: PoolActorHandle, graph: _Graph, reason: str) -> None:
         if self._graphs.get(id(actor)) is graph:
             del self._graphs[id(actor)]
         self._teardown(graph, reason)
 
     # -- building and tearing down --------------------------------------------
 
-    def _maybe_build(self, actor: Any) -> asyncio.Event | None:
+    def _maybe_build(self, actor: PoolActorHandle) -> asyncio.Event | None:
         key = id(actor)
         if key in self._graphs or key not in self.handles:
             return None
@@ -307,7 +322,7 @@ class CompiledBackend:
         if event is not None:
             event.set()
 
-    async def _build(self, actor: Any, done: asyncio.Event) -> None:
+    async def _build(self, actor: PoolActorHandle, done: asyncio.Event) -> None:
         key = id(actor)
         try:
             while self._calls_out.get(key, 0) > 0 and key in self.handles:
@@ -348,7 +363,7 @@ class CompiledBackend:
                 del self._builds[key]
             done.set()
 
-    async def _watch(self, actor: Any, graph: _Graph) -> None:
+    async def _watch(self, actor: PoolActorHandle, graph: _Graph) -> None:
         """Break the graph when the actor's graph loop ends (the actor died)."""
         refs = list(graph.dag.worker_task_refs.values())
         loop_done = asyncio.ensure_future(asyncio.gather(*refs))
@@ -366,13 +381,13 @@ class CompiledBackend:
             reason = describe(loop_done.exception())  # type: ignore[arg-type]
         self._broken(actor, graph, reason)
 
-    def _arm_idle(self, actor: Any, graph: _Graph) -> None:
+    def _arm_idle(self, actor: PoolActorHandle, graph: _Graph) -> None:
         due = graph.last_used + self._idle_s
         delay = max(0.05, due - time.monotonic())
         loop = asyncio.get_running_loop()
         graph.idle_timer = loop.call_later(delay, self._check_idle, actor, graph)
 
-    def _check_idle(self, actor: Any, graph: _Graph) -> None:
+    def _check_idle(self, actor: PoolActorHandle, graph: _Graph) -> None:
         if graph.broken.is_set() or self._graphs.get(id(actor)) is not graph:
             return
         if graph.inflight == 0 and time.monotonic() - graph.last_used >= self._idle_s:
@@ -399,30 +414,29 @@ class CompiledBackend:
     async def _teardown_now(self, graph: _Graph) -> None:
         assert graph.closed is not None
         try:
-            if graph.dag is not None:
-                await asyncio.to_thread(graph.dag.teardown)
+            await asyncio.to_thread(graph.dag.teardown)
         except Exception as exc:
             log.debug("compiled graph teardown: %s", describe(exc))
         finally:
             if not graph.closed.done():
                 graph.closed.set_result(None)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
+def _retrieve(future: asyncio.Future[T]) -> None:
     if not future.cancelled():
         future.exception()  # seen: no "exception never retrieved" warning
 
 
-def _probe(actor: Any) -> None:
+def _probe(actor: object) -> None:
     """Runs on the actor after the calls queued there (``__ray_call__``)."""
 
 
-async def _await(future: Any) -> Any:
+async def _await(future: Awaitable[StepReply]) -> StepReply:
     return await future
 
 

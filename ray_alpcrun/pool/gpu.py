@@ -23,7 +23,8 @@ import importlib
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 from ray_alpcrun.errors import ConfigError
@@ -148,7 +149,7 @@ class Device:
     def __init__(
         self,
         *,
-        cupy: Any,
+        cupy: ModuleType,
         identity: CudaIdentity,
         nvml: Nvml | None = None,
         nvml_handle: NvmlHandle | None = None,
@@ -165,7 +166,7 @@ class Device:
         self.ray_gpu_ids = tuple(str(g) for g in ray_gpu_ids)
 
     @property
-    def xp(self) -> Any:
+    def xp(self) -> ModuleType:
         """The array module (``cupy``)."""
         return self._cupy
 
@@ -188,7 +189,7 @@ class Device:
 
         cp = self._cupy
 
-        def move(x: Any) -> Any:
+        def move(x: object) -> object:
             if isinstance(x, np.ndarray):
                 return cp.asarray(x)
             if isinstance(x, dict):
@@ -197,7 +198,8 @@ class Device:
                 return [move(v) for v in x]
             if isinstance(x, tuple):
                 items = [move(v) for v in x]
-                return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+                make: Callable[..., object] = type(x)  # a namedtuple takes its fields
+                return make(*items) if hasattr(x, "_fields") else tuple(items)
             if dataclasses.is_dataclass(x) and not isinstance(x, type):
                 changes = {
                     f.name: move(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init
@@ -305,7 +307,7 @@ def setup_device(
     gpu_ids: Sequence[str | int] | None = None,
     *,
     memory_fraction: float | None = None,
-    cupy_module: Any = None,
+    cupy_module: ModuleType | None = None,
     nvml: Nvml | None = None,
 ) -> Device | None:
     """Set up this actor's GPU, or return ``None`` to compute on the CPU.
@@ -413,7 +415,7 @@ def active_device() -> Device | None:
     return _active_device
 
 
-def array_module(obj: Any = None) -> Any:
+def array_module(obj: object = None) -> ModuleType:
     """CuPy for a CuPy array or on a GPU actor, NumPy otherwise.
 
     >>> xp = array_module()          # numpy in a CPU actor

@@ -68,7 +68,7 @@ class RayPool:
         tags: Sequence[str] = (),
         session_id: str | None = None,
         progress: bool = False,
-        ray_init: Mapping[str, Any] | None = None,
+        ray_init: Mapping[str, object] | None = None,
     ) -> None:
         self.config = config or PoolConfig(
             num_actors=actors, gpus_per_actor=gpus_per_actor, task_timeout_s=task_timeout_s

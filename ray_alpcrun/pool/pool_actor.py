@@ -87,6 +87,36 @@ class PoolActorHandle(Protocol):
     def close_sessions(self) -> RemoteMethod[int]: ...
     @property
     def status(self) -> RemoteMethod[ActorInfo]: ...
+    @property
+    def step(self) -> StepMethod: ...
+    @property
+    def __ray_call__(self) -> RemoteMethod[None]: ...
+
+
+class CompiledGraph(Protocol):
+    """What ``experimental_compile(enable_asyncio=True)`` returns (Ray's compiled DAG)."""
+
+    # The actors' graph loops, one ObjectRef each: they end when an actor dies.
+    worker_task_refs: Mapping[object, Awaitable[object]]
+
+    def execute_async(self, request: StepRequest) -> Awaitable[Awaitable[StepReply]]:
+        """Submit one execution; the awaited submission gives the reply's future."""
+
+    def teardown(self) -> None: ...
+
+
+class GraphNode(Protocol):
+    """``actor.step.bind(input)``: the one-node graph before it is compiled."""
+
+    def experimental_compile(
+        self, *, enable_asyncio: bool, _max_inflight_executions: int
+    ) -> CompiledGraph: ...
+
+
+class StepMethod(RemoteMethod[StepReply], Protocol):
+    """``PoolActor.step`` behind Ray: also bound into a compiled graph."""
+
+    def bind(self, request: object) -> GraphNode: ...
 
 
 class PoolActorClass(Protocol):

@@ -45,6 +45,7 @@ from ray_alpcrun.config import (
 from ray_alpcrun.handler import HandlerSpec, load_handler
 from ray_alpcrun.logs import fields
 from ray_alpcrun.refworker.serve import EOF, SessionServer
+from ray_alpcrun.rpc import CacheStub, QueueStub
 from ray_alpcrun.runtime import HandlerRuntime, SharedSpec, describe
 from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.slot import SlotMachine
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 class _Served:
     """A :class:`SessionServer` and its task, as the slot machine sees a stream."""
 
-    def __init__(self, server: SessionServer, serving: Coroutine[Any, Any, None]) -> None:
+    def __init__(self, server: SessionServer, serving: Coroutine[object, None, None]) -> None:
         self.session_id = server.session_id
         self.server = server
         self.closed = server.ended
@@ -186,9 +187,9 @@ class ReferenceWorker:
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: Any = None
-        self._cache: Any = None
-        self._updates: Any = None
+        self._queue: QueueStub | None = None
+        self._cache: CacheStub | None = None
+        self._updates: grpc.aio.StreamStreamCall[WorkerState, Instruction] | None = None
         self._update_lock: asyncio.Lock | None = None
 
     # --- life cycle -----------------------------------------------------------
@@ -264,7 +265,7 @@ class ReferenceWorker:
             await cache_channel.close(None)
 
     async def _follow_instructions(self) -> None:
-        assert self._stop is not None
+        assert self._stop is not None and self._queue is not None
         self._updates = updates = self._queue.WorkerUpdate(metadata=self._identity_md)
         header = dict(await updates.initial_metadata() or ())
         worker_id = header.get(MD_WORKER_ID)
@@ -322,6 +323,7 @@ class ReferenceWorker:
         metadata = self._identity_md + make_metadata(
             None, **{MD_SESSION_ID: session_id, MD_WORKER_ID: self.worker_id or ""}
         )
+        assert self._queue is not None
         server = SessionServer(
             session_id,
             self._queue.WorkerStream(metadata=metadata),
@@ -340,6 +342,7 @@ class ReferenceWorker:
 
     async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
         assert self._update_lock is not None and self.worker_id is not None
+        assert self._updates is not None
         async with self._update_lock:
             # A broken update stream is noticed (and re-registered) by its reader.
             with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
@@ -397,6 +400,7 @@ class ReferenceWorker:
 
     async def _fetch_shared(self, session_id: str, level: int | None) -> SharedData:
         request = SharedData(session_id=session_id, update_level=level)
+        assert self._cache is not None
         with rpc_errors():
             reply: SharedData = await self._cache.GetSharedData(
                 request, metadata=self._identity_md, timeout=self.config.rpc_timeout_s
