@@ -36,6 +36,9 @@ from ray_alpcrun.types import (
 
 log = logging.getLogger(__name__)
 
+# At stop, the end hooks of sessions still held get this long, all together.
+END_AT_STOP_S = 5.0
+
 
 class Slot:
     """One logical worker: one registration whose instructions a
@@ -198,6 +201,22 @@ class BridgeWorker:
             log.exception("ending session failed", extra=fields(session=session_id))
         log.info("session released", extra=fields(session=session_id))
 
+    async def _end_sessions_at_stop(self, session_ids: list[str]) -> None:
+        """Run the end hooks of the sessions still held, together and bounded: an
+        actor stuck in a handler must not hold the stop (its hook is skipped)."""
+        if not session_ids:
+            return
+        ends = [asyncio.create_task(self._end_session(sid)) for sid in session_ids]
+        _, late = await asyncio.wait(ends, timeout=END_AT_STOP_S)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if late:
+            log.warning(
+                "on_session_end not finished at stop; skipped",
+                extra=fields(sessions=len(late), timeout_s=END_AT_STOP_S),
+            )
+
     @property
     def bound_sessions(self) -> list[str]:
         return sorted(self._holders)
@@ -275,11 +294,10 @@ class BridgeWorker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             # Sessions released shortly before the stop end now, not never.
-            ending = [*self._linger, *self._holders]
+            ending = list(dict.fromkeys([*self._linger, *self._holders]))
             for linger in list(self._linger.values()):
                 linger.cancel()
-            for session_id in dict.fromkeys(ending):
-                await self._end_session(session_id)
+            await self._end_sessions_at_stop(ending)
             if self._channels:
                 await self.link.shared.close()
             for ch in self._channels:

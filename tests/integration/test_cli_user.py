@@ -125,7 +125,10 @@ def test_sigterm_stops_taking_batches(ray_address: str, svc: LocalServices) -> N
     assert code == 0, out
     assert "drain deadline passed" not in out, out  # finished what it started, in time
     assert "result dropped" not in out, out  # every batch it started was answered
-    assert "session drained" in out and "not_started=" in out, out
+    # Not waiting out --drain-timeout 60 is the point (before: the whole 60 s). The
+    # bridge's own "session drained" line is not asserted: Ray may not forward an
+    # actor's last lines before the driver exits.
+    assert drain_s < 45, f"drain took {drain_s:.1f} s of --drain-timeout 60"
     assert "\x1b[" not in out  # no colour codes in a file
     assert_exactly_once(results, n)
 
