@@ -101,8 +101,9 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         "--task-timeout",
         type=float,
         default=None,
-        help="fail a task that runs longer than this many seconds, timed from when its "
-        "actor starts it (a sub-batch of N tasks gets N times this); default: no limit",
+        help="fail a sub-batch that runs too long: its deadline is this many seconds times "
+        "the tasks on its actor when it is sent there (its own and those queued before "
+        "it) plus 1 s; default: no limit",
     )
     a(
         "--drain-timeout",

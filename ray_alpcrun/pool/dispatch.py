@@ -20,9 +20,9 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ray_alpcrun.errors import ActorLost, AlpcrunError
 from ray_alpcrun.logs import fields
@@ -102,7 +102,7 @@ class Dispatcher(Membership[A]):
         min_chunk_work_s: float = 0.0,
         max_call_retries: int = 2,
         task_timeout_s: float | None = None,
-        timeout_slack_s: float = 0.25,
+        timeout_slack_s: float = 1.0,
         restart_attempts: int = 3,
         restart_backoff_s: float = 0.5,
         elastic: bool = False,
@@ -289,8 +289,6 @@ class Dispatcher(Membership[A]):
         n = len(part.payloads)
         if not reserved:
             member.inflight += n
-        ahead, member.tail = member.tail, asyncio.get_running_loop().create_future()
-        mine = member.tail
         try:
             call = self._backend.call(
                 member.actor, part.session_id, part.payloads, part.shared, part.tags
@@ -298,14 +296,19 @@ class Dispatcher(Membership[A]):
             if self._timeout_s is None:
                 outcomes, spent_s = await call
             else:
-                outcomes, spent_s = await self._timed(call, ahead, member)
+                # The actor runs calls one after another: this one may wait behind
+                # everything already queued there, each of which has its own budget.
+                deadline_s = self._timeout_s * max(1, member.inflight) + self._slack_s
+                try:
+                    outcomes, spent_s = await asyncio.wait_for(call, deadline_s)
+                except asyncio.TimeoutError as exc:
+                    raise _TimedOut from exc
         finally:
             member.inflight -= n
             if member.inflight == 0:
                 member.idle_since = asyncio.get_running_loop().time()
             if self._admitting:
                 self._notify()  # a batch waits for room on an actor
-            mine.set_result(None)
         if spent_s is not None and n:
             sample = spent_s / n
             cost = self.task_cost_s
@@ -337,27 +340,6 @@ class Dispatcher(Membership[A]):
                 await wake.wait()
         finally:
             self._admitting -= 1
-
-    async def _timed(
-        self, call: Awaitable[CallResult], ahead: asyncio.Future[None] | None, member: Member[A]
-    ) -> CallResult:
-        """``call``, timed from when the actor starts it: once the call sent before
-        it to the same actor has ended. Its budget is one timeout per task then on
-        the actor, at least its own: sub-batches queued behind it may have been
-        merged into the same Ray call (see ``coalesce``) and run with it."""
-        assert self._timeout_s is not None
-        running = asyncio.ensure_future(call)
-        try:
-            if ahead is not None:
-                first: list[asyncio.Future[Any]] = [ahead, running]
-                await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-            budget_s = self._timeout_s * max(1, member.inflight) + self._slack_s
-            done, _ = await asyncio.wait([running], timeout=budget_s)
-            if not done:
-                raise _TimedOut
-            return running.result()
-        finally:
-            running.cancel()
 
     async def _least_loaded(self, claimed: set[Member[A]] | None = None) -> Member[A]:
         """The live actor with the fewest tasks in flight, not in ``claimed``; waits

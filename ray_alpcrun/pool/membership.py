@@ -66,9 +66,6 @@ class Member(Generic[A]):
     idle_since: float = 0.0  # loop time when ``inflight`` last dropped to zero
     # Killed by us (timeout, close): deaths of its other calls are not their tasks' fault.
     killed: bool = False
-    # Done when the last call sent to this actor has ended: the actor runs calls in
-    # order, so the next call starts then (its --task-timeout is timed from there).
-    tail: asyncio.Future[None] | None = None
 
 
 class Membership(Generic[A]):
