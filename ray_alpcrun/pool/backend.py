@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Awaitable
 
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import ActorLost, ConfigError, HandlerError, SessionSetupError
@@ -77,7 +78,7 @@ class RayBackend:
             raise
         except self._lost as exc:
             self.kill(actor)
-            raise HandlerError(f"pool actor failed to start: {_first_line(exc)}") from exc
+            raise HandlerError(f"pool actor failed to start: {first_line(exc)}") from exc
         if "error" in info:
             self.kill(actor)
             kind = ConfigError if info.get("error_kind") == "device" else HandlerError
@@ -93,17 +94,29 @@ class RayBackend:
         shared: object,
         tags: tuple[str, ...],
     ) -> CallResult:
-        if shared is not None and not isinstance(shared, SharedRef):
-            raise TypeError(f"shared data reaches the actors as a SharedRef, not {shared!r}")
+        ref = as_shared_ref(shared)
+        sending = self._calls.call(actor, id(actor), (session_id, payloads, ref, tags))
+        return await self.reply_of(sending, len(payloads))
+
+    async def reply_of(
+        self,
+        sending: Awaitable[RunReply],
+        n: int,
+        lost: tuple[type[BaseException], ...] | None = None,
+    ) -> CallResult:
+        """A sub-batch's reply as the dispatcher takes it, whichever path sent it:
+        the actor's loss (``lost``; default the ordinary call's) raises
+        :class:`ActorLost`, Ray failing around the call fails its ``n`` tasks,
+        and a session that cannot start raises :class:`SessionSetupError`."""
+        gone = self._lost if lost is None else lost
         try:
-            reply = await self._calls.call(actor, id(actor), (session_id, payloads, shared, tags))
-        except self._lost as exc:
-            raise ActorLost(_first_line(exc)) from exc
+            reply = await sending
+        except gone as exc:
+            raise ActorLost(first_line(exc)) from exc
         except self._task_error as exc:
             # PoolActor.run catches handler errors itself: this is Ray failing
             # around the call (e.g. arguments that cannot be unpickled).
-            error = f"pool actor call failed: {_first_line(exc)}"
-            return [(None, error)] * len(payloads), None
+            return [(None, f"pool actor call failed: {first_line(exc)}")] * n, None
         if isinstance(reply, str):
             raise SessionSetupError(reply)
         return reply
@@ -128,13 +141,13 @@ class RayBackend:
         try:
             await actor.end_session.remote(session_id)
         except self._lost as exc:
-            raise ActorLost(_first_line(exc)) from exc
+            raise ActorLost(first_line(exc)) from exc
 
     async def retire(self, actor: PoolActorHandle) -> None:
         try:
             await actor.close_sessions.remote()
         except self._lost as exc:
-            raise ActorLost(_first_line(exc)) from exc
+            raise ActorLost(first_line(exc)) from exc
 
     async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
         try:
@@ -142,10 +155,17 @@ class RayBackend:
         except asyncio.TimeoutError:
             return {"error": f"no answer within {timeout_s:g} s"}
         except self._lost as exc:
-            return {"error": _first_line(exc)}
+            return {"error": first_line(exc)}
         return info
 
 
-def _first_line(exc: BaseException) -> str:
+def as_shared_ref(shared: object) -> SharedRef | None:
+    """Shared data reaches the actors only as a :class:`SharedRef` (or not at all)."""
+    if shared is not None and not isinstance(shared, SharedRef):
+        raise TypeError(f"shared data reaches the actors as a SharedRef, not {shared!r}")
+    return shared
+
+
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else describe(exc)

@@ -5,7 +5,7 @@ An ordinary Ray actor call costs the bridge about half a millisecond of CPU
 (``ray.dag``) writes the arguments into a shared-memory channel that the actor
 is already reading, and costs tens of microseconds. :class:`CompiledBackend` is
 a dispatcher :class:`~ray_alpcrun.pool.membership.Backend` that sends sub-batches that
-way and falls back to ordinary calls (the wrapped ``_RayBackend``) whenever no
+way and falls back to ordinary calls (the wrapped ``RayBackend``) whenever no
 graph is up.
 
 Design (checked against Ray 2.60):
@@ -65,7 +65,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from ray_alpcrun.errors import ActorLost, SessionSetupError
+from ray_alpcrun.errors import ActorLost
+from ray_alpcrun.pool.backend import as_shared_ref
 from ray_alpcrun.pool.coalesce import Coalescer
 from ray_alpcrun.pool.membership import CallResult
 from ray_alpcrun.pool.pool_actor import (
@@ -74,7 +75,6 @@ from ray_alpcrun.pool.pool_actor import (
     PoolActorHandle,
     RunArgs,
     RunReply,
-    SharedRef,
     StepReply,
 )
 from ray_alpcrun.runtime import describe
@@ -114,7 +114,7 @@ class _Graph:
 class CompiledBackend:
     """A :class:`~ray_alpcrun.pool.membership.Backend` that sends sub-batches over compiled graphs.
 
-    ``calls`` is the ordinary backend (``ray_alpcrun.pool._RayBackend``): it
+    ``calls`` is the ordinary backend (``ray_alpcrun.pool.backend.RayBackend``): it
     starts, kills and queries actors and carries sub-batches while no graph is up.
     """
 
@@ -187,18 +187,10 @@ class CompiledBackend:
                     del self._calls_out[key]
                     self._drained(key)
             return result
-        if shared is not None and not isinstance(shared, SharedRef):
-            raise TypeError(f"shared data reaches the actors as a SharedRef, not {shared!r}")
-        try:
-            reply = await self._steps.call(actor, id(actor), (session_id, payloads, shared, tags))
-        except self._lost as exc:  # from an ordinary call after a teardown
-            raise ActorLost(_first_line(exc)) from exc
-        except self._ray.exceptions.RayTaskError as exc:
-            error = f"pool actor call failed: {_first_line(exc)}"
-            return [(None, error)] * len(payloads), None
-        if isinstance(reply, str):
-            raise SessionSetupError(reply)
-        return reply
+        ref = as_shared_ref(shared)
+        # The lost errors include a channel error: an ordinary call after a teardown.
+        sending = self._steps.call(actor, key, (session_id, payloads, ref, tags))
+        return await self._inner.reply_of(sending, len(payloads), self._lost)
 
     def kill(self, actor: PoolActorHandle) -> None:
         self._inner.kill(actor)
@@ -438,8 +430,3 @@ def _probe(actor: object) -> None:
 
 async def _await(future: Awaitable[StepReply]) -> StepReply:
     return await future
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else describe(exc)
