@@ -250,7 +250,7 @@ async def _scenario(package: str, make: type[Bridge | RefWorker], tmp: Path) -> 
         def poll() -> None:
             deadline = time.monotonic() + STEP_S
             while not path.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
+                time.sleep(0.02)  # ok: bounded poll for a file another process writes
             assert path.exists(), f"{path} never appeared"
 
         await asyncio.to_thread(poll)
@@ -311,7 +311,7 @@ async def _scenario(package: str, make: type[Bridge | RefWorker], tmp: Path) -> 
         await instruct(pb.Instruction(type=BIND, session_id="S1"))
         # Give both instructions time to reach the worker while b4 is held (the bug
         # this guards against dropped the BIND during the drain).
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # ok: the worker has no hook to say an instruction arrived
         (gate4 / "open").touch()
         old_number = md["stream"]
         await collect(inbox, b4)

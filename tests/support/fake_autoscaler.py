@@ -155,7 +155,7 @@ class FakeAutoscalingCluster:
                     os.kill(pid, sig)
             deadline = time.monotonic() + timeout_s / 2
             while self.own_pids() and time.monotonic() < deadline:
-                time.sleep(0.2)
+                time.sleep(0.2)  # ok: bounded wait for killed processes to exit
         left = self.own_pids()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left

@@ -112,7 +112,7 @@ async def test_abort_noticed_then_bind() -> None:
         for _ in range(100):  # the slot frees itself (a queued event), reporting nothing
             if h.machine.current is None:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # ok: bounded poll; the machine frees itself silently
         h.send(BIND, "A")
         assert await h.state() == (BUSY, "A")
 
@@ -127,7 +127,7 @@ async def test_unbind_then_bind_with_slow_work_in_flight() -> None:
         h.streams[0].in_flight_done.clear()  # a slow batch
         h.send(UNBIND, "A")
         h.send(BIND, "A")
-        await asyncio.sleep(0.05)  # both instructions are in; nothing may overtake the drain
+        await asyncio.sleep(0.05)  # ok: both instructions are in; nothing may overtake the drain
         assert len(h.streams) == 1 and h.machine.pending == 1
         h.streams[0].in_flight_done.set()
         assert await h.state() == (IDLE, "")
