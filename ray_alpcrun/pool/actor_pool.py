@@ -141,6 +141,7 @@ class ActorPool:
             max_call_retries=cfg.max_call_retries,
             task_timeout_s=cfg.task_timeout_s,
         )
+        calls.task_cost = lambda: dispatcher.task_cost_s
         try:
             await asyncio.wait_for(dispatcher.start(), self.start_timeout_s)
         except BaseException as exc:

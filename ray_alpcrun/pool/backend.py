@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import ActorLost, ConfigError, HandlerError, SessionSetupError
@@ -30,6 +30,12 @@ from ray_alpcrun.pool.pool_actor import (
 from ray_alpcrun.runtime import describe
 
 log = logging.getLogger(__name__)
+
+# One call per actor is in flight; what queues behind it travels in the next one.
+# A second call goes out at once only if it carries this much measured handler
+# work: then the actor finds it waiting instead of idling for a round trip, and
+# the round trip (~1 ms of CPU over two processes) is small beside its work.
+WORTH_A_CALL_S = 0.002
 
 
 class RayBackend:
@@ -54,8 +60,10 @@ class RayBackend:
         self.handles: dict[int, PoolActorHandle] = {}
         # Sub-batches that queue for a busy actor travel together in one Ray call.
         self._calls: Coalescer[PoolActorHandle, RunArgs, RunReply] = Coalescer(
-            self._run_one, self._run_many
+            self._run_one, self._run_many, max_outstanding=1, worth_a_call=self._worth_a_call
         )
+        self.task_cost: Callable[[], float | None] = lambda: None
+        """Handler seconds per task, as measured so far (the pool wires in the dispatcher's)."""
 
     async def start_actor(self) -> PoolActorHandle:
         cfg = self._config
@@ -128,6 +136,10 @@ class RayBackend:
     @staticmethod
     async def _run_many(actor: PoolActorHandle, parts: list[RunArgs]) -> list[RunReply]:
         return await actor.run_many.remote(parts)
+
+    def _worth_a_call(self, parts: list[RunArgs]) -> bool:
+        cost = self.task_cost()
+        return cost is not None and cost * sum(len(p[1]) for p in parts) >= WORTH_A_CALL_S
 
     def kill(self, actor: PoolActorHandle) -> None:
         self.handles.pop(id(actor), None)

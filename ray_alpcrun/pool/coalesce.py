@@ -4,8 +4,10 @@ A Ray actor call costs about half a millisecond of CPU (submit, reply, task
 execution) whatever it carries; for cheap tasks in batches of ~100 that is more
 than the tasks themselves. The bridge keeps many batches in flight, so while an
 actor is busy more sub-batches for it queue up. :class:`Coalescer` keeps at most
-``max_outstanding`` calls in flight per actor (so the actor never waits for the
-next call) and sends everything that queued meanwhile as ONE call.
+``max_outstanding`` calls in flight per actor and sends everything that queued
+meanwhile as ONE call when one comes back. Parts that are worth a call of their
+own (``worth_a_call``: e.g. enough measured work that the actor should find them
+waiting) go out at once, beside the calls in flight.
 
 Each sub-batch still gets its own reply (or the call's exception), so callers,
 retries and timeouts work per sub-batch exactly as with one call each. Pure
@@ -25,6 +27,7 @@ H = TypeVar("H")  # an actor (handle)
 
 SendOne = Callable[[H, P], Awaitable[R]]
 SendMany = Callable[[H, list[P]], Awaitable[list[R]]]
+WorthACall = Callable[[list[P]], bool]
 
 
 @dataclass
@@ -42,13 +45,18 @@ class Coalescer(Generic[H, P, R]):
     """
 
     def __init__(
-        self, send_one: SendOne[H, P, R], send_many: SendMany[H, P, R], max_outstanding: int = 2
+        self,
+        send_one: SendOne[H, P, R],
+        send_many: SendMany[H, P, R],
+        max_outstanding: int = 2,
+        worth_a_call: WorthACall[P] | None = None,
     ) -> None:
         if max_outstanding < 1:
             raise ValueError("max_outstanding must be at least 1")
         self._send_one = send_one
         self._send_many = send_many
         self._max = max_outstanding
+        self._worth = worth_a_call
         self._lanes: dict[Hashable, _Lane[P, R]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0
@@ -60,9 +68,15 @@ class Coalescer(Generic[H, P, R]):
             lane = self._lanes[key] = _Lane()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         lane.pending.append((part, future))
-        if lane.outstanding < self._max:
+        if self._due(lane):
             self._flush(actor, key, lane)
         return await future
+
+    def _due(self, lane: _Lane[P, R]) -> bool:
+        """Whether ``lane``'s queued parts should be sent now."""
+        if lane.outstanding < self._max:
+            return True
+        return self._worth is not None and self._worth([p for p, _ in lane.pending])
 
     def forget(self, key: Hashable) -> None:
         """Drop an actor's lane (it was killed); calls already made still answer."""
@@ -106,5 +120,5 @@ class Coalescer(Generic[H, P, R]):
                     future.set_result(reply)
         finally:
             lane.outstanding -= 1
-            if lane.pending and lane.outstanding < self._max:
+            if lane.pending and self._due(lane):
                 self._flush(actor, key, lane)

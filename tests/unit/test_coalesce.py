@@ -82,3 +82,26 @@ async def test_cancelled_parts_are_not_sent_and_lanes_are_per_actor() -> None:
     for gate in fake.gates:
         gate.set()
     assert await busy == "X" and await kept == "Z" and await other_actor == "W"
+
+
+async def test_one_call_in_flight_and_parts_worth_a_call_go_at_once() -> None:
+    """With one call in flight, small parts wait and travel together; a queue that
+    is worth a call of its own (here: 3 parts or more) goes out beside it."""
+    fake = FakeActor()
+    c: Coalescer[str, str, str] = Coalescer(
+        fake.one, fake.many, max_outstanding=1, worth_a_call=lambda parts: len(parts) >= 3
+    )
+    tasks = [asyncio.create_task(c.call("a", "a", p)) for p in "pqr"]
+    await settle()
+    assert fake.calls == [["p"]]  # q and r wait for p's call
+    tasks += [asyncio.create_task(c.call("a", "a", p)) for p in "st"]
+    await settle()
+    assert fake.calls == [["p"], ["q", "r", "s"]]  # q r s went out early, t waits
+    fake.gates[0].set()
+    await settle()
+    assert len(fake.calls) == 2  # the early call is still in flight: t still waits
+    fake.gates[1].set()
+    await settle()
+    assert fake.calls[2:] == [["t"]]  # nothing in flight: t goes
+    fake.gates[2].set()
+    assert await asyncio.gather(*tasks) == ["P", "Q", "R", "S", "T"]
