@@ -229,6 +229,11 @@ class Bridge:
         if self.worker is not None:
             await self.worker.stop(drain=drain)
 
+    async def wait_serving(self) -> bool:
+        """True once ``run`` serves; False when it ended before it did."""
+        await self._started.wait()
+        return self.worker is not None
+
     async def wait_ready(self, timeout_s: float = 30.0) -> bool:
         """True once every slot is registered with the queue manager."""
         await asyncio.wait_for(self._started.wait(), timeout_s)

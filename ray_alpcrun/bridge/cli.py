@@ -385,7 +385,7 @@ def _wait(handle: BridgeHandle, out: Output) -> int:
         done, _ = ray.wait([handle.run_ref], timeout=0.2)
         if done:
             break
-    code, reason = ray.get(handle.run_ref)
+    code, reason = handle.outcome()
     if reason:
         out.fail(reason)
     return int(code)

@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
+from ray_alpcrun import errors
+from ray_alpcrun.bridge.raylogs import strip_ansi
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.config import BridgeConfig, PoolConfig
 
@@ -24,6 +26,8 @@ class BridgeActorHandle(Protocol):
     def stop(self) -> RemoteMethod[None]: ...
     @property
     def wait_ready(self) -> RemoteMethod[bool]: ...
+    @property
+    def wait_serving(self) -> RemoteMethod[bool]: ...
     @property
     def status(self) -> RemoteMethod[dict[str, object]]: ...
 
@@ -70,11 +74,47 @@ def resolve_pool(config: BridgeConfig) -> PoolConfig:
 
 @dataclass
 class BridgeHandle:
-    """A running bridge actor. ``run_ref`` resolves to ``(exit_code, reason)``."""
+    """A running bridge actor. ``run_ref`` resolves to ``(exit_code, reason)``;
+    ``serving_ref`` to True once it serves (False if ``run`` ended first)."""
 
     actor: BridgeActorHandle
     run_ref: Awaitable[tuple[int, str]]  # an ObjectRef
     config: BridgeConfig
+    serving_ref: Awaitable[bool]  # an ObjectRef
+
+    def outcome(self, timeout_s: float | None = None) -> tuple[int, str]:
+        """Block until ``run`` ends; its ``(exit_code, reason)``.
+
+        A bridge actor that died says so in one line instead of raising Ray's
+        error: ``EXIT_CONFIG`` when it died before it served (it could not start
+        on this cluster, e.g. a worker process that cannot join it) and
+        ``EXIT_FAILURE`` when it died serving."""
+        import ray
+        from ray.exceptions import ActorUnschedulableError, RayActorError
+
+        try:
+            code, reason = ray.get(self.run_ref, timeout=timeout_s)
+        except (RayActorError, ActorUnschedulableError) as exc:
+            if self._served():
+                return (
+                    errors.EXIT_FAILURE,
+                    f"the bridge actor died while serving: {ray_reason(exc)}",
+                )
+            return (
+                errors.EXIT_CONFIG,
+                f"the bridge actor died before it could serve: {ray_reason(exc)}",
+            )
+        return int(code), str(reason)
+
+    def _served(self) -> bool:
+        import ray
+        from ray.exceptions import RayError
+
+        # Resolved long ago if it served; failed at once with the actor otherwise.
+        try:
+            return bool(ray.get(self.serving_ref, timeout=10))
+        except RayError:
+            return False
 
     def stop(self, drain: bool = True) -> Awaitable[None]:
         """Ask the bridge to stop (returns an ObjectRef; ``run_ref`` resolves after)."""
@@ -146,4 +186,24 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
         config.health_host,
         auto_slots,
     )
-    return BridgeHandle(actor=actor, run_ref=actor.run.remote(), config=config)
+    return BridgeHandle(
+        actor=actor,
+        run_ref=actor.run.remote(),
+        config=config,
+        serving_ref=actor.wait_serving.remote(),
+    )
+
+
+def ray_reason(exc: BaseException) -> str:
+    """The line of a Ray actor error that says why: its first, past Ray's generic
+    header and the indented fields after it, plus, when ``__init__`` raised, the
+    exception's own last line (the first names only the actor)."""
+    from ray.exceptions import ActorDiedError, RayActorError
+
+    generic = {RayActorError.BASE_ERROR_MSG, ActorDiedError.BASE_ERROR_MSG}
+    lines = [strip_ansi(line) for line in str(exc).splitlines()]
+    said = [line.strip() for line in lines if line.strip() and not line[0].isspace()]
+    useful = [line for line in said if line not in generic] or said or [type(exc).__name__]
+    if getattr(exc, "actor_init_failed", False) and len(useful) > 1:
+        return f"{useful[0]} ... {useful[-1]}"
+    return useful[0]

@@ -35,6 +35,7 @@ from ray_alpcrun.devserver.auth import ApiKeyInterceptor
 from ray_alpcrun.devserver.cache import CentralCacheServicer, NodeCacheServicer, SharedDataStore
 from ray_alpcrun.devserver.core import QueueCore
 from ray_alpcrun.devserver.errors import Rejected
+from ray_alpcrun.devserver.ports import check_free
 from ray_alpcrun.devserver.queue import QueueServicer
 from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.transport import (
@@ -153,7 +154,7 @@ class LocalServices:
                 port = server.add_secure_port(address, self.config.tls.server_credentials())
             else:
                 port = server.add_insecure_port(address)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # taken since check_free, or at a restart (gRPC said so too)
             raise errors.ConfigError(f"cannot listen on {address}: {exc}") from exc
         if port == 0:
             raise errors.ConfigError(f"cannot listen on {address} (in use?)")
@@ -163,6 +164,9 @@ class LocalServices:
         """Start the three services on the running event loop."""
         if self._servers:
             raise RuntimeError("already running")
+        # Every port before gRPC binds any: its failed bind prints a plain line.
+        for port in self._ports.values():
+            check_free(self.config.host, port)
         self._loop = asyncio.get_running_loop()
         pkg = self.proto_package
         try:

@@ -52,7 +52,13 @@ def services(**kw: Any) -> LocalServices:
 class Bridge:
     """The CLI in a subprocess; output goes to a file (a full pipe would stall it)."""
 
-    def __init__(self, args: list[str], key: str | None, ray_address: str | None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        key: str | None,
+        ray_address: str | None,
+        module: str = "ray_alpcrun.bridge",
+    ) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("METALCORE_API_KEY", None)
         if key is not None:
@@ -62,7 +68,7 @@ class Bridge:
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in output()
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ray_alpcrun.bridge", "--actors", "2",
+            [sys.executable, "-m", module, "--actors", "2",
              "--cpus-per-actor", "0.5", *args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
@@ -138,6 +144,20 @@ def test_a_server_certificate_not_signed_by_the_ca_exits_5(
     line = reason_line(out)
     assert "TLS" in line and other_ca.cert in line and "--ca-cert" in line
     assert elapsed < 30
+
+
+def test_a_bridge_actor_that_dies_at_start_exits_3_in_one_line(ray_address: str | None) -> None:
+    """Its process exits in ``__init__`` (as when it cannot join the cluster):
+    one line saying so, exit 3, no traceback (Ray's ActorDiedError went through)."""
+    run = Bridge(
+        ["--handler", "tests.support.bridge_handlers:echo", "--queue", "127.0.0.1:9",
+         "--cache", "127.0.0.1:9"], KEY, ray_address, module="tests.support.dying_bridge",
+    )  # fmt: skip
+    code, elapsed, out = run.wait(60)
+    print(f"\nbridge actor dead at start: exit {code} after {elapsed:.2f} s", flush=True)
+    assert code == errors.EXIT_CONFIG, out
+    assert "the bridge actor died before it could serve: " in reason_line(out)
+    assert "Traceback" not in out
 
 
 @pytest.fixture

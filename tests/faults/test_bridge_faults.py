@@ -117,6 +117,18 @@ def test_link_cut_mid_batch_loses_nothing_and_sends_nothing_on_a_wrong_stream(
     assert status["reconnects"] >= 2, status
 
 
+def test_a_bridge_actor_killed_while_serving_ends_in_one_line_exit_1(ray_session: Any) -> None:
+    """``outcome()`` (what the CLI waits on) says why instead of raising Ray's error."""
+    with services() as svc:
+        handle = start_bridge(bridge_config(svc, CHAOS, 1))
+        handle.wait_ready(60)
+        handle.kill()
+        code, reason = handle.outcome(60)
+    assert code == errors.EXIT_FAILURE, reason
+    assert reason.startswith("the bridge actor died while serving: "), reason
+    assert "\n" not in reason and "ray.kill" in reason, reason
+
+
 def test_node_cache_outage_is_retried_then_dead_lettered_clearly(start: Any) -> None:
     with services() as svc, TcpProxy(svc.node_cache_address) as proxy:
         start(svc, "tests.support.bridge_handlers:echo", 1, cache=proxy.address)

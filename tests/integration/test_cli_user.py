@@ -10,6 +10,7 @@ startup-signal ones, which must start their own Ray to be interrupted in it.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,21 @@ def test_a_signal_during_startup_stops_it(signum: int) -> None:
     assert code == errors.EXIT_INTERRUPTED, out
     assert f"interrupted during startup ({signal.Signals(signum).name})" in out, out
     assert "bridge serving" not in out
+
+
+@pytest.mark.parametrize("flag", ["--queue-port", "--central-cache-port", "--node-cache-port"])
+def test_busy_port_with_log_json_is_json_and_exit_3(flag: str) -> None:
+    """Checked before gRPC binds: its C core would print a plain line first."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        ports = {"--queue-port": "0", "--central-cache-port": "0", "--node-cache-port": "0"}
+        args = [a for f, p in {**ports, flag: str(port)}.items() for a in (f, p)]
+        code, out = run("ray_alpcrun.devserver", "--log-json", "--api-key", KEY, *args)
+    assert code == errors.EXIT_CONFIG, out
+    (record,) = json_records(out)
+    assert record["msg"].endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use")
 
 
 def test_sigterm_stops_taking_batches(ray_address: str, svc: LocalServices) -> None:
