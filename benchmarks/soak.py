@@ -9,6 +9,7 @@ are read from ``/proc/PID/smaps_rollup``; the curve is printed and written to
 
     python benchmarks/soak.py                        # 100,000 tasks, batches of 500
     python benchmarks/soak.py --tasks 20000 --batch-size 100
+    python benchmarks/soak.py --data-path compiled   # over compiled graphs
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def sample(ray: Any, handle: Any) -> dict[str, Any]:
         "tasks_ok": status["tasks_ok"],
         "sessions_bound": len(status["sessions"]),
         "actor_restarts": status.get("actor_restarts", 0),
+        # compiled: "compiled" while an actor's graph is up, "calls" otherwise
+        "data_paths": [a.get("data_path", "calls") for a in actors],
     }
 
 
@@ -100,6 +103,7 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=2, help="concurrent sessions per round")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--data-path", choices=("calls", "compiled"), default="calls")
     args = ap.parse_args()
 
     # Pool actors import the handler by name; they inherit this path.
@@ -119,7 +123,13 @@ def main() -> int:
     ports = DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)
     with LocalServices(ports) as svc:
         handle = start_bridge(
-            bridge_config(svc, "examples.workloads:noop", args.actors, log_level="warning")
+            bridge_config(
+                svc,
+                "examples.workloads:noop",
+                args.actors,
+                log_level="warning",
+                data_path=args.data_path,
+            )
         )
         handle.wait_ready(120)
         start = time.perf_counter()
@@ -149,6 +159,7 @@ def main() -> int:
         "seconds": round(elapsed, 1),
         "tasks_per_s": round(sent / elapsed),
         "batch_size": args.batch_size,
+        "data_path": args.data_path,
         "sessions": round_no * args.sessions,
         "bridge_rss_growth_mib": round(last["bridge_rss_mib"] - first["bridge_rss_mib"], 1),
         "pool_rss_growth_mib": [
