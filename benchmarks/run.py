@@ -127,6 +127,8 @@ def quick_cases() -> list[Case]:
         Case("replicas", "shared", 4, (100,)),
         Case("bridge", "shared", 1, (100,)),
         Case("bridge", "shared", 4, (100,)),
+        Case("bridge-compiled", "shared", 1, (100,)),
+        Case("bridge-compiled", "shared", 4, (100,)),
     ]
 
 
