@@ -1,6 +1,6 @@
 """The bridge beside its alternatives: client -> devserver -> workers -> client.
 
-    python benchmarks/run.py --quick --out results.json    # < 4 minutes on 2 cores
+    python benchmarks/run.py --quick --out results.json    # about 4 minutes on 2 cores
     python benchmarks/run.py --out results.json            # the whole matrix
 
 Systems: ``reference`` (one plain worker process), ``replicas`` (K plain worker
@@ -415,7 +415,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the reduced matrix (< 4 min, 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the reduced matrix (~4 min, 2 cores)")
     p.add_argument("--out", default="results.json", help="JSON rows; .md and .png beside it")
     p.add_argument("--only", default=None, help="run only cases of SYSTEM[:WORKLOAD[:K]]")
     args = p.parse_args(argv)

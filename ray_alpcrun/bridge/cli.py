@@ -125,7 +125,8 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         "--data-path",
         choices=DATA_PATHS,
         default="calls",
-        help="how sub-batches reach the actors: Ray compiled graphs, or ordinary actor calls",
+        help="how sub-batches reach the actors: ordinary actor calls, coalesced (the default),"
+        " or Ray compiled graphs (their channel threads spin: wants a spare core per actor)",
     )
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")

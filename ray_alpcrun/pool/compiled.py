@@ -45,15 +45,17 @@ Design (checked against Ray 2.60):
   graph lives only while there is work: one unused for ``idle_s`` is torn down
   (in a thread; teardown blocks) and rebuilt when work comes back.
 
-Measured on a loaded 2-core box (``benchmarks/profile_bridge.py``, noop, one
-actor; README "Performance"): at batch 1 this path served 2.3x the tasks/s of
-ordinary calls (830 against 367) with less CPU per task in the bridge (0.8 against
-1.5 ms) and in the actor (0.5 against 0.8 ms); at batch 100 and 1000 the two were
-within the noise of the shared box (each ahead in one of two rounds). Ray's
-channel threads spin while they wait, which costs CPU that a small machine's
-other processes need. ``calls`` stays the default until a quiet-machine run of
-``benchmarks/run.py --quick`` (systems ``bridge`` and ``bridge-compiled``)
-decides; this path is opt-in with ``--data-path compiled``.
+Measured on a quiet 2-core box (``benchmarks/profile_bridge.py``, noop, one
+actor, CPU per 1,000 tasks in bridge + actor; README "Performance"): batch 1,
+830 tasks/s at 760 + 550 ms against 1,000 at 600 + 230 ms for ordinary calls
+(which coalesce the batches queued behind the call in flight); batch 100, 40,000
+at 14 + 14 ms against 46,700 at 12 + 5 ms; batch 1000, 89,300 at 7.1 + 5.4 ms
+against 83,100 at 5.6 + 1.9 ms. Ray's channel threads spin while they wait,
+one in the bridge and one in the actor per graph, and on a machine without
+spare cores they take the CPU the queue manager, the client and the handlers
+need (the shared workload with 4 actors on 2 cores ran at a fifth of the calls
+path). So ``calls`` is the default; this path is opt-in with
+``--data-path compiled``, for machines with a spare core per graph.
 """
 
 from __future__ import annotations
