@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from ray_alpcrun.config import PoolConfig
+from ray_alpcrun.pool import compiled
 from ray_alpcrun.pool.actor_pool import ActorPool
 from ray_alpcrun.pool.compiled import CompiledBackend
 from tests.support import handlers
@@ -176,3 +178,45 @@ async def test_an_idle_graph_is_torn_down_and_rebuilt_with_work() -> None:
         assert await pool.run("s", [b"x"]) == [(b"x", None)]  # served meanwhile
         await warm(pool)
         assert backend.builds >= 2
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_the_elastic_pool_grows_and_shrinks_on_the_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An actor the elastic pool adds gets its graph; one it releases has its graph
+    torn down first; every task is answered exactly once throughout."""
+    monkeypatch.setattr(compiled, "_STABLE_S", 0.0)  # graphs for young actors too
+    cfg = config(num_actors=1, min_actors=1, max_actors=2, downscale_delay_s=1.0)
+    async with ActorPool("tests.support.handlers:nap", cfg) as pool:
+        backend = backend_of(pool)
+        dispatcher = pool._running()
+        sent = 0
+
+        async def load(until: Callable[[], bool]) -> None:
+            """Slow batches, six at a time, until ``until()``; each answered once."""
+            nonlocal sent
+            for _ in range(600):
+                if until():
+                    return
+                batches = [[b"nap:0.02", b"x%d" % (sent + k)] for k in range(6)]
+                sent += 6
+                outs = await asyncio.gather(*(pool.run("load", b) for b in batches))
+                assert outs == [[(p, None) for p in b] for b in batches]
+            raise AssertionError("the pool did not get there")
+
+        def both_on_graphs() -> bool:
+            members = dispatcher.members()
+            return len(members) == 2 and all(backend.graph_ready(m.actor) for m in members)
+
+        await load(both_on_graphs)  # more in flight than one actor takes: it grows
+        assert backend.builds >= 2
+        teardowns = backend.teardowns
+        for _ in range(300):  # idle: back to min_actors after the downscale delay
+            if dispatcher.size == 1:
+                break
+            await asyncio.sleep(0.05)  # ok: waits for the scaler's downscale delay
+        assert dispatcher.size == 1 and dispatcher.released >= 1
+        assert backend.teardowns > teardowns  # the released actor's graph went first
+        tail = [b"t%d" % i for i in range(50)]
+        assert await pool.run("after", tail) == [(p, None) for p in tail]

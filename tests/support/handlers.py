@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from typing import Any
 
 from ray_alpcrun.handler import Handler, SessionContext
@@ -107,6 +108,13 @@ def gated(payload: bytes, shared: bytes | None) -> bytes:
         assert shared is not None
         gate = ray.get_actor(shared.decode())
         ray.get(gate.enter.remote(ray.get_runtime_context().current_actor))
+    return payload
+
+
+def nap(payload: bytes, shared: bytes | None) -> bytes:
+    """``nap:S`` sleeps S seconds (keeps an elastic pool busy), then echoes."""
+    if payload.startswith(b"nap:"):
+        time.sleep(float(payload[4:]))
     return payload
 
 
