@@ -25,8 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import run, systems  # noqa: E402
-from benchmarks.profile_bridge import cpu_s, name  # noqa: E402
-from ray_alpcrun.client import AsyncClient  # noqa: E402
+from benchmarks.procs import cpu_s, name  # noqa: E402
 
 
 def shares(pids: dict[int, str], seconds: float) -> dict[str, float]:
@@ -57,12 +56,7 @@ def measure(data_path: str, actors: int, seconds: float, log: object) -> dict[st
     ):
 
         async def work() -> None:
-            async with AsyncClient(
-                dev.queue,
-                dev.central_cache,
-                api_key=api_key,
-                max_message_bytes=run.MAX_MESSAGE_BYTES,
-            ) as client:
+            async with run.connect(dev, api_key) as client:
                 session = await client.create_session(app_id="idle-cpu")
                 sent = run.payloads("noop", 1000)
                 # Long enough for the graphs to come up (actors older than 2 s).

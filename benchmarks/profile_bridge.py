@@ -27,43 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import run, systems  # noqa: E402
-from ray_alpcrun.client import AsyncClient  # noqa: E402
-
-
-def cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds of each thread of a process: {tid: (name, seconds)}."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                head, _, rest = f.read().rpartition(")")
-            fields = rest.split()
-            secs = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            out[int(tid)] = (head.partition("(")[2], secs)
-        except OSError:
-            continue
-    return out
-
-
-def name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")[:90]
-    except OSError:
-        return "?"
+from benchmarks.procs import cpu_s, name, thread_cpu  # noqa: E402
 
 
 def main() -> int:
@@ -92,12 +56,7 @@ def main() -> int:
     ):
 
         async def load() -> None:
-            async with AsyncClient(
-                dev.queue,
-                dev.central_cache,
-                api_key=api_key,
-                max_message_bytes=run.MAX_MESSAGE_BYTES,
-            ) as client:
+            async with run.connect(dev, api_key) as client:
                 session = await client.create_session(app_id="profile")
                 if args.workload == "shared":
                     await session.set_shared_data(run.shared_data(), ttl_s=None)

@@ -293,6 +293,13 @@ def deploy(
             yield d
 
 
+def connect(dev: systems.DevServer, api_key: str) -> AsyncClient:
+    """A client of ``dev`` whose messages may carry the 256 MB shared data."""
+    return AsyncClient(
+        dev.queue, dev.central_cache, api_key=api_key, max_message_bytes=MAX_MESSAGE_BYTES
+    )
+
+
 def run_case(
     case: Case, budget: Budget, log: IO[str], shared: bytes | None
 ) -> list[dict[str, Any]]:
@@ -305,9 +312,7 @@ def run_case(
     ):
 
         async def measure() -> None:
-            async with AsyncClient(
-                dev.queue, dev.central_cache, api_key=api_key, max_message_bytes=MAX_MESSAGE_BYTES
-            ) as client:
+            async with connect(dev, api_key) as client:
                 for batch_size in case.batch_sizes:
                     row = await measure_row(client, case, batch_size, dev, sampler, budget, shared)
                     dep.check_alive()

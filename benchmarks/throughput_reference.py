@@ -21,19 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ray_alpcrun.client import Client
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of a process so far; Linux only, else 0."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from benchmarks.procs import cpu_s  # noqa: E402
+from ray_alpcrun.client import Client  # noqa: E402
 
 
 @contextmanager

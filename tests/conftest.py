@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import grpc.aio
+
+    from ray_alpcrun.config import DevServerConfig
+    from ray_alpcrun.devserver import LocalServices
+    from tests.support.devserver_kit import FakeClock
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +75,40 @@ def devserver() -> Iterator[Any]:
 
     with LocalServices() as svc:
         yield svc
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The fake monotonic clock ``svc`` runs on: it moves only on ``clock.advance``."""
+    from tests.support.devserver_kit import FakeClock
+
+    return FakeClock()
+
+
+@pytest.fixture
+def devserver_config() -> DevServerConfig:
+    """What ``svc`` is started with: free ports, defaults otherwise. A test module
+    that needs other settings overrides this fixture."""
+    from tests.support.devserver_kit import free_config
+
+    return free_config()
+
+
+@pytest.fixture
+async def svc(clock: FakeClock, devserver_config: DevServerConfig) -> AsyncIterator[LocalServices]:
+    """Fresh local ALPCRUN.CH services built from ``devserver_config``, on the fake
+    ``clock``, in the test's own event loop; no Ray."""
+    from ray_alpcrun.devserver import LocalServices
+
+    async with LocalServices(devserver_config, clock=clock) as services:
+        yield services
+
+
+@pytest.fixture
+async def channel(svc: LocalServices) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to ``svc``'s queue manager, closed after the test."""
+    from ray_alpcrun import transport
+
+    ch = transport.open_channel(svc.queue_address)
+    yield ch
+    await ch.close(None)

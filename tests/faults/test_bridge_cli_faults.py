@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,15 +20,14 @@ from typing import Any
 import pytest
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.launch import start_bridge
-from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.transport import TlsFiles
-from tests.support.bridge_support import assert_exactly_once, bridge_config, client_for, ray_get
+from tests.support.bridge_support import assert_exactly_once, client_for
 from tests.support.certs import self_signed
+from tests.support.cli_support import Cli, sigterm_midway
+from tests.support.devserver_kit import free_config
 
 pytestmark = pytest.mark.timeout(180)
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "cli-fault-key-4b1d9e"
 WRONG_KEY = "wrong-key-never-print-me-93c2"
 
@@ -44,13 +40,12 @@ def ray_address(ray_session: Any) -> str | None:
 
 
 def services(**kw: Any) -> LocalServices:
-    return LocalServices(
-        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0, **kw)
-    )
+    return LocalServices(free_config(**kw))
 
 
-class Bridge:
-    """The CLI in a subprocess; output goes to a file (a full pipe would stall it)."""
+class Bridge(Cli):
+    """The bridge CLI (or ``module``) with two half-CPU actors, ``key`` as its
+    METALCORE_API_KEY (none when None), joining ``ray_address`` when given."""
 
     def __init__(
         self,
@@ -59,33 +54,10 @@ class Bridge:
         ray_address: str | None,
         module: str = "ray_alpcrun.bridge",
     ) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("METALCORE_API_KEY", None)
-        if key is not None:
-            env["METALCORE_API_KEY"] = key
         if ray_address is not None:
             args = [*args, "--ray-address", ray_address]
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in output()
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--actors", "2",
-             "--cpus-per-actor", "0.5", *args],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-
-    def wait(self, timeout_s: float = 90.0) -> tuple[int, float, str]:
-        """(exit code, seconds from start to exit, everything it printed)."""
-        try:
-            code = self.proc.wait(timeout_s)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        elapsed = time.perf_counter() - self.started
-        self.log.seek(0)
-        out = self.log.read()
-        self.log.close()
-        return code, elapsed, out
+        env = {"METALCORE_API_KEY": key} if key is not None else None
+        super().__init__(module, ["--actors", "2", "--cpus-per-actor", "0.5", *args], env)
 
 
 def reason_line(out: str) -> str:
@@ -96,7 +68,7 @@ def reason_line(out: str) -> str:
 
 def test_unknown_handler_exits_6_before_ray_starts() -> None:
     run = Bridge(["--handler", "tests.no_such_module:fn"], KEY, None)
-    code, elapsed, out = run.wait(30)
+    code, elapsed, out = run.wait_timed(30)
     print(f"\nunknown handler: exit {code} after {elapsed:.2f} s", flush=True)
     assert code == errors.EXIT_HANDLER, out
     assert "tests.no_such_module" in reason_line(out)
@@ -105,7 +77,7 @@ def test_unknown_handler_exits_6_before_ray_starts() -> None:
 
 def test_missing_api_key_exits_4_before_ray_starts() -> None:
     run = Bridge(["--handler", "tests.support.bridge_handlers:echo"], None, None)
-    code, elapsed, out = run.wait(30)
+    code, elapsed, out = run.wait_timed(30)
     print(f"\nmissing API key: exit {code} after {elapsed:.2f} s", flush=True)
     assert code == errors.EXIT_AUTH, out
     assert "API key" in reason_line(out) and "METALCORE_API_KEY" in reason_line(out)
@@ -119,7 +91,7 @@ def test_wrong_api_key_exits_4_within_seconds_without_printing_it(
             ["--handler", "tests.support.bridge_handlers:echo", "--queue", svc.queue_address,
              "--cache", svc.node_cache_address], WRONG_KEY, ray_address,
         )  # fmt: skip
-        code, elapsed, out = run.wait()
+        code, elapsed, out = run.wait_timed()
     print(f"\nwrong API key: exit {code} after {elapsed:.2f} s", flush=True)
     assert code == errors.EXIT_AUTH, out
     line = reason_line(out)
@@ -138,7 +110,7 @@ def test_a_server_certificate_not_signed_by_the_ca_exits_5(
             ["--handler", "tests.support.bridge_handlers:echo", "--queue", svc.queue_address,
              "--cache", svc.node_cache_address, "--ca-cert", other_ca.cert], KEY, ray_address,
         )  # fmt: skip
-        code, elapsed, out = run.wait()
+        code, elapsed, out = run.wait_timed()
     print(f"\nbad CA: exit {code} after {elapsed:.2f} s", flush=True)
     assert code == errors.EXIT_TLS, out
     line = reason_line(out)
@@ -153,7 +125,7 @@ def test_a_bridge_actor_that_dies_at_start_exits_3_in_one_line(ray_address: str 
         ["--handler", "tests.support.bridge_handlers:echo", "--queue", "127.0.0.1:9",
          "--cache", "127.0.0.1:9"], KEY, ray_address, module="tests.support.dying_bridge",
     )  # fmt: skip
-    code, elapsed, out = run.wait(60)
+    code, elapsed, out = run.wait_timed(60)
     print(f"\nbridge actor dead at start: exit {code} after {elapsed:.2f} s", flush=True)
     assert code == errors.EXIT_CONFIG, out
     assert "the bridge actor died before it could serve: " in reason_line(out)
@@ -175,38 +147,19 @@ def test_sigterm_drains_in_flight_batches_then_exits_0(
         ["--handler", "tests.support.bridge_handlers:slow", "--queue", svc.queue_address,
          "--cache", svc.node_cache_address, "--drain-timeout", "20"], KEY, ray_address,
     )  # fmt: skip
-    results = []
-    finisher = None
-    try:
-        with client_for(svc) as client:
-            session = client.create_session(app_id="drain")
-            for r in session.submit([f"{i}".encode() for i in range(n)], batch_size=10):
-                results.append(r)
-                if len(results) == 20:
-                    in_flight = svc.stats()["deliveries"] - svc.stats()["result_batches"]
-                    run.proc.send_signal(signal.SIGTERM)
-                    signalled = time.perf_counter()
-                    code, _, out = run.wait()
-                    drain_s = time.perf_counter() - signalled
-                    stats = svc.stats()
-                    # Another bridge finishes the session: nothing may be lost or doubled.
-                    finisher = start_bridge(
-                        bridge_config(svc, "tests.support.bridge_handlers:echo", 1)
-                    )
-            session.close()
-    finally:
-        if finisher is not None:
-            ray_get(finisher.stop(drain=False))
-    print(f"\nSIGTERM: exit {code} {drain_s:.2f} s after, {in_flight} in flight", flush=True)
-    assert code == 0, out
-    assert in_flight >= 1
+    # After 20 results: SIGTERM, then another bridge finishes the session, so that
+    # nothing lost or doubled goes unseen.
+    d = sigterm_midway(svc, run, n, after=20, app_id="drain", finisher_actors=1)
+    print(f"\nSIGTERM: exit {d.code} {d.drain_s:.2f} s after, {d.in_flight} in flight", flush=True)
+    assert d.code == 0, d.out
+    assert d.in_flight >= 1
     # Every batch the drained bridge started was answered by it; those that
     # arrived after the signal were not started and went to the finisher.
-    assert stats["dead_lettered_tasks"] == 0, stats
-    assert "result dropped" not in out and "drain deadline passed" not in out, out
-    assert KEY not in out
-    assert_exactly_once(results, n)
-    assert all(r.payload == f"{r.index}".encode() for r in results)
+    assert d.stats["dead_lettered_tasks"] == 0, d.stats
+    assert "result dropped" not in d.out and "drain deadline passed" not in d.out, d.out
+    assert KEY not in d.out
+    assert_exactly_once(d.results, n)
+    assert all(r.payload == f"{r.index}".encode() for r in d.results)
 
 
 def test_a_second_signal_exits_130_at_once(
@@ -224,7 +177,7 @@ def test_a_second_signal_exits_130_at_once(
         run.proc.send_signal(signal.SIGTERM)
         run.proc.send_signal(signal.SIGINT)
         signalled = time.perf_counter()
-        code, _, out = run.wait(60)
+        code, out = run.wait(60)
         session.close()
     print(f"\nsecond signal: exit {code} {time.perf_counter() - signalled:.2f} s after", flush=True)
     assert code == errors.EXIT_INTERRUPTED, out

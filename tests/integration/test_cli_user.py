@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ import pytest
 
 from ray_alpcrun import __version__, errors
 from ray_alpcrun.bridge.launch import start_bridge
-from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
 from tests.support.bridge_support import assert_exactly_once, bridge_config, client_for, ray_get
-from tests.support.cli_support import Cli, json_records, run
+from tests.support.cli_support import Cli, json_records, run, sigterm_midway
+from tests.support.devserver_kit import free_config
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "cli-user-key-7f3a"
@@ -37,9 +36,7 @@ def ray_address(ray_session: Any) -> str:
 
 @pytest.fixture
 def svc() -> Iterator[LocalServices]:
-    with LocalServices(
-        DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0, api_key=KEY)
-    ) as services:
+    with LocalServices(free_config(api_key=KEY)) as services:
         yield services
 
 
@@ -118,35 +115,20 @@ def test_sigterm_stops_taking_batches(ray_address: str, svc: LocalServices) -> N
     n = 2000
     run_ = bridge(svc, ray_address, "--handler", "tests.support.bridge_handlers:slower",
                   "--actors", "2", "--drain-timeout", "60")  # fmt: skip
-    results = []
-    finisher = None
-    try:
-        with client_for(svc) as client:
-            session = client.create_session(app_id="drain-continuous")
-            for r in session.submit([f"{i}".encode() for i in range(n)], batch_size=10):
-                results.append(r)
-                if len(results) == 40:
-                    run_.proc.send_signal(signal.SIGTERM)
-                    signalled = time.perf_counter()
-                    code, out = run_.wait(90)
-                    drain_s = time.perf_counter() - signalled
-                    finisher = start_bridge(
-                        bridge_config(svc, "tests.support.bridge_handlers:echo", 2, slots=2)
-                    )
-            session.close()
-    finally:
-        if finisher is not None:
-            ray_get(finisher.stop(drain=False))
-    print(f"\ncontinuous feed: exit {code} {drain_s:.2f} s after SIGTERM", flush=True)
-    assert code == 0, out
-    assert "drain deadline passed" not in out, out  # finished what it started, in time
-    assert "result dropped" not in out, out  # every batch it started was answered
+    # After 40 results: SIGTERM, then another bridge finishes the session.
+    d = sigterm_midway(
+        svc, run_, n, after=40, app_id="drain-continuous", finisher_actors=2, slots=2
+    )
+    print(f"\ncontinuous feed: exit {d.code} {d.drain_s:.2f} s after SIGTERM", flush=True)
+    assert d.code == 0, d.out
+    assert "drain deadline passed" not in d.out, d.out  # finished what it started, in time
+    assert "result dropped" not in d.out, d.out  # every batch it started was answered
     # Not waiting out --drain-timeout 60 is the point (before: the whole 60 s). The
     # bridge's own "session drained" line is not asserted: Ray may not forward an
     # actor's last lines before the driver exits.
-    assert drain_s < 45, f"drain took {drain_s:.1f} s of --drain-timeout 60"
-    assert "\x1b[" not in out  # no colour codes in a file
-    assert_exactly_once(results, n)
+    assert d.drain_s < 45, f"drain took {d.drain_s:.1f} s of --drain-timeout 60"
+    assert "\x1b[" not in d.out  # no colour codes in a file
+    assert_exactly_once(d.results, n)
 
 
 def test_session_end_runs_at_stop(

@@ -15,7 +15,7 @@ from ray_alpcrun.client import AsyncClient, Client, SubmitTimeout, TaskFailed
 from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.refworker import WorkerThread
-from tests.support.refworker_support import assert_exactly_once, mixed, start_worker
+from tests.support.refworker_support import assert_exactly_once, connect, mixed, start_worker
 
 UNKNOWN_SESSION = "01J00000000000000000000000"
 
@@ -33,16 +33,6 @@ def worker(services: LocalServices) -> Iterator[WorkerThread]:
     handle = start_worker(services.service_config(), mixed)
     yield handle
     handle.stop()
-
-
-def connect(services: LocalServices, **kwargs: Any) -> Client:
-    kwargs.setdefault("api_key", services.api_key)
-    return Client(
-        queue=services.queue_address,
-        central_cache=services.central_cache_address,
-        proto_package=services.proto_package,
-        **kwargs,
-    )
 
 
 @pytest.fixture

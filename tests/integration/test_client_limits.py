@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from ray_alpcrun import errors
-from ray_alpcrun.client import AsyncClient, Client
+from ray_alpcrun.client import AsyncClient
 from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.refworker import WorkerThread
-from tests.support.refworker_support import assert_exactly_once, mixed, start_worker
+from tests.support.refworker_support import assert_exactly_once, connect, mixed, start_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,16 +32,6 @@ def worker(services: LocalServices) -> Iterator[WorkerThread]:
     handle = start_worker(services.service_config(), mixed)
     yield handle
     handle.stop()
-
-
-def connect(services: LocalServices, **kwargs: Any) -> Client:
-    return Client(
-        queue=services.queue_address,
-        central_cache=services.central_cache_address,
-        api_key=services.api_key,
-        proto_package=services.proto_package,
-        **kwargs,
-    )
 
 
 async def failing_close() -> None:

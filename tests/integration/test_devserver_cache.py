@@ -13,18 +13,10 @@ import pytest
 from ray_alpcrun import transport
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.types import SharedData
-from tests.support.devserver_kit import FakeClock, free_config, md
+from tests.support.devserver_kit import FakeClock, md
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def svc(clock: FakeClock) -> AsyncIterator[LocalServices]:
-    async with LocalServices(free_config(), clock=clock) as services:
-        yield services
+# ``svc`` (fresh local services on the fake ``clock``, no Ray) is a fixture in
+# tests/conftest.py.
 
 
 class Caches:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import grpc.aio
 import pytest
 from ulid import ULID
 
 from ray_alpcrun import transport
-from ray_alpcrun.devserver import LocalServices
+from ray_alpcrun.devserver import DevServerConfig, LocalServices
 from ray_alpcrun.types import Batch, InstructionType, Message, SessionInfo
 from tests.support.devserver_kit import (
     FakeClock,
@@ -28,23 +27,15 @@ from tests.support.devserver_kit import (
     wait_for,
 )
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def svc(clock: FakeClock) -> AsyncIterator[LocalServices]:
-    async with LocalServices(free_config(max_deliveries=2), clock=clock) as services:
-        yield services
+# ``svc`` (fresh local services on the fake ``clock``, no Ray) and ``channel`` (to its
+# queue manager) are fixtures in tests/conftest.py; ``devserver_config`` below is
+# what this module's ``svc`` is started with.
 
 
 @pytest.fixture
-async def channel(svc: LocalServices) -> AsyncIterator[grpc.aio.Channel]:
-    ch = transport.open_channel(svc.queue_address)
-    yield ch
-    await ch.close(None)
+def devserver_config() -> DevServerConfig:
+    """A batch is dead-lettered after its second delivery fails."""
+    return free_config(max_deliveries=2)
 
 
 def assert_exactly_once(results: list[Message], n: int) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import grpc.aio
 import pytest
 from ulid import ULID
 
-from ray_alpcrun import errors, transport
+from ray_alpcrun import errors
 from ray_alpcrun.devserver import LocalServices, SessionClosed
 from ray_alpcrun.types import Batch, Message, SessionAttributes, SessionInfo
 from tests.support.devserver_kit import (
@@ -18,30 +16,14 @@ from tests.support.devserver_kit import (
     RawWorker,
     create_session,
     echo,
-    free_config,
     md,
     queue_stub,
     tasks,
     wait_for,
 )
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def svc(clock: FakeClock) -> AsyncIterator[LocalServices]:
-    async with LocalServices(free_config(), clock=clock) as services:
-        yield services
-
-
-@pytest.fixture
-async def channel(svc: LocalServices) -> AsyncIterator[grpc.aio.Channel]:
-    ch = transport.open_channel(svc.queue_address)
-    yield ch
-    await ch.close(None)
+# ``svc`` (fresh local services on the fake ``clock``, no Ray) and ``channel`` (to its
+# queue manager) are fixtures in tests/conftest.py.
 
 
 async def expect_code(code: grpc.StatusCode, call: object) -> str:

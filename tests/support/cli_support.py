@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ray_alpcrun.bridge.launch import start_bridge
+from ray_alpcrun.client import TaskResult
+from tests.support.bridge_support import bridge_config, client_for, ray_get
 
 ROOT = Path(__file__).resolve().parents[2]
 # The one timestamp format of every CLI (ray_alpcrun.logs.timestamp).
@@ -50,19 +56,77 @@ class Cli:
         raise AssertionError(f"{text!r} not printed within {timeout_s} s:\n{self.output()}")
 
     def wait(self, timeout_s: float = 90.0) -> tuple[int, str]:
+        code, _, out = self.wait_timed(timeout_s)
+        return code, out
+
+    def wait_timed(self, timeout_s: float = 90.0) -> tuple[int, float, str]:
+        """(exit code, seconds from start to exit, everything it printed); kills it
+        if it is still running after ``timeout_s``."""
         try:
             code = self.proc.wait(timeout_s)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+        elapsed_s = time.perf_counter() - self.started
         out = self.output()
         self.log.close()
-        return code, out
+        return code, elapsed_s, out
 
 
 def run(module: str, *args: str, timeout_s: float = 60.0) -> tuple[int, str]:
     return Cli(module, list(args)).wait(timeout_s)
+
+
+@dataclass
+class Drained:
+    """What ``sigterm_midway`` saw."""
+
+    code: int  # the bridge CLI's exit code
+    out: str  # everything it printed
+    drain_s: float  # seconds from SIGTERM to its exit
+    in_flight: int  # batches delivered and not yet answered when the signal was sent
+    stats: dict[str, Any]  # the queue manager's counters once it had exited
+    results: list[TaskResult]  # every result of the session, the finisher's included
+
+
+def sigterm_midway(
+    svc: Any,
+    bridge: Cli,
+    n: int,
+    after: int,
+    app_id: str,
+    finisher_actors: int = 1,
+    **finisher_kw: Any,
+) -> Drained:
+    """Submit ``n`` tasks (payloads ``b"0"``, ``b"1"``, ... in batches of 10) to the
+    ``bridge`` CLI serving ``svc``; once ``after`` results came back, SIGTERM it and
+    wait for it to exit, then start an in-process bridge (echo handler,
+    ``finisher_actors``, ``finisher_kw``) that answers the rest, so that the
+    session completes and nothing lost or doubled goes unseen."""
+    results: list[TaskResult] = []
+    finisher = None
+    try:
+        with client_for(svc) as client:
+            session = client.create_session(app_id=app_id)
+            for r in session.submit([f"{i}".encode() for i in range(n)], batch_size=10):
+                results.append(r)
+                if len(results) == after:
+                    in_flight = svc.stats()["deliveries"] - svc.stats()["result_batches"]
+                    bridge.proc.send_signal(signal.SIGTERM)
+                    signalled = time.perf_counter()
+                    code, out = bridge.wait(90)
+                    drain_s = time.perf_counter() - signalled
+                    stats = svc.stats()
+                    echo = "tests.support.bridge_handlers:echo"
+                    finisher = start_bridge(
+                        bridge_config(svc, echo, finisher_actors, **finisher_kw)
+                    )
+            session.close()
+    finally:
+        if finisher is not None:
+            ray_get(finisher.stop(drain=False))
+    return Drained(code, out, drain_s, in_flight, stats, results)
 
 
 def json_records(out: str) -> list[dict[str, Any]]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from ray_alpcrun.client import TaskResult
+from ray_alpcrun.client import Client, TaskResult
 from ray_alpcrun.config import ServiceConfig
+from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.refworker import ReferenceWorkerConfig, WorkerThread, start_in_thread
 
 
@@ -51,6 +53,17 @@ def start_worker(service: ServiceConfig, handler: object, pod: str = "") -> Work
     handle = start_in_thread(config, handler)  # type: ignore[arg-type]
     handle.wait_registered()
     return handle
+
+
+def connect(services: LocalServices, **kwargs: Any) -> Client:
+    """A client of ``services``, with their API key unless ``api_key`` is given."""
+    kwargs.setdefault("api_key", services.api_key)
+    return Client(
+        queue=services.queue_address,
+        central_cache=services.central_cache_address,
+        proto_package=services.proto_package,
+        **kwargs,
+    )
 
 
 def assert_exactly_once(results: Iterable[TaskResult], n: int) -> list[TaskResult]:
