@@ -125,7 +125,7 @@ class WorkerIdentity:
             raise ConfigError("worker node and pod must not be empty")
 
 
-DATA_PATHS = ("compiled", "calls")
+DATA_PATHS = ("compiled", "calls", "direct")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +161,11 @@ class PoolConfig:
     # Cap on each actor's private memory (RLIMIT_DATA): a leaking handler then
     # gets MemoryError (its task fails) instead of growing until the node is full.
     memory_limit_bytes: int | None = None
-    # How sub-batches reach the actors: "calls" (ordinary Ray actor calls; the default,
-    # faster on a 2-core box, see README "Performance") or "compiled" (Ray Compiled
-    # Graphs, ray_alpcrun.pool.compiled; ordinary calls while a graph is not up).
-    data_path: str = "calls"
+    # How sub-batches reach the actors: "direct" (a Unix socket per same-node actor,
+    # ray_alpcrun.pool.direct; the default, see README "Performance"), "calls"
+    # (ordinary Ray actor calls) or "compiled" (Ray Compiled Graphs,
+    # ray_alpcrun.pool.compiled). The first and last fall back to ordinary calls.
+    data_path: str = "direct"
     # A compiled graph unused this long is torn down (Ray's channels spin while idle).
     compiled_idle_s: float = 1.0
     actor_options: Mapping[str, object] = field(default_factory=dict)
@@ -253,7 +254,7 @@ class BridgeConfig:
     max_connect_attempts: int | None = None
     session_linger_s: float = 30.0
     # The pool's data path when ``pool`` is None (else ``pool.data_path``).
-    data_path: str = "calls"
+    data_path: str = "direct"
 
     def __post_init__(self) -> None:
         if self.data_path not in DATA_PATHS:

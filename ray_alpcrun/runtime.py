@@ -116,6 +116,10 @@ class HandlerRuntime:
                     ) from exc
         return ctx
 
+    def has_shared(self, session_id: str, level: int | None) -> bool:
+        """Whether ``session_id``'s shared data at ``level`` is decoded here."""
+        return session_id in self._sessions and level in self._decoded.get(session_id, {})
+
     def _select(self, ctx: SessionContext, shared: SharedSpec | None) -> None:
         """Make ``ctx.shared``/``ctx.update_level`` those of the batch in hand:
         nothing for a batch that asks for no shared data, else exactly its level."""

@@ -124,9 +124,10 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
     a(
         "--data-path",
         choices=DATA_PATHS,
-        default="calls",
-        help="how sub-batches reach the actors: ordinary actor calls, coalesced (the default),"
-        " or Ray compiled graphs (their channel threads spin: wants a spare core per actor)",
+        default="direct",
+        help="how sub-batches reach the actors: a Unix socket per actor on this node"
+        " (direct), ordinary Ray actor calls, or Ray compiled graphs (their channel"
+        " threads spin: they want a spare core per actor)",
     )
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")

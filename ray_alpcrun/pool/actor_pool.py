@@ -31,6 +31,7 @@ from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.backend import RayBackend
 from ray_alpcrun.pool.compiled import CompiledBackend
+from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
 from ray_alpcrun.pool.gpu import check_gpu_request
 from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, PoolActorHandle, SharedRef
@@ -58,7 +59,7 @@ class ActorPool:
         self.handler = handler
         self.config = config if config is not None else PoolConfig()
         self.start_timeout_s = DEFAULT_START_TIMEOUT_S
-        self._backend: RayBackend | CompiledBackend | None = None
+        self._backend: RayBackend | CompiledBackend | DirectBackend | None = None
         self._dispatcher: Dispatcher[PoolActorHandle] | None = None
         self._scaler: asyncio.Task[None] | None = None
         self.decision = Decision(self.config.lowest, reason="start")
@@ -128,9 +129,11 @@ class ActorPool:
         # concurrency_groups cannot go through .options(); it belongs to the class.
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
         calls = RayBackend(actor_class.options(**options), blob, cfg)
-        backend: RayBackend | CompiledBackend = calls
+        backend: RayBackend | CompiledBackend | DirectBackend = calls
         if cfg.data_path == "compiled":
             backend = CompiledBackend(calls, idle_s=cfg.compiled_idle_s)
+        elif cfg.data_path == "direct":
+            backend = DirectBackend(calls)
         dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
             backend,
             num_actors=first,
@@ -297,8 +300,8 @@ class ActorPool:
         if dispatcher is not None:
             await dispatcher.close()
         backend, self._backend = self._backend, None
-        if isinstance(backend, CompiledBackend):
-            await backend.close()  # the compiled path: wait for its graphs' teardown
+        if isinstance(backend, (CompiledBackend, DirectBackend)):
+            await backend.close()  # graphs torn down (waited for), sockets closed
 
     async def __aenter__(self) -> ActorPool:
         await self.start()

@@ -47,10 +47,11 @@ class RayBackend:
         import ray
 
         self._ray = ray
-        self._lost: tuple[type[BaseException], ...] = (
+        self.lost_errors: tuple[type[BaseException], ...] = (
             ray.exceptions.RayActorError,  # includes ActorDiedError, ActorUnavailableError
             ray.exceptions.ObjectLostError,
         )
+        """Ray's errors for an actor that is gone (the other paths add their own)."""
         self._task_error = ray.exceptions.RayTaskError
         self._actor_class = actor_class
         self._blob = handler_blob
@@ -60,7 +61,7 @@ class RayBackend:
         self.handles: dict[int, PoolActorHandle] = {}
         # Sub-batches that queue for a busy actor travel together in one Ray call.
         self._calls: Coalescer[PoolActorHandle, RunArgs, RunReply] = Coalescer(
-            self._run_one, self._run_many, max_outstanding=1, worth_a_call=self._worth_a_call
+            self.run_one, self._run_many, max_outstanding=1, worth_a_call=self.worth_a_call
         )
         self.task_cost: Callable[[], float | None] = lambda: None
         """Handler seconds per task, as measured so far (the pool wires in the dispatcher's)."""
@@ -84,7 +85,7 @@ class RayBackend:
             # signal to the autoscaler, so it must go too.
             self.kill(actor)
             raise
-        except self._lost as exc:
+        except self.lost_errors as exc:
             self.kill(actor)
             raise HandlerError(f"pool actor failed to start: {first_line(exc)}") from exc
         if "error" in info:
@@ -116,7 +117,7 @@ class RayBackend:
         the actor's loss (``lost``; default the ordinary call's) raises
         :class:`ActorLost`, Ray failing around the call fails its ``n`` tasks,
         and a session that cannot start raises :class:`SessionSetupError`."""
-        gone = self._lost if lost is None else lost
+        gone = self.lost_errors if lost is None else lost
         try:
             reply = await sending
         except gone as exc:
@@ -130,14 +131,16 @@ class RayBackend:
         return reply
 
     @staticmethod
-    async def _run_one(actor: PoolActorHandle, part: RunArgs) -> RunReply:
+    async def run_one(actor: PoolActorHandle, part: RunArgs) -> RunReply:
+        """One sub-batch as one ordinary call (no coalescing)."""
         return await actor.run.remote(*part)
 
     @staticmethod
     async def _run_many(actor: PoolActorHandle, parts: list[RunArgs]) -> list[RunReply]:
         return await actor.run_many.remote(parts)
 
-    def _worth_a_call(self, parts: list[RunArgs]) -> bool:
+    def worth_a_call(self, parts: list[RunArgs]) -> bool:
+        """Whether queued sub-batches carry enough measured work to go out at once."""
         cost = self.task_cost()
         return cost is not None and cost * sum(len(p[1]) for p in parts) >= WORTH_A_CALL_S
 
@@ -152,13 +155,13 @@ class RayBackend:
     async def end_session(self, actor: PoolActorHandle, session_id: str) -> None:
         try:
             await actor.end_session.remote(session_id)
-        except self._lost as exc:
+        except self.lost_errors as exc:
             raise ActorLost(first_line(exc)) from exc
 
     async def retire(self, actor: PoolActorHandle) -> None:
         try:
             await actor.close_sessions.remote()
-        except self._lost as exc:
+        except self.lost_errors as exc:
             raise ActorLost(first_line(exc)) from exc
 
     async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
@@ -166,7 +169,7 @@ class RayBackend:
             info = await asyncio.wait_for(actor.status.remote(), timeout_s)
         except asyncio.TimeoutError:
             return {"error": f"no answer within {timeout_s:g} s"}
-        except self._lost as exc:
+        except self.lost_errors as exc:
             return {"error": first_line(exc)}
         return info
 

@@ -54,8 +54,9 @@ against 83,100 at 5.6 + 1.9 ms. Ray's channel threads spin while they wait,
 one in the bridge and one in the actor per graph, and on a machine without
 spare cores they take the CPU the queue manager, the client and the handlers
 need (the shared workload with 4 actors on 2 cores ran at a fifth of the calls
-path). So ``calls`` is the default; this path is opt-in with
-``--data-path compiled``, for machines with a spare core per graph.
+path). So this path is opt-in with ``--data-path compiled``, for machines with
+a spare core per graph; the default is :mod:`.direct` (a Unix socket per
+actor, nothing spinning).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ A plain class; :mod:`ray_alpcrun.pool.actor_pool` applies ``ray.remote`` with it
 Calls run one at a time (the handler needs no locks), except ``ready`` and
 ``status``, which answer from a second thread so that a busy or hung handler
 does not make the actor look dead. A compiled graph (:mod:`ray_alpcrun.pool.compiled`)
-calls :meth:`PoolActor.step` from Ray's own system thread, so the handler's
-runtime is also guarded by a lock: an ordinary call still queued when the graph
-starts never runs at the same time as a graph step.
+calls :meth:`PoolActor.step` from Ray's own system thread, and the direct path
+(:mod:`ray_alpcrun.pool.direct`) runs frames from its socket's thread, so the
+handler's runtime is also guarded by a lock: an ordinary call, a graph step and
+a socket frame never run the handler at the same time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ray import cloudpickle
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import load_handler
 from ray_alpcrun.logs import setup_logging
+from ray_alpcrun.pool import sockets
 from ray_alpcrun.pool.gpu import Device, setup_device
 from ray_alpcrun.runtime import HandlerRuntime, Outcome, SharedSpec, describe
 
@@ -89,6 +91,8 @@ class PoolActorHandle(Protocol):
     def status(self) -> RemoteMethod[ActorInfo]: ...
     @property
     def step(self) -> StepMethod: ...
+    @property
+    def open_direct(self) -> RemoteMethod[str | None]: ...
     @property
     def __ray_call__(self) -> RemoteMethod[None]: ...
 
@@ -169,7 +173,8 @@ class PoolActor:
         self._error_kind = "handler"
         self._device: Device | None = None
         self._runtime: HandlerRuntime | None = None
-        self._lock = threading.Lock()
+        # Reentrant: a direct frame checks the shared data and runs under one hold.
+        self._lock = threading.RLock()
         try:
             self._device = _setup_device(use_gpu, gpu_memory_limit_bytes)
         except Exception as exc:
@@ -240,6 +245,27 @@ class PoolActor:
         """Run the session end hook and drop its state; False if it was not here."""
         with self._lock:
             return self._runtime is not None and self._runtime.end_session(session_id)
+
+    def open_direct(self, bridge_node: str) -> str | None:
+        """Serve sub-batches on a Unix socket (:mod:`ray_alpcrun.pool.direct`) for a
+        bridge on this node: the socket's path; None for a bridge on another node."""
+        if bridge_node != ray.get_runtime_context().get_node_id():
+            return None
+        return sockets.serve(self._run_direct)
+
+    def _run_direct(self, parts: list[RunArgs]) -> list[RunReply | None]:
+        """One frame of the direct path: each part as :meth:`run` answers it, or None
+        when it names shared data (without its reference) not decoded here."""
+        out: list[RunReply | None] = []
+        for session_id, payloads, shared, tags in parts:
+            with self._lock:
+                runtime = self._runtime
+                named = shared is not None and shared.ref is None
+                if named and (runtime is None or not runtime.has_shared(session_id, shared.level)):  # type: ignore[union-attr]
+                    out.append(None)
+                    continue
+                out.append(self.run(session_id, payloads, shared, tags))
+        return out
 
     def step(self, request: StepRequest) -> StepReply:
         """The compiled graph's one method: a request in, its reply out.

@@ -28,7 +28,7 @@ def test_data_path_flag_reaches_the_pool_config() -> None:
     parser = cli.build_parser(Env())
     base = ["--handler", "tests.support.handlers:echo"]
     default = cli.config_from_args(parser.parse_args([*base, "--actors", "2"]), Env())
-    assert default.pool is not None and default.pool.data_path == "calls"
+    assert default.pool is not None and default.pool.data_path == "direct"
     args = parser.parse_args([*base, "--actors", "2", "--data-path", "compiled"])
     assert cli.config_from_args(args, Env()).pool.data_path == "compiled"  # type: ignore[union-attr]
     sized_later = cli.config_from_args(parser.parse_args([*base, "--data-path", "compiled"]), Env())

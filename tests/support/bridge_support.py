@@ -17,12 +17,14 @@ def bridge_config(svc: Any, handler: str, actors: int = 2, **kw: Any) -> BridgeC
         api_key=kw.pop("api_key", svc.api_key),
         proto_package=svc.proto_package,
     )
+    # The data path is PoolConfig's default unless a test asks for one.
+    path = {"data_path": kw.pop("data_path")} if "data_path" in kw else {}
     pool = PoolConfig(
         num_actors=actors,
         cpus_per_actor=kw.pop("cpus_per_actor", 0.5),
         min_chunk=kw.pop("min_chunk", 1),
         task_timeout_s=kw.pop("task_timeout_s", None),
-        data_path=kw.pop("data_path", "calls"),
+        **path,
     )
     return BridgeConfig(services=services, handler=handler, pool=pool, **kw)
 
