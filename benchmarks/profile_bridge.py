@@ -33,7 +33,7 @@ from benchmarks.procs import cpu_s, name, thread_cpu  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--system", default="bridge", choices=["bridge", "bridge-compiled", "reference", "replicas"]
+        "--system", default="bridge", choices=[*run.BRIDGE_PATHS, "reference", "replicas"]
     )
     p.add_argument("--workload", default="noop", choices=list(run.HANDLERS))
     p.add_argument("--batch", type=int, default=1000)

@@ -4,9 +4,10 @@
     python benchmarks/run.py --out results.json            # the whole matrix
 
 Systems: ``reference`` (one plain worker process), ``replicas`` (K plain worker
-processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray; ordinary Ray actor
-calls, ``--data-path calls``, the default) and ``bridge-compiled`` (the same over
-Ray compiled graphs, ``--data-path compiled``). Workloads:
+processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray, reached over
+their Unix sockets: ``--data-path direct``, the default), ``bridge-calls`` (the same
+over ordinary Ray actor calls, ``--data-path calls``) and ``bridge-compiled`` (over Ray
+compiled graphs, ``--data-path compiled``). Workloads:
 ``noop`` (echo), ``cpu`` (about 5 ms of NumPy per task), ``shared`` (every task
 sums a slice of 256 MB of shared data). Each deployment gets a fresh devserver
 process; the client runs in this process, the same way for every system.
@@ -75,12 +76,13 @@ TASKS = {
 }
 BATCH_SIZES = (1, 10, 100, 1000)
 # The bridge systems and their ``--data-path``.
-BRIDGE_PATHS = {"bridge": "calls", "bridge-compiled": "compiled"}
+BRIDGE_PATHS = {"bridge": "direct", "bridge-calls": "calls", "bridge-compiled": "compiled"}
 # One colour per system in every panel of the plot.
 COLOURS = {
     "reference": "tab:gray",
     "replicas": "tab:green",
     "bridge": "tab:blue",
+    "bridge-calls": "tab:purple",
     "bridge-compiled": "tab:orange",
 }
 WINDOW = 10  # the queue manager's default batches in flight per worker
@@ -118,6 +120,7 @@ def quick_cases() -> list[Case]:
         Case("reference", "noop", 1, BATCH_SIZES),
         Case("bridge", "noop", 1, BATCH_SIZES),
         Case("bridge-compiled", "noop", 1, BATCH_SIZES),
+        Case("bridge-calls", "noop", 1, BATCH_SIZES),
         Case("replicas", "noop", 2, (100, 1000)),
         Case("reference", "cpu", 1, (10, 100)),
         Case("replicas", "cpu", 2, (10, 100)),
