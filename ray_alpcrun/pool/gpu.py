@@ -179,6 +179,10 @@ class Device:
     def name(self) -> str:
         return self.identity.name
 
+    def make_current(self) -> None:
+        """Make this the calling thread's CUDA device (CUDA keeps one per thread)."""
+        self._cupy.cuda.Device(self.identity.cuda_index).use()
+
     def to_device(self, obj: Any) -> Any:
         """Copy NumPy arrays to the GPU, recursing into dicts, lists, tuples and dataclasses.
 

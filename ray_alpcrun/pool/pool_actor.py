@@ -256,6 +256,8 @@ class PoolActor:
     def _run_direct(self, parts: list[RunArgs]) -> list[RunReply | None]:
         """One frame of the direct path: each part as :meth:`run` answers it, or None
         when it names shared data (without its reference) not decoded here."""
+        if self._device is not None:  # CUDA's current device is per thread
+            self._device.make_current()
         out: list[RunReply | None] = []
         for session_id, payloads, shared, tags in parts:
             with self._lock:

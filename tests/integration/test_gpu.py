@@ -103,8 +103,13 @@ def test_visible_device_maps_to_its_nvml_handle(truncate: bool, by_uuid_works: b
 
 def test_all_gpus_visible_uses_rays_id_as_the_cuda_index() -> None:
     gpus = machine()  # e.g. RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: CUDA sees both
-    device = setup_device(gpu_ids=["1"], cupy_module=FakeCupy(gpus, [0, 1]), nvml=FakeNvml(gpus))
+    cp = FakeCupy(gpus, [0, 1])
+    device = setup_device(gpu_ids=["1"], cupy_module=cp, nvml=FakeNvml(gpus))
     assert device is not None and device.identity.cuda_index == 1 and device.nvml_index == 1
+    # A thread that runs the handler (the direct path's socket thread) makes it current.
+    cp.current = 0
+    device.make_current()
+    assert cp.current == 1
 
 
 def test_mapping_without_a_match_is_an_error_and_nvml_loss_only_costs_readings() -> None:
