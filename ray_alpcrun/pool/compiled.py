@@ -150,6 +150,11 @@ class CompiledBackend:
     def handles(self) -> dict[int, PoolActorHandle]:
         return self._inner.handles
 
+    @property
+    def sends(self) -> int:
+        """Graph executions sent so far (each may carry several sub-batches)."""
+        return self._steps.calls
+
     def graph_ready(self, actor: PoolActorHandle) -> bool:
         """Whether sub-batches for ``actor`` go through its compiled graph now."""
         graph = self._graphs.get(id(actor))

@@ -119,6 +119,11 @@ class DirectBackend:
     def handles(self) -> dict[int, PoolActorHandle]:
         return self._inner.handles
 
+    @property
+    def sends(self) -> int:
+        """Socket frames sent so far (each may carry several sub-batches)."""
+        return self._parts.calls
+
     def direct(self, actor: PoolActorHandle) -> bool:
         """Whether sub-batches for ``actor`` go over its socket."""
         return id(actor) in self._connections

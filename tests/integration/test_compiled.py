@@ -7,7 +7,6 @@ goes through the graphs and not the ordinary calls that serve meanwhile.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.pool import compiled
 from ray_alpcrun.pool.actor_pool import ActorPool
 from ray_alpcrun.pool.compiled import CompiledBackend
-from tests.support import handlers
+from tests.support import data_paths
 
 
 def test_data_path_flag_reaches_the_pool_config() -> None:
@@ -42,32 +41,18 @@ def test_data_path_flag_reaches_the_pool_config() -> None:
 
 
 def config(**kwargs: Any) -> PoolConfig:
-    kwargs.setdefault("num_actors", 2)
-    kwargs.setdefault("min_chunk", 1)
-    kwargs.setdefault("min_chunk_work_s", 0.0)
-    kwargs.setdefault("data_path", "compiled")
-    return PoolConfig(**kwargs)
+    return data_paths.config("compiled", **kwargs)
+
+
+async def warm(pool: ActorPool, session: str = "warm", **kw: Any) -> None:
+    """Run small batches until every live actor's graph is up (bounded)."""
+    await data_paths.on_path(pool, session, **kw)
 
 
 def backend_of(pool: ActorPool) -> CompiledBackend:
     backend = pool._backend
     assert isinstance(backend, CompiledBackend)
     return backend
-
-
-async def warm(pool: ActorPool, session: str = "warm", **kw: Any) -> None:
-    """Run small batches until every live actor's graph is up (bounded)."""
-    backend = backend_of(pool)
-    dispatcher = pool._running()
-    for _ in range(400):
-        members = dispatcher.members()
-        if len(members) == pool.size and all(backend.graph_ready(m.actor) for m in members):
-            return
-        n = 2 * pool.size
-        out = await pool.run(session, [b"w%d" % i for i in range(n)], **kw)
-        assert all(error is None for _, error in out)
-        await asyncio.sleep(0.01)  # ok: lets a pending build run between batches
-    raise AssertionError("compiled graphs did not come up")
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -88,78 +73,6 @@ async def test_batches_and_shared_data_go_through_the_graphs() -> None:
         assert [a["data_path"] for a in status["actors"]] == ["compiled", "compiled"]
         await pool.end_session("s1")  # through the graph, ordered after the batches
         assert backend.builds == builds == 2
-
-
-@pytest.mark.usefixtures("ray_session")
-async def test_many_small_batches_coalesce_and_each_gets_its_own_answers() -> None:
-    async with ActorPool("tests.support.handlers:echo", config(num_actors=1)) as pool:
-        await warm(pool)
-        backend = backend_of(pool)
-        calls = backend._steps.calls
-        streams = [[f"s{k}-t{i}".encode() for i in range(3)] for k in range(40)]
-        outs = await asyncio.gather(*(pool.run(f"stream{k}", b) for k, b in enumerate(streams)))
-        for batch, out in zip(streams, outs, strict=True):
-            assert out == [(p, None) for p in batch]
-        # 40 batches queued for one actor travelled in fewer graph executions.
-        assert backend._steps.calls - calls < len(streams)
-
-
-@pytest.mark.usefixtures("ray_session")
-async def test_actor_killed_mid_batch_on_the_graph_loses_nothing(ray_session: Any) -> None:
-    ray = ray_session
-    name = f"gate-{uuid.uuid4().hex}"
-    gate = ray.remote(num_cpus=0)(handlers.Gate).options(name=name).remote()
-    try:
-        async with ActorPool("tests.support.handlers:gated", config()) as pool:
-            ref = pool.put_shared("s", 1, name.encode())
-            await warm(pool, "s", shared=ref)
-            backend = backend_of(pool)
-            builds = backend.builds
-            batch = [f"t{i}".encode() for i in range(10)]
-            batch[3] = b"block"
-            running = asyncio.create_task(pool.run("s", batch, shared=ref))
-            [victim] = await gate.wait_entered.remote()
-            ray.kill(victim, no_restart=True)
-            out = await asyncio.wait_for(running, 60)
-            # Every task answered exactly once, the blocked one included (retried).
-            assert out == [(p, None) for p in batch]
-            assert pool.restarts == 1
-            await pool.settle()
-            await warm(pool, "s", shared=ref)  # the replacement gets its own graph
-            # (and a survivor whose graph idled out meanwhile gets a new one).
-            assert backend.builds >= builds + 1
-            status = await pool.status()
-            assert status["live"] == 2
-    finally:
-        ray.kill(gate)
-
-
-@pytest.mark.usefixtures("ray_session")
-async def test_crashing_task_on_the_graph_fails_alone() -> None:
-    async with ActorPool("tests.support.handlers:crash", config(max_call_retries=2)) as pool:
-        await warm(pool)
-        batch = [b"a", b"b", b"crash", b"c", b"d", b"e"]
-        out = await asyncio.wait_for(pool.run("s", batch), 120)
-        for p, (result, error) in zip(batch, out, strict=True):
-            if p == b"crash":
-                assert result is None and error is not None and "actor died" in error
-            else:
-                assert (result, error) == (p, None)
-        await pool.settle()
-        assert await pool.run("s", [b"after"]) == [(b"after", None)]
-
-
-@pytest.mark.usefixtures("ray_session")
-async def test_hung_task_on_the_graph_times_out_alone() -> None:
-    async with ActorPool("tests.support.handlers:hang", config(task_timeout_s=1.0)) as pool:
-        await warm(pool)
-        batch = [b"a", b"hang", b"c", b"d"]
-        out = await asyncio.wait_for(pool.run("s", batch), 120)
-        for p, outcome in zip(batch, out, strict=True):
-            if p == b"hang":
-                assert outcome == (None, "task timed out after 1 s")
-            else:
-                assert outcome == (p, None)
 
 
 @pytest.mark.usefixtures("ray_session")
