@@ -300,7 +300,7 @@ class ActorPool:
         if dispatcher is not None:
             await dispatcher.close()
         backend, self._backend = self._backend, None
-        if isinstance(backend, (CompiledBackend, DirectBackend)):
+        if backend is not None:
             await backend.close()  # graphs torn down (waited for), sockets closed
 
     async def __aenter__(self) -> ActorPool:

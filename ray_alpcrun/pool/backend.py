@@ -164,6 +164,9 @@ class RayBackend:
         except self.lost_errors as exc:
             raise ActorLost(first_line(exc)) from exc
 
+    async def close(self) -> None:
+        """Nothing of its own to release: the pool kills the actors."""
+
     async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
         try:
             info = await asyncio.wait_for(actor.status.remote(), timeout_s)

@@ -12,9 +12,10 @@ Design:
 
 * **Same node only.** :meth:`PoolActor.open_direct` opens a socket only for a
   bridge on its own node and answers its path; a bridge on another node (or one
-  that cannot connect) keeps ordinary calls for that actor. The socket is owner-only (``0600``,
-  in a ``0700`` directory), so only processes of the same user on the node can
-  reach it; the bridge removes the file once connected.
+  that cannot connect) keeps ordinary calls for that actor. The socket is
+  owner-only (``0600``, in a ``0700`` directory), so only processes of the same
+  user on the node can reach it; the bridge removes the file once connected. The
+  actor's side is :mod:`.sockets`.
 * **One connection per actor, in order.** Frames are ``4-byte length +
   pickle``; the actor answers them one at a time, in order, under the same lock
   as ordinary calls (:mod:`.pool_actor`). Sub-batches that queue behind the call
@@ -54,9 +55,6 @@ log = logging.getLogger(__name__)
 
 # A part's reply: the actor's RunReply, or None when it lacks the part's shared data.
 DirectReply = RunReply | None
-
-
-# -- the bridge's side ---------------------------------------------------------------
 
 
 class _Connection:

@@ -261,13 +261,16 @@ class PoolActor:
         out: list[RunReply | None] = []
         for session_id, payloads, shared, tags in parts:
             with self._lock:
-                runtime = self._runtime
-                named = shared is not None and shared.ref is None
-                if named and (runtime is None or not runtime.has_shared(session_id, shared.level)):  # type: ignore[union-attr]
-                    out.append(None)
-                    continue
-                out.append(self.run(session_id, payloads, shared, tags))
+                lacking = self._lacks(session_id, shared)
+                out.append(None if lacking else self.run(session_id, payloads, shared, tags))
         return out
+
+    def _lacks(self, session_id: str, shared: SharedRef | None) -> bool:
+        """Whether ``shared`` is named without its reference and not decoded here."""
+        if shared is None or shared.ref is not None:
+            return False
+        runtime = self._runtime
+        return runtime is None or not runtime.has_shared(session_id, shared.level)
 
     def step(self, request: StepRequest) -> StepReply:
         """The compiled graph's one method: a request in, its reply out.

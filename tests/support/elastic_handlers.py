@@ -12,7 +12,7 @@ def slow(payload: bytes, shared: bytes | None) -> bytes:
     """Sleeps ``payload``'s milliseconds (default 20); answers with where it ran."""
     text = payload.decode()
     ms = int(text.split(":", 1)[1]) if ":" in text else 20
-    time.sleep(ms / 1000)
+    time.sleep(ms / 1000)  # ok: the handler's work is to take this long
     node = ray.get_runtime_context().get_node_id()
     return f"{text}|{node}|{os.getpid()}".encode()
 

@@ -218,7 +218,7 @@ def autoscale(
             while not (ready := _ready(port))[0]:
                 assert bridge.poll() is None, f"bridge exited {bridge.returncode}"
                 assert time.monotonic() - t0 < 120, f"bridge not ready: {ready[1]}"
-                time.sleep(0.2)
+                time.sleep(0.2)  # ok: polls a subprocess's HTTP readiness (bounded)
             out["ready_after_s"] = round(time.monotonic() - t0, 1)
             out["ready_text"] = ready[1]
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
