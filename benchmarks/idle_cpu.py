@@ -1,11 +1,10 @@
 """CPU the bridge and its pool actors burn with no work, per data path.
 
-    python benchmarks/idle_cpu.py --seconds 30 [--data-path direct calls compiled] [--actors 1]
+    python benchmarks/idle_cpu.py --seconds 30 [--data-path direct calls] [--actors 1]
 
 For each data path: starts a devserver and the bridge CLI (its own Ray), runs a few
-batches so the compiled graphs are up, then measures the CPU of every process of the
-system over ``--seconds`` with no work: once starting right after the last batch
-(the graphs are still up until their idle timeout) and once more after that
+batches, then measures the CPU of every process of the system over ``--seconds``
+with no work: once starting right after the last batch and once more after that
 (steady idle). Prints % of one core for the bridge actor, the pool actors and the
 whole process tree (Ray's own daemons included, the same for both paths).
 """
@@ -76,7 +75,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--data-path", nargs="+", default=["direct", "calls", "compiled"])
+    p.add_argument("--data-path", nargs="+", default=["direct", "calls"])
     args = p.parse_args()
     with open(os.devnull, "w") as log:
         for path in args.data_path:

@@ -6,8 +6,7 @@
 Systems: ``reference`` (one plain worker process), ``replicas`` (K plain worker
 processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray, reached over
 their Unix sockets: ``--data-path direct``, the default), ``bridge-calls`` (the same
-over ordinary Ray actor calls, ``--data-path calls``) and ``bridge-compiled`` (over Ray
-compiled graphs, ``--data-path compiled``). Workloads:
+over ordinary Ray actor calls, ``--data-path calls``). Workloads:
 ``noop`` (echo), ``cpu`` (about 5 ms of NumPy per task), ``shared`` (every task
 sums a slice of 256 MB of shared data). Each deployment gets a fresh devserver
 process; the client runs in this process, the same way for every system.
@@ -76,14 +75,13 @@ TASKS = {
 }
 BATCH_SIZES = (1, 10, 100, 1000)
 # The bridge systems and their ``--data-path``.
-BRIDGE_PATHS = {"bridge": "direct", "bridge-calls": "calls", "bridge-compiled": "compiled"}
+BRIDGE_PATHS = {"bridge": "direct", "bridge-calls": "calls"}
 # One colour per system in every panel of the plot.
 COLOURS = {
     "reference": "tab:gray",
     "replicas": "tab:green",
     "bridge": "tab:blue",
     "bridge-calls": "tab:purple",
-    "bridge-compiled": "tab:orange",
 }
 WINDOW = 10  # the queue manager's default batches in flight per worker
 SAMPLE_S = 0.5  # PSS sampling while measuring throughput and latency
@@ -119,19 +117,15 @@ def quick_cases() -> list[Case]:
     return [
         Case("reference", "noop", 1, BATCH_SIZES),
         Case("bridge", "noop", 1, BATCH_SIZES),
-        Case("bridge-compiled", "noop", 1, BATCH_SIZES),
         Case("bridge-calls", "noop", 1, BATCH_SIZES),
         Case("replicas", "noop", 2, (100, 1000)),
         Case("reference", "cpu", 1, (10, 100)),
         Case("replicas", "cpu", 2, (10, 100)),
         Case("bridge", "cpu", 2, (10, 100)),
-        Case("bridge-compiled", "cpu", 2, (10, 100)),
         Case("replicas", "shared", 1, (100,)),
         Case("replicas", "shared", 4, (100,)),
         Case("bridge", "shared", 1, (100,)),
         Case("bridge", "shared", 4, (100,)),
-        Case("bridge-compiled", "shared", 1, (100,)),
-        Case("bridge-compiled", "shared", 4, (100,)),
     ]
 
 
@@ -142,7 +136,6 @@ def full_cases() -> list[Case]:
         for k in (1, 2, 4):
             cases.append(Case("replicas", workload, k, BATCH_SIZES))
             cases.append(Case("bridge", workload, k, BATCH_SIZES))
-            cases.append(Case("bridge-compiled", workload, k, BATCH_SIZES))
     return cases
 
 

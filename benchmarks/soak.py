@@ -9,7 +9,7 @@ are read from ``/proc/PID/smaps_rollup``; the curve is printed and written to
 
     python benchmarks/soak.py                        # 100,000 tasks, batches of 500
     python benchmarks/soak.py --tasks 20000 --batch-size 100
-    python benchmarks/soak.py --data-path compiled   # over compiled graphs
+    python benchmarks/soak.py --data-path direct     # over the actors' sockets
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ray_alpcrun.config import DATA_PATHS
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
@@ -91,7 +93,6 @@ def sample(ray: Any, handle: Any) -> dict[str, Any]:
         "tasks_ok": status["tasks_ok"],
         "sessions_bound": len(status["sessions"]),
         "actor_restarts": status.get("actor_restarts", 0),
-        # compiled: "compiled" while an actor's graph is up, "calls" otherwise
         "data_paths": [a.get("data_path", "calls") for a in actors],
     }
 
@@ -103,7 +104,7 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=2, help="concurrent sessions per round")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--actors", type=int, default=2)
-    ap.add_argument("--data-path", choices=("calls", "compiled"), default="calls")
+    ap.add_argument("--data-path", choices=DATA_PATHS, default="direct")
     args = ap.parse_args()
 
     # Pool actors import the handler by name; they inherit this path.

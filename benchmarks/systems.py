@@ -175,7 +175,7 @@ def bridge(
 ) -> Iterator[Deployment]:
     """The bridge CLI with ``k`` actors (and ``k`` slots), its own Ray; registered when
     this yields. Actors reserve ``min(1, cores / k)`` CPUs so that ``k`` fit.
-    ``data_path``: the bridge's ``--data-path`` (compiled graphs or ordinary calls)."""
+    ``data_path``: the bridge's ``--data-path`` (direct sockets or ordinary calls)."""
     cpus = os.cpu_count() or 1
     command = [sys.executable, "-m", "ray_alpcrun.bridge", "--handler", handler]
     command += ["--queue", dev.queue, "--cache", dev.node_cache, "--log-level", "warning"]

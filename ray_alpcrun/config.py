@@ -125,7 +125,7 @@ class WorkerIdentity:
             raise ConfigError("worker node and pod must not be empty")
 
 
-DATA_PATHS = ("compiled", "calls", "direct")
+DATA_PATHS = ("calls", "direct")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +163,9 @@ class PoolConfig:
     memory_limit_bytes: int | None = None
     # How sub-batches reach the actors: "direct" (a Unix socket per same-node actor,
     # ray_alpcrun.pool.direct; the default, see README "Performance"), "calls"
-    # (ordinary Ray actor calls) or "compiled" (Ray Compiled Graphs,
-    # ray_alpcrun.pool.compiled). The first and last fall back to ordinary calls.
+    # or "calls" (ordinary Ray actor calls). "direct" falls back to ordinary calls
+    # for actors on other nodes. (Ray Compiled Graphs were retired: see README.)
     data_path: str = "direct"
-    # A compiled graph unused this long is torn down (Ray's channels spin while idle).
-    compiled_idle_s: float = 1.0
     actor_options: Mapping[str, object] = field(default_factory=dict)
     # How the actors log (see ray_alpcrun.logs.setup_logging); None: Ray's default.
     log_level: str | None = None
@@ -200,8 +198,6 @@ class PoolConfig:
             raise ConfigError("gpu_memory_limit_bytes must be positive")
         if self.data_path not in DATA_PATHS:
             raise ConfigError(f"data_path must be one of {', '.join(DATA_PATHS)}")
-        if self.compiled_idle_s <= 0:
-            raise ConfigError("compiled_idle_s must be positive")
         if self.memory_limit_bytes is not None and self.memory_limit_bytes < 256 * 1024 * 1024:
             raise ConfigError("memory_limit_bytes must be at least 256 MiB (a Ray worker needs it)")
 

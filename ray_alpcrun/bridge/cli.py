@@ -126,8 +126,7 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         choices=DATA_PATHS,
         default="direct",
         help="how sub-batches reach the actors: a Unix socket per actor on this node"
-        " (direct), ordinary Ray actor calls, or Ray compiled graphs (their channel"
-        " threads spin: they want a spare core per actor)",
+        " (direct; actors on other nodes get ordinary calls) or ordinary Ray actor calls",
     )
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")

@@ -30,7 +30,6 @@ from ray_alpcrun.errors import AlpcrunError, ConfigError, HandlerError
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.backend import RayBackend
-from ray_alpcrun.pool.compiled import CompiledBackend
 from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
 from ray_alpcrun.pool.gpu import check_gpu_request
@@ -59,7 +58,7 @@ class ActorPool:
         self.handler = handler
         self.config = config if config is not None else PoolConfig()
         self.start_timeout_s = DEFAULT_START_TIMEOUT_S
-        self._backend: RayBackend | CompiledBackend | DirectBackend | None = None
+        self._backend: RayBackend | DirectBackend | None = None
         self._dispatcher: Dispatcher[PoolActorHandle] | None = None
         self._scaler: asyncio.Task[None] | None = None
         self.decision = Decision(self.config.lowest, reason="start")
@@ -129,10 +128,8 @@ class ActorPool:
         # concurrency_groups cannot go through .options(); it belongs to the class.
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
         calls = RayBackend(actor_class.options(**options), blob, cfg)
-        backend: RayBackend | CompiledBackend | DirectBackend = calls
-        if cfg.data_path == "compiled":
-            backend = CompiledBackend(calls, idle_s=cfg.compiled_idle_s)
-        elif cfg.data_path == "direct":
+        backend: RayBackend | DirectBackend = calls
+        if cfg.data_path == "direct":
             backend = DirectBackend(calls)
         dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
             backend,

@@ -66,6 +66,11 @@ class RayBackend:
         self.task_cost: Callable[[], float | None] = lambda: None
         """Handler seconds per task, as measured so far (the pool wires in the dispatcher's)."""
 
+    @property
+    def sends(self) -> int:
+        """Ray calls sent so far for sub-batches (each may carry several)."""
+        return self._calls.calls
+
     async def start_actor(self) -> PoolActorHandle:
         cfg = self._config
         actor = self._actor_class.remote(

@@ -2,9 +2,7 @@
 Unix socket, without Ray's per-call machinery.
 
 An ordinary Ray actor call costs the bridge ~0.6 ms of CPU (submission, Ray's
-io threads, the reply) and a thread wake-up in each process; a compiled graph
-is cheaper per call but its channel threads spin while they wait, which a
-machine without spare cores cannot afford (see :mod:`.compiled`). Here each
+io threads, the reply) and a thread wake-up in each process. Here each
 pool actor serves a Unix socket from a thread that sleeps in ``recv``: a call
 is one pickled frame each way (tens of microseconds) and costs nothing idle.
 

@@ -3,11 +3,10 @@
 A plain class; :mod:`ray_alpcrun.pool.actor_pool` applies ``ray.remote`` with its options.
 Calls run one at a time (the handler needs no locks), except ``ready`` and
 ``status``, which answer from a second thread so that a busy or hung handler
-does not make the actor look dead. A compiled graph (:mod:`ray_alpcrun.pool.compiled`)
-calls :meth:`PoolActor.step` from Ray's own system thread, and the direct path
-(:mod:`ray_alpcrun.pool.direct`) runs frames from its socket's thread, so the
-handler's runtime is also guarded by a lock: an ordinary call, a graph step and
-a socket frame never run the handler at the same time.
+does not make the actor look dead. The direct path (:mod:`ray_alpcrun.pool.direct`)
+runs frames from its socket's thread, so the handler's runtime is also guarded
+by a lock: an ordinary call and a socket frame never run the handler at the
+same time.
 """
 
 from __future__ import annotations
@@ -58,9 +57,6 @@ class SharedRef:
 RunReply = tuple[list[Outcome], float] | str
 # ``run``'s arguments: session id, payloads, shared data, session tags.
 RunArgs = tuple[str, list[bytes], SharedRef | None, tuple[str, ...]]
-# What travels through a compiled graph (:meth:`PoolActor.step`).
-StepRequest = tuple[str, object]
-StepReply = list[RunReply] | bool
 # ``ready``/``status``: JSON-like facts about the actor (pid, host, device, counters).
 ActorInfo = dict[str, object]
 
@@ -90,37 +86,9 @@ class PoolActorHandle(Protocol):
     @property
     def status(self) -> RemoteMethod[ActorInfo]: ...
     @property
-    def step(self) -> StepMethod: ...
-    @property
     def open_direct(self) -> RemoteMethod[str | None]: ...
     @property
     def __ray_call__(self) -> RemoteMethod[None]: ...
-
-
-class CompiledGraph(Protocol):
-    """What ``experimental_compile(enable_asyncio=True)`` returns (Ray's compiled DAG)."""
-
-    # The actors' graph loops, one ObjectRef each: they end when an actor dies.
-    worker_task_refs: Mapping[object, Awaitable[object]]
-
-    def execute_async(self, request: StepRequest) -> Awaitable[Awaitable[StepReply]]:
-        """Submit one execution; the awaited submission gives the reply's future."""
-
-    def teardown(self) -> None: ...
-
-
-class GraphNode(Protocol):
-    """``actor.step.bind(input)``: the one-node graph before it is compiled."""
-
-    def experimental_compile(
-        self, *, enable_asyncio: bool, _max_inflight_executions: int
-    ) -> CompiledGraph: ...
-
-
-class StepMethod(RemoteMethod[StepReply], Protocol):
-    """``PoolActor.step`` behind Ray: also bound into a compiled graph."""
-
-    def bind(self, request: object) -> GraphNode: ...
 
 
 class PoolActorClass(Protocol):
@@ -271,21 +239,6 @@ class PoolActor:
             return False
         runtime = self._runtime
         return runtime is None or not runtime.has_shared(session_id, shared.level)
-
-    def step(self, request: StepRequest) -> StepReply:
-        """The compiled graph's one method: a request in, its reply out.
-
-        ``("run", [RunArgs, ...])`` answers ``[RunReply, ...]`` as
-        :meth:`run_many`; ``("end", session_id)`` answers as :meth:`end_session`.
-        Ending a session goes through the graph too, so that it is ordered with
-        the sub-batches sent before it.
-        """
-        op, arg = request
-        if op == "run":
-            return self.run_many(cast(list[RunArgs], arg))
-        if op == "end":
-            return self.end_session(cast(str, arg))
-        raise ValueError(f"unknown graph request {op!r}")
 
     def close_sessions(self) -> int:
         """Before this actor is released: run every session's end hook; how many ran."""

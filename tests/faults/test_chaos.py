@@ -37,7 +37,7 @@ from tests.support.chaos_proxy import TcpProxy
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("CHAOS_SEED", "20240611"))
-# The bridge's data path to its actors (``--data-path``): "compiled" or "calls".
+# The bridge's data path to its actors (``--data-path``): "direct" or "calls".
 DATA_PATH = os.environ.get("CHAOS_DATA_PATH", "calls")
 SESSIONS, TASKS, BATCH = 3, 300, 5
 FAULTS = 6  # cuts and actor kills during the first phase

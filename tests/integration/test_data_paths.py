@@ -1,7 +1,6 @@
-"""The pool's guarantees on each fast data path, on real Ray actors: ``direct`` (a
-Unix socket per actor, the default) and ``compiled`` (Ray compiled graphs). Each
-test first waits until every actor is on its path, so what follows goes through
-it and not through the ordinary calls that serve meanwhile."""
+"""The pool's guarantees on each data path, on real Ray actors: ``direct`` (a Unix
+socket per actor, the default) and ``calls`` (ordinary Ray actor calls). Each test
+first checks that every actor is on its path, so what follows goes through it."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from ray_alpcrun.pool.actor_pool import ActorPool
 from tests.support import handlers
 from tests.support.data_paths import config, on_path, sends
 
-PATHS = pytest.mark.parametrize("path", ["direct", "compiled"])
+PATHS = pytest.mark.parametrize("path", ["direct", "calls"])
 
 
 @PATHS

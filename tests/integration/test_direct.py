@@ -1,6 +1,6 @@
 """The direct data path (ray_alpcrun.pool.direct) on real Ray actors: what is its
-own (the flag, shared data by name). The guarantees it shares with the compiled
-path (deaths, crashes, hangs, coalescing) are in test_data_paths.py."""
+own (the flag, shared data by name). The guarantees it shares with ordinary
+calls (deaths, crashes, hangs, coalescing) are in test_data_paths.py."""
 
 from __future__ import annotations
 
