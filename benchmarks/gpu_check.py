@@ -37,9 +37,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from examples.monte_carlo.client import build_book, make_tasks, summarise  # noqa: E402
-from examples.monte_carlo.engine import contract_steps, make_simulator, price_tasks  # noqa: E402
-from examples.monte_carlo.pricing import (  # noqa: E402
+from ray_alpcrun.examples.monte_carlo.client import build_book, make_tasks, summarise  # noqa: E402
+from ray_alpcrun.examples.monte_carlo.engine import contract_steps, make_simulator, price_tasks  # noqa: E402
+from ray_alpcrun.examples.monte_carlo.pricing import (  # noqa: E402
     MarketData,
     PricingTask,
     decode_market,
@@ -228,10 +228,10 @@ def end_to_end(gpus_per_actor: float, actors: int, n_tasks: int, paths: int) -> 
     """
     import ray
 
-    from examples.monte_carlo.client import HANDLER, run_on_grid
     from ray_alpcrun.bridge.launch import start_bridge
     from ray_alpcrun.config import BridgeConfig, PoolConfig
     from ray_alpcrun.devserver import LocalServices
+    from ray_alpcrun.examples.monte_carlo.client import HANDLER, run_on_grid
 
     market, contracts = book()
     ray.init(configure_logging=False, include_dashboard=False, log_to_driver=False)

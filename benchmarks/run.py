@@ -58,9 +58,9 @@ ROW_KEYS = (
     "shared_fetches",
 )
 HANDLERS = {
-    "noop": "examples.workloads:noop",
-    "cpu": "examples.workloads:cpu",
-    "shared": "examples.workloads:shared_sum",
+    "noop": "ray_alpcrun.examples.workloads:noop",
+    "cpu": "ray_alpcrun.examples.workloads:cpu",
+    "shared": "ray_alpcrun.examples.workloads:shared_sum",
 }
 SHARED_BYTES = 256 << 20
 SHARED_SLICE = 4096  # int64 values each shared task sums

@@ -126,7 +126,7 @@ def main() -> int:
         handle = start_bridge(
             bridge_config(
                 svc,
-                "examples.workloads:noop",
+                "ray_alpcrun.examples.workloads:noop",
                 args.actors,
                 log_level="warning",
                 data_path=args.data_path,

@@ -99,7 +99,7 @@ def main() -> int:
     p.add_argument("--sizes", default="1:2000,100:20000,1000:20000", help="BATCH:TASKS,...")
     p.add_argument("--repeat", type=int, default=3, help="runs per size (best and median shown)")
     p.add_argument("--workers", type=int, default=1, help="reference worker processes")
-    p.add_argument("--handler", default="examples.workloads:noop")
+    p.add_argument("--handler", default="ray_alpcrun.examples.workloads:noop")
     p.add_argument("--latency-rounds", type=int, default=30)
     args = p.parse_args()
     sizes = [tuple(int(x) for x in part.split(":")) for part in args.sizes.split(",")]

@@ -2,9 +2,9 @@
 
 Starts Ray, the local ALPCRUN.CH services (queue manager, central and node
 cache) and the bridge, then prices a book of European and Asian options by
-Monte Carlo (``examples/monte_carlo``) through the client, with a progress
+Monte Carlo (``ray_alpcrun/examples/monte_carlo``) through the client, with a progress
 bar, and prints the prices, the Black-Scholes check and the throughput.
-Run it from the repository root (the example lives in ``examples/``).
+The example ships inside the package: it runs from any directory.
 """
 
 from __future__ import annotations
@@ -32,21 +32,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        from examples.monte_carlo import client as mc
-    except ImportError as exc:
-        print(
-            f"ray_alpcrun.demo: cannot import the example ({exc}); run it from the "
-            "repository root, where examples/ lives",
-            file=sys.stderr,
-        )
-        return errors.EXIT_USAGE
-
     import ray
 
     from ray_alpcrun.bridge.launch import start_bridge
     from ray_alpcrun.config import BridgeConfig, PoolConfig
     from ray_alpcrun.devserver import LocalServices
+    from ray_alpcrun.examples.monte_carlo import client as mc
 
     market, contracts = mc.build_book(n_contracts=args.contracts)
     tasks = mc.make_tasks(contracts, args.paths, args.tasks, contracts_per_task=16)

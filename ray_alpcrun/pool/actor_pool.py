@@ -2,7 +2,7 @@
 
 Used by the bridge actor and by :mod:`ray_alpcrun.pool.notebook`::
 
-    pool = ActorPool("examples.pricing:Pricer", PoolConfig(num_actors=2))
+    pool = ActorPool("ray_alpcrun.examples.pricing:Pricer", PoolConfig(num_actors=2))
     await pool.start()
     ref = pool.put_shared("s1", 1, data)         # once per (session, level)
     outcomes = await pool.run("s1", [b"a", b"b"], shared=ref)

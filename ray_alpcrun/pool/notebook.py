@@ -4,7 +4,7 @@ Same handler API, shared data and error semantics as the bridge::
 
     from ray_alpcrun.pool.notebook import RayPool
 
-    with RayPool("examples.monte_carlo.handler:price", actors=2, shared=params) as pool:
+    with RayPool("ray_alpcrun.examples.monte_carlo.handler:price", actors=2, shared=params) as pool:
         results = pool.map(payloads)              # list[bytes]; TasksFailed if any task failed
         pool.set_shared(new_params)               # next update level: on_shared_update runs
         mixed = pool.map(payloads, return_errors=True)   # TaskFailed in place of failures
@@ -99,7 +99,7 @@ class RayPool:
         if self._pool is not None:
             return self
         if isinstance(self._handler, str):
-            # A missing module (e.g. examples.* outside the repository root) fails
+            # A missing module (e.g. a handler module not on the path) fails
             # here, in a second, not after Ray has started.
             import_object(self._handler)
         self._init_ray()

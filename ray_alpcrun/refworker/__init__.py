@@ -8,7 +8,7 @@ Example::
 
     config = ReferenceWorkerConfig(ServiceConfig(queue_address="127.0.0.1:1337",
                                                  cache_address="127.0.0.1:3337"))
-    handle = start_in_thread(config, "examples.workloads:noop")
+    handle = start_in_thread(config, "ray_alpcrun.examples.workloads:noop")
     ...
     handle.stop()
 """

@@ -45,7 +45,7 @@ def services() -> Iterator[LocalServices]:
 
 
 def test_ten_thousand_tasks_each_answered_once(services: LocalServices) -> None:
-    worker = start_worker(services.service_config(), "examples.workloads:noop")
+    worker = start_worker(services.service_config(), "ray_alpcrun.examples.workloads:noop")
     payloads = [b"task-%05d" % i for i in range(10_000)]
     try:
         with client_for(services) as client, client.create_session(app_id="10k") as session:
@@ -107,7 +107,7 @@ def test_killed_worker_loses_and_doubles_nothing(services: LocalServices) -> Non
         results_iter = session.submit(payloads, batch_size=10, timeout_s=60)
         first = next(results_iter)  # sending has started
         assert gate.blocked.wait(10), "the doomed worker never got busy"
-        survivor = start_worker(service, "examples.workloads:noop", pod="survivor")
+        survivor = start_worker(service, "ray_alpcrun.examples.workloads:noop", pod="survivor")
         doomed.kill()
         gate.opened.set()  # its handler thread finishes; the answer goes nowhere
         results = [first, *results_iter]
@@ -148,7 +148,7 @@ def _cli(svc: LocalServices, *extra: str) -> subprocess.Popen[str]:
 
 
 def test_cli_worker_serves_and_stops_on_sigterm(services: LocalServices) -> None:
-    proc = _cli(services, "--handler", "examples.workloads:noop")
+    proc = _cli(services, "--handler", "ray_alpcrun.examples.workloads:noop")
     try:
         with client_for(services) as client, client.create_session(app_id="cli") as session:
             payloads = [b"%d" % i for i in range(500)]
@@ -160,14 +160,16 @@ def test_cli_worker_serves_and_stops_on_sigterm(services: LocalServices) -> None
 
 
 def test_cli_exit_codes(services: LocalServices) -> None:
-    bad_handler = _cli(services, "--handler", "examples.workloads:nope")
+    bad_handler = _cli(services, "--handler", "ray_alpcrun.examples.workloads:nope")
     out, _ = bad_handler.communicate(timeout=30)
     assert bad_handler.returncode == 6 and "nope" in out
-    bad_key = _cli(services, "--handler", "examples.workloads:noop", "--api-key", "wrong")
+    bad_key = _cli(
+        services, "--handler", "ray_alpcrun.examples.workloads:noop", "--api-key", "wrong"
+    )
     out, _ = bad_key.communicate(timeout=30)
     assert bad_key.returncode == 4 and "API key" in out
     unreachable = _cli(
-        services, "--handler", "examples.workloads:noop", "--queue", "127.0.0.1:9",
+        services, "--handler", "ray_alpcrun.examples.workloads:noop", "--queue", "127.0.0.1:9",
         "--connect-timeout", "0.2", "--connect-attempts", "1",
     )  # fmt: skip
     out, _ = unreachable.communicate(timeout=30)
@@ -177,7 +179,7 @@ def test_cli_exit_codes(services: LocalServices) -> None:
 def test_shared_data_from_the_node_cache(services: LocalServices) -> None:
     import numpy as np
 
-    worker = start_worker(services.service_config(), "examples.workloads:shared_sum")
+    worker = start_worker(services.service_config(), "ray_alpcrun.examples.workloads:shared_sum")
     values = np.arange(100_000, dtype="<i8")
     try:
         with client_for(services) as client, client.create_session(app_id="sum") as session:
@@ -230,7 +232,7 @@ def test_graceful_stop_mid_session_loses_nothing(services: LocalServices) -> Non
         results_iter = session.submit(payloads, batch_size=10, timeout_s=60)
         first = next(results_iter)
         assert gate.blocked.wait(10)
-        staying = start_worker(service, "examples.workloads:noop", pod="staying")
+        staying = start_worker(service, "ray_alpcrun.examples.workloads:noop", pod="staying")
         stopper = threading.Thread(target=leaving.stop)
         stopper.start()
         gate.opened.set()  # the batch in hand is answered, then the stream half-closes
@@ -297,7 +299,7 @@ def test_tls_queue_manager_with_plaintext_node_cache(tmp_path: Path) -> None:
 
 def test_in_flight_window_respected_at_the_server(services: LocalServices) -> None:
     # ~5 ms per task: the client sends far faster, so the window is always full.
-    worker = start_worker(services.service_config(), "examples.workloads:cpu")
+    worker = start_worker(services.service_config(), "ray_alpcrun.examples.workloads:cpu")
     try:
         with client_for(services) as client:
             with client.create_session(app_id="narrow", max_inflight_batches_per_worker=2) as s:

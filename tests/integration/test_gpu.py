@@ -309,9 +309,9 @@ def test_monte_carlo_on_the_gpu_agrees_with_numpy(engine: str) -> None:
     import cupy
 
     sys.path.insert(0, str(TESTS.parents[1]))
-    from examples.monte_carlo.client import build_book, make_tasks
-    from examples.monte_carlo.engine import price_tasks
-    from examples.monte_carlo.pricing import EUROPEAN, analytic_prices
+    from ray_alpcrun.examples.monte_carlo.client import build_book, make_tasks
+    from ray_alpcrun.examples.monte_carlo.engine import price_tasks
+    from ray_alpcrun.examples.monte_carlo.pricing import EUROPEAN, analytic_prices
 
     market, contracts = build_book(n_stocks=4, n_contracts=16, n_steps=12, seed=5)
     tasks = make_tasks(contracts, paths_per_task=200_000, n_tasks=2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,19 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # examples/ is not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from examples.monte_carlo.client import build_book, combine, make_tasks, summarise  # noqa: E402
-from examples.monte_carlo.cuda_kernel import (  # noqa: E402
+from ray_alpcrun.examples.monte_carlo.client import build_book, combine, make_tasks, summarise
+from ray_alpcrun.examples.monte_carlo.cuda_kernel import (
     KERNEL_SOURCE,
     CudaSimulator,
     compile_options,
 )
-from examples.monte_carlo.engine import price_tasks  # noqa: E402
-from examples.monte_carlo.handler import MonteCarloHandler  # noqa: E402
-from examples.monte_carlo.pricing import (  # noqa: E402
+from ray_alpcrun.examples.monte_carlo.engine import price_tasks
+from ray_alpcrun.examples.monte_carlo.handler import MonteCarloHandler
+from ray_alpcrun.examples.monte_carlo.pricing import (
     ASIAN,
     EUROPEAN,
     FormatError,
@@ -42,7 +37,7 @@ from examples.monte_carlo.pricing import (  # noqa: E402
     geometric_asian,
     make_contracts,
 )
-from ray_alpcrun.runtime import HandlerRuntime, SharedSpec  # noqa: E402
+from ray_alpcrun.runtime import HandlerRuntime, SharedSpec
 
 
 @pytest.fixture(scope="module")

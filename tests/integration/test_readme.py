@@ -95,9 +95,10 @@ def test_help_runs_offline(module: str) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_the_demo_runs_with_the_base_install() -> None:
-    # Its own Ray, as a user's first run; only base dependencies are imported.
+def test_the_demo_runs_with_the_base_install(tmp_path: Path) -> None:
+    # Its own Ray, as a user's first run; only base dependencies are imported, and
+    # from a directory outside the repository (the example ships in the package).
     code, out = run("ray_alpcrun.demo", "--tasks", "8", "--paths", "500", "--no-progress",
-                    timeout_s=200)  # fmt: skip
+                    timeout_s=200, outside=tmp_path)  # fmt: skip
     assert code == 0, out
     assert "Europeans within 3 standard errors" in out, out

@@ -26,7 +26,13 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 class Cli:
     """``python -m MODULE ARGS`` with its output in a file (a full pipe would stall it)."""
 
-    def __init__(self, module: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
         full_env.pop("METALCORE_API_KEY", None)
         full_env.update(env or {})
@@ -34,7 +40,7 @@ class Cli:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
-            cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+            cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
     def output(self) -> str:
@@ -74,8 +80,14 @@ class Cli:
         return code, elapsed_s, out
 
 
-def run(module: str, *args: str, timeout_s: float = 60.0) -> tuple[int, str]:
-    return Cli(module, list(args)).wait(timeout_s)
+def run(
+    module: str, *args: str, timeout_s: float = 60.0, outside: Path | None = None
+) -> tuple[int, str]:
+    """Run a CLI to its end; ``outside``: from that directory, with only the installed
+    package on the path (as a user who ran ``pip install`` runs it)."""
+    if outside is None:
+        return Cli(module, list(args)).wait(timeout_s)
+    return Cli(module, list(args), env={"PYTHONPATH": ""}, cwd=outside).wait(timeout_s)
 
 
 @dataclass

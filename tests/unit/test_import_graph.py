@@ -131,7 +131,8 @@ def imports_ray(path: Path) -> bool:
     return False
 
 
-RAY_ROOMS = ("ray_alpcrun.pool", "ray_alpcrun.bridge", "ray_alpcrun.demo")
+# The examples are applications on top of the package, like the demo.
+RAY_ROOMS = ("ray_alpcrun.pool", "ray_alpcrun.bridge", "ray_alpcrun.demo", "ray_alpcrun.examples")
 
 
 def test_only_the_ray_side_imports_ray() -> None:

@@ -1,6 +1,7 @@
 """The Monte Carlo example as a ray_alpcrun handler.
 
-Run it behind the bridge with ``--handler examples.monte_carlo.handler:MonteCarloHandler``.
+Run it behind the bridge with
+``--handler ray_alpcrun.examples.monte_carlo.handler:MonteCarloHandler``.
 The session's shared data is the market (:func:`~.pricing.encode_market`), decoded
 once per actor and update level, and moved to the GPU by a GPU actor; each task
 is a :class:`~.pricing.PricingTask`. A whole sub-batch is priced by one
@@ -15,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from examples.monte_carlo.engine import (
+from ray_alpcrun.examples.monte_carlo.engine import (
     DEFAULT_MAX_CHUNK_BYTES,
     make_simulator,
     price_tasks,
 )
-from examples.monte_carlo.pricing import (
+from ray_alpcrun.examples.monte_carlo.pricing import (
     MarketData,
     PricingTask,
     decode_market,

@@ -1,7 +1,7 @@
 """Small, real handler functions: ``handle(payload, shared) -> bytes``.
 
-Name them on command lines as ``examples.workloads:noop`` (run from the
-repository root so that ``examples`` is importable).
+Name them on command lines as ``ray_alpcrun.examples.workloads:noop``; they ship
+inside the package, so they import from any directory.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ stock shares that stock's normal draw, so an Asian with one step prices
 exactly like the European on the same paths, and the book's total (whose
 standard error the correlation drives) is consistent across contracts.
 
-The simulation itself lives in :mod:`examples.monte_carlo.engine`.
+The simulation itself lives in :mod:`ray_alpcrun.examples.monte_carlo.engine`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """Price a book of options through ALPCRUN.CH (or in this process) and print the results.
 
 Through a running grid (queue manager, caches, a bridge serving
-``examples.monte_carlo.handler:MonteCarloHandler``)::
+``ray_alpcrun.examples.monte_carlo.handler:MonteCarloHandler``)::
 
-    python -m examples.monte_carlo.client --queue 127.0.0.1:1337 --central-cache 127.0.0.1:2337
+    python -m ray_alpcrun.examples.monte_carlo.client \
+        --queue 127.0.0.1:1337 --central-cache 127.0.0.1:2337
 
 Everything in this process: local services, Ray and a bridge (``--gpus-per-actor 1``
 on a GPU machine)::
 
-    python -m examples.monte_carlo.client --local --actors 2
+    python -m ray_alpcrun.examples.monte_carlo.client --local --actors 2
 
 No grid at all, NumPy (or CuPy with ``--xp cupy``) right here::
 
-    python -m examples.monte_carlo.client --in-process
+    python -m ray_alpcrun.examples.monte_carlo.client --in-process
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from examples.monte_carlo.engine import contract_steps, price_tasks
-from examples.monte_carlo.pricing import (
+from ray_alpcrun.examples.monte_carlo.engine import contract_steps, price_tasks
+from ray_alpcrun.examples.monte_carlo.pricing import (
     ASIAN,
     EUROPEAN,
     MarketData,
@@ -41,7 +42,7 @@ from examples.monte_carlo.pricing import (
     make_contracts,
 )
 
-HANDLER = "examples.monte_carlo.handler:MonteCarloHandler"
+HANDLER = "ray_alpcrun.examples.monte_carlo.handler:MonteCarloHandler"
 APP_ID = "monte-carlo-example"
 
 
@@ -276,8 +277,11 @@ def run_local(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.monte_carlo.client", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m ray_alpcrun.examples.monte_carlo.client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="start services, Ray and a bridge here")
     mode.add_argument("--in-process", action="store_true", help="no grid: price in this process")

@@ -16,6 +16,7 @@ way; ``nvcc`` or NVRTC compile it for the GPU).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -155,8 +156,11 @@ class CudaSimulator:
 
     name = "cuda"
 
-    def __init__(self, cp: Any) -> None:
+    def __init__(self, cp: Any, fallback: Callable[[Any], Any] | None = None) -> None:
         self.cp = cp
+        # Builds the generic simulator for tasks too large for the kernel (the
+        # engine passes its XpSimulator; this module does not import the engine).
+        self._make_fallback = fallback
         self._kernels: dict[tuple[str, ...], Any] = {}
         self._args: tuple[Any, ...] = ()
         self._kernel: Any = None
@@ -184,10 +188,10 @@ class CudaSimulator:
         cp = self.cp
         self._fallback = None
         if int(g.task_count.max()) > MAX_KERNEL_SPECS or g.n_stocks > MAX_KERNEL_STOCKS:
-            from examples.monte_carlo.engine import XpSimulator
-
+            if self._make_fallback is None:
+                raise ValueError("task too large for the fused kernel, and no fallback given")
             log.info("task too large for the fused kernel; using the generic CuPy path")
-            self._fallback = XpSimulator(cp)
+            self._fallback = self._make_fallback(cp)
             self._fallback.start(g, chol)
             return
         self._kernel = self._kernel_for(compile_options(int(g.task_count.max()), g.n_stocks))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from examples.monte_carlo.pricing import ASIAN, MarketData, PricingResult, PricingTask
+from ray_alpcrun.examples.monte_carlo.pricing import ASIAN, MarketData, PricingResult, PricingTask
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +253,9 @@ def make_simulator(xp: Any, engine: str = "auto") -> Any:
         return XpSimulator(xp)
     if is_numpy(xp):
         raise ValueError("the 'cuda' engine needs CuPy")
-    from examples.monte_carlo.cuda_kernel import CudaSimulator
+    from ray_alpcrun.examples.monte_carlo.cuda_kernel import CudaSimulator
 
-    sim = CudaSimulator(xp)
+    sim = CudaSimulator(xp, fallback=XpSimulator)
     if engine == "cuda":
         return sim
     try:
