@@ -355,9 +355,7 @@ async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
             else:
                 mirrors[name].set(value, tags=labels or None)
         h = bridge._stats().latency
-        recent = list(h.recent)
-        new = h.total - seen_batches
-        for value in recent[-new:] if 0 < new <= len(recent) else []:
+        for value in h.since(seen_batches):
             latency.observe(value)
         seen_batches = h.total
         await asyncio.sleep(period_s)
