@@ -6,10 +6,12 @@ the API key is never passed to a logger anywhere in the project.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from typing import Any
 
 _FIELDS = "alpcrun_fields"
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
@@ -18,6 +20,20 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 def fields(**values: object) -> dict[str, object]:
     """Structured fields for one log call (``extra=fields(...)``)."""
     return {_FIELDS: values}
+
+
+def log_task_failure(task: asyncio.Future[Any]) -> None:
+    """Done callback of a background task: its exception (not its cancellation) is
+    logged when it ends, instead of waiting unretrieved for the garbage collector.
+
+    >>> task.add_done_callback(log_task_failure)   # doctest: +SKIP
+    """
+    if task.cancelled() or task.exception() is None:
+        return
+    name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+    logging.getLogger(__name__).error(
+        "background task failed", exc_info=task.exception(), extra=fields(task=name)
+    )
 
 
 def timestamp(created: float) -> str:

@@ -91,15 +91,19 @@ class HandlerRuntime:
             ctx = SessionContext(id=session_id, tags=tuple(tags), xp=self.xp, device=self.device)
             self._decoded[session_id] = OrderedDict()
             self._highest[session_id] = None if shared is None else shared.level
-            self._select(ctx, shared)
             try:
-                self.handler.on_session_start(ctx)
-            except Exception as exc:
+                self._select(ctx, shared)  # SessionSetupError if the data cannot be decoded
+                try:
+                    self.handler.on_session_start(ctx)
+                except Exception as exc:
+                    raise SessionSetupError(
+                        f"session start hook failed for {session_id}: {describe(exc)}"
+                    ) from exc
+            except BaseException:
+                # Not in _sessions, so no end or eviction would ever drop these.
                 self._decoded.pop(session_id, None)
                 self._highest.pop(session_id, None)
-                raise SessionSetupError(
-                    f"session start hook failed for {session_id}: {describe(exc)}"
-                ) from exc
+                raise
             self._sessions[session_id] = ctx
             self._evict()
         else:

@@ -185,13 +185,27 @@ class SlotMachine:
         self.applied += 1
 
     async def _end_current(self, drain: bool) -> None:
-        current, self.current = self.current, None
+        current = self.current
         if current is None:
             return
-        if drain and not current.closed.is_set():
-            await current.drain(self.drain_timeout_s)
+        try:
+            if drain and not current.closed.is_set():
+                await current.drain(self.drain_timeout_s)
+        finally:
+            await self._let_go(current)
+
+    async def _let_go(self, current: SlotStream) -> None:
+        """Abort and release ``current``, also after a drain cut short.
+
+        The stream stays :attr:`current` until it is aborted: should the runner be
+        cancelled here too, :meth:`close` still finds it (and aborts it again,
+        which is harmless) instead of leaving its reader, its call and the
+        session's state on the actors behind.
+        """
         # A broken stream cannot carry results: cancel what is still in flight.
         await current.abort()
+        if self.current is current:
+            self.current = None
         self._release(current.session_id)
 
     async def _watch(self, stream: SlotStream) -> None:
@@ -211,15 +225,13 @@ class SlotMachine:
         try:
             if not self.stopped:
                 self.stopped = True
-                held = self.current is not None
                 current = self.current
-                self.current = None
                 if current is not None:
-                    with contextlib.suppress(Exception):
-                        await current.drain(event.timeout_s)
-                    await current.abort()
-                    self._release(current.session_id)
-                if held:
+                    try:
+                        with contextlib.suppress(Exception):
+                            await current.drain(event.timeout_s)
+                    finally:
+                        await self._let_go(current)
                     await self._report(WorkerStatus.IDLE, "")
         finally:
             if not event.done.done():

@@ -4,6 +4,8 @@ worker): the flags that say how to reach the services and who the worker is."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 
 from ray_alpcrun.config import (
     DEFAULT_NODE_CACHE_ADDR,
@@ -14,6 +16,8 @@ from ray_alpcrun.config import (
 )
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
 from ray_alpcrun.wire import DEFAULT_PROTO_PACKAGE
+
+log = logging.getLogger(__name__)
 
 ENV_HELP = """\
 environment (flags win):
@@ -95,6 +99,39 @@ def service_config(args: argparse.Namespace, env: Env) -> ServiceConfig:
         cache_tls=cache_tls,
         max_message_bytes=args.max_message_bytes,
     )
+
+
+def warn_plaintext_cache(services: ServiceConfig) -> None:
+    """At startup: TLS to the queue manager but plaintext to a node cache that is
+    not on this host sends the API key over the network in cleartext; say so."""
+    if services.tls is None or services.cache_tls is not None:
+        return
+    if is_loopback(services.cache_address):
+        return
+    log.warning(
+        "TLS to the queue manager, but plaintext to the node cache at %s: the API key "
+        "goes to it in cleartext; give --cache-ca-cert (METALCORE_CACHE_CA_CERT) to use TLS",
+        services.cache_address,
+    )
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC target (``HOST:PORT``, ``[V6]:PORT``, ``dns:///...``,
+    ``unix:...``) stays on this host. Names other than ``localhost`` are not
+    resolved: they count as remote."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition("/")[2]
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def worker_identity(args: argparse.Namespace) -> WorkerIdentity:

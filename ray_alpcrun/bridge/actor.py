@@ -22,7 +22,7 @@ from ray_alpcrun.bridge.worker import BridgeWorker
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.health import HealthServer
-from ray_alpcrun.logs import fields, setup_logging
+from ray_alpcrun.logs import fields, log_task_failure, setup_logging
 from ray_alpcrun.runtime import Outcome
 
 if TYPE_CHECKING:
@@ -200,9 +200,11 @@ class Bridge:
             )
             if self._stop_requested:
                 return errors.EXIT_OK, ""
-            exporter = asyncio.create_task(_export_ray_metrics(self))
+            exporter = asyncio.create_task(_export_ray_metrics(self), name="ray-metrics")
+            exporter.add_done_callback(log_task_failure)
             if self.auto_slots:
-                follower = asyncio.create_task(_follow_pool(self))
+                follower = asyncio.create_task(_follow_pool(self), name="slots-follow-pool")
+                follower.add_done_callback(log_task_failure)
             await self.worker.run()
             return errors.EXIT_OK, ""
         except errors.FatalError as exc:
@@ -213,9 +215,11 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            for task in (exporter, follower):
-                if task is not None:
-                    task.cancel()
+            background = [task for task in (exporter, follower) if task is not None]
+            for task in background:
+                task.cancel()
+            # Ended before the pool closes; a failure was logged when it happened.
+            await asyncio.gather(*background, return_exceptions=True)
             if self.pool is not None:
                 await self.pool.close()
             # Closed last: a Kubernetes preStop hook waits for this port to close.
@@ -355,9 +359,7 @@ async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
             else:
                 mirrors[name].set(value, tags=labels or None)
         h = bridge._stats().latency
-        recent = list(h.recent)
-        new = h.total - seen_batches
-        for value in recent[-new:] if 0 < new <= len(recent) else []:
+        for value in h.since(seen_batches):
             latency.observe(value)
         seen_batches = h.total
         await asyncio.sleep(period_s)

@@ -33,6 +33,7 @@ from ray_alpcrun.worker_cli import (
     EXIT_CODES_HELP,
     add_worker_flags,
     service_config,
+    warn_plaintext_cache,
     worker_identity,
 )
 
@@ -245,6 +246,7 @@ def _main(argv: Sequence[str] | None, out: Output, startup: StartupSignals) -> i
     try:
         config = config_from_args(args, env)
         setup_logging(config.log_level, config.log_json)
+        warn_plaintext_cache(config.services)
         load_handler(config.handler)  # fail fast, before Ray starts
     except errors.HandlerError as exc:
         out.fail(f"handler: {exc}")

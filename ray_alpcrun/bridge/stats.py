@@ -50,6 +50,8 @@ LATENCY_BUCKETS_S = (
 )
 
 LATENCY_NAME = "alpcrun_batch_latency_seconds"
+# Observations kept for the mirror into Ray's metrics (between two of its reads).
+LATENCY_RECENT_MAX = 2048
 
 
 class LatencyHistogram:
@@ -64,12 +66,21 @@ class LatencyHistogram:
             registry=None,
         )  # fmt: skip
         self.total = 0
-        self.recent: deque[float] = deque(maxlen=2048)
+        self.recent: deque[float] = deque(maxlen=LATENCY_RECENT_MAX)
 
     def observe(self, seconds: float) -> None:
         self.histogram.observe(seconds)
         self.total += 1
         self.recent.append(seconds)
+
+    def since(self, seen: int) -> list[float]:
+        """The observations made after the first ``seen`` of them; when more were
+        made than are kept, the latest :data:`LATENCY_RECENT_MAX`."""
+        new = self.total - seen
+        if new <= 0:
+            return []
+        recent = list(self.recent)
+        return recent[-min(new, len(recent)) :]
 
 
 @dataclass

@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors, transport
+from ray_alpcrun.bridge.ends import EndsFirst
 from ray_alpcrun.bridge.session import Link, Processor, WorkerStream
 from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
 from ray_alpcrun.bridge.stats import BridgeStats
@@ -151,6 +152,7 @@ class BridgeWorker:
             raise errors.ConfigError("slots must be at least 1")
         self.settings = settings
         self.processor = processor
+        self.compute = EndsFirst(processor)  # what the session streams call
         self.stats = BridgeStats()
         self.slots = [Slot(self, i) for i in range(settings.slots)]
         self.base_metadata = transport.make_metadata(settings.api_key, **{MD_NODE: settings.node})
@@ -191,12 +193,14 @@ class BridgeWorker:
             await asyncio.sleep(self.settings.session_linger_s)
         finally:
             self._linger.pop(session_id, None)
+        # From here a BIND of the session cannot cancel the end: its batches wait
+        # for it instead (EndsFirst).
         await self._end_session(session_id)
 
     async def _end_session(self, session_id: str) -> None:
         self.link.shared.forget(session_id)
         try:
-            await self.processor.end_session(session_id)
+            await self.compute.end_session(session_id)
         except Exception:
             log.exception("ending session failed", extra=fields(session=session_id))
         log.info("session released", extra=fields(session=session_id))
@@ -244,7 +248,7 @@ class BridgeWorker:
             queue=self.queue,
             metadata=self.base_metadata,
             shared=SharedDataCache(self._fetch_shared, self.processor.share),
-            processor=self.processor,
+            processor=self.compute,
             stats=self.stats,
             max_message_bytes=s.max_message_bytes,
         )

@@ -170,7 +170,8 @@ class RayBackend:
             raise ActorLost(first_line(exc)) from exc
 
     async def close(self) -> None:
-        """Nothing of its own to release: the pool kills the actors."""
+        """End the calls still in flight (the pool kills the actors)."""
+        await self._calls.close()
 
     async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
         try:

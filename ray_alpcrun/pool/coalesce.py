@@ -59,6 +59,7 @@ class Coalescer(Generic[H, P, R]):
         self._worth = worth_a_call
         self._lanes: dict[Hashable, _Lane[P, R]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.calls = 0
         """Calls made so far (for tests and statistics)."""
 
@@ -82,7 +83,28 @@ class Coalescer(Generic[H, P, R]):
         """Drop an actor's lane (it was killed); calls already made still answer."""
         self._lanes.pop(key, None)
 
+    async def close(self) -> None:
+        """Cancel the calls in flight (their parts' callers see the cancellation)
+        and the parts still queued, and wait until the calls' tasks ended."""
+        self._closed = True
+        for lane in self._lanes.values():
+            self._flush_closed(lane)
+        self._lanes.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    def _flush_closed(lane: _Lane[P, R]) -> None:
+        for _, future in lane.pending:
+            future.cancel()
+        lane.pending = []
+
     def _flush(self, actor: H, key: Hashable, lane: _Lane[P, R]) -> None:
+        if self._closed:  # also a forgotten lane, flushed when its last call ends
+            self._flush_closed(lane)
+            return
         # Parts whose caller gave up (timeout, cancellation) are not sent.
         batch = [(p, f) for p, f in lane.pending if not f.done()]
         lane.pending = []

@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ray_alpcrun.logs import log_task_failure
 from ray_alpcrun.pool.backend import as_shared_ref
 from ray_alpcrun.pool.coalesce import Coalescer
 from ray_alpcrun.pool.membership import CallResult
@@ -63,6 +64,7 @@ class _Connection:
         self._writer = writer
         self._waiting: deque[asyncio.Future[list[DirectReply]]] = deque()
         self._receiver = asyncio.ensure_future(self._receive())
+        self._receiver.add_done_callback(log_task_failure)  # a frame it could not read
 
     async def send(self, parts: list[RunArgs]) -> list[DirectReply]:
         if self._receiver.done():
@@ -205,3 +207,5 @@ class DirectBackend:
     async def close(self) -> None:
         for key in list(self._connections):
             self._connections.pop(key).close()
+        await self._parts.close()
+        await self._inner.close()

@@ -241,12 +241,16 @@ class PoolActor:
         return runtime is None or not runtime.has_shared(session_id, shared.level)
 
     def close_sessions(self) -> int:
-        """Before this actor is released: run every session's end hook; how many ran."""
+        """Before this actor is released: run every session's end hook; how many ran.
+
+        Under the handler's lock, as :meth:`end_session`: a direct frame may still
+        be running on the socket's thread, and no end hook may overlap a call."""
         runtime = self._runtime
         if runtime is None:
             return 0
-        count = len(runtime.session_ids)
-        runtime.close()
+        with self._lock:
+            count = len(runtime.session_ids)
+            runtime.close()
         return count
 
     @ray.method(concurrency_group=CONTROL_GROUP)  # type: ignore[misc,untyped-decorator]

@@ -26,6 +26,7 @@ from ray_alpcrun.worker_cli import (
     EXIT_CODES_HELP,
     add_worker_flags,
     service_config,
+    warn_plaintext_cache,
     worker_identity,
 )
 
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         setup_logging(args.log_level, args.log_json)
         config = config_from_args(args, env)
+        warn_plaintext_cache(config.service)
         worker = ReferenceWorker(config, load_handler(args.handler))
     except errors.HandlerError as exc:
         out.fail(f"handler: {exc}")

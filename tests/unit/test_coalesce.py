@@ -105,3 +105,23 @@ async def test_one_call_in_flight_and_parts_worth_a_call_go_at_once() -> None:
     assert fake.calls[2:] == [["t"]]  # nothing in flight: t goes
     fake.gates[2].set()
     assert await asyncio.gather(*tasks) == ["P", "Q", "R", "S", "T"]
+
+
+async def test_close_ends_the_calls_in_flight_and_the_parts_queued() -> None:
+    # Issue 18 item 11: the pool's close left the coalescer's sends running, unowned.
+    fake = FakeActor()
+    c: Coalescer[str, str, str] = Coalescer(fake.one, fake.many, max_outstanding=1)
+    in_flight = asyncio.create_task(c.call("a", "a", "x"))
+    queued = asyncio.create_task(c.call("a", "a", "y"))
+    forgotten = asyncio.create_task(c.call("b", "b", "z"))
+    forgotten_queued = asyncio.create_task(c.call("b", "b", "w"))
+    await settle()
+    c.forget("b")  # its actor was killed: the call in flight still owns its lane
+    sends = list(c._tasks)
+    assert fake.calls == [["x"], ["z"]] and len(sends) == 2
+    await asyncio.wait_for(c.close(), 5)
+    assert all(task.done() for task in sends) and not c._tasks
+    for caller in (in_flight, queued, forgotten, forgotten_queued):
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    assert fake.calls == [["x"], ["z"]]  # nothing sent after close

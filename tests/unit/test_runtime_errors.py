@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.handler import Handler, SessionContext, load_handler
-from ray_alpcrun.runtime import HandlerRuntime, TracebackLog
+from ray_alpcrun.runtime import HandlerRuntime, SharedSpec, TracebackLog
 
 LOGGER = "ray_alpcrun.runtime"
 
@@ -85,3 +86,30 @@ def test_a_failing_fast_path_warns_once_per_session(caplog: pytest.LogCaptureFix
     warnings = [r for r in _records(caplog) if "fast path failed" in r.getMessage()]
     assert [_fields(r)["session"] for r in warnings] == ["s1", "s2"]
     assert "vectorised path broken" in warnings[0].getMessage()
+
+
+class BadSharedData(Handler):
+    def decode_shared(self, payload: bytes) -> object:
+        raise ValueError("not the format this handler reads")
+
+    def process(self, payload: bytes, session: SessionContext) -> bytes:
+        return payload
+
+
+@pytest.mark.parametrize("failing", ["decode_shared", "on_session_start"])
+def test_sessions_that_fail_to_start_leave_no_state(failing: str) -> None:
+    # Issue 18 item 11: a session that never starts must not leave per-session entries.
+    class FailingStart(BadSharedData):
+        def decode_shared(self, payload: bytes) -> object:
+            return payload
+
+        def on_session_start(self, session: SessionContext) -> None:
+            raise RuntimeError("no licence")
+
+    runtime = HandlerRuntime(BadSharedData() if failing == "decode_shared" else FailingStart())
+    for n in range(100):
+        spec = SharedSpec(1, lambda: b"shared")
+        with pytest.raises(SessionSetupError):
+            runtime.run(f"s{n}", [b"task"], spec)
+    assert runtime.session_ids == []
+    assert runtime._decoded == {} and runtime._highest == {}

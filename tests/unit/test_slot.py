@@ -27,9 +27,11 @@ class FakeStream:
         self.closed = asyncio.Event()
         self.in_flight_done = asyncio.Event()
         self.in_flight_done.set()
+        self.draining = asyncio.Event()
 
     async def drain(self, timeout_s: float | None) -> None:
         self.log.append(f"drain {self.name}")
+        self.draining.set()
         done = asyncio.ensure_future(self.in_flight_done.wait())
         closed = asyncio.ensure_future(self.closed.wait())
         await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -267,3 +269,28 @@ async def test_close_aborts_the_stream_held_and_releases_its_session() -> None:
     await h.machine.close()  # the registration is gone: no drain, no IDLE
     assert h.log == ["open A#0", "BUSY A", "abort A#0"]
     assert h.released == ["A"] and h.reported.empty()
+
+
+@pytest.mark.parametrize("how", ["unbind", "bind", "stop"])
+async def test_a_drain_cut_short_aborts_the_stream_and_releases_its_session(how: str) -> None:
+    # The registration is lost (or the slot retired) while a drain waits on a batch:
+    # the runner is cancelled mid-drain, then closed. Nothing may stay behind.
+    h = Harness()
+    runner = asyncio.create_task(h.machine.run())
+    stopping: asyncio.Task[None] | None = None
+    h.send(BIND, "A")
+    assert await h.state() == (BUSY, "A")
+    h.streams[0].in_flight_done.clear()  # a batch in flight holds the drain
+    if how == "stop":
+        stopping = asyncio.create_task(h.machine.stop(30.0))
+    else:
+        h.send(UNBIND if how == "unbind" else BIND, "A")
+    await asyncio.wait_for(h.streams[0].draining.wait(), 5)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    await h.machine.close()
+    if stopping is not None:
+        await asyncio.wait_for(stopping, 5)
+    assert h.log == ["open A#0", "BUSY A", "drain A#0", "abort A#0"], h.log
+    assert h.released == ["A"] and h.machine.current is None
+    assert h.reported.empty()  # cut short: no IDLE, no second BUSY

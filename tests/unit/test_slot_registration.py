@@ -19,7 +19,14 @@ from ray_alpcrun.bridge.worker import BridgeWorker, Slot
 from ray_alpcrun.rpc import QueueStub
 from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID
-from ray_alpcrun.types import Instruction, InstructionType, WorkerState, WorkerStatus
+from ray_alpcrun.types import (
+    Batch,
+    Instruction,
+    InstructionType,
+    Message,
+    WorkerState,
+    WorkerStatus,
+)
 
 pytestmark = pytest.mark.timeout(60)
 BIND, UNBIND = InstructionType.BIND, InstructionType.UNBIND
@@ -86,7 +93,7 @@ class NoCompute:
         return None
 
 
-def make_slot(queue: FakeQueue) -> tuple[BridgeWorker, Slot]:
+def make_slot(queue: FakeQueue, compute: NoCompute | None = None) -> tuple[BridgeWorker, Slot]:
     settings = WorkerSettings(
         "127.0.0.1:1",
         "127.0.0.1:2",
@@ -98,7 +105,7 @@ def make_slot(queue: FakeQueue) -> tuple[BridgeWorker, Slot]:
         drain_timeout_s=5.0,
         session_linger_s=0.0,
     )
-    worker = BridgeWorker(settings, NoCompute())
+    worker = BridgeWorker(settings, compute or NoCompute())
     worker.queue = cast(QueueStub, queue)
 
     async def no_fetch(session_id: str, level: int | None) -> Any:
@@ -108,7 +115,7 @@ def make_slot(queue: FakeQueue) -> tuple[BridgeWorker, Slot]:
         queue=cast(QueueStub, queue),
         metadata=worker.base_metadata,
         shared=SharedDataCache(no_fetch, NoCompute().share),
-        processor=NoCompute(),
+        processor=worker.compute,  # as BridgeWorker._open wires it
         stats=BridgeStats(),
         max_message_bytes=1 << 20,
     )
@@ -177,3 +184,58 @@ async def test_a_registration_without_a_worker_id_header_is_a_protocol_error() -
     with pytest.raises(errors.ProtocolError, match=MD_WORKER_ID):
         await asyncio.wait_for(update_ready, 5)
     assert not slot.registered.is_set()
+
+
+class SlowEnd(NoCompute):
+    """An end that queues behind sub-batches still running on the actors."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.end_started = asyncio.Event()
+        self.end_gate = asyncio.Event()
+
+    async def process(self, session_id: str, payloads: list[bytes], shared: Any) -> list[Any]:
+        self.log.append(f"process {session_id}")
+        return [(p, None) for p in payloads]
+
+    async def end_session(self, session_id: str) -> None:
+        self.log.append(f"end {session_id}")
+        self.end_started.set()
+        await self.end_gate.wait()
+        self.log.append(f"end {session_id} done")
+
+
+async def test_a_session_bound_again_while_its_end_runs_is_served_after_the_end() -> None:
+    # Issue 18 item 4: the linger entry is gone once the end started, so the BIND
+    # found nothing to cancel and the end cleared the state of a served session.
+    queue = FakeQueue("W1")
+    compute = SlowEnd()
+    worker, slot = make_slot(queue, compute)
+    serving = asyncio.create_task(slot.serve())
+    try:
+        await asyncio.wait_for(slot.registered.wait(), 5)
+        update = cast(FakeCall, queue.update)
+        assert (await written(update)).status == WorkerStatus.IDLE
+        update.incoming.put_nowait(Instruction(BIND, "S1"))
+        assert (await written(update)).status == WorkerStatus.BUSY
+        update.incoming.put_nowait(Instruction(UNBIND, "S1"))
+        assert (await written(update)).status == WorkerStatus.IDLE
+        await asyncio.wait_for(compute.end_started.wait(), 5)  # zero linger: the end is sent
+        update.incoming.put_nowait(Instruction(BIND, "S1"))
+        assert (await written(update)).status == WorkerStatus.BUSY
+        stream = queue.streams[1]
+        stream.incoming.put_nowait(Batch(id="b1", session_id="S1", messages=[Message("t1", b"x")]))
+        for _ in range(100):  # the batch started (and, without the fix, ran at once)
+            if worker.link.stats.batches_in_flight or worker.link.stats.batches_done:
+                break
+            await asyncio.sleep(0)  # ok: bounded poll; yields until the reader took the batch
+        assert compute.log == ["end S1"], compute.log  # the batch waits for the end
+        compute.end_gate.set()
+        answer = await asyncio.wait_for(stream.written.get(), 5)
+        assert isinstance(answer, Batch) and answer.messages[0].payload == b"x"
+        assert compute.log == ["end S1", "end S1 done", "process S1"]
+        assert worker.bound_sessions == ["S1"]
+    finally:
+        compute.end_gate.set()
+        cast(FakeCall, queue.update).incoming.put_nowait(EOF_)
+        await asyncio.wait_for(serving, 5)
