@@ -9,10 +9,15 @@ the load the other batches wait on.
 * A batch that names a level gets exactly that level, older or newer than
   what was seen before.
 * A batch that names no level gets the latest level the cache serves: that
-  answer is re-asked once its ``ttl`` passed (``latest_refresh_s`` when the
-  cache gave none).
-* Every entry expires with the ``ttl`` the cache returned; at most
-  ``max_entries`` are kept (least recently used dropped first).
+  answer is re-asked every ``latest_refresh_s`` (5 s by default), sooner when
+  the cache's ``ttl`` is shorter. A ``ttl`` says how long the data may be
+  kept, not that no newer level comes meanwhile (a 600 s ``ttl`` kept batches
+  on the old level for 10 minutes). When the answer is the level already
+  held, its handle is kept: the compute side neither gets nor decodes a
+  second copy (the payload still comes over the wire: ``GetSharedData`` has
+  no way to ask only for the level).
+* Every entry of a named level expires with the ``ttl`` the cache returned;
+  at most ``max_entries`` are kept (least recently used dropped first).
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ Fetch = Callable[[str, int | None], Awaitable[SharedData]]
 Share = Callable[[str, int | None, bytes], Awaitable[Any]]
 
 DEFAULT_MAX_ENTRIES = 32
-DEFAULT_LATEST_REFRESH_S = 1.0
+DEFAULT_LATEST_REFRESH_S = 5.0
 
 
 @dataclass
 class _Entry:
     load: asyncio.Task[Any]
     expires_at: float = float("inf")
+    served: int | None = None  # the level the cache answered with (for "latest")
 
 
 class SharedDataCache:
@@ -73,12 +79,15 @@ class SharedDataCache:
         (``None``: the latest level the cache serves)."""
         key = (session_id, level)
         entry = self._entries.get(key)
+        held: tuple[int, Any] | None = None  # (level, handle) a refresh of "latest" may keep
         if entry is not None and (entry.load.done() and self._clock() >= entry.expires_at):
             del self._entries[key]
+            if entry.served is not None and _succeeded(entry.load):
+                held = (entry.served, entry.load.result())
             entry = None
         if entry is None:
             task = asyncio.get_running_loop().create_task(
-                self._load(key), name=f"shared-{session_id}-{level}"
+                self._load(key, held), name=f"shared-{session_id}-{level}"
             )
             entry = self._entries[key] = _Entry(task)
             task.add_done_callback(partial(self._loaded, key))
@@ -88,7 +97,7 @@ class SharedDataCache:
         # shield: a cancelled waiter leaves the load running for the others.
         return await asyncio.shield(entry.load)
 
-    async def _load(self, key: tuple[str, int | None]) -> Any:
+    async def _load(self, key: tuple[str, int | None], held: tuple[int, Any] | None) -> Any:
         session_id, level = key
         pause_s = self._first_pause_s
         for attempt in range(1, self._attempts + 1):
@@ -110,11 +119,19 @@ class SharedDataCache:
         self.fetched_bytes += len(data.payload)
         served = data.update_level if data.update_level is not None else level
         ttl_s = data.ttl_s if data.ttl_s else None
-        if level is None and ttl_s is None:
-            ttl_s = self._latest_refresh_s  # "latest" must follow the cache
+        if level is None:
+            # "latest" must follow the cache, however long the data may be kept.
+            ttl_s = min(ttl_s or self._latest_refresh_s, self._latest_refresh_s)
         entry = self._entries.get(key)
-        if entry is not None and ttl_s is not None:
-            entry.expires_at = self._clock() + ttl_s
+        if entry is not None:
+            entry.served = served
+            if ttl_s is not None:
+                entry.expires_at = self._clock() + ttl_s
+        if held is not None and held[0] == served:
+            return held[1]  # no newer level: the compute side keeps what it has
+        named = self._entries.get((session_id, served)) if level is None else None
+        if named is not None and _succeeded(named.load):
+            return named.load.result()  # a batch named this level: one handle for both
         log.info(
             "shared data fetched",
             extra=fields(session=session_id, level=served, bytes=len(data.payload), ttl_s=ttl_s),
@@ -156,3 +173,7 @@ class SharedDataCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _succeeded(task: asyncio.Task[Any]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None

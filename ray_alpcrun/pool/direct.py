@@ -8,12 +8,15 @@ is one pickled frame each way (tens of microseconds) and costs nothing idle.
 
 Design:
 
-* **Same node only.** :meth:`PoolActor.open_direct` opens a socket only for a
-  bridge on its own node and answers its path; a bridge on another node (or one
-  that cannot connect) keeps ordinary calls for that actor. The socket is
-  owner-only (``0600``, in a ``0700`` directory), so only processes of the same
-  user on the node can reach it; the bridge removes the file once connected. The
-  actor's side is :mod:`.sockets`.
+* **Same node only, one peer.** :meth:`PoolActor.open_direct` opens a socket
+  only for a bridge on its own node and answers its path and the actor's pid; a
+  bridge on another node (or one that cannot connect) keeps ordinary calls for
+  that actor. The socket is owner-only (``0600``, in a ``0700`` directory), and
+  since a frame is unpickled, it serves exactly one connection: the bridge's,
+  told by the kernel's peer credentials on both ends (the actor refuses any
+  other pid unread, the bridge sends nothing to a socket the actor does not
+  serve); then the actor closes the listener and removes the file. Both ends
+  are in :mod:`.sockets`.
 * **One connection per actor, in order.** Frames are ``4-byte length +
   pickle``; the actor answers them one at a time, in order, under the same lock
   as ordinary calls (:mod:`.pool_actor`). Sub-batches that queue behind the call
@@ -32,7 +35,6 @@ Design:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import pickle
@@ -46,6 +48,7 @@ from ray_alpcrun.pool.coalesce import Coalescer
 from ray_alpcrun.pool.membership import CallResult
 from ray_alpcrun.pool.pool_actor import ActorInfo, PoolActorHandle, RunArgs, RunReply
 from ray_alpcrun.pool.sockets import HEADER as _HEADER
+from ray_alpcrun.pool.sockets import connect
 
 if TYPE_CHECKING:
     from ray_alpcrun.pool.backend import RayBackend
@@ -130,15 +133,11 @@ class DirectBackend:
         actor = await self._inner.start_actor()
         unreachable: tuple[type[BaseException], ...] = (OSError, *self._inner.lost_errors)
         try:
-            path = await actor.open_direct.remote(self._ray.get_runtime_context().get_node_id())
-            if path is None:
+            node = self._ray.get_runtime_context().get_node_id()
+            offer = await actor.open_direct.remote(node, os.getpid())
+            if offer is None:
                 return actor  # on another node: ordinary calls
-            try:
-                reader, writer = await asyncio.open_unix_connection(path)
-            finally:  # connected or not, nobody else needs the file
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                    os.rmdir(os.path.dirname(path))
+            reader, writer = await connect(*offer)
         except asyncio.CancelledError:
             self._inner.kill(actor)  # released while it started: it must not linger
             raise

@@ -57,6 +57,8 @@ class SharedRef:
 RunReply = tuple[list[Outcome], float] | str
 # ``run``'s arguments: session id, payloads, shared data, session tags.
 RunArgs = tuple[str, list[bytes], SharedRef | None, tuple[str, ...]]
+# ``open_direct``'s offer: the socket's path and the pid of the actor serving it.
+DirectOffer = tuple[str, int]
 # ``ready``/``status``: JSON-like facts about the actor (pid, host, device, counters).
 ActorInfo = dict[str, object]
 
@@ -86,7 +88,7 @@ class PoolActorHandle(Protocol):
     @property
     def status(self) -> RemoteMethod[ActorInfo]: ...
     @property
-    def open_direct(self) -> RemoteMethod[str | None]: ...
+    def open_direct(self) -> RemoteMethod[DirectOffer | None]: ...
     @property
     def __ray_call__(self) -> RemoteMethod[None]: ...
 
@@ -214,12 +216,15 @@ class PoolActor:
         with self._lock:
             return self._runtime is not None and self._runtime.end_session(session_id)
 
-    def open_direct(self, bridge_node: str) -> str | None:
-        """Serve sub-batches on a Unix socket (:mod:`ray_alpcrun.pool.direct`) for a
-        bridge on this node: the socket's path; None for a bridge on another node."""
-        if bridge_node != ray.get_runtime_context().get_node_id():
+    def open_direct(self, bridge_node: str, bridge_pid: int) -> DirectOffer | None:
+        """Serve sub-batches on a Unix socket (:mod:`ray_alpcrun.pool.direct`) for the
+        bridge process ``bridge_pid`` on this node, and for no other process: the
+        socket's path and this actor's pid (the bridge checks who serves it); None
+        for a bridge on another node or where peers cannot be told apart. Each call
+        offers a new socket that serves one connection (a replaced bridge calls again)."""
+        if bridge_node != ray.get_runtime_context().get_node_id() or not sockets.SUPPORTED:
             return None
-        return sockets.serve(self._run_direct)
+        return sockets.serve(self._run_direct, bridge_pid), os.getpid()
 
     def _run_direct(self, parts: list[RunArgs]) -> list[RunReply | None]:
         """One frame of the direct path: each part as :meth:`run` answers it, or None

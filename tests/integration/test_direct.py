@@ -4,11 +4,15 @@ calls (deaths, crashes, hangs, coalescing) are in test_data_paths.py."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import pickle
 from typing import Any
 
 import pytest
 
 from ray_alpcrun.config import PoolConfig
+from ray_alpcrun.pool import sockets
 from ray_alpcrun.pool.actor_pool import ActorPool
 from ray_alpcrun.pool.direct import DirectBackend
 from tests.support import data_paths
@@ -59,3 +63,41 @@ async def test_batches_and_shared_levels_go_over_the_sockets() -> None:
             assert await pool.run("s1", [b"z"]) == [(b"z", None)]  # none asked: none given
         assert backend.sends > frames
         await pool.end_session("s1")
+
+
+@pytest.mark.usefixtures("ray_session")
+async def test_each_offered_socket_serves_its_bridge_once() -> None:
+    import ray
+
+    async with ActorPool("tests.support.handlers:echo", config(num_actors=1)) as pool:
+        [actor] = backend_of(pool).handles.values()
+        node = ray.get_runtime_context().get_node_id()
+        # Offered to another process: this one reaches the actor, which refuses it unread.
+        path, actor_pid = await actor.open_direct.remote(node, os.getppid())
+        reader, writer = await sockets.connect(path, actor_pid)
+        writer.write(_frame([("s", [b"not run"], None, ())]))
+        assert await _closed_unanswered(reader)
+        writer.close()
+        # Offered to this process: served, and nobody after it.
+        path, actor_pid = await actor.open_direct.remote(node, os.getpid())
+        reader, writer = await sockets.connect(path, actor_pid)
+        writer.write(_frame([("s", [b"run"], None, ())]))
+        (size,) = sockets.HEADER.unpack(await reader.readexactly(sockets.HEADER.size))
+        [(outcomes, _seconds)] = pickle.loads(await reader.readexactly(size))
+        assert outcomes == [(b"run", None)]
+        with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+            await sockets.connect(path, actor_pid)
+        writer.close()
+        assert (await pool.status())["actors"][0]["tasks_done"] == 1
+
+
+async def _closed_unanswered(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await reader.read() == b""
+    except (BrokenPipeError, ConnectionResetError):  # closed before or after our frame, unread
+        return True
+
+
+def _frame(parts: list[Any]) -> bytes:
+    body = pickle.dumps(parts)
+    return sockets.HEADER.pack(len(body)) + body

@@ -18,7 +18,7 @@ from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.worker import BridgeWorker
 from ray_alpcrun.handler import Handler, SessionContext, load_handler
 from ray_alpcrun.runtime import HandlerRuntime, SharedSpec
-from ray_alpcrun.shared_data import SharedDataCache
+from ray_alpcrun.shared_data import DEFAULT_LATEST_REFRESH_S, SharedDataCache
 from ray_alpcrun.types import InstructionType, SharedData, WorkerStatus
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,7 +88,8 @@ async def test_levels_exactly_as_asked_latest_follows_and_ttl_expires() -> None:
     assert await cache.get("S", 1) == (1, b"one")  # older after newer: exactly level 1
     assert await cache.get("S", None) == (2, b"two")
     latest["level"] = 3  # the cache now serves a newer level
-    assert await cache.get("S", None) == (2, b"two")  # within the ttl
+    clock.now = 4.0
+    assert await cache.get("S", None) == (2, b"two")  # within the refresh interval
     clock.now = 11.0
     assert await cache.get("S", None) == (3, b"three")  # ttl passed: asked again
     assert await cache.get("S", 1) == (1, b"one")
@@ -104,6 +105,40 @@ async def test_latest_without_a_ttl_is_refreshed() -> None:
     clock.now = 2.0
     assert await cache.get("S", None) == (2, b"two")
     assert await cache.get("S", 1) == (1, b"one") and calls == [None, None, 1]
+
+
+async def test_latest_is_re_asked_at_the_refresh_interval_whatever_the_ttl() -> None:
+    # Before: a 600 s ttl kept batches without a level on level 1 for 10 minutes.
+    clock = Clock()
+    cache, calls, _, latest = _cache({1: b"one", 2: b"two"}, ttl_s=600.0, clock=clock)
+    latest["level"] = 1
+    assert await cache.get("S", None) == (1, b"one")
+    latest["level"] = 2  # published; the cache serves it from now on
+    clock.now = DEFAULT_LATEST_REFRESH_S
+    assert await cache.get("S", None) == (2, b"two")
+    assert calls == [None, None]
+    assert DEFAULT_LATEST_REFRESH_S <= 5.0  # the README's promise: seen within 10 s
+
+
+async def test_a_refresh_that_finds_the_same_level_keeps_its_handle() -> None:
+    clock = Clock()
+    shares: list[int | None] = []
+
+    async def fetch(session_id: str, level: int | None) -> SharedData:
+        return SharedData(session_id, 1 if level is None else level, b"one", 600.0)
+
+    async def share(session_id: str, level: int | None, payload: bytes) -> object:
+        shares.append(level)
+        return object()  # a fresh handle each time: identity tells them apart
+
+    cache = SharedDataCache(fetch, share, clock=clock, latest_refresh_s=1.0)
+    first = await cache.get("S", None)
+    clock.now = 1.0
+    assert await cache.get("S", None) is first  # re-asked, same level: no second copy
+    named = await cache.get("S", 1)
+    assert named is not first and shares == [1, 1] and cache.fetches == 3
+    clock.now = 2.0
+    assert await cache.get("S", None) is first  # the held one, not a third copy
 
 
 async def test_the_cache_is_bounded() -> None:
