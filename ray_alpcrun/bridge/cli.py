@@ -1,7 +1,8 @@
 """``python -m ray_alpcrun.bridge``: serve ALPCRUN.CH batches on a Ray actor pool.
 
-Ray is started (or joined) first, then the bridge actor; gRPC lives only in
-that actor (and, with ``--local``, in the local services of this process).
+Ray is started or joined (an address is checked before ``ray.init``, see
+``rayjoin``), then the bridge actor; gRPC lives only in that actor (and, with
+``--local``, in the local services of this process).
 A signal during startup stops it after the step in progress (exit 130); once serving, SIGTERM/SIGINT
 drain: batches that arrive are no longer started, those running finish and are
 answered, then exit 0; a second signal exits at once (130).
@@ -25,6 +26,7 @@ from ray_alpcrun.config import (
     BridgeConfig,
     Env,
     PoolConfig,
+    RayAuth,
 )
 from ray_alpcrun.handler import load_handler
 from ray_alpcrun.logs import fields, setup_logging
@@ -177,6 +179,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         data_path=args.data_path,
         slots=args.slots,
         ray_address=args.ray_address,
+        ray_auth=RayAuth.read(),
         local=args.local,
         log_level=args.log_level,
         log_json=args.log_json,
@@ -276,7 +279,11 @@ def run(
     try:
         if started_ray:
             # Ray first: starting it after gRPC is active prints fork warnings.
-            _init_ray(config, startup)
+            try:
+                _init_ray(config, startup)
+            except errors.ConfigError as exc:
+                out.fail(str(exc))
+                return errors.EXIT_CONFIG
         startup.check()
         forward_actor_output(config.log_json)
         if config.local:
@@ -308,7 +315,12 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 def _init_ray(config: BridgeConfig, startup: StartupSignals) -> None:
     import ray
 
+    from ray_alpcrun.bridge.rayjoin import prepare_join
+
     log.info("starting Ray", extra=fields(address=config.ray_address or "(new local cluster)"))
+    # Joining by address: a token the cluster wants, or an address where nothing
+    # listens, is told now in one line, not after Ray's 20 s of retries.
+    prepare_join(config.ray_address, config.ray_auth)
     # ray.init installs a SIGTERM handler that exits 15 from wherever it is; keep
     # ours (the private hook may move: then the SystemExit below is the fallback).
     utils = getattr(getattr(ray, "_private", None), "utils", None)

@@ -26,9 +26,16 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 class Cli:
     """``python -m MODULE ARGS`` with its output in a file (a full pipe would stall it)."""
 
-    def __init__(self, module: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        unset: tuple[str, ...] = (),
+    ) -> None:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        full_env.pop("METALCORE_API_KEY", None)
+        for name in ("METALCORE_API_KEY", *unset):
+            full_env.pop(name, None)
         full_env.update(env or {})
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in wait()
         self.started = time.perf_counter()
