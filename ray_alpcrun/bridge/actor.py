@@ -158,6 +158,7 @@ class Bridge:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
         from ray_alpcrun.pool.actor_pool import ActorPool
 
+        announcer: asyncio.Task[None] | None = None
         exporter: asyncio.Task[None] | None = None
         follower: asyncio.Task[None] | None = None
         try:
@@ -188,18 +189,9 @@ class Bridge:
             gc.freeze()
             self.worker = worker
             self._started.set()
-            log.info(
-                "bridge serving",
-                extra=fields(
-                    queue=self.settings.queue_address,
-                    cache=self.settings.cache_address,
-                    slots=self.settings.slots,
-                    actors=self.pool_config.num_actors,
-                    package=self.settings.proto_package or "(none)",
-                ),
-            )
             if self._stop_requested:
                 return errors.EXIT_OK, ""
+            announcer = asyncio.create_task(self._announce(worker))
             exporter = asyncio.create_task(_export_ray_metrics(self))
             if self.auto_slots:
                 follower = asyncio.create_task(_follow_pool(self))
@@ -213,7 +205,7 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            for task in (exporter, follower):
+            for task in (announcer, exporter, follower):
                 if task is not None:
                     task.cancel()
             if self.pool is not None:
@@ -221,6 +213,26 @@ class Bridge:
             # Closed last: a Kubernetes preStop hook waits for this port to close.
             if self.health is not None:
                 await self.health.stop()
+
+    async def _announce(self, worker: BridgeWorker) -> None:
+        """Log "bridge serving" once the queue manager took the first logical worker."""
+        await worker.first_registered.wait()
+        log.info(
+            "bridge serving",
+            extra=fields(
+                queue=self.settings.queue_address,
+                cache=self.settings.cache_address,
+                slots=self.settings.slots,
+                actors=self.pool_config.num_actors,
+                package=self.settings.proto_package or "(none)",
+            ),
+        )
+
+    async def drain_counts(self) -> tuple[int, int]:
+        """(batches answered after the drained stop began, batches that arrived
+        during it and were not started); (0, 0) before a drained stop."""
+        w = self.worker
+        return (w.drained, w.not_started) if w is not None else (0, 0)
 
     async def stop(self, drain: bool = True) -> None:
         self._stop_requested = True

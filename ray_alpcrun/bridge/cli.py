@@ -1,8 +1,10 @@
 """``python -m ray_alpcrun.bridge``: serve ALPCRUN.CH batches on a Ray actor pool.
 
-Ray is started or joined (an address is checked before ``ray.init``, see
-``rayjoin``), then the bridge actor; gRPC lives only in that actor (and, with
-``--local``, in the local services of this process).
+The handler, the API key and the TLS trust are checked first (the key against
+the node cache, on a channel closed before Ray starts), then Ray is started or
+joined (an address is checked before ``ray.init``, see ``rayjoin``), then the
+bridge actor; gRPC serves only in that actor (and, with ``--local``, in the
+local services of this process).
 A signal during startup stops it after the step in progress (exit 130); once serving, SIGTERM/SIGINT
 drain: batches that arrive are no longer started, those running finish and are
 answered, then exit 0; a second signal exits at once (130).
@@ -11,6 +13,7 @@ answered, then exit 0; a second signal exits at once (130).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -20,6 +23,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.launch import worker_settings
+from ray_alpcrun.bridge.preflight import preflight
 from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import (
     DATA_PATHS,
@@ -250,15 +255,22 @@ def _main(argv: Sequence[str] | None, out: Output, startup: StartupSignals) -> i
         config = config_from_args(args, env)
         setup_logging(config.log_level, config.log_json)
         load_handler(config.handler)  # fail fast, before Ray starts
+        if config.services.api_key is None and not config.local:
+            out.fail("no API key: set METALCORE_API_KEY or --api-key")
+            return errors.EXIT_AUTH
+        if not config.local:
+            # The actor's check of the key and TLS trust, here before Ray starts: a
+            # wrong key exits 4 in a second. Its channel is closed before Ray starts.
+            asyncio.run(preflight(worker_settings(config, 1)))
     except errors.HandlerError as exc:
         out.fail(f"handler: {exc}")
         return errors.EXIT_HANDLER
     except errors.ConfigError as exc:
         out.fail(f"configuration: {exc}")
         return errors.EXIT_CONFIG
-    if config.services.api_key is None and not config.local:
-        out.fail("no API key: set METALCORE_API_KEY or --api-key")
-        return errors.EXIT_AUTH
+    except errors.FatalError as exc:
+        out.fail(exc.reason)
+        return exc.exit_code
     startup.check()
     return run(config, out, startup)
 
@@ -402,4 +414,8 @@ def _wait(handle: BridgeHandle, out: Output) -> int:
     code, reason = handle.outcome()
     if reason:
         out.fail(reason)
+    elif code == errors.EXIT_OK:
+        counts = handle.drain_counts()
+        done = "" if counts is None else f" {counts[0]} batches drained, {counts[1]} not started,"
+        log.info("stopped:%s exit %d", done, code)
     return int(code)

@@ -11,6 +11,7 @@ and the hand-started-cluster ones, which join a head of their own.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -63,6 +64,11 @@ def test_version_help_and_a_mistyped_flag(module: str) -> None:
     code, out = run(module, "--handlr", "x")
     assert code == errors.EXIT_USAGE, out
     assert "unknown flag: --handlr" in out and "required" not in out, out
+    # The line that matters and where to look, not the usage block (34 lines).
+    assert out.splitlines() == [
+        f"python -m {module}: error: unknown flag: --handlr",
+        f"(see python -m {module} --help)",
+    ], out
 
 
 def test_actors_0_is_rejected() -> None:
@@ -127,6 +133,10 @@ def test_sigterm_stops_taking_batches(ray_address: str, svc: LocalServices) -> N
     assert d.code == 0, d.out
     assert "drain deadline passed" not in d.out, d.out  # finished what it started, in time
     assert "result dropped" not in d.out, d.out  # every batch it started was answered
+    # The log ends saying the stop finished (Ray may still forward actor lines after it).
+    driver = [line for line in d.out.splitlines() if line and not line.startswith("(")]
+    stopped = re.search(r"stopped: (\d+) batches drained, (\d+) not started, exit 0$", driver[-1])
+    assert stopped and int(stopped[1]) >= 1, driver[-3:]
     # Not waiting out --drain-timeout 60 is the point (before: the whole 60 s). The
     # bridge's own "session drained" line is not asserted: Ray may not forward an
     # actor's last lines before the driver exits.
@@ -236,6 +246,7 @@ def test_a_bridge_joins_a_cluster_whose_head_asks_for_a_token(
     assert code == 0, out
     assert "joining with Ray token authentication (RAY_AUTH_MODE=token)" in out, out
     assert "InvalidAuthToken" not in out and "Traceback" not in out, out
+    assert re.search(r"stopped: \d+ batches drained, \d+ not started, exit 0", out), out
 
 
 def test_joining_without_the_token_exits_3_in_one_line(

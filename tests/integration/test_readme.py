@@ -109,6 +109,18 @@ def docs_text() -> str:
     return "\n".join([TEXT, *(page.read_text() for page in pages)])
 
 
+def test_the_exit_4_row_quotes_what_the_bridge_prints() -> None:
+    from ray_alpcrun.bridge.settings import WorkerSettings, fatal_for
+    from ray_alpcrun.errors import AuthError
+
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "n", "p", 1)
+    # The key is checked against the node cache first (before Ray starts).
+    fatal = fatal_for(AuthError("PERMISSION_DENIED", "invalid API key"), settings, "node cache")
+    assert fatal is not None
+    rows = re.findall(r"^\| exit 4, `([^`]*)`", docs_text(), re.M)
+    assert rows and all(fatal.reason.startswith(row.removesuffix("...")) for row in rows), rows
+
+
 def test_each_ray_start_command_uses_flags_ray_has() -> None:
     from ray.scripts.scripts import start
 
