@@ -64,7 +64,7 @@ class Parser(argparse.ArgumentParser):
         return out
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
+        # The line that matters, without argparse's usage block (34 lines for the bridge).
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray_alpcrun.errors import ConfigError
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, TlsFiles
@@ -23,6 +24,10 @@ ENV_LOG_LEVEL = "METALCORE_LOG_LEVEL"
 ENV_NUM_THREADS = "METALCORE_NUM_THREADS"
 ENV_CA_CERT = "METALCORE_CA_CERT"
 ENV_CACHE_CA_CERT = "METALCORE_CACHE_CA_CERT"
+# Ray's token authentication, read where the bridge joins a cluster (RayAuth).
+ENV_RAY_AUTH_MODE = "RAY_AUTH_MODE"
+ENV_RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"
+ENV_RAY_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 
 DEFAULT_QUEUE_ADDR = "127.0.0.1:1337"
 DEFAULT_CENTRAL_CACHE_ADDR = "127.0.0.1:2337"
@@ -69,6 +74,74 @@ class Env:
             ca_cert=get(ENV_CA_CERT),
             cache_ca_cert=get(ENV_CACHE_CA_CERT),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RayAuth:
+    """Ray's token authentication as this process would join a cluster with it.
+
+    A head started by ``ray start --head`` where a token exists (``~/.ray/auth_token``
+    is written by the first ``ray.init()`` on a machine) asks every process that
+    joins for it. Ray turns token mode on by itself only for ``ray.init()`` and
+    ``address="auto"``; joining by ``HOST:PORT`` it stays off unless
+    ``RAY_AUTH_MODE=token`` is set, even with the token at hand, and the join
+    fails after ~20 s. :meth:`join_env` says what to set instead.
+
+    ``mode`` is ``RAY_AUTH_MODE`` as set (``None``: unset); ``token_source`` is
+    where Ray would read the token (``RAY_AUTH_TOKEN``, or a file), ``None``
+    when there is none.
+    """
+
+    mode: str | None = None
+    token_source: str | None = None
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None, home: Path | None = None) -> RayAuth:
+        """From the environment and the files Ray reads the token from, in Ray's
+        order: ``RAY_AUTH_TOKEN``, then ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``."""
+        env = os.environ if environ is None else environ
+        mode = env.get(ENV_RAY_AUTH_MODE, "").strip().lower() or None
+        source = None
+        path = env.get(ENV_RAY_AUTH_TOKEN_PATH, "").strip()
+        if env.get(ENV_RAY_AUTH_TOKEN, "").strip():
+            source = ENV_RAY_AUTH_TOKEN
+        elif path:
+            source = path if _non_empty(Path(path).expanduser()) else None
+        else:
+            default = (Path.home() if home is None else home) / ".ray" / "auth_token"
+            source = str(default) if _non_empty(default) else None
+        return cls(mode=mode, token_source=source)
+
+    def join_env(self, address: str) -> dict[str, str]:
+        """What to add to the environment to join ``address``, whose Ray cluster
+        refused this process for want of a token: ``RAY_AUTH_MODE=token`` when
+        the mode is unset and a token is at hand. Raises ConfigError naming the
+        fix when there is nothing to add (no token, or a mode set otherwise)."""
+        cluster = f"the Ray cluster at {address} uses token authentication"
+        if self.mode not in (None, "token"):
+            raise ConfigError(f"{cluster}, but {ENV_RAY_AUTH_MODE}={self.mode} here: unset it")
+        if self.token_source is None:
+            raise ConfigError(
+                f"{cluster} and no token is found here: copy the head's token (`ray get-auth-token`"
+                f" on the head prints it) to ~/.ray/auth_token, or set {ENV_RAY_AUTH_TOKEN}"
+            )
+        if self.mode == "token":
+            raise self.refused(address)
+        return {ENV_RAY_AUTH_MODE: "token"}
+
+    def refused(self, address: str) -> ConfigError:
+        """The error for a cluster that refused the token this process has."""
+        return ConfigError(
+            f"the Ray cluster at {address} refused the token from {self.token_source}: "
+            "use the head's (`ray get-auth-token` on the head prints it)"
+        )
+
+
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def default_node() -> str:
@@ -239,6 +312,8 @@ class BridgeConfig:
     size_pool_from_cluster: bool = False
     slots: int | None = None
     ray_address: str | None = None
+    # How to authenticate to the cluster at ray_address (RayAuth.read() in the CLI).
+    ray_auth: RayAuth = field(default_factory=RayAuth)
     local: bool = False
     log_level: str = "info"
     log_json: bool = False

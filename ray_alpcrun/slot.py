@@ -134,7 +134,10 @@ class SlotMachine:
             elif isinstance(event, _Gone):
                 await self._gone(event.stream)
             elif self.stopped:
-                log.info("instruction after stop skipped", extra=self._f(type=event.type))
+                log.info(
+                    "instruction after stop skipped",
+                    extra=self._f(type=_kind(event.type), session=event.session_id),
+                )
             else:
                 await self._apply(event)
 
@@ -239,3 +242,11 @@ class SlotMachine:
 
     def _f(self, **extra: object) -> dict[str, object]:
         return fields(worker=self.name, **extra)
+
+
+def _kind(kind: int) -> str:
+    """An instruction type as the protocol names it (``UNBIND``), or its number if unknown."""
+    try:
+        return InstructionType(kind).name
+    except ValueError:
+        return str(kind)

@@ -38,7 +38,8 @@ exit codes:
   1    other failure
   2    usage: an unknown flag or a bad value
   3    configuration: bad settings, a port in use, resources the cluster cannot place,
-       the bridge actor died before it served (could not start on the cluster)
+       the bridge actor died before it served (could not start on the cluster),
+       a Ray cluster (--ray-address) that cannot be joined
   4    API key missing or rejected
   5    TLS failure (certificate not trusted)
   6    the handler cannot be loaded

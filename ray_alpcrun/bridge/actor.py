@@ -158,6 +158,7 @@ class Bridge:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
         from ray_alpcrun.pool.actor_pool import ActorPool
 
+        announcer: asyncio.Task[None] | None = None
         exporter: asyncio.Task[None] | None = None
         follower: asyncio.Task[None] | None = None
         try:
@@ -188,18 +189,10 @@ class Bridge:
             gc.freeze()
             self.worker = worker
             self._started.set()
-            log.info(
-                "bridge serving",
-                extra=fields(
-                    queue=self.settings.queue_address,
-                    cache=self.settings.cache_address,
-                    slots=self.settings.slots,
-                    actors=self.pool_config.num_actors,
-                    package=self.settings.proto_package or "(none)",
-                ),
-            )
             if self._stop_requested:
                 return errors.EXIT_OK, ""
+            announcer = asyncio.create_task(self._announce(worker), name="announce")
+            announcer.add_done_callback(log_task_failure)
             exporter = asyncio.create_task(_export_ray_metrics(self), name="ray-metrics")
             exporter.add_done_callback(log_task_failure)
             if self.auto_slots:
@@ -215,7 +208,7 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            background = [task for task in (exporter, follower) if task is not None]
+            background = [task for task in (announcer, exporter, follower) if task is not None]
             for task in background:
                 task.cancel()
             # Ended before the pool closes; a failure was logged when it happened.
@@ -225,6 +218,26 @@ class Bridge:
             # Closed last: a Kubernetes preStop hook waits for this port to close.
             if self.health is not None:
                 await self.health.stop()
+
+    async def _announce(self, worker: BridgeWorker) -> None:
+        """Log "bridge serving" once the queue manager took the first logical worker."""
+        await worker.first_registered.wait()
+        log.info(
+            "bridge serving",
+            extra=fields(
+                queue=self.settings.queue_address,
+                cache=self.settings.cache_address,
+                slots=self.settings.slots,
+                actors=self.pool_config.num_actors,
+                package=self.settings.proto_package or "(none)",
+            ),
+        )
+
+    async def drain_counts(self) -> tuple[int, int]:
+        """(batches answered after the drained stop began, batches that arrived
+        during it and were not started); (0, 0) before a drained stop."""
+        w = self.worker
+        return (w.drained, w.not_started) if w is not None else (0, 0)
 
     async def stop(self, drain: bool = True) -> None:
         self._stop_requested = True

@@ -1,7 +1,10 @@
 """``python -m ray_alpcrun.bridge``: serve ALPCRUN.CH batches on a Ray actor pool.
 
-Ray is started (or joined) first, then the bridge actor; gRPC lives only in
-that actor (and, with ``--local``, in the local services of this process).
+The handler, the API key and the TLS trust are checked first (the key against
+the node cache, on a channel closed before Ray starts), then Ray is started or
+joined (an address is checked before ``ray.init``, see ``rayjoin``), then the
+bridge actor; gRPC serves only in that actor (and, with ``--local``, in the
+local services of this process).
 A signal during startup stops it after the step in progress (exit 130); once serving, SIGTERM/SIGINT
 drain: batches that arrive are no longer started, those running finish and are
 answered, then exit 0; a second signal exits at once (130).
@@ -10,6 +13,7 @@ answered, then exit 0; a second signal exits at once (130).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -19,12 +23,15 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.launch import worker_settings
+from ray_alpcrun.bridge.preflight import preflight
 from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import (
     DATA_PATHS,
     BridgeConfig,
     Env,
     PoolConfig,
+    RayAuth,
 )
 from ray_alpcrun.handler import load_handler
 from ray_alpcrun.logs import fields, setup_logging
@@ -177,6 +184,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         data_path=args.data_path,
         slots=args.slots,
         ray_address=args.ray_address,
+        ray_auth=RayAuth.read(),
         local=args.local,
         log_level=args.log_level,
         log_json=args.log_json,
@@ -248,15 +256,22 @@ def _main(argv: Sequence[str] | None, out: Output, startup: StartupSignals) -> i
         setup_logging(config.log_level, config.log_json)
         warn_plaintext_cache(config.services)
         load_handler(config.handler)  # fail fast, before Ray starts
+        if config.services.api_key is None and not config.local:
+            out.fail("no API key: set METALCORE_API_KEY or --api-key")
+            return errors.EXIT_AUTH
+        if not config.local:
+            # The actor's check of the key and TLS trust, here before Ray starts: a
+            # wrong key exits 4 in a second. Its channel is closed before Ray starts.
+            asyncio.run(preflight(worker_settings(config, 1)))
     except errors.HandlerError as exc:
         out.fail(f"handler: {exc}")
         return errors.EXIT_HANDLER
     except errors.ConfigError as exc:
         out.fail(f"configuration: {exc}")
         return errors.EXIT_CONFIG
-    if config.services.api_key is None and not config.local:
-        out.fail("no API key: set METALCORE_API_KEY or --api-key")
-        return errors.EXIT_AUTH
+    except errors.FatalError as exc:
+        out.fail(exc.reason)
+        return exc.exit_code
     startup.check()
     return run(config, out, startup)
 
@@ -277,7 +292,11 @@ def run(
     try:
         if started_ray:
             # Ray first: starting it after gRPC is active prints fork warnings.
-            _init_ray(config, startup)
+            try:
+                _init_ray(config, startup)
+            except errors.ConfigError as exc:
+                out.fail(str(exc))
+                return errors.EXIT_CONFIG
         startup.check()
         forward_actor_output(config.log_json)
         if config.local:
@@ -309,7 +328,12 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 def _init_ray(config: BridgeConfig, startup: StartupSignals) -> None:
     import ray
 
+    from ray_alpcrun.bridge.rayjoin import prepare_join
+
     log.info("starting Ray", extra=fields(address=config.ray_address or "(new local cluster)"))
+    # Joining by address: a token the cluster wants, or an address where nothing
+    # listens, is told now in one line, not after Ray's 20 s of retries.
+    prepare_join(config.ray_address, config.ray_auth)
     # ray.init installs a SIGTERM handler that exits 15 from wherever it is; keep
     # ours (the private hook may move: then the SystemExit below is the fallback).
     utils = getattr(getattr(ray, "_private", None), "utils", None)
@@ -391,4 +415,8 @@ def _wait(handle: BridgeHandle, out: Output) -> int:
     code, reason = handle.outcome()
     if reason:
         out.fail(reason)
+    elif code == errors.EXIT_OK:
+        counts = handle.drain_counts()
+        done = "" if counts is None else f" {counts[0]} batches drained, {counts[1]} not started,"
+        log.info("stopped:%s exit %d", done, code)
     return int(code)

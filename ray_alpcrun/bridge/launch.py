@@ -30,6 +30,8 @@ class BridgeActorHandle(Protocol):
     def wait_serving(self) -> RemoteMethod[bool]: ...
     @property
     def status(self) -> RemoteMethod[dict[str, object]]: ...
+    @property
+    def drain_counts(self) -> RemoteMethod[tuple[int, int]]: ...
 
 
 def worker_settings(config: BridgeConfig, slots: int) -> WorkerSettings:
@@ -119,6 +121,18 @@ class BridgeHandle:
     def stop(self, drain: bool = True) -> Awaitable[None]:
         """Ask the bridge to stop (returns an ObjectRef; ``run_ref`` resolves after)."""
         return self.actor.stop.remote(drain)
+
+    def drain_counts(self, timeout_s: float = 10.0) -> tuple[int, int] | None:
+        """After ``run`` ended: (batches drained, batches not started) of its drained
+        stop; None when the actor cannot tell (it died)."""
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            drained, not_started = ray.get(self.actor.drain_counts.remote(), timeout=timeout_s)
+        except RayError:  # a timeout is one too
+            return None
+        return int(drained), int(not_started)
 
     def kill(self) -> None:
         import ray

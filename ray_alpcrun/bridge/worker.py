@@ -20,6 +20,7 @@ import grpc.aio
 
 from ray_alpcrun import errors, transport
 from ray_alpcrun.bridge.ends import EndsFirst
+from ray_alpcrun.bridge.preflight import check_node_cache
 from ray_alpcrun.bridge.session import Link, Processor, WorkerStream
 from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
 from ray_alpcrun.bridge.stats import BridgeStats
@@ -106,6 +107,7 @@ class Slot:
             runner = asyncio.create_task(machine.run(), name=f"slot-{self.index}")
             await self._report(WorkerStatus.IDLE)
             self.registered.set()
+            w.first_registered.set()
             self.registrations += 1
             log.info(
                 "registered", extra=fields(worker=self.worker_id, slot=self.index, pod=self.pod)
@@ -165,6 +167,12 @@ class BridgeWorker:
         self._resized = asyncio.Event()
         self._next_index = settings.slots
         self.reconnects = 0
+        # Set at the first registration: only then does the bridge serve the queue.
+        self.first_registered = asyncio.Event()
+        # What the last drained stop did: batches answered after it began, and
+        # batches that arrived during it and were left to the queue manager.
+        self.drained = 0
+        self.not_started = 0
         self.queue: QueueStub  # with link and _cache, set by _open()
         self._cache: CacheStub
         self.link: Link
@@ -254,23 +262,10 @@ class BridgeWorker:
         )
 
     async def preflight(self) -> None:
-        """Check the API key and TLS trust where that changes nothing: a read of
-        an empty session id from the node cache. The queue manager is judged by
-        the registration itself (``run()``), never by a call with side effects.
-        Only authentication and TLS failures count here; unreachable services
-        are left to ``run()``'s retries."""
+        """Check the API key and TLS trust (see :mod:`ray_alpcrun.bridge.preflight`)."""
         self._open()
-        what = "node cache"
-        call = self._cache.GetSharedData(SharedData(""), metadata=self.base_metadata)
-        try:
-            await asyncio.wait_for(call, self.settings.connect_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            err = transport.translate(exc)
-            fatal = fatal_for(err, self.settings, what)
-            if fatal is not None and fatal.exit_code in (errors.EXIT_AUTH, errors.EXIT_TLS):
-                raise fatal from exc
-        except asyncio.TimeoutError:
-            log.warning("%s not answering yet; will keep trying", what)
+        s = self.settings
+        await check_node_cache(self._cache, self.base_metadata, s, timeout_s=s.connect_timeout_s)
 
     async def run(self) -> None:
         """Serve until ``stop()``; raises FatalError for what retrying cannot fix."""
@@ -419,10 +414,14 @@ class BridgeWorker:
         ``drain_timeout_s``), send their results, report IDLE, half-close."""
         self._stopping.set()
         if drain:
+            streams = [slot.session for slot in self.slots if slot.session is not None]
+            answered = self.stats.batches_done - self.stats.results_dropped
             await asyncio.gather(
                 *(slot.drain(self.settings.drain_timeout_s) for slot in self.slots),
                 return_exceptions=True,
             )
+            self.drained = self.stats.batches_done - self.stats.results_dropped - answered
+            self.not_started = sum(stream.refused for stream in streams)
         for slot in self.slots:
             if slot._call is not None:
                 slot._call.cancel()

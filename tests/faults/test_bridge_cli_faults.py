@@ -11,6 +11,7 @@ as in production.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -95,8 +96,9 @@ def test_wrong_api_key_exits_4_within_seconds_without_printing_it(
     print(f"\nwrong API key: exit {code} after {elapsed:.2f} s", flush=True)
     assert code == errors.EXIT_AUTH, out
     line = reason_line(out)
-    assert "API key" in line and "PERMISSION_DENIED" in line
+    assert "the node cache rejected the API key (PERMISSION_DENIED" in line, line
     assert WRONG_KEY not in out and KEY not in out
+    assert "starting Ray" not in out, out  # checked before Ray starts (it took 6 s)
     assert elapsed < 30
 
 
@@ -116,6 +118,23 @@ def test_a_server_certificate_not_signed_by_the_ca_exits_5(
     line = reason_line(out)
     assert "TLS" in line and other_ca.cert in line and "--ca-cert" in line
     assert elapsed < 30
+
+
+def test_an_unreachable_queue_manager_exits_7_and_never_says_serving(
+    ray_address: str | None,
+) -> None:
+    """ "bridge serving" waits for the queue manager to take a logical worker
+    (it was logged once the actors had started, the queue manager unreached)."""
+    run = Bridge(
+        ["--handler", "tests.support.bridge_handlers:echo", "--queue", "127.0.0.1:9",
+         "--cache", "127.0.0.1:9", "--connect-attempts", "4", "--backoff-max", "1"],
+        KEY, ray_address,
+    )  # fmt: skip
+    code, out = run.wait(120)
+    assert code == errors.EXIT_UNAVAILABLE, out
+    assert "queue manager at 127.0.0.1:9 unreachable after 4 attempts" in reason_line(out)
+    assert "actor pool started" in out, out  # the actors were up: it could have said so
+    assert "bridge serving" not in out, out
 
 
 def test_a_bridge_actor_that_dies_at_start_exits_3_in_one_line(ray_address: str | None) -> None:
@@ -158,6 +177,8 @@ def test_sigterm_drains_in_flight_batches_then_exits_0(
     assert d.stats["dead_lettered_tasks"] == 0, d.stats
     assert "result dropped" not in d.out and "drain deadline passed" not in d.out, d.out
     assert KEY not in d.out
+    assert re.search(r"INFO  ray_alpcrun.bridge: stopped: \d+ batches drained, \d+ not started, "
+                     r"exit 0\n", d.out), d.out  # fmt: skip
     assert_exactly_once(d.results, n)
     assert all(r.payload == f"{r.index}".encode() for r in d.results)
 

@@ -1,14 +1,17 @@
 """What a user meets at the three command lines (issue 11): ``--version``,
 ``--help`` with defaults and exit codes, "unknown flag", per-actor flags without
 ``--actors``, a signal during startup, a drain that stops taking batches,
-``on_session_end`` at stop, and ``--log-json`` where every line is JSON.
+``on_session_end`` at stop, and ``--log-json`` where every line is JSON; and
+(issue 20) joining a Ray cluster started by hand, whose head asks for a token.
 
 Bridge runs join the test session's Ray cluster (``--ray-address``), except the
-startup-signal ones, which must start their own Ray to be interrupted in it.
+startup-signal ones, which must start their own Ray to be interrupted in it,
+and the hand-started-cluster ones, which join a head of their own.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -23,6 +26,8 @@ from ray_alpcrun.devserver import LocalServices
 from tests.support.bridge_support import assert_exactly_once, bridge_config, client_for, ray_get
 from tests.support.cli_support import Cli, json_records, run, sigterm_midway
 from tests.support.devserver_kit import free_config
+from tests.support.fake_autoscaler import free_port
+from tests.support.ray_head import RAY_AUTH_VARS, HandStartedHead, write_token
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "cli-user-key-7f3a"
@@ -59,6 +64,11 @@ def test_version_help_and_a_mistyped_flag(module: str) -> None:
     code, out = run(module, "--handlr", "x")
     assert code == errors.EXIT_USAGE, out
     assert "unknown flag: --handlr" in out and "required" not in out, out
+    # The line that matters and where to look, not the usage block (34 lines).
+    assert out.splitlines() == [
+        f"python -m {module}: error: unknown flag: --handlr",
+        f"(see python -m {module} --help)",
+    ], out
 
 
 def test_actors_0_is_rejected() -> None:
@@ -123,6 +133,10 @@ def test_sigterm_stops_taking_batches(ray_address: str, svc: LocalServices) -> N
     assert d.code == 0, d.out
     assert "drain deadline passed" not in d.out, d.out  # finished what it started, in time
     assert "result dropped" not in d.out, d.out  # every batch it started was answered
+    # The log ends saying the stop finished (Ray may still forward actor lines after it).
+    driver = [line for line in d.out.splitlines() if line and not line.startswith("(")]
+    stopped = re.search(r"stopped: (\d+) batches drained, (\d+) not started, exit 0$", driver[-1])
+    assert stopped and int(stopped[1]) >= 1, driver[-3:]
     # Not waiting out --drain-timeout 60 is the point (before: the whole 60 s). The
     # bridge's own "session drained" line is not asserted: Ray may not forward an
     # actor's last lines before the driver exits.
@@ -187,3 +201,73 @@ def test_every_line_is_json_with_log_json(
     assert any(r.get("actor") == "Bridge" for r in bridge_records)
     failed = [r for r in worker_records if r["msg"].startswith("task failed in the handler")]
     assert failed and "Traceback" in failed[0]["exc"] and "asked to fail" in failed[0]["exc"]
+
+
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandStartedHead]:
+    """``ray start --head --num-cpus 1 --port P`` where ``~/.ray/auth_token`` exists
+    (as after a first ``ray.init()``): Ray turns token authentication on for it."""
+    home = tmp_path_factory.mktemp("home")
+    write_token(home)
+    head = HandStartedHead(home)
+    head.start()
+    try:
+        yield head
+    finally:
+        assert not head.stop(), "processes of the hand-started head survived"
+
+
+def joining(address: str, home: Path, *args: str) -> Cli:
+    """The bridge CLI joining ``address`` as a new user's shell would run it:
+    HOME=home, no RAY_AUTH_* set."""
+    return Cli(
+        "ray_alpcrun.bridge",
+        ["--ray-address", address, "--handler", "tests.support.bridge_handlers:echo",
+         "--actors", "1", "--cpus-per-actor", "0.5", *args],
+        env={"METALCORE_API_KEY": KEY, "HOME": str(home)},
+        unset=RAY_AUTH_VARS,
+    )  # fmt: skip
+
+
+def test_a_bridge_joins_a_cluster_whose_head_asks_for_a_token(
+    token_head: HandStartedHead, svc: LocalServices
+) -> None:
+    """Before: ~20 s of Ray's InvalidAuthToken lines, a traceback, exit 1 (the
+    token was at hand, RAY_AUTH_MODE=token was not set). Now it joins and serves."""
+    run_ = joining(token_head.address, token_head.home,
+                   "--queue", svc.queue_address, "--cache", svc.node_cache_address)  # fmt: skip
+    try:
+        run_.wait_for("bridge serving", 120)
+        with client_for(svc) as client, client.create_session(app_id="joined") as session:
+            assert [r.payload for r in session.run([b"a", b"b", b"c"])] == [b"a", b"b", b"c"]
+    finally:
+        run_.proc.send_signal(signal.SIGTERM)
+        code, out = run_.wait(90)
+    assert code == 0, out
+    assert "joining with Ray token authentication (RAY_AUTH_MODE=token)" in out, out
+    assert "InvalidAuthToken" not in out and "Traceback" not in out, out
+    assert re.search(r"stopped: \d+ batches drained, \d+ not started, exit 0", out), out
+
+
+def test_joining_without_the_token_exits_3_in_one_line(
+    token_head: HandStartedHead, tmp_path: Path
+) -> None:
+    """No token here: exit 3 with the fix, before ray.init (none of its retry lines)."""
+    run_ = joining(token_head.address, tmp_path, "--queue", "127.0.0.1:9", "--cache", "127.0.0.1:9")
+    code, out = run_.wait(60)
+    assert code == errors.EXIT_CONFIG, out
+    (line,) = [x for x in out.splitlines() if x.startswith("ray_alpcrun.bridge: ")]
+    assert f"the Ray cluster at {token_head.address} uses token authentication" in line, out
+    assert "no token is found here" in line and "ray get-auth-token" in line, out
+    assert "InvalidAuthToken" not in out and "Traceback" not in out, out
+
+
+def test_joining_an_address_where_nothing_listens_exits_3_in_one_line(tmp_path: Path) -> None:
+    """Before: ray.init retried for minutes (killed here after 60 s)."""
+    address = f"127.0.0.1:{free_port()}"
+    code, out = joining(address, tmp_path, "--queue", "127.0.0.1:9", "--cache", "127.0.0.1:9").wait(
+        60
+    )
+    assert code == errors.EXIT_CONFIG, out
+    assert f"ray_alpcrun.bridge: no Ray cluster at {address}: connection refused" in out, out
+    assert "Traceback" not in out, out

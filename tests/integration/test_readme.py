@@ -102,3 +102,38 @@ def test_the_demo_runs_with_the_base_install(tmp_path: Path) -> None:
                     timeout_s=200, outside=tmp_path)  # fmt: skip
     assert code == 0, out
     assert "Europeans within 3 standard errors" in out, out
+
+
+def docs_text() -> str:
+    """The README and the pages under docs/ (where the reference may live)."""
+    pages = sorted((README.parent / "docs").glob("**/*.md"))
+    return "\n".join([TEXT, *(page.read_text() for page in pages)])
+
+
+def test_the_exit_4_row_quotes_what_the_bridge_prints() -> None:
+    from ray_alpcrun.bridge.settings import WorkerSettings, fatal_for
+    from ray_alpcrun.errors import AuthError
+
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "n", "p", 1)
+    # The key is checked against the node cache first (before Ray starts).
+    fatal = fatal_for(AuthError("PERMISSION_DENIED", "invalid API key"), settings, "node cache")
+    assert fatal is not None
+    rows = re.findall(r"^\| exit 4, `([^`]*)`", docs_text(), re.M)
+    assert rows and all(fatal.reason.startswith(row.removesuffix("...")) for row in rows), rows
+
+
+def test_each_ray_start_command_uses_flags_ray_has() -> None:
+    from ray.scripts.scripts import start
+
+    known = {opt for param in start.params for opt in param.opts}
+    lines = [
+        line
+        for block in re.findall(r"^ *```bash\n(.*?)^ *```", docs_text(), re.M | re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if "ray start" in line
+    ]
+    assert any("--head" in line for line in lines) and any("--address" in line for line in lines)
+    for line in lines:
+        words = shlex.split(line.split(" #")[0])
+        flags = {w.split("=")[0] for w in words[words.index("start") + 1 :] if w.startswith("--")}
+        assert flags <= known, (line, sorted(flags - known))

@@ -32,9 +32,11 @@ class Cli:
         args: list[str],
         env: dict[str, str] | None = None,
         cwd: Path = ROOT,
+        unset: tuple[str, ...] = (),
     ) -> None:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        full_env.pop("METALCORE_API_KEY", None)
+        for name in ("METALCORE_API_KEY", *unset):
+            full_env.pop(name, None)
         full_env.update(env or {})
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in wait()
         self.started = time.perf_counter()

@@ -5,6 +5,7 @@ no Ray."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -294,3 +295,35 @@ async def test_a_drain_cut_short_aborts_the_stream_and_releases_its_session(how:
     assert h.log == ["open A#0", "BUSY A", "drain A#0", "abort A#0"], h.log
     assert h.released == ["A"] and h.machine.current is None
     assert h.reported.empty()  # cut short: no IDLE, no second BUSY
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_an_instruction_after_stop_is_logged_by_its_name() -> None:
+    """Its type as the protocol names it (``UNBIND``), not ``type=1``."""
+    h = Harness()
+    seen = Records()
+    logger = logging.getLogger("ray_alpcrun.slot")
+    logger.addHandler(seen)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    runner = asyncio.create_task(h.machine.run())
+    try:
+        await h.machine.stop(1.0)
+        h.send(UNBIND, "A")
+        await h.machine.stop(1.0)  # queued after the UNBIND: returns once it was seen
+    finally:
+        logger.removeHandler(seen)
+        logger.setLevel(level)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await h.machine.close()
+    (record,) = [r for r in seen.records if r.getMessage() == "instruction after stop skipped"]
+    assert record.alpcrun_fields == {"worker": "W1", "type": "UNBIND", "session": "A"}
