@@ -22,7 +22,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.client.batching import usable_bytes
+from ray_alpcrun.client.limits import usable_bytes
 from ray_alpcrun.client.session import AsyncSession, check_priority, close_after
 from ray_alpcrun.config import (
     DEFAULT_CENTRAL_CACHE_ADDR,

@@ -12,8 +12,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypedDict
 
 from ray_alpcrun import errors
-from ray_alpcrun.client.batching import chunks, pack, progress_bar, too_large, usable_bytes
+from ray_alpcrun.client.batching import chunks, pack, progress_bar
 from ray_alpcrun.client.interfaces import SessionHost
+from ray_alpcrun.client.limits import too_large, usable_bytes
 from ray_alpcrun.client.results import Submission, TaskResult
 from ray_alpcrun.client.stream import ClientStream
 from ray_alpcrun.transport import MD_SESSION_ID, make_metadata, rpc_errors

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +34,8 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.client.batching import pack, too_large, usable_bytes
+from ray_alpcrun.client.batching import pack
+from ray_alpcrun.client.limits import refused_limit, too_large, usable_bytes
 from ray_alpcrun.client.results import DEAD_LETTER_ERROR, Submission, TaskResult
 from ray_alpcrun.rpc import QueueStub
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES, Metadata, translate
@@ -45,18 +45,6 @@ from ray_alpcrun.wire import batch_bytes, batch_header_bytes
 log = logging.getLogger(__name__)
 
 DIAGNOSE_TIMEOUT_S = 5.0
-# gRPC's text for a message over the receiver's limit: "(its size vs. the limit)".
-_OVER_LIMIT = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
-
-
-def refused_limit(exc: grpc.RpcError) -> int | None:
-    """The receiver's limit when ``exc`` says a message was over it (RESOURCE_EXHAUSTED)."""
-    code = getattr(exc, "code", None)
-    details = getattr(exc, "details", None)
-    if code is None or details is None or code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return None
-    found = _OVER_LIMIT.search(details() or "")
-    return None if found is None else int(found.group(2))
 
 
 @dataclass(eq=False)

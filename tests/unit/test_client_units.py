@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from ray_alpcrun import wire
 from ray_alpcrun.answers import answer_bytes_bound
 from ray_alpcrun.client import TaskFailed, TaskResult
 from ray_alpcrun.client.batching import checked, chunks, pack
+from ray_alpcrun.client.limits import refused_limit, too_large
 from ray_alpcrun.client.results import Submission
 from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.types import Batch, Message
@@ -118,3 +120,26 @@ def test_loop_thread_refuses_reentry_from_its_own_loop() -> None:
         assert lt.run(asyncio.sleep(0, result=5)) == 5  # ok: a trivial coroutine, no wait
     finally:
         lt.stop()
+
+
+class _Status(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_a_refusal_names_the_receivers_limit_and_the_error_names_both() -> None:
+    over = "SERVER: Received message larger than max (5242964 vs. 4194304)"
+    assert refused_limit(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, over)) == 4194304
+    assert refused_limit(_Status(grpc.StatusCode.INTERNAL, over)) is None
+    assert refused_limit(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota spent")) is None
+    queue = too_large("task payload", 5 << 20, 16 << 20, 4194304)
+    assert "queue manager's message limit of 4194304 bytes" in queue
+    assert "Client(max_message_bytes=16777216)" in queue
+    own = too_large("task payload", 5 << 20, 4 << 20)
+    assert "max_message_bytes=4194304" in own and "Client(max_message_bytes=...)" in own
