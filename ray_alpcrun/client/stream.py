@@ -400,9 +400,10 @@ class ClientStream:
         self._pending.clear()
         for sub in self._subs:
             sub.fail(exc)
-        poller = self._poller
-        if poller is not None and poller is not asyncio.current_task():
-            poller.cancel()
+        current = asyncio.current_task()
+        for task in (self._poller, *self._probe_calls):  # close() awaits what is left
+            if task is not None and task is not current:
+                task.cancel()
 
     async def _settle_reader(self) -> None:
         reader = self._reader
