@@ -7,7 +7,6 @@ They mirror the wire contract (ALPCRUN_PROTOCOL.md section 5.3) field by field;
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DEFAULT_PRIORITY = 5
@@ -93,28 +92,3 @@ class SharedData:
     update_level: int | None = None
     payload: bytes = b""
     ttl_s: float | None = None
-
-
-def dead_batch(
-    task: Batch,
-    reason: str,
-    errors: Mapping[str, str] | None = None,
-    *,
-    keep_payloads: bool = False,
-    session_id: str | None = None,
-) -> Batch:
-    """``task`` answered dead (5.3 result rules): same ``id`` and session, every
-    message with ``related_id`` = its id and an ``error`` (``errors[id]`` where
-    given, else ``reason``). Workers send it without payloads; a queue manager's
-    dead letter keeps them (``keep_payloads``) so the client can resubmit.
-    The one builder for the bridge, the reference worker and the devserver."""
-    errs = errors or {}
-    return Batch(
-        id=task.id,
-        session_id=task.session_id if session_id is None else session_id,
-        messages=[
-            Message(m.id, m.payload if keep_payloads else b"", m.id, errs.get(m.id) or reason)
-            for m in task.messages
-        ],
-        dead=True,
-    )

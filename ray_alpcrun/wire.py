@@ -131,6 +131,69 @@ def batch_from_pb(msg: pb.Batch) -> Batch:
     )
 
 
+# --- encoded sizes -----------------------------------------------------------
+#
+# gRPC's max_message_bytes applies to the serialised message, so whoever must
+# stay under it measures what it encodes. These count exactly what
+# ``batch_to_pb(b).SerializeToString()`` writes (a test compares the two),
+# without building the protobuf: field numbers below 16 take a one-byte tag.
+
+
+def varint_bytes(n: int) -> int:
+    """The length of ``n`` (>= 0) as a protobuf varint."""
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+def text_bytes(s: str) -> int:
+    """The UTF-8 length of ``s`` (what protobuf writes for a string field)."""
+    return len(s) if s.isascii() else len(s.encode())
+
+
+def _field(length: int) -> int:
+    return 1 + varint_bytes(length) + length
+
+
+def message_bytes(m: Message) -> int:
+    """What ``m`` adds to an encoded Batch: its ``messages`` entry, framing included."""
+    size = 0
+    if m.id:
+        size += _field(text_bytes(m.id))
+    if m.payload:
+        size += _field(len(m.payload))
+    if m.related_id is not None:
+        size += _field(text_bytes(m.related_id))
+    if m.error is not None:
+        size += _field(text_bytes(m.error))
+    return _field(size)
+
+
+def batch_header_bytes(b: Batch) -> int:
+    """The encoded size of ``b`` without its messages."""
+    size = 0
+    if b.id:
+        size += _field(text_bytes(b.id))
+    if b.session_id:
+        size += _field(text_bytes(b.session_id))
+    if b.priority:
+        size += 1 + varint_bytes(b.priority)
+    if b.use_shared_data is not None:
+        size += 2
+    if b.required_shared_data_update_level is not None:
+        size += 1 + varint_bytes(b.required_shared_data_update_level)
+    if b.dead is not None:
+        size += 2
+    return size
+
+
+def batch_bytes(b: Batch) -> int:
+    """The encoded size of ``b``: what gRPC compares with ``max_message_bytes``."""
+    return batch_header_bytes(b) + sum(message_bytes(m) for m in b.messages)
+
+
 # --- worker control --------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.batches import result_batch
+from ray_alpcrun.answers import dead_batches, result_batches
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.errors import SessionSetupError
 from ray_alpcrun.logs import fields
@@ -27,7 +27,7 @@ from ray_alpcrun.rpc import QueueStub
 from ray_alpcrun.runtime import Outcome, describe
 from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.transport import MD_POD, MD_SESSION_ID, MD_WORKER_ID, Metadata
-from ray_alpcrun.types import Batch, dead_batch
+from ray_alpcrun.types import Batch
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +144,15 @@ class WorkerStream:
         finally:
             stats.batches_in_flight -= 1
         elapsed = time.perf_counter() - started
-        if answer.dead:
+        if answer[0].dead:
             stats.batches_dead += 1
-        failed = sum(1 for m in answer.messages if m.error is not None)
+        failed = sum(1 for part in answer for m in part.messages if m.error is not None)
         stats.tasks_failed += failed
-        stats.tasks_ok += len(answer.messages) - failed
+        stats.tasks_ok += len(batch.messages) - failed
         stats.batches_done += 1
         stats.latency.observe(elapsed)
-        await self._send(answer)
+        for part in answer:  # one batch unless it could not fit (answers.py)
+            await self._send(part)
         log.debug(
             "batch answered",
             extra=self._f(
@@ -159,10 +160,13 @@ class WorkerStream:
             ),
         )
 
-    async def _answer(self, batch: Batch) -> Batch:
+    async def _answer(self, batch: Batch) -> list[Batch]:
+        limit = self.link.max_message_bytes
         if batch.session_id and batch.session_id != self.session_id:
-            return dead_batch(
-                batch, f"batch for session {batch.session_id} arrived on {self.session_id}'s stream"
+            return dead_batches(
+                batch,
+                f"batch for session {batch.session_id} arrived on {self.session_id}'s stream",
+                limit,
             )
         shared = None
         try:
@@ -175,11 +179,13 @@ class WorkerStream:
             )
         except (errors.SharedDataUnavailable, SessionSetupError) as exc:
             log.warning("batch cannot run", extra=self._f(batch=batch.id, error=str(exc)))
-            return dead_batch(batch, str(exc))
+            return dead_batches(batch, str(exc), limit)
         except Exception as exc:
             log.exception("processing failed", extra=self._f(batch=batch.id))
-            return dead_batch(batch, f"bridge failed to process the batch: {describe(exc)}")
-        return result_batch(batch, outcomes, self.link.max_message_bytes)
+            return dead_batches(
+                batch, f"bridge failed to process the batch: {describe(exc)}", limit
+            )
+        return result_batches(batch, outcomes, limit)
 
     async def _send(self, answer: Batch) -> None:
         call = self._call

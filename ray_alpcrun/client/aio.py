@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
+from ray_alpcrun.client.limits import usable_bytes
 from ray_alpcrun.client.session import AsyncSession, check_priority, close_after
 from ray_alpcrun.config import (
     DEFAULT_CENTRAL_CACHE_ADDR,
@@ -98,8 +99,10 @@ class AsyncClient:
         if max_message_bytes <= 0:
             raise ValueError("max_message_bytes must be positive")
         self.max_message_bytes = max_message_bytes
-        # Leave headroom under the gRPC message limit for ids and framing.
-        self.max_batch_bytes = max(1, max_message_bytes - 64 * 1024)
+        # Leave headroom under the gRPC message limit for what the services add.
+        self.max_batch_bytes = usable_bytes(max_message_bytes)
+        # Set when the queue manager refused a batch (its limit is below ours).
+        self.queue_refused_above: int | None = None
         self.connect_timeout_s = connect_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
         self.dead_letter_poll_s = dead_letter_poll_s
@@ -200,6 +203,15 @@ class AsyncClient:
 
     def explain(self, exc: grpc.RpcError) -> errors.RpcError:
         return explain(exc, self.queue_address, self.api_key)
+
+    @property
+    def queue_max_message_bytes(self) -> int:
+        refused = self.queue_refused_above
+        return self.max_message_bytes if refused is None else min(refused, self.max_message_bytes)
+
+    def queue_refused(self, max_message_bytes: int) -> None:
+        if self.queue_refused_above is None or max_message_bytes < self.queue_refused_above:
+            self.queue_refused_above = max_message_bytes
 
     def forget(self, session: object) -> None:
         if isinstance(session, AsyncSession):

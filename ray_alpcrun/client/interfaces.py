@@ -33,6 +33,20 @@ class SessionHost(Protocol):
     def max_message_bytes(self) -> int: ...
     @property
     def max_batch_bytes(self) -> int: ...
+    @property
+    def queue_max_message_bytes(self) -> int:
+        """What the queue manager takes as far as known: ``max_message_bytes``, or
+        the lower limit it named when it refused a batch."""
+        ...
+
+    @property
+    def queue_refused_above(self) -> int | None:
+        """The limit the queue manager named when it refused a batch; None before."""
+        ...
+
+    def queue_refused(self, max_message_bytes: int) -> None:
+        """The queue manager refused a batch over ``max_message_bytes``."""
+        ...
 
     async def queue_stub(self) -> QueueStub:
         """The queue manager's stub (its channel opened on first use)."""

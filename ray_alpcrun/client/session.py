@@ -12,12 +12,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypedDict
 
 from ray_alpcrun import errors
-from ray_alpcrun.client.batching import chunks, progress_bar
+from ray_alpcrun.client.batching import chunks, pack, progress_bar
 from ray_alpcrun.client.interfaces import SessionHost
+from ray_alpcrun.client.limits import too_large, usable_bytes
 from ray_alpcrun.client.results import Submission, TaskResult
 from ray_alpcrun.client.stream import ClientStream
 from ray_alpcrun.transport import MD_SESSION_ID, make_metadata, rpc_errors
 from ray_alpcrun.types import Batch, Message, SessionAttributes, SessionInfo, SharedData
+from ray_alpcrun.wire import batch_header_bytes
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -34,8 +36,11 @@ class SubmitOptions:
     """How ``submit``/``run``/``map`` send a stream of payloads (one source for the
     async and blocking APIs, which take these as keyword arguments).
 
-    ``use_shared_data=None`` means "if this session published shared data";
-    ``shared_level=None`` the latest level it published. At most
+    ``batch_size`` is an upper bound: a batch is cut further so that it fits
+    ``max_message_bytes`` as encoded, and so that its answers fit one message
+    even when every task fails (about 4,500 tasks at the default 4 MiB; see
+    ``client/batching.py``). ``use_shared_data=None`` means "if this session
+    published shared data"; ``shared_level=None`` the latest level it published. At most
     ``max_pending_tasks`` tasks are held at a time, counting answers not yet
     taken by the consumer, so a slow consumer bounds the client's memory.
     """
@@ -80,15 +85,6 @@ class SubmitKwargs(TypedDict, total=False):
     progress: bool
     timeout_s: float | None
     max_pending_tasks: int
-
-
-def too_large(what: str, size: int, host: SessionHost) -> str:
-    """The error for a payload the client's message limit cannot carry."""
-    return (
-        f"{what} of {size} bytes exceeds the client's message limit "
-        f"({host.max_batch_bytes} bytes usable of max_message_bytes={host.max_message_bytes}); "
-        "raise it with Client(max_message_bytes=...) (the services must accept as much)"
-    )
 
 
 def close_after(primary: BaseException | None) -> contextlib.AbstractContextManager[None]:
@@ -187,7 +183,9 @@ class AsyncSession:
         if level < 0:
             raise ValueError("level must be >= 0")
         if len(payload) > self._client.max_batch_bytes:
-            raise errors.PayloadTooLarge(too_large("shared data", len(payload), self._client))
+            raise errors.PayloadTooLarge(
+                too_large("shared data", len(payload), self._client.max_message_bytes)
+            )
         data = SharedData(
             session_id=self.id, update_level=level, payload=bytes(payload), ttl_s=ttl_s
         )
@@ -207,8 +205,10 @@ class AsyncSession:
         Sending and receiving overlap, so ``payloads`` may be a lazy or huge
         (async) iterable. Options (:class:`SubmitOptions`): ``batch_size``,
         ``use_shared_data``, ``shared_level``, ``priority``, ``progress``,
-        ``timeout_s``, ``max_pending_tasks``. A payload larger than the client's
-        message limit fails that task only (its ``error`` names the limit).
+        ``timeout_s``, ``max_pending_tasks``; ``batch_size`` is an upper bound
+        (batches are also cut to fit the message limit). A payload larger than
+        the client's message limit, or than the queue manager's once it refused
+        one, fails that task only (its ``error`` names the limit).
         """
         return self._results(payloads, SubmitOptions(**options))
 
@@ -350,6 +350,9 @@ class AsyncSession:
                 self._client.dead_letter_poll_s,
                 self._client.explain,
                 self._dead_letters_append,
+                max_message_bytes=self._client.max_message_bytes,
+                queue_max_message_bytes=self._client.queue_refused_above,
+                on_refused=self._client.queue_refused,
             )
             stream.open()
             self._stream = stream
@@ -367,28 +370,46 @@ class AsyncSession:
         index = 0
         tag = self._tag
         use = True if use_shared_data else None
-        limit = self._client.max_batch_bytes
-        async for chunk in chunks(payloads, opts.batch_size, limit):
-            await sub.wait_for_space()
+        async for chunk in chunks(payloads, opts.batch_size):
             first = self._next_task
             self._next_task += len(chunk)
-            if len(chunk) == 1 and len(chunk[0]) > limit:
-                # gRPC would refuse the whole stream (RESOURCE_EXHAUSTED): fail this task only.
-                sub.sent += 1
-                error = too_large("task payload", len(chunk[0]), self._client)
-                sub.deliver([TaskResult(f"{tag}{first}", index, None, error, False, "")])
-                index += 1
-                continue
-            self._next_batch += 1
-            batch = Batch(
-                id=f"{tag}b{self._next_batch}",
-                session_id=self.id,
-                priority=opts.priority,
-                messages=[Message(f"{tag}{first + i}", p) for i, p in enumerate(chunk)],
-                use_shared_data=use,
-                required_shared_data_update_level=level,
+            messages = [Message(f"{tag}{first + i}", p) for i, p in enumerate(chunk)]
+            # Within what the queue manager takes as far as known (lower once it refused).
+            limit = usable_bytes(self._client.queue_max_message_bytes)
+            # Header of the longest batch id this chunk can take (ids only grow).
+            header = batch_header_bytes(
+                Batch(
+                    id=f"{tag}b{self._next_batch + len(chunk)}",
+                    session_id=self.id,
+                    priority=opts.priority,
+                    use_shared_data=use,
+                    required_shared_data_update_level=level,
+                )
             )
-            await stream.send(sub, batch, index)
+            for part in pack(messages, header, limit):
+                await sub.wait_for_space()
+                at = index + part.offset
+                if not part.fits:
+                    # gRPC would refuse the whole stream (RESOURCE_EXHAUSTED): fail this task only.
+                    sub.sent += 1
+                    error = too_large(
+                        "task payload",
+                        len(part.messages[0].payload),
+                        self._client.max_message_bytes,
+                        self._client.queue_max_message_bytes,
+                    )
+                    sub.deliver([TaskResult(part.messages[0].id, at, None, error, False, "")])
+                    continue
+                self._next_batch += 1
+                batch = Batch(
+                    id=f"{tag}b{self._next_batch}",
+                    session_id=self.id,
+                    priority=opts.priority,
+                    messages=part.messages,
+                    use_shared_data=use,
+                    required_shared_data_update_level=level,
+                )
+                await stream.send(sub, batch, at)
             index += len(chunk)
         sub.mark_all_sent()
 

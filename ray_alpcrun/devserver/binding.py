@@ -71,7 +71,9 @@ class WorkerBinding:
         self.stats = stats
         self.table = table
         # The flow asks for scheduling when work is queued; it is the binding's to own.
-        self.flow = TaskFlow(stats, clock, config.max_deliveries, self.work_queued)
+        self.flow = TaskFlow(
+            stats, clock, config.max_deliveries, self.work_queued, config.max_message_bytes
+        )
         self.workers = WorkerRegistry()
         self._schedule_pending = False
         self._preempting = 0  # workers unbound by preemption, not yet idle again

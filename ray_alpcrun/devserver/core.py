@@ -197,6 +197,16 @@ class QueueCore:
         if s is not None:
             s.dead_letters.extendleft(reversed(batches))
 
+    def return_result(self, batch: Batch) -> None:
+        """Put back a result batch a broken client stream did not deliver: the
+        session's next client stream hands it out (answers are matched by task
+        id there, so one that did arrive after all is ignored, not doubled)."""
+        s = self.table.open.get(batch.session_id) or self.table.closing.get(batch.session_id)
+        if s is not None:
+            s.results.appendleft(batch)
+            s.handed_tasks -= len(batch.messages)
+            s.wake_clients()
+
     # --- client streams ----------------------------------------------------
 
     def open_client(self, session_id: str) -> ClientConn:

@@ -30,7 +30,12 @@ Decisions (the docs are silent):
   first message's ``related_id`` names.
 * A dead-lettered batch holds the original task payloads (so it can be
   resubmitted), ``dead=True`` and an ``error`` on every message: the worker's
-  error for that task when it gave one, else the reason.
+  error for that task when it gave one, else the reason. It is built by
+  ``answers.dead_letters``, so it fits ``max_message_bytes``: one dead-lettered
+  batch may come out as several dead letters with the same id.
+* A result batch that grew past ``max_message_bytes`` here (ids filled in, the
+  client's batch id and session id set) goes to the client in several parts with
+  the same id; the client matches answers by task id.
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ from dataclasses import dataclass, field
 
 from ulid import ULID
 
+from ray_alpcrun.answers import dead_letters, fit
 from ray_alpcrun.devserver.errors import Rejected
 from ray_alpcrun.devserver.model import ClientConn, Pending, SessionState, StreamConn
-from ray_alpcrun.types import Batch, Message, dead_batch
+from ray_alpcrun.types import Batch, Message
+from ray_alpcrun.wire import batch_header_bytes
 
 log = logging.getLogger("ray_alpcrun.devserver")
 
@@ -79,10 +86,12 @@ class TaskFlow:
         clock: Callable[[], float],
         max_deliveries: int,
         on_work: Callable[[SessionState], None],
+        max_message_bytes: int,
     ) -> None:
         self.stats = stats
         self._clock = clock
         self._max_deliveries = max_deliveries
+        self._max_message_bytes = max_message_bytes
         self._on_work = on_work  # work was queued: the scheduler may want to bind a worker
 
     # --- client side -------------------------------------------------------
@@ -195,13 +204,19 @@ class TaskFlow:
             errors = {(m.related_id or m.id): m.error for m in result.messages if m.error}
             self.dead_letter(s, p, "the worker marked the batch dead", errors)
             return
+        header_bytes = batch_header_bytes(result)
+        unlabelled = any(m.related_id is None or not m.id for m in result.messages)
         answers, rest = split_answers(p, result)
         if answers:
             result.id = p.reply_id
             result.session_id = s.id
             result.priority = p.batch.priority
-            result.messages = answers
-            s.results.append(result)
+            if unlabelled or batch_header_bytes(result) > header_bytes:
+                # It arrived within the limit: only what was added here can break it.
+                s.results.extend(fit(result, answers, self._max_message_bytes, keep_payloads=True))
+            else:
+                result.messages = answers
+                s.results.append(result)
             self.stats.result_batches += 1
             self.stats.result_tasks += len(answers)
             s.wake_clients()
@@ -262,7 +277,11 @@ class TaskFlow:
         worker_errors: dict[str, str] | None = None,
     ) -> None:
         s.live.pop(p.batch.id, None)
-        s.dead_letters.append(dead_letter_batch(p, reason, worker_errors))
+        s.dead_letters.extend(
+            dead_letters(
+                p.batch, reason, self._max_message_bytes, worker_errors, batch_id=p.reply_id
+            )
+        )
         n = len(p.batch.messages)
         s.dead_tasks += n
         self.stats.dead_lettered_batches += 1
@@ -332,21 +351,6 @@ def _label(answer: Message, task_id: str) -> None:
         answer.related_id = task_id
     if not answer.id:
         answer.id = task_id
-
-
-def dead_letter_batch(
-    pending: Pending, reason: str, worker_errors: dict[str, str] | None = None
-) -> Batch:
-    """The dead-letter form of a task batch: payloads kept (so it can be resubmitted),
-    ``dead=True`` and an ``error`` on every message: the worker's error for that
-    task when it gave one, else the reason; under the client's batch id."""
-    b = pending.batch
-    dead = dead_batch(b, reason, worker_errors, keep_payloads=True)
-    dead.id = pending.reply_id
-    dead.priority = b.priority
-    dead.use_shared_data = b.use_shared_data
-    dead.required_shared_data_update_level = b.required_shared_data_update_level
-    return dead
 
 
 def remainder(pending: Pending, tasks: list[Message]) -> Pending:

@@ -9,7 +9,8 @@ Metadata: ``WorkerUpdate`` needs ``node`` and ``pod`` (INVALID_ARGUMENT
 otherwise) and answers with the ``workerid`` response header before the first
 Instruction. ``WorkerStream`` needs ``sessionid`` and either ``workerid`` or
 ``node`` + ``pod``. ``ClientStream`` accepts ``sessionid`` as the default for
-batches without ``session_id``.
+batches without ``session_id``; a result batch whose write failed because the
+stream ended goes back to its session, for the next client stream.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class QueueServicer:
 
         reader = asyncio.create_task(read())
         client_gone = False
+        handing: Batch | None = None  # yielded, not yet written to the client
         try:
             while True:
                 try:
@@ -110,9 +112,13 @@ class QueueServicer:
                     await abort(context, r)
                 if batch is None:
                     return
+                handing = batch
                 yield batch
+                handing = None
         except (asyncio.CancelledError, GeneratorExit):
             client_gone = True
+            if handing is not None:  # the stream ended under it (e.g. a refused batch)
+                self.core.return_result(handing)
             raise
         finally:
             await _stop(reader)

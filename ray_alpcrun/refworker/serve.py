@@ -34,7 +34,7 @@ class SessionServer:
         self,
         session_id: str,
         call: Any,
-        answer: Callable[[Batch], Awaitable[Batch]],
+        answer: Callable[[Batch], Awaitable[list[Batch]]],
         unbind_grace_s: float,
         drain_timeout_s: float,
     ) -> None:
@@ -83,7 +83,8 @@ class SessionServer:
                 if self.half_closed:
                     self.dropped_batches += 1  # unanswered: the queue manager re-queues it
                     continue
-                await self.call.write(await self._answer(item))
+                for part in await self._answer(item):  # one batch unless it could not fit
+                    await self.call.write(part)
             await self._half_close()  # the stream ended: finish our side too
         finally:
             if self._drain_timer is not None:

@@ -26,7 +26,7 @@ import logging
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -34,7 +34,7 @@ import grpc
 import grpc.aio
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.batches import result_batch
+from ray_alpcrun.answers import dead_batches, result_batches
 from ray_alpcrun.config import (
     DEFAULT_NODE_CACHE_ADDR,
     DEFAULT_QUEUE_ADDR,
@@ -67,7 +67,6 @@ from ray_alpcrun.types import (
     SharedData,
     WorkerState,
     WorkerStatus,
-    dead_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -371,9 +370,10 @@ class ReferenceWorker:
         with contextlib.suppress(RuntimeError):  # the executor is shut down
             self._executor.submit(self.runtime.end_session, session_id)
 
-    async def _answer(self, batch: Batch, *, session_id: str) -> Batch:
+    async def _answer(self, batch: Batch, *, session_id: str) -> list[Batch]:
         sid = batch.session_id or session_id
         payloads = [m.payload for m in batch.messages]
+        limit = self._service.max_message_bytes
         assert self._loop is not None
         try:
             shared = None
@@ -388,13 +388,13 @@ class ReferenceWorker:
             self.stats.dead_batches += 1
             reason = describe(exc)
             log.warning("batch answered dead: %s", reason, extra=fields(batch=batch.id))
-            return dead_batch(batch, reason, session_id=sid)
-        # Results over the message limit become per-task errors that fit (5.3 rules).
-        answer = result_batch(batch, outcomes, self._service.max_message_bytes)
-        self.stats.task_errors += sum(1 for m in answer.messages if m.error is not None)
+            return dead_batches(batch, reason, limit, session_id=sid)
+        # What does not fit the message limit becomes per-task errors that do (answers.py).
+        answer = result_batches(batch, outcomes, limit, session_id=sid)
+        self.stats.task_errors += sum(1 for b in answer for m in b.messages if m.error is not None)
         self.stats.batches += 1
-        self.stats.tasks += len(answer.messages)
-        return replace(answer, session_id=sid)
+        self.stats.tasks += len(batch.messages)
+        return answer
 
     # --- shared data ------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -230,9 +231,11 @@ def test_size_limits_answer_with_clear_errors_and_the_bridge_keeps_serving(
 
 
 def test_a_batch_for_another_session_is_answered_dead_not_processed() -> None:
-    stream = WorkerStream(cast(Link, None), "S1", "W1", "pod")  # never reaches the link
+    # Only the message limit is read from the link: nothing reaches the processor.
+    link = cast(Link, SimpleNamespace(max_message_bytes=1 << 20))
+    stream = WorkerStream(link, "S1", "W1", "pod")
     batch = Batch(id="B", session_id="S2", messages=[Message("t0", b"x"), Message("t1", b"y")])
-    out = asyncio.run(stream._answer(batch))
+    [out] = asyncio.run(stream._answer(batch))
     assert out.dead and [m.related_id for m in out.messages] == ["t0", "t1"]
     assert all(m.error is not None and "S2" in m.error for m in out.messages)
 

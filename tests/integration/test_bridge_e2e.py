@@ -15,6 +15,7 @@ import pytest
 from ray_alpcrun import errors
 from ray_alpcrun.bridge.launch import start_bridge
 from ray_alpcrun.client import AsyncClient, TaskResult
+from tests.support import bridge_handlers
 from tests.support.bridge_support import assert_exactly_once, bridge_config, client_for, ray_get
 
 pytestmark = pytest.mark.timeout(180)
@@ -94,6 +95,43 @@ def test_session_start_failure_answers_dead(services: Any, bridge: Any) -> None:
     assert_exactly_once(results, 3)
     assert all(r.dead and r.error and "cannot start session" in r.error for r in results)
     assert letters == [] or all(b.dead for b in letters)
+
+
+def test_a_dead_batch_of_10000_tasks_keeps_the_reason(services: Any, bridge: Any) -> None:
+    # Issue 18.2 (a): the dead batch (5.3 MB) could not be written; the client saw
+    # "delivered 3 times without an answer" instead of the handler's reason.
+    bridge("tests.support.bridge_handlers:LongStartError", actors=1)
+    with client_for(services) as client:
+        session = client.create_session(app_id="setup-fails")
+        [first] = session.run([b"first"], timeout_s=60)
+        reason = first.error or ""
+        assert first.dead and bridge_handlers.LONG_REASON in reason and len(reason) > 200
+        results = session.run([b"%d" % i for i in range(10_000)], batch_size=10_000, timeout_s=120)
+        session.close()
+    assert_exactly_once(results, 10_000)
+    assert all(r.dead and (r.error or "").startswith(reason[:200]) for r in results)
+
+
+def test_one_huge_answer_or_error_fails_only_its_task(services: Any, bridge: Any) -> None:
+    # Issue 18.2 (b): one 4.2 MB error turned all 2,000 answers into "result too large".
+    bridge("tests.support.bridge_handlers:oversized", actors=2)
+    payloads = [b"%04d" % i + b"." * 1020 for i in range(2000)]
+    with client_for(services) as client:
+        session = client.create_session(app_id="huge")
+        runs = {}
+        for big in (b"big-answer", b"big-error"):
+            payloads[1234] = big
+            runs[big] = session.run(payloads, batch_size=2000, timeout_s=120)
+        session.close()
+    for big, results in runs.items():
+        assert_exactly_once(results, 2000)
+        by_index = {r.index: r for r in results}
+        assert [i for i, r in sorted(by_index.items()) if not r.ok] == [1234], big
+        assert all(r.value() == payloads[i] for i, r in by_index.items() if i != 1234)
+    [too_large] = [r.error or "" for r in runs[b"big-answer"] if not r.ok]
+    assert "result too large: 4200000 bytes" in too_large
+    [error] = [r.error or "" for r in runs[b"big-error"] if not r.ok]
+    assert error.startswith("ValueError: " + "e" * 100) and len(error) < 1000
 
 
 def test_missing_shared_level_answers_dead(services: Any, bridge: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import grpc.aio
 import pytest
@@ -306,6 +307,43 @@ async def test_results_wait_for_a_reconnecting_client(
         await wait_for(lambda: len(state.results) == 10)  # results wait in the result queue
         async with RawClient(svc, session_id=s.id) as second:
             assert_exactly_once(await second.read(10), 10)
+        await svc.ajoin(s.id, timeout_s=5)
+
+
+async def test_a_result_handed_out_as_the_client_stream_ends_is_kept(
+    svc: LocalServices, channel: grpc.aio.Channel
+) -> None:
+    # A client stream ended by gRPC (e.g. a batch over the limit refused on it)
+    # while a result was being written lost that result; its tasks never got an
+    # answer. The servicer is driven directly so the end comes exactly there.
+    from ray_alpcrun.devserver.queue import QueueServicer
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return ((transport.MD_SESSION_ID, s.id),)
+
+        def cancelled(self) -> bool:
+            return True
+
+    async def nothing_sent() -> AsyncIterator[Batch]:
+        await asyncio.Event().wait()
+        yield Batch()  # pragma: no cover - never reached
+
+    s = await create_session(svc, channel)
+    state = svc.core.sessions[s.id]
+    async with RawClient(svc) as first:
+        for b in tasks(s.id, 3):
+            first.send(b)
+        await wait_for(lambda: state.submitted_tasks == 3)
+    await wait_for(lambda: not state.clients)
+    async with RawWorker(svc):
+        await wait_for(lambda: len(state.results) == 3)
+        stream = QueueServicer(svc.core).ClientStream(nothing_sent(), Context())  # type: ignore[arg-type]
+        handed = await stream.__anext__()
+        await stream.aclose()  # the call ended before that result was written
+        assert state.results[0] is handed and state.handed_tasks == 0
+        async with RawClient(svc, session_id=s.id) as second:
+            assert_exactly_once(await second.read(3), 3)
         await svc.ajoin(s.id, timeout_s=5)
 
 

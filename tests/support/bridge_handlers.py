@@ -115,3 +115,25 @@ class EndMarker(Handler):
         if directory:
             with open(os.path.join(directory, f"ended-{session.id}"), "w") as f:
                 f.write("ended")
+
+
+LONG_REASON = "the licence server refused this node: " + "no seat left, " * 32
+
+
+class LongStartError(Handler):
+    """Its session start hook raises a ~490-character error: every batch is dead."""
+
+    def on_session_start(self, session: SessionContext) -> None:
+        raise RuntimeError(LONG_REASON)
+
+    def process(self, payload: bytes, session: SessionContext) -> bytes:
+        return payload
+
+
+def oversized(payload: bytes, shared: bytes | None) -> bytes:
+    """``big-answer``: a 4.2 MB answer; ``big-error``: a 4.2 MB error; else echo."""
+    if payload == b"big-answer":
+        return b"a" * 4_200_000
+    if payload == b"big-error":
+        raise ValueError("e" * 4_200_000)
+    return payload

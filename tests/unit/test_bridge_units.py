@@ -1,5 +1,5 @@
-"""Pure pieces of the bridge: result rules, oversized results, the shared-data
-cache, backoff and fatal-error classification. No network, no Ray."""
+"""Pure pieces of the bridge: the shared-data cache, backoff and fatal-error
+classification. No network, no Ray. (Result and dead batches: test_answers.py.)"""
 
 from __future__ import annotations
 
@@ -9,47 +9,10 @@ import random
 import pytest
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.batches import result_batch
 from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
 from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.transport import TlsFiles
-from ray_alpcrun.types import Batch, Message, SharedData, dead_batch
-
-
-def _task(n: int) -> Batch:
-    return Batch(
-        id="B1",
-        session_id="S1",
-        messages=[Message(f"t{i}", f"p{i}".encode()) for i in range(n)],
-    )
-
-
-def test_result_batch_follows_the_result_rules() -> None:
-    out = result_batch(_task(3), [(b"r0", None), (None, "ValueError: bad"), (b"r2", None)], 1 << 20)
-    assert (out.id, out.session_id, out.dead) == ("B1", "S1", False)
-    assert [(m.id, m.related_id) for m in out.messages] == [(f"t{i}", f"t{i}") for i in range(3)]
-    assert out.messages[0].payload == b"r0" and out.messages[0].error is None
-    assert out.messages[1].payload == b"" and out.messages[1].error == "ValueError: bad"
-
-
-def test_outcome_count_must_match() -> None:
-    with pytest.raises(ValueError):
-        result_batch(_task(2), [(b"x", None)], 1 << 20)
-
-
-def test_oversized_results_become_errors_not_drops() -> None:
-    outcomes = [(b"x" * 600, None), (b"y" * 10, None), (b"z" * 500, None)]
-    out = result_batch(_task(3), outcomes, max_message_bytes=1000)
-    assert len(out.messages) == 3
-    assert out.messages[0].error is not None and "result too large" in out.messages[0].error
-    assert out.messages[1].payload == b"y" * 10
-    assert sum(len(m.payload) for m in out.messages) <= 1000
-
-
-def test_dead_batch_answers_every_task() -> None:
-    out = dead_batch(_task(4), "shared data unavailable")
-    assert out.dead is True
-    assert all(m.error == "shared data unavailable" and m.related_id == m.id for m in out.messages)
+from ray_alpcrun.types import SharedData
 
 
 async def test_shared_cache_fetches_once_per_level_and_drops_older() -> None:

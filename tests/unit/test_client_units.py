@@ -6,12 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
+from ray_alpcrun import wire
+from ray_alpcrun.answers import answer_bytes_bound
 from ray_alpcrun.client import TaskFailed, TaskResult
-from ray_alpcrun.client.batching import chunks, split_by_size
+from ray_alpcrun.client.batching import checked, chunks, pack
+from ray_alpcrun.client.limits import refused_limit, too_large
 from ray_alpcrun.client.results import Submission
 from ray_alpcrun.loop_thread import LoopThread
+from ray_alpcrun.types import Batch, Message
 
 
 def test_task_result_ok_and_value() -> None:
@@ -28,24 +33,55 @@ def test_task_result_ok_and_value() -> None:
     assert TaskResult("t4", 3, None, None, False, "b").value() == b""
 
 
-def test_split_by_size_keeps_order_and_limits() -> None:
-    chunk: list[bytes] = [b"a" * 4, bytearray(b"b" * 4), b"c" * 4, b"d" * 10]  # type: ignore[list-item]
-    parts = split_by_size(chunk, 8)
-    assert parts == [[b"aaaa", b"bbbb"], [b"cccc"], [b"d" * 10]]
-    assert all(type(p) is bytes for part in parts for p in part)
+def test_chunks_check_payload_types() -> None:
+    chunk: list[bytes] = [b"a" * 4, bytearray(b"b" * 4), memoryview(b"c")]  # type: ignore[list-item]
+    assert checked(chunk) == [b"aaaa", b"bbbb", b"c"]
+    assert all(type(p) is bytes for p in chunk)
     with pytest.raises(TypeError, match="bytes"):
-        split_by_size(["text"], 8)
+        checked(["text"])  # type: ignore[list-item]
+
+
+def test_pack_keeps_order_and_measures_what_is_encoded() -> None:
+    messages = [Message(f"t{i}", b"x" * 40) for i in range(6)] + [Message("big", b"y" * 500)]
+    messages.insert(3, Message("huge", b"z" * 5000))
+    head = Batch(id="b1", session_id="s")
+    header = wire.batch_header_bytes(head)
+    limit = header + 2 * wire.message_bytes(messages[0]) + 1  # two of the small ones per batch
+    limit = max(limit, header + answer_bytes_bound("t0") * 2)
+    parts = pack(messages, header, limit)
+    assert [m.id for p in parts for m in p.messages] == [m.id for m in messages]
+    assert [p.offset for p in parts] == [
+        sum(len(q.messages) for q in parts[:i]) for i in range(len(parts))
+    ]
+    oversized = [p.messages[0].id for p in parts if not p.fits]
+    assert oversized == ["huge"] and all(len(p.messages) == 1 for p in parts if not p.fits)
+    for p in parts:
+        if p.fits:
+            assert wire.batch_bytes(Batch(id="b1", session_id="s", messages=p.messages)) <= limit
+
+
+def test_pack_bounds_the_tasks_by_their_answers() -> None:
+    # Issue 18.2 (c): 150,000 tasks of 8 bytes made a 12 MB batch (payload bytes
+    # were counted, not what protobuf writes), which broke the stream.
+    messages = [Message(f"c0ffee12.{i}", b"12345678") for i in range(150_000)]
+    limit = 4 * 1024 * 1024 - 64 * 1024
+    parts = pack(messages, 40, limit)
+    assert sum(len(p.messages) for p in parts) == 150_000 and all(p.fits for p in parts)
+    for p in parts:
+        assert 40 + sum(wire.message_bytes(m) for m in p.messages) <= limit
+        # Every answer fits, even when each task fails with a (trimmed) error.
+        assert sum(answer_bytes_bound(m.id) for m in p.messages) <= limit - 40
 
 
 async def test_chunks_from_sync_and_async_iterables() -> None:
-    sync_parts = [c async for c in chunks((bytes([i]) for i in range(7)), 3, 1 << 20)]
+    sync_parts = [c async for c in chunks((bytes([i]) for i in range(7)), 3)]
     assert [len(c) for c in sync_parts] == [3, 3, 1]
 
     async def agen() -> AsyncIterator[bytes]:
         for i in range(5):
             yield bytes([i])
 
-    async_parts = [c async for c in chunks(agen(), 2, 1 << 20)]
+    async_parts = [c async for c in chunks(agen(), 2)]
     assert [len(c) for c in async_parts] == [2, 2, 1]
     assert b"".join(b"".join(c) for c in async_parts) == bytes(range(5))
 
@@ -84,3 +120,26 @@ def test_loop_thread_refuses_reentry_from_its_own_loop() -> None:
         assert lt.run(asyncio.sleep(0, result=5)) == 5  # ok: a trivial coroutine, no wait
     finally:
         lt.stop()
+
+
+class _Status(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_a_refusal_names_the_receivers_limit_and_the_error_names_both() -> None:
+    over = "SERVER: Received message larger than max (5242964 vs. 4194304)"
+    assert refused_limit(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, over)) == 4194304
+    assert refused_limit(_Status(grpc.StatusCode.INTERNAL, over)) is None
+    assert refused_limit(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota spent")) is None
+    queue = too_large("task payload", 5 << 20, 16 << 20, 4194304)
+    assert "queue manager's message limit of 4194304 bytes" in queue
+    assert "Client(max_message_bytes=16777216)" in queue
+    own = too_large("task payload", 5 << 20, 4 << 20)
+    assert "max_message_bytes=4194304" in own and "Client(max_message_bytes=...)" in own
