@@ -6,7 +6,9 @@ process; the benchmark needs them (``get_shared_data_calls``), so it runs this i
     python benchmarks/devserver_stats.py --api-key KEY [--max-message-bytes N]
 
 It prints one JSON line with the addresses, then answers every line read on stdin
-with one JSON line of ``stats()``; it stops at end of input (or SIGTERM).
+with one JSON line of ``stats()`` plus ``worker_nodes``: the node names the
+registered workers gave (``{node: workers}``), which ``stats()`` does not report;
+it stops at end of input (or SIGTERM).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
+from typing import Any
 
 from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
@@ -40,8 +44,18 @@ def main() -> int:
         }
         print(json.dumps(ready), flush=True)
         for _ in sys.stdin:
-            print(json.dumps(svc.stats(), default=str), flush=True)
+            print(json.dumps(stats(svc), default=str), flush=True)
     return 0
+
+
+def stats(svc: LocalServices) -> dict[str, Any]:
+    out = svc.stats()
+    # The registry lives in the services' loop thread: dict() copies it in one step
+    # under the GIL, so it cannot change while it is read; the fields it reads are
+    # set once, at registration.
+    workers = dict(svc.core.workers.by_id)
+    out["worker_nodes"] = dict(Counter(w.node for w in workers.values()))
+    return out
 
 
 if __name__ == "__main__":

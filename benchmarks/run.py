@@ -2,11 +2,16 @@
 
     python benchmarks/run.py --quick --out results.json    # about 4 minutes on 2 cores
     python benchmarks/run.py --out results.json            # the whole matrix
+    python benchmarks/run.py --interleave 3 --systems reference,bridge,bridge-cluster \
+        --workload noop --batches 1,100,1000 --out interleaved.json   # see interleave.py
 
 Systems: ``reference`` (one plain worker process), ``replicas`` (K plain worker
 processes), ``bridge`` (the bridge CLI with K Ray actors, its own Ray, reached over
 their Unix sockets: ``--data-path direct``, the default), ``bridge-calls`` (the same
-over ordinary Ray actor calls, ``--data-path calls``). Workloads:
+over ordinary Ray actor calls, ``--data-path calls``), ``bridge-cluster`` (the
+bridge CLI with ``--ray-address`` on the head, 0 CPUs, of a Ray cluster of raylets
+on this machine whose one worker node, ``METALCORE_WORKER_NODE=bench-worker-0``,
+has 2 CPUs and the actors; ``bridge-cluster-one`` passes ``--bridges one``). Workloads:
 ``noop`` (echo), ``cpu`` (about 5 ms of NumPy per task), ``shared`` (every task
 sums a slice of 256 MB of shared data). Each deployment gets a fresh devserver
 process; the client runs in this process, the same way for every system.
@@ -18,6 +23,8 @@ sending the batch to receiving its result batch. ``peak_pss_mb``: peak total PSS
 every process of the system during the row (sampled every 0.05 s during set-up and
 warm-up, when shared data is fetched, then every 0.5 s, and at the end);
 ``shared_fetches``: GetSharedData calls seen by the node cache during the row.
+Rows of the cluster systems also carry ``worker_nodes``: ``{node name: logical
+workers}`` registered with the queue manager at the end of the row.
 Writes the JSON rows, ``<out>.md`` (table) and ``<out>.png`` (plot) next to each other.
 """
 
@@ -76,12 +83,17 @@ TASKS = {
 BATCH_SIZES = (1, 10, 100, 1000)
 # The bridge systems and their ``--data-path``.
 BRIDGE_PATHS = {"bridge": "direct", "bridge-calls": "calls"}
+# The bridge on a cluster of raylets, and its ``--bridges`` (None: the CLI's default).
+CLUSTER_BRIDGES: dict[str, str | None] = {"bridge-cluster": None, "bridge-cluster-one": "one"}
+SYSTEMS = ("reference", "replicas", *BRIDGE_PATHS, *CLUSTER_BRIDGES)
 # One colour per system in every panel of the plot.
 COLOURS = {
     "reference": "tab:gray",
     "replicas": "tab:green",
     "bridge": "tab:blue",
     "bridge-calls": "tab:purple",
+    "bridge-cluster": "tab:red",
+    "bridge-cluster-one": "tab:orange",
 }
 WINDOW = 10  # the queue manager's default batches in flight per worker
 SAMPLE_S = 0.5  # PSS sampling while measuring throughput and latency
@@ -118,6 +130,7 @@ def quick_cases() -> list[Case]:
         Case("reference", "noop", 1, BATCH_SIZES),
         Case("bridge", "noop", 1, BATCH_SIZES),
         Case("bridge-calls", "noop", 1, BATCH_SIZES),
+        Case("bridge-cluster", "noop", 1, BATCH_SIZES),
         Case("replicas", "noop", 2, (100, 1000)),
         Case("reference", "cpu", 1, (10, 100)),
         Case("replicas", "cpu", 2, (10, 100)),
@@ -136,6 +149,7 @@ def full_cases() -> list[Case]:
         for k in (1, 2, 4):
             cases.append(Case("replicas", workload, k, BATCH_SIZES))
             cases.append(Case("bridge", workload, k, BATCH_SIZES))
+            cases.append(Case("bridge-cluster", workload, k, BATCH_SIZES))
     return cases
 
 
@@ -227,8 +241,12 @@ async def measure_row(
     sampler: systems.PssSampler,
     budget: Budget,
     shared: bytes | None,
+    tasks: int | None = None,
 ) -> dict[str, Any]:
-    n = max(batch_size, int(TASKS[case.workload][batch_size] * budget.task_scale))
+    """One row; ``tasks``: how many to time (default: :data:`TASKS` times the budget's scale)."""
+    if tasks is None:
+        tasks = int(TASKS[case.workload][batch_size] * budget.task_scale)
+    n = max(batch_size, tasks)
     fetches_before = dev.stats()["get_shared_data_calls"]
     # Shared data is fetched (and copied) during set-up and warm-up: sample often then,
     # so the transient peak is seen for every system, not by luck.
@@ -277,7 +295,13 @@ def deploy(
     case: Case, dev: systems.DevServer, api_key: str, log: IO[str]
 ) -> Iterator[systems.Deployment]:
     handler = HANDLERS[case.workload]
-    if case.system in BRIDGE_PATHS:
+    if case.system in CLUSTER_BRIDGES:
+        bridges = CLUSTER_BRIDGES[case.system]
+        with systems.bridge_cluster(
+            case.workers, handler, dev, api_key, MAX_MESSAGE_BYTES, log, bridges=bridges
+        ) as d:
+            yield d
+    elif case.system in BRIDGE_PATHS:
         path = BRIDGE_PATHS[case.system]
         with systems.bridge(
             case.workers, handler, dev, api_key, MAX_MESSAGE_BYTES, log, data_path=path
@@ -312,11 +336,19 @@ def run_case(
                 for batch_size in case.batch_sizes:
                     row = await measure_row(client, case, batch_size, dev, sampler, budget, shared)
                     dep.check_alive()
+                    row = annotate(row, dev)
                     rows.append(row)
                     print(format_row(row), flush=True)
 
         asyncio.run(measure())
     return rows
+
+
+def annotate(row: dict[str, Any], dev: systems.DevServer) -> dict[str, Any]:
+    """A cluster system's row with the node names its logical workers registered under."""
+    if row["system"] in CLUSTER_BRIDGES:
+        return {**row, "worker_nodes": dev.stats()["worker_nodes"]}
+    return row
 
 
 # --- output ----------------------------------------------------------------------
@@ -335,7 +367,10 @@ COLUMNS = (
 
 
 def format_row(row: dict[str, Any]) -> str:
-    return "  ".join(f"{k}={fmt.format(row[k])}" for k, fmt in COLUMNS)
+    text = "  ".join(f"{k}={fmt.format(row[k])}" for k, fmt in COLUMNS)
+    if "worker_nodes" in row:
+        text += f"  worker_nodes={json.dumps(row['worker_nodes'])}"
+    return text
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -419,7 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the reduced matrix (~4 min, 2 cores)")
     p.add_argument("--out", default="results.json", help="JSON rows; .md and .png beside it")
     p.add_argument("--only", default=None, help="run only cases of SYSTEM[:WORKLOAD[:K]]")
+    g = p.add_argument_group("interleaved rounds (benchmarks/interleave.py)")
+    g.add_argument("--interleave", type=int, default=0, metavar="N", help="N rounds of --systems")
+    g.add_argument("--systems", default="reference,bridge,bridge-cluster", help="comma-separated")
+    g.add_argument("--workload", default="noop", choices=sorted(HANDLERS))
+    g.add_argument("--batches", default="1,100,1000", help="batch sizes, comma-separated")
+    g.add_argument("--workers", type=int, default=1, help="K of every system (default: 1)")
+    g.add_argument("--min-row-s", type=float, default=3.0, help="seconds of work per row (3)")
     args = p.parse_args(argv)
+    if args.interleave:
+        # Imported here: interleave.py builds on this module's rows and deployments.
+        from benchmarks import interleave
+
+        return interleave.main(args)
     cases = quick_cases() if args.quick else full_cases()
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
     if args.only:

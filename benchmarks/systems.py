@@ -6,6 +6,9 @@
 * :func:`bridge` — ``python -m ray_alpcrun.bridge --actors K``, which starts its own
   Ray: every process of that system (the CLI driver, GCS, raylet, dashboard and
   agents, the bridge actor, the pool actors, idle workers) descends from it;
+* :func:`bridge_cluster` — the same CLI with ``--ray-address`` on a Ray cluster of
+  raylets on this machine (:class:`ClusterHost`, ``benchmarks/cluster_host.py``):
+  the CLI runs on the head (0 CPUs), the actors on the worker node(s);
 * :class:`PssSampler` — peak total PSS of a set of process trees, from
   ``/proc/<pid>/smaps_rollup`` (PSS divides shared pages among the processes mapping
   them, so the sum counts each shared page once).
@@ -16,11 +19,14 @@ thread (:data:`WORKER_ENV`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,7 +112,7 @@ class Deployment:
     """A running system: the root processes whose trees make it up."""
 
     name: str
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     @property
     def root_pids(self) -> list[int]:
@@ -118,7 +124,7 @@ class Deployment:
                 raise RuntimeError(f"{self.name}: process {p.pid} exited with {p.returncode}")
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def _stop(procs: list[subprocess.Popen[Any]]) -> None:
     """SIGTERM (graceful), then SIGKILL for each process group we started."""
     for p in procs:
         if p.poll() is None:
@@ -163,6 +169,22 @@ def reference_workers(
         _stop(dep.procs)
 
 
+def bridge_command(
+    k: int,
+    handler: str,
+    dev: DevServer,
+    max_message_bytes: int,
+    data_path: str,
+    cpus: float,
+) -> list[str]:
+    """The bridge CLI with ``k`` actors reserving ``min(1, cpus / k)`` CPUs each."""
+    command = [sys.executable, "-m", "ray_alpcrun.bridge", "--handler", handler]
+    command += ["--queue", dev.queue, "--cache", dev.node_cache, "--log-level", "warning"]
+    command += ["--actors", str(k), "--cpus-per-actor", f"{min(1.0, cpus / k):g}"]
+    command += ["--max-message-bytes", str(max_message_bytes), "--data-path", data_path]
+    return command
+
+
 @contextmanager
 def bridge(
     k: int,
@@ -176,11 +198,7 @@ def bridge(
     """The bridge CLI with ``k`` actors (and ``k`` slots), its own Ray; registered when
     this yields. Actors reserve ``min(1, cores / k)`` CPUs so that ``k`` fit.
     ``data_path``: the bridge's ``--data-path`` (direct sockets or ordinary calls)."""
-    cpus = os.cpu_count() or 1
-    command = [sys.executable, "-m", "ray_alpcrun.bridge", "--handler", handler]
-    command += ["--queue", dev.queue, "--cache", dev.node_cache, "--log-level", "warning"]
-    command += ["--actors", str(k), "--cpus-per-actor", f"{min(1.0, cpus / k):g}"]
-    command += ["--max-message-bytes", str(max_message_bytes), "--data-path", data_path]
+    command = bridge_command(k, handler, dev, max_message_bytes, data_path, os.cpu_count() or 1)
     env = worker_env(api_key)
     # Its own Ray, never a cluster some other process left behind on this machine.
     env.setdefault("RAY_ADDRESS", "local")
@@ -193,6 +211,148 @@ def bridge(
         yield dep
     finally:
         _stop(dep.procs)
+
+
+# --- a Ray cluster of raylets on this machine ---------------------------------
+
+# Environment the cluster's drivers and raylets must not take from ours: a test
+# session's ``ray.init`` leaves ``RAY_AUTH_MODE=token`` and ``RAY_ADDRESS`` behind.
+_RAY_SESSION_ENV = ("RAY_AUTH_MODE", "RAY_ADDRESS", "METALCORE_WORKER_NODE", "METALCORE_WORKER_POD")
+
+
+def cluster_env(api_key: str, ray_tmpdir: str) -> dict[str, str]:
+    """The environment of a cluster's raylets and of the bridge CLI that joins it:
+    :func:`worker_env` with token auth off (the drivers hold no token; the
+    fake-autoscaler tests do the same), Ray's files under ``ray_tmpdir`` and no
+    node identity of this process (each worker node gets its own)."""
+    env = {k: v for k, v in worker_env(api_key).items() if k not in _RAY_SESSION_ENV}
+    env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmpdir)
+    return env
+
+
+class ClusterHost:
+    """``benchmarks/cluster_host.py`` as a child process: a head with 0 CPUs and
+    ``workers`` worker nodes named ``bench-worker-<i>`` (``METALCORE_WORKER_NODE``).
+    ``address`` is its GCS address; :meth:`close` shuts it down and ends whatever
+    of its process group is left."""
+
+    def __init__(
+        self,
+        api_key: str,
+        log: IO[str],
+        workers: int = 1,
+        worker_cpus: float = 2,
+        object_store_mb: int = 150,
+    ) -> None:
+        # Short: Ray's socket paths live under it and must stay below 108 bytes.
+        self.tmpdir = tempfile.mkdtemp(prefix="rbc", dir="/tmp")
+        self.env = cluster_env(api_key, self.tmpdir)
+        command = [sys.executable, str(ROOT / "benchmarks" / "cluster_host.py")]
+        command += ["--workers", str(workers), "--worker-cpus", f"{worker_cpus:g}"]
+        command += ["--object-store-mb", str(object_store_mb)]
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        try:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"Ray cluster did not start (exit code {self.proc.wait()})")
+            ready = json.loads(line)
+        except BaseException:
+            self.close()
+            raise
+        self.address: str = ready["address"]
+        self.nodes: dict[str, str] = ready["nodes"]
+        """Worker nodes: Ray node id -> ``METALCORE_WORKER_NODE``."""
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(STOP_TIMEOUT_S * 2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        # Ray starts its processes in our session's group: none outlives the cluster.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+@functools.cache
+def cli_flags() -> str:
+    """``python -m ray_alpcrun.bridge --help`` of the installed CLI, to tell which
+    flags it knows (``--bridges`` is newer than the benchmark)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "ray_alpcrun.bridge", "--help"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def cli_knows_bridges() -> bool:
+    return "--bridges" in cli_flags()
+
+
+@contextmanager
+def cluster_bridge(
+    host: ClusterHost, command: list[str], dev: DevServer, k: int, log: IO[str]
+) -> Iterator[Deployment]:
+    """The bridge CLI ``command`` joined to ``host`` (``--ray-address`` added); yields
+    once ``k`` logical workers are registered, stops the CLI (draining) at the end.
+    The deployment's processes: the cluster host (its tree is the cluster's), the CLI."""
+    dep = Deployment(f"bridge-cluster-{k}", [host.proc])
+    try:
+        dep.procs.append(
+            subprocess.Popen(
+                [*command, "--ray-address", host.address],
+                env=host.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        )
+        dev.wait_workers(k, dep.check_alive)
+        yield dep
+    finally:
+        _stop(dep.procs[1:])
+
+
+@contextmanager
+def bridge_cluster(
+    k: int,
+    handler: str,
+    dev: DevServer,
+    api_key: str,
+    max_message_bytes: int,
+    log: IO[str],
+    data_path: str = "direct",
+    bridges: str | None = None,
+    worker_cpus: float = 2,
+    object_store_mb: int = 600,
+) -> Iterator[Deployment]:
+    """The bridge CLI (the :func:`bridge` flags plus ``--ray-address``) on the head of
+    a :class:`ClusterHost` with one worker node of ``worker_cpus`` CPUs, where the
+    ``k`` actors go; registered when this yields. ``bridges``: ``--bridges`` (passed
+    only when given; a CLI without the flag is an error then)."""
+    if bridges is not None and not cli_knows_bridges():
+        raise RuntimeError("this bridge CLI has no --bridges flag")
+    command = bridge_command(k, handler, dev, max_message_bytes, data_path, worker_cpus)
+    if bridges is not None:
+        command += ["--bridges", bridges]
+    host = ClusterHost(api_key, log, workers=1, worker_cpus=worker_cpus,
+                       object_store_mb=object_store_mb)  # fmt: skip
+    try:
+        with cluster_bridge(host, command, dev, k, log) as dep:
+            yield dep
+    finally:
+        host.close()  # after the CLI: it drains first, its actors go with it
 
 
 # --- memory -----------------------------------------------------------------

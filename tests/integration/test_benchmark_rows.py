@@ -108,3 +108,21 @@ def test_plot_has_a_memory_panel_for_shared_data_and_a_colour_per_system(tmp_pat
     run.plot(rows, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(run.BRIDGE_PATHS) <= set(run.COLOURS)
+
+
+def test_devserver_reports_the_node_names_workers_registered_under(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``worker_nodes`` (what a bridge-cluster row records) names the node a worker
+    gave at registration: here a reference worker's ``METALCORE_WORKER_NODE``."""
+    from benchmarks import systems
+
+    monkeypatch.setenv("METALCORE_WORKER_NODE", "bench-node-x")
+    with (
+        open(tmp_path / "systems.log", "a") as log,
+        systems.devserver("key", run.MAX_MESSAGE_BYTES, log) as dev,
+    ):
+        assert dev.stats()["worker_nodes"] == {}
+        handler = run.HANDLERS["noop"]
+        with systems.reference_workers(1, handler, dev, "key", run.MAX_MESSAGE_BYTES, log):
+            assert dev.stats()["worker_nodes"] == {"bench-node-x": 1}
