@@ -235,9 +235,9 @@ class PoolConfig:
     # gets MemoryError (its task fails) instead of growing until the node is full.
     memory_limit_bytes: int | None = None
     # How sub-batches reach the actors: "direct" (a Unix socket per same-node actor,
-    # ray_alpcrun.pool.direct; the default, see README "Performance"), "calls"
+    # ray_alpcrun.pool.direct; the default, see docs/performance.md), "calls"
     # or "calls" (ordinary Ray actor calls). "direct" falls back to ordinary calls
-    # for actors on other nodes. (Ray Compiled Graphs were retired: see README.)
+    # for actors on other nodes. (Ray Compiled Graphs were retired: docs/performance.md says why.)
     data_path: str = "direct"
     actor_options: Mapping[str, object] = field(default_factory=dict)
     # How the actors log (see ray_alpcrun.logs.setup_logging); None: Ray's default.

@@ -117,7 +117,7 @@ async def test_latest_is_re_asked_at_the_refresh_interval_whatever_the_ttl() -> 
     clock.now = DEFAULT_LATEST_REFRESH_S
     assert await cache.get("S", None) == (2, b"two")
     assert calls == [None, None]
-    assert DEFAULT_LATEST_REFRESH_S <= 5.0  # the README's promise: seen within 10 s
+    assert DEFAULT_LATEST_REFRESH_S <= 5.0  # docs/handlers.md's promise: seen within 10 s
 
 
 async def test_a_refresh_that_finds_the_same_level_keeps_its_handle() -> None:

@@ -1,7 +1,8 @@
-"""The README stays true (issue 11, item 10): every command in its code blocks
-parses with the program's real flags, every flag in its tables exists, its
-Python snippets compile, the handler example runs, ``--help`` of every CLI
-runs, and the demo runs (smaller than the README's default, to stay bounded)."""
+"""The README and the reference under docs/ stay true: every command in their code
+blocks parses with the program's real flags, every flag in the tables exists and
+every flag of each CLI has a row, their Python snippets compile, the handler
+example runs, ``--help`` of every CLI runs, every relative link points at a file,
+and the demo runs (smaller than the README's default, to stay bounded)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from ray_alpcrun.refworker.cli import build_parser as refworker_parser
 from tests.support.cli_support import run
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-TEXT = README.read_text()
+PAGES = [README, *sorted((README.parent / "docs").glob("**/*.md"))]
+# The README first, then every page of the reference.
+TEXT = "\n".join(page.read_text() for page in PAGES)
 PARSERS = {
     "ray_alpcrun.bridge": lambda: bridge_parser(Env()),
     "ray_alpcrun.devserver": devserver_parser,
@@ -48,7 +51,7 @@ def commands() -> list[tuple[str, list[str]]]:
 def table_flags() -> dict[str, set[str]]:
     """The flags in each CLI's table (the section under ``### `python -m X```)."""
     out: dict[str, set[str]] = {}
-    for section in re.split(r"^### ", TEXT, flags=re.M)[1:]:
+    for section in re.split(r"^#{2,3} ", TEXT, flags=re.M)[1:]:
         title = section.splitlines()[0]
         module = next((m for m in PARSERS if f"`python -m {m}`" in title), None)
         if module is not None:
@@ -69,6 +72,28 @@ def test_each_readme_command_parses(module: str, args: list[str]) -> None:
     parser.parse_args(args)  # exits 2 (SystemExit) on a stale flag or value
 
 
+def test_every_flag_of_each_cli_has_a_row() -> None:
+    tables = table_flags()
+    for module in ("ray_alpcrun.bridge", "ray_alpcrun.devserver", "ray_alpcrun.refworker"):
+        flags = {
+            flag
+            for action in PARSERS[module]()._actions
+            for flag in action.option_strings
+            if flag.startswith("--") and flag not in ("--help", "--version")
+        }
+        # A flag's row may name its short and long forms; the long one counts.
+        assert flags <= tables[module] | {"--help", "--version"}, (
+            module,
+            sorted(flags - tables[module]),
+        )
+
+
+def test_relative_links_point_at_files() -> None:
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), (page.name, target)
+
+
 def test_each_flag_in_the_tables_exists() -> None:
     tables = table_flags()
     for module in ("ray_alpcrun.bridge", "ray_alpcrun.devserver", "ray_alpcrun.refworker"):
@@ -82,7 +107,7 @@ def test_python_snippets_compile_and_the_handler_example_runs() -> None:
     blocks = code_blocks("python")
     assert blocks
     for block in blocks:
-        compile(block, "README.md", "exec")
+        compile(block, "README.md or docs/", "exec")
     namespace: dict[str, object] = {}
     exec(next(b for b in blocks if b.startswith("# mymod.py")), namespace)
     assert namespace["handle"](b"abc", None) == b"ABC"  # type: ignore[operator]
@@ -105,9 +130,8 @@ def test_the_demo_runs_with_the_base_install(tmp_path: Path) -> None:
 
 
 def docs_text() -> str:
-    """The README and the pages under docs/ (where the reference may live)."""
-    pages = sorted((README.parent / "docs").glob("**/*.md"))
-    return "\n".join([TEXT, *(page.read_text() for page in pages)])
+    """The README and the pages under docs/ (where the reference lives)."""
+    return TEXT
 
 
 def test_the_exit_4_row_quotes_what_the_bridge_prints() -> None:
