@@ -6,6 +6,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from itertools import islice
 from typing import Any
 
+from ray_alpcrun import progress
+
 
 def as_bytes(payload: object) -> bytes:
     if isinstance(payload, bytes):
@@ -66,7 +68,5 @@ async def chunks(
 
 def progress_bar(payloads: object) -> Any:
     """A tqdm bar (notebook widget where available); total known for sized inputs."""
-    from tqdm.auto import tqdm  # only when asked for: tqdm.auto probes for Jupyter
-
     total = len(payloads) if hasattr(payloads, "__len__") else None
-    return tqdm(total=total, unit="task", desc="tasks")
+    return progress.progress_bar(total, desc="tasks")
