@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from ray_alpcrun import progress
 from ray_alpcrun.answers import answer_bytes_bound
 from ray_alpcrun.types import Message
 from ray_alpcrun.wire import message_bytes
@@ -97,7 +98,5 @@ async def chunks(
 
 def progress_bar(payloads: object) -> Any:
     """A tqdm bar (notebook widget where available); total known for sized inputs."""
-    from tqdm.auto import tqdm  # only when asked for: tqdm.auto probes for Jupyter
-
     total = len(payloads) if hasattr(payloads, "__len__") else None
-    return tqdm(total=total, unit="task", desc="tasks")
+    return progress.progress_bar(total, desc="tasks")

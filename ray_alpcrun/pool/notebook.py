@@ -26,14 +26,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from tqdm.auto import tqdm
-
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import AlpcrunError, TaskFailed, TasksFailed
 from ray_alpcrun.handler import HandlerSpec, import_object
 from ray_alpcrun.loop_thread import LoopThread
 from ray_alpcrun.pool.actor_pool import ActorPool
 from ray_alpcrun.pool.pool_actor import SharedRef
+from ray_alpcrun.progress import progress_bar
 from ray_alpcrun.runtime import Outcome
 
 __all__ = ["RayPool"]
@@ -253,7 +252,7 @@ class RayPool:
         show = self.progress if progress is None else progress
         if not (show and batch):
             return await pool.run(self.session_id, batch, shared=shared, tags=tags)
-        bar = tqdm(total=len(batch), unit="task")  # a notebook widget or a terminal bar
+        bar = progress_bar(len(batch))  # a notebook widget or a terminal bar
         piece = max(1, math.ceil(len(batch) / (pool.size * _PIECES_PER_ACTOR)))
 
         async def part(chunk: list[bytes]) -> list[Outcome]:
