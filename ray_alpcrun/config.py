@@ -199,6 +199,7 @@ class WorkerIdentity:
 
 
 DATA_PATHS = ("calls", "direct")
+BRIDGE_MODES = ("per-node", "one")
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,10 +327,15 @@ class BridgeConfig:
     session_linger_s: float = 30.0
     # The pool's data path when ``pool`` is None (else ``pool.data_path``).
     data_path: str = "direct"
+    # "per-node": a bridge on every node that hosts pool actors, each registering
+    # that node's logical workers; "one": this bridge alone serves every actor.
+    bridges: str = "per-node"
 
     def __post_init__(self) -> None:
         if self.data_path not in DATA_PATHS:
             raise ConfigError(f"data_path must be one of {', '.join(DATA_PATHS)}")
+        if self.bridges not in BRIDGE_MODES:
+            raise ConfigError(f"bridges must be one of {', '.join(BRIDGE_MODES)}")
         if self.slots is not None and self.slots < 1:
             raise ConfigError("slots must be at least 1")
         if self.drain_timeout_s < 0:

@@ -27,6 +27,7 @@ from ray_alpcrun.bridge.launch import worker_settings
 from ray_alpcrun.bridge.preflight import preflight
 from ray_alpcrun.clikit import Output, Parser
 from ray_alpcrun.config import (
+    BRIDGE_MODES,
     DATA_PATHS,
     BridgeConfig,
     Env,
@@ -136,6 +137,14 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         help="how sub-batches reach the actors: a Unix socket per actor on this node"
         " (direct; actors on other nodes get ordinary calls) or ordinary Ray actor calls",
     )
+    a(
+        "--bridges",
+        choices=BRIDGE_MODES,
+        default="per-node",
+        help="per-node: a bridge on every node that hosts pool actors registers that node's"
+        " logical workers under its own identity and reads its own node cache (--node and"
+        " --pod name this node's only); one: this bridge serves every actor",
+    )
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     a("--health-host", default="0.0.0.0", help="address the health endpoint listens on")
@@ -182,6 +191,7 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         pool=pool,
         size_pool_from_cluster=args.actors is None and not elastic,
         data_path=args.data_path,
+        bridges=args.bridges,
         slots=args.slots,
         ray_address=args.ray_address,
         ray_auth=RayAuth.read(),
