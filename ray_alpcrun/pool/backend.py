@@ -149,9 +149,13 @@ class RayBackend:
         cost = self.task_cost()
         return cost is not None and cost * sum(len(p[1]) for p in parts) >= WORTH_A_CALL_S
 
-    def kill(self, actor: PoolActorHandle) -> None:
+    def detach(self, actor: PoolActorHandle) -> None:
+        """Forget ``actor`` without stopping it (another process owns it)."""
         self.handles.pop(id(actor), None)
         self._calls.forget(id(actor))
+
+    def kill(self, actor: PoolActorHandle) -> None:
+        self.detach(actor)
         try:
             self._ray.kill(actor, no_restart=True)
         except Exception as exc:  # already gone is fine

@@ -131,21 +131,34 @@ class DirectBackend:
 
     async def start_actor(self) -> PoolActorHandle:
         actor = await self._inner.start_actor()
+        try:
+            await self.attach(actor)
+        except asyncio.CancelledError:
+            self._inner.kill(actor)  # released while it started: it must not linger
+            raise
+        return actor
+
+    async def attach(self, actor: PoolActorHandle) -> bool:
+        """Reach ``actor`` over its socket when it is on this node (True), else keep
+        ordinary calls for it (False). A node bridge attaches the actors that the
+        coordinator created; each attach opens a new socket on the actor."""
         unreachable: tuple[type[BaseException], ...] = (OSError, *self._inner.lost_errors)
         try:
             node = self._ray.get_runtime_context().get_node_id()
             offer = await actor.open_direct.remote(node, os.getpid())
             if offer is None:
-                return actor  # on another node: ordinary calls
+                return False  # on another node: ordinary calls
             reader, writer = await connect(*offer)
-        except asyncio.CancelledError:
-            self._inner.kill(actor)  # released while it started: it must not linger
-            raise
         except unreachable as exc:
             log.warning("pool actor serves ordinary calls only: %s", exc)
-            return actor
+            return False
         self._connections[id(actor)] = _Connection(reader, writer)
-        return actor
+        return True
+
+    def detach(self, actor: PoolActorHandle) -> None:
+        """Stop reaching ``actor`` (its owner keeps it): close its socket, drop its calls."""
+        self._disconnect(actor)
+        self._inner.detach(actor)
 
     async def call(
         self,

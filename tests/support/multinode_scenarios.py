@@ -113,6 +113,17 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
             if (await handle.status())["tasks_ok"] >= n // 4:
                 break
             await asyncio.sleep(0.1)  # ok: polling period
+        # The queue manager sees each node's logical workers under that node's name.
+        names = {w.node for w in svc.core.workers.by_id.values()}
+        # A node bridge killed mid-session is replaced; its batches come back.
+        bridges = (await handle.status())["bridges"]
+        assert bridges, "no node bridge started"
+        killed_bridge = bridges[0]
+        ray.kill(ray.get_actor(killed_bridge["name"]), no_restart=True)
+        while True:  # polling the bridge's counters: it has no event to wait on
+            if (await handle.status())["tasks_ok"] >= n // 2:
+                break
+            await asyncio.sleep(0.1)  # ok: polling period
         busy = {a["node_id"] for a in (await handle.status())["actors"]["actors"]}
         victim = next(x for x in nodes if x.node_id in busy)
         cluster.remove_node(victim, allow_graceful=False)
@@ -121,6 +132,8 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
         await session.close()
     check_once(results, n)
     status = await handle.status()
+    assert names >= {f"mn-node-{i}" for i in range(len(nodes))}, names
+    assert status["bridges_replaced"] >= 1, status
     ran_on = Counter(r.value().decode().split("|")[1] for r in results)
     await handle.stop(drain=True)
     code, reason = await handle.run_ref
@@ -129,7 +142,9 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
     assert victim.node_id not in {a["node_id"] for a in status["actors"]["actors"]}
     ray.kill(handle.actor)
     return {"tasks": n, "answered_before_removal": removed_at,
-            "restarts": status["actor_restarts"], "nodes_used": len(ran_on)}  # fmt: skip
+            "restarts": status["actor_restarts"], "nodes_used": len(ran_on),
+            "worker_nodes": sorted(names), "bridges_replaced": status["bridges_replaced"],
+            "killed_bridge": killed_bridge["node"]}  # fmt: skip
 
 
 def three_nodes() -> dict[str, Any]:
@@ -148,10 +163,14 @@ def three_nodes() -> dict[str, Any]:
         },
     )
     try:
-        nodes = [
-            cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=100 << 20)
-            for _ in range(3)
-        ]
+        nodes = []
+        for i in range(3):
+            # Raylets inherit os.environ at add_node: each node names its own bridge.
+            os.environ["METALCORE_WORKER_NODE"] = f"mn-node-{i}"
+            try:
+                nodes.append(cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=100 << 20))
+            finally:
+                del os.environ["METALCORE_WORKER_NODE"]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         out = {"shared": asyncio.run(shared_copies())}

@@ -1,0 +1,146 @@
+"""A node bridge: the bridge of one node of a cluster, in a Ray actor pinned there.
+
+The coordinator (the CLI's :class:`~ray_alpcrun.bridge.actor.Bridge`) starts one
+for every other node that hosts pool actors and hands it that node's actors
+(:meth:`NodeBridge.adopt`). The node bridge registers the node's logical workers
+with the queue manager under the node's own identity, reads shared data from
+the node cache as the node sees ``--cache`` (``localhost:3337`` is this node's
+cache), and reaches its actors over their Unix sockets: every batch of the node
+stays on the node. It owns no actor: one that dies or hangs here is reported to
+the coordinator, which kills and replaces it. See docs/deployment.md, "A bridge
+on every node".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, replace
+from typing import Any
+
+from ray_alpcrun.bridge.actor import Bridge
+from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.config import Env, PoolConfig, default_node, default_pod
+from ray_alpcrun.handler import HandlerSpec
+from ray_alpcrun.logs import fields
+from ray_alpcrun.pool.node_pool import NodePool
+
+log = logging.getLogger(__name__)
+
+# The stats a node bridge reports to the coordinator (summed there for /metrics).
+STAT_FIELDS = (
+    "tasks_ok",
+    "tasks_failed",
+    "batches_done",
+    "batches_dead",
+    "batches_in_flight",
+    "results_dropped",
+    "batches_undecodable",
+)
+
+
+def node_settings(settings: WorkerSettings, env: Env) -> WorkerSettings:
+    """The coordinator's settings as this node sees them: its own identity, from
+    this process's environment (Ray actors inherit their raylet's: a node started
+    with ``METALCORE_WORKER_NODE`` set names its bridge so), else its host name and a
+    pod name of its own. ``--cache`` is used as given: ``localhost`` is this node."""
+    return replace(
+        settings,
+        node=env.worker_node or default_node(),
+        pod=env.worker_pod or default_pod(),
+    )
+
+
+class NodeBridge(Bridge):
+    """Runs inside the node's Ray actor (see :func:`node_bridge_class`)."""
+
+    def __init__(
+        self,
+        handler: HandlerSpec,
+        pool_config: PoolConfig,
+        settings: WorkerSettings,
+        coordinator: Any,
+        log_level: str = "info",
+        log_json: bool = False,
+        fixed_slots: int | None = None,
+    ) -> None:
+        super().__init__(
+            handler, pool_config, node_settings(settings, Env.read()), log_level, log_json
+        )
+        self.coordinator = coordinator
+        # None: one logical worker per live actor on this node (the default).
+        self.fixed_slots = fixed_slots
+        self._reports: set[asyncio.Future[Any]] = set()
+
+    def make_pool(self) -> NodePool:
+        return NodePool(self.pool_config, self._report_lost)
+
+    def _report_lost(self, index: int, reason: str, killed: bool) -> None:
+        ref = asyncio.ensure_future(self.coordinator.member_lost.remote(index, reason, killed))
+        self._reports.add(ref)
+        ref.add_done_callback(self._reported)
+
+    def _reported(self, ref: asyncio.Future[Any]) -> None:
+        self._reports.discard(ref)
+        if not ref.cancelled() and ref.exception() is not None:
+            log.warning(
+                "could not report a lost actor to the coordinator",
+                extra=fields(error=str(ref.exception())),
+            )
+
+    def follow_slots(self) -> None:
+        """One logical worker per live actor here (at least one), unless fixed."""
+        worker, pool = self.worker, self.pool
+        if worker is None or pool is None or self.draining:
+            return
+        worker.resize(self.fixed_slots or max(1, pool.live))
+
+    async def adopt(self, index: int, actor: Any) -> bool:
+        """Serve ``actor`` as pool member ``index``; True when it is on its socket."""
+        await self.wait_serving()
+        pool = self.pool
+        if not isinstance(pool, NodePool):
+            return False
+        direct = await pool.adopt(index, actor)
+        self.follow_slots()
+        log.info("actor handed over", extra=fields(actor=index, direct=direct))
+        return direct
+
+    async def forget(self, index: int) -> int:
+        """Stop serving member ``index`` (released or replaced); its calls here finish first."""
+        pool = self.pool
+        if not isinstance(pool, NodePool):
+            return 0
+        left = await pool.forget(index)
+        self.follow_slots()
+        return left
+
+    async def load(self) -> dict[str, Any]:
+        """What the coordinator polls: load, logical workers, counters, readiness."""
+        pool, worker = self.pool, self.worker
+        out: dict[str, Any] = {
+            "node": self.settings.node,
+            "pod": self.settings.pod,
+            "registered": 0,
+            "ready": False,
+            "stats": {},
+        }
+        if isinstance(pool, NodePool):
+            out.update(pool.load())
+            out["availability"] = asdict(pool.availability())
+        if worker is not None:
+            out["registered"] = sum(s.registered.is_set() for s in worker.slots)
+            stats = worker.stats
+            out["stats"] = {name: getattr(stats, name) for name in STAT_FIELDS}
+            ready, why = await self._ready()
+            out["ready"], out["ready_text"] = ready, why
+        return out
+
+
+def node_bridge_class() -> Any:
+    """The Ray actor class for :class:`NodeBridge` (imports Ray on first use)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=1000)(
+        NodeBridge
+    )

@@ -1,0 +1,257 @@
+"""The coordinator's side of per-node bridges (``--bridges per-node``).
+
+The coordinator is the CLI's :class:`~ray_alpcrun.bridge.actor.Bridge`: its pool
+decides which actors exist (one elastic pool across the cluster; Ray places the
+actors). :class:`NodeBridges` keeps one :class:`~ray_alpcrun.bridge.node.NodeBridge`
+on every other node that hosts pool actors and hands it that node's actors:
+
+* a node's first actor starts its node bridge (pinned to the node, owned by
+  the coordinator: it goes when the CLI goes); later actors are handed over as
+  they join, and forgotten when they die, are replaced or are released (the
+  node bridge lets their calls in flight finish first);
+* a node bridge that dies (killed, or its node lost) is replaced while its node
+  still has live actors; actors that died with it are found by asking each one,
+  and replaced;
+* a node with no actor left for ``EMPTY_NODE_S`` has its bridge drained (like an
+  UNBIND) and stopped, so that the autoscaler can remove the idle node;
+* every ``POLL_S`` the coordinator reads each node bridge's load (batches held,
+  tasks in flight per actor: the elastic pool scales on the sum, and releases
+  only actors idle everywhere), counters (summed into ``/metrics``) and readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_alpcrun.bridge.node import node_bridge_class
+from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.config import PoolConfig
+from ray_alpcrun.handler import HandlerSpec
+from ray_alpcrun.logs import fields
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25
+EMPTY_NODE_S = 10.0
+# A call to a node bridge that takes longer than this counts as no answer.
+CALL_TIMEOUT_S = 10.0
+
+
+@dataclass
+class _Node:
+    """One node bridge and what the coordinator knows of it."""
+
+    node_id: str
+    handle: Any
+    run_ref: asyncio.Future[Any]
+    adopted: dict[int, Any] = field(default_factory=dict)  # index -> Member
+    load: dict[str, Any] = field(default_factory=dict)
+    empty_since: float | None = None
+    stopping: bool = False
+    dead: bool = False
+    started_at: float = 0.0
+
+
+class NodeBridges:
+    """Node bridges for the actors of ``pool`` that are not on ``own_node``."""
+
+    def __init__(
+        self,
+        pool: Any,  # the coordinator's ActorPool
+        own_node: str,
+        coordinator: Any,  # the coordinator's own actor handle (node bridges report to it)
+        handler: HandlerSpec,
+        pool_config: PoolConfig,
+        settings: WorkerSettings,
+        log_level: str,
+        log_json: bool,
+        fixed_slots: int | None,
+    ) -> None:
+        self._pool = pool
+        self._own = own_node
+        self._coordinator = coordinator
+        self._args = (handler, pool_config, settings)
+        self._log = (log_level, log_json)
+        self._fixed_slots = fixed_slots
+        self._nodes: dict[str, _Node] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self._closed = False
+        self.replaced = 0
+        """Node bridges started again after theirs died."""
+        self.on_change: Callable[[], None] = lambda: None
+        """Called after every poll (the coordinator re-decides whether it takes work)."""
+
+    # -- the figures the coordinator uses -------------------------------------
+
+    @property
+    def batches(self) -> int:
+        """Batches held by the node bridges (the elastic pool's load, beside its own)."""
+        return sum(int(n.load.get("batches", 0)) for n in self._live())
+
+    @property
+    def registered(self) -> int:
+        """Logical workers the node bridges have registered now."""
+        return sum(int(n.load.get("registered", 0)) for n in self._live())
+
+    def any_ready(self) -> bool:
+        return any(n.load.get("ready") for n in self._live())
+
+    def stats_sum(self, name: str) -> int:
+        return sum(int(n.load.get("stats", {}).get(name, 0)) for n in self._live())
+
+    def served_elsewhere(self, index: int) -> int:
+        """Tasks in flight on member ``index`` in its node bridge (last poll)."""
+        for n in self._live():
+            inflight = n.load.get("inflight", {})
+            if index in inflight:
+                return int(inflight[index])
+        return 0
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One entry per node bridge, for /status."""
+        out = []
+        for n in self._nodes.values():
+            load = n.load
+            out.append({
+                "node_id": n.node_id, "node": load.get("node"), "pod": load.get("pod"),
+                "actors": sorted(n.adopted), "registered": load.get("registered", 0),
+                "batches": load.get("batches", 0), "ready": bool(load.get("ready")),
+                "ready_text": load.get("ready_text", "starting"), "stopping": n.stopping,
+                "dead": n.dead, **{k: v for k, v in load.get("stats", {}).items()},
+            })  # fmt: skip
+        return out
+
+    def _live(self) -> list[_Node]:
+        return [n for n in self._nodes.values() if not n.dead]
+
+    # -- running ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="node-bridges")
+        self._pool.watch(lambda _availability: self._kick.set())
+
+    async def close(self, drain: bool) -> None:
+        """Stop every node bridge (draining its batches first when ``drain``)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        nodes = list(self._nodes.values())
+        await asyncio.gather(*(self._stop(n, drain) for n in nodes), return_exceptions=True)
+
+    async def withdraw(self, index: int) -> None:
+        """Before the pool releases member ``index``: its node bridge stops giving
+        it work and lets its calls finish."""
+        for n in self._live():
+            if n.adopted.pop(index, None) is not None:
+                await self._call(n, n.handle.forget.remote(index))
+
+    async def _loop(self) -> None:
+        while not self._closed:
+            try:
+                await self._sync()
+            except Exception as exc:  # one bad round must not end the deployment
+                log.warning("node bridges: sync failed", extra=fields(error=str(exc)))
+            self.on_change()
+            try:
+                await asyncio.wait_for(self._kick.wait(), POLL_S)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+
+    async def _sync(self) -> None:
+        now = asyncio.get_running_loop().time()
+        wanted: dict[str, dict[int, Any]] = {}
+        for member, node_id in self._pool.members_with_nodes():
+            if node_id is not None and node_id != self._own:
+                wanted.setdefault(node_id, {})[member.index] = member
+        for node_id in wanted.keys() - self._nodes.keys():
+            self._nodes[node_id] = self._spawn(node_id, now)
+        for node_id, n in list(self._nodes.items()):
+            members = wanted.get(node_id, {})
+            if n.dead:
+                del self._nodes[node_id]
+                continue
+            for index, member in list(n.adopted.items()):
+                if members.get(index) is not member:
+                    del n.adopted[index]
+                    await self._call(n, n.handle.forget.remote(index))
+            for index, member in members.items():
+                if n.adopted.get(index) is not member:
+                    n.adopted[index] = member
+                    await self._call(n, n.handle.adopt.remote(index, member.actor))
+            load = await self._call(n, n.handle.load.remote())
+            if isinstance(load, dict):
+                n.load = load
+            if members or n.stopping:
+                n.empty_since = None
+            elif n.empty_since is None:
+                n.empty_since = now
+            elif now - n.empty_since >= EMPTY_NODE_S:
+                n.stopping = True
+                log.info("node bridge: its node has no actor left; draining it",
+                         extra=fields(node_id=node_id))  # fmt: skip
+                task = asyncio.create_task(self._stop(n, drain=True))
+                task.add_done_callback(lambda _t, key=node_id: self._nodes.pop(key, None))
+
+    def _spawn(self, node_id: str, now: float) -> _Node:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        handler, pool_config, settings = self._args
+        here = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        cls = node_bridge_class().options(scheduling_strategy=here)
+        handle = cls.remote(
+            handler, pool_config, settings, self._coordinator, *self._log, self._fixed_slots
+        )
+        run_ref = asyncio.ensure_future(handle.run.remote())
+        n = _Node(node_id, handle, run_ref, started_at=now)
+        run_ref.add_done_callback(lambda ref: self._ended(n, ref))
+        log.info("node bridge started", extra=fields(node_id=node_id))
+        _ = ray  # imported for the scheduling strategy's module
+        return n
+
+    def _ended(self, n: _Node, ref: asyncio.Future[Any]) -> None:
+        if n.stopping or self._closed:
+            return
+        n.dead = True
+        error = ref.exception() if not ref.cancelled() else None
+        reason = str(error).splitlines()[0] if error else f"run ended: {ref.result()!r}"
+        log.warning("node bridge ended; replacing it",
+                    extra=fields(node_id=n.node_id, reason=reason))  # fmt: skip
+        self.replaced += 1
+        task = asyncio.create_task(self._probe(list(n.adopted.values())))
+        task.add_done_callback(lambda _t: self._kick.set())
+
+    async def _probe(self, members: list[Any]) -> None:
+        """Ask each actor the dead node bridge served; report the dead ones lost."""
+        answers = await asyncio.gather(
+            *(self._pool.probe(m) for m in members), return_exceptions=True
+        )
+        for member, alive in zip(members, answers, strict=True):
+            if alive is not True:
+                self._pool.member_lost(member.index, "lost with its node bridge", False)
+
+    async def _stop(self, n: _Node, drain: bool) -> None:
+        import ray
+
+        n.stopping = True
+        try:
+            await asyncio.wait_for(n.handle.stop.remote(drain), CALL_TIMEOUT_S * 3)
+            await asyncio.wait_for(asyncio.shield(n.run_ref), CALL_TIMEOUT_S * 3)
+        except Exception as exc:
+            log.debug("node bridge stop: %s", exc)
+        finally:
+            ray.kill(n.handle, no_restart=True)
+
+    async def _call(self, n: _Node, ref: Any) -> Any:
+        try:
+            return await asyncio.wait_for(ref, CALL_TIMEOUT_S)
+        except Exception as exc:  # a dead node bridge is noticed by its run_ref
+            log.debug("node bridge call failed: %s", exc)
+            return None
