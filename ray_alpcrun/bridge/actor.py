@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The pool's status is read from the actors at most once per this period: a
+# flood of /status or /metrics requests costs them one round of calls.
+STATUS_MAX_AGE_S = 1.0
+
 
 class PoolProcessor:
     """Adapts the actor pool to the bridge's ``Processor`` protocol."""
@@ -93,6 +97,7 @@ class Bridge:
         self._stop_requested = False
         self._idle_stats = BridgeStats()
         self._gpu_memory: list[tuple[str, float]] = []
+        self.status_max_age_s = STATUS_MAX_AGE_S
         self.metrics = self._make_metrics()
 
     def _stats(self) -> BridgeStats:
@@ -270,8 +275,10 @@ class Bridge:
     async def _refresh_gpu_memory(self) -> None:
         # The pool's status is asynchronous; the registry reads only plain values.
         gpu: list[tuple[str, float]] = []
-        if self.pool is not None:
-            for actor in (await self.pool.status()).get("actors", []):
+        # A CPU pool has no GPU to read: no actor call for it.
+        if self.pool is not None and self.pool_config.gpus_per_actor > 0:
+            pool_status = await self.pool.status(max_age_s=self.status_max_age_s)
+            for actor in pool_status.get("actors", []):
                 device = actor.get("device") or {}
                 if "memory_used_bytes" in device:
                     gpu.append((str(actor.get("actor")), float(device["memory_used_bytes"])))
@@ -311,7 +318,7 @@ class Bridge:
         if self.pool is not None:
             out["actor_restarts"] = self.pool.restarts
             out["scaling"] = {"live": self.pool.live, **self.pool.scale_status()}
-            out["actors"] = await self.pool.status()
+            out["actors"] = await self.pool.status(max_age_s=self.status_max_age_s)
         return out
 
 

@@ -67,6 +67,8 @@ class ActorPool:
         self._scaler: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
         self._closed = False
+        self._status: tuple[float, dict[str, Any]] | None = None  # (loop time, status)
+        self._status_round: asyncio.Future[dict[str, Any]] | None = None
         self.decision = Decision(self.config.lowest, reason="start")
         """The elastic pool's latest scale decision (target and why)."""
         self.waiting_for = ""
@@ -292,12 +294,34 @@ class ActorPool:
         """Run the session end hook on every actor and free the session's state."""
         await self._running().end_session(session_id)
 
-    async def status(self, timeout_s: float = DEFAULT_STATUS_TIMEOUT_S) -> dict[str, Any]:
-        """Pool counters and each live actor's status (pid, sessions, shared decodes, ...)."""
+    async def status(
+        self, timeout_s: float = DEFAULT_STATUS_TIMEOUT_S, max_age_s: float = 0.0
+    ) -> dict[str, Any]:
+        """Pool counters and each live actor's status (pid, sessions, shared decodes, ...).
+
+        With ``max_age_s`` (the health endpoint's 1 s), one round of actor calls
+        serves every caller for that long: callers meanwhile share the round in
+        progress or get its answer again, so a flood of requests costs the
+        actors nothing more. Without it, the actors are asked now."""
         membership, dispatcher, backend = self._membership, self._dispatcher, self._backend
         if membership is None or dispatcher is None or backend is None:
             return {"started": False, "size": self.size, "restarts": 0, "actors": []}
-        return await self._read_status(membership, dispatcher, backend, timeout_s)
+        if max_age_s <= 0:
+            return await self._read_status(membership, dispatcher, backend, timeout_s)
+        now = asyncio.get_running_loop().time()
+        if self._status is not None and now - self._status[0] < max_age_s:
+            return self._status[1]
+        if self._status_round is None:
+            reading = self._read_status(membership, dispatcher, backend, timeout_s)
+            self._status_round = asyncio.ensure_future(reading)
+            self._status_round.add_done_callback(self._status_read)
+        # Shielded: a caller that goes away (a closed HTTP request) leaves the round to the others.
+        return await asyncio.shield(self._status_round)
+
+    def _status_read(self, round_: asyncio.Future[dict[str, Any]]) -> None:
+        self._status_round = None
+        if not round_.cancelled() and round_.exception() is None:
+            self._status = (asyncio.get_running_loop().time(), round_.result())
 
     async def _read_status(
         self,
@@ -353,6 +377,10 @@ class ActorPool:
             await asyncio.gather(scaler, return_exceptions=True)
         if membership is not None:
             await membership.close()
+        round_, self._status_round, self._status = self._status_round, None, None
+        if round_ is not None:
+            round_.cancel()
+            await asyncio.gather(round_, return_exceptions=True)
         backend, self._backend = self._backend, None
         if backend is not None:
             await backend.close()  # graphs torn down (waited for), sockets closed
