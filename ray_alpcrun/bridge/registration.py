@@ -60,6 +60,8 @@ class Slot:
         self.skipped_instructions = 0
         self.registrations = 0
         self.retired = False  # set by BridgeWorker.resize: drain, then end the registration
+        self.pausing = False  # set by unregister(): this registration is ended on purpose
+        self._unregistering: asyncio.Task[None] | None = None
 
     @property
     def session(self) -> WorkerStream | None:
@@ -143,3 +145,30 @@ class Slot:
             ):
                 async with self._lock:
                     await self._call.done_writing()
+
+    def unregister(self, timeout_s: float) -> asyncio.Task[None] | None:
+        """End this registration on purpose, in the background: drain like an
+        UNBIND (what it holds is answered), then end the call. ``pausing`` tells
+        the slot's loop so; it waits in :meth:`unregistered` before registering
+        again. Returns the task (None when there is no registration to end)."""
+        call = self._call
+        if call is None or self._unregistering is not None:
+            return None
+        self.pausing = True
+        self._unregistering = asyncio.create_task(self._unregister(call, timeout_s))
+        return self._unregistering
+
+    async def _unregister(
+        self, call: grpc.aio.StreamStreamCall[WorkerState, Instruction], timeout_s: float
+    ) -> None:
+        try:
+            await self.drain(timeout_s)
+        finally:
+            call.cancel()  # that registration's call only, even if it ended already
+
+    async def unregistered(self) -> None:
+        """The registration that :meth:`unregister` ended is over: wait for its drain."""
+        task, self._unregistering = self._unregistering, None
+        self.pausing = False
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)

@@ -2,11 +2,13 @@
 
 Each slot registers on ``WorkerUpdate`` (reading its ``workerid`` header),
 reports IDLE/BUSY and follows BIND/UNBIND by opening or draining a
-:class:`WorkerStream` (:mod:`ray_alpcrun.bridge.registration`). Connection
-loss is retried with exponential backoff and jitter; configuration errors (API
-key, TLS trust, proto package) stop the bridge with a
-:class:`~ray_alpcrun.errors.FatalError` (see :mod:`ray_alpcrun.bridge.settings`).
-Never imports Ray.
+:class:`WorkerStream` (:mod:`ray_alpcrun.bridge.registration`). While the
+compute side cannot serve, the slots stop taking work (:meth:`BridgeWorker.pause`):
+they drain and end their registrations, and register again on
+:meth:`BridgeWorker.resume`. Connection loss is retried with exponential backoff and
+jitter; configuration errors (API key, TLS trust, proto package) stop the
+bridge with a :class:`~ray_alpcrun.errors.FatalError` (see
+:mod:`ray_alpcrun.bridge.settings`). Never imports Ray.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class BridgeWorker:
         self._retiring: set[asyncio.Task[None]] = set()
         self._resized = asyncio.Event()
         self._next_index = settings.slots
+        self.paused: str | None = None
+        """Why the slots take no work now (see pause); None while they do."""
+        self._resumed = asyncio.Event()  # set while not paused, and at stop
+        self._resumed.set()
+        self._pausing: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.reconnects = 0
         self.queue: QueueStub  # with link and _cache, set by _open()
         self._cache: CacheStub
@@ -184,7 +192,8 @@ class BridgeWorker:
                     if not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]  # a fatal error
         finally:
-            tasks = list(self._slot_tasks.values())
+            self._closing = True
+            tasks = [*self._slot_tasks.values(), *self._pausing]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -202,6 +211,10 @@ class BridgeWorker:
         s = self.settings
         attempt = 0
         while not self._stopping.is_set() and not slot.retired:
+            if self.paused is not None:
+                await self._resumed.wait()
+                attempt = 0
+                continue
             registrations = slot.registrations
             try:
                 await slot.serve()
@@ -209,7 +222,8 @@ class BridgeWorker:
                 # stop() cancels the calls; anything else cancelling us must propagate.
                 if self._stopping.is_set() or slot.retired:
                     return
-                raise
+                if not slot.pausing or self._closing:
+                    raise  # else pause() ended the call (a call cancelled here raises this)
             except grpc.aio.AioRpcError as exc:
                 if slot.retired:
                     return
@@ -225,6 +239,9 @@ class BridgeWorker:
                 log.error("protocol error", extra=fields(slot=slot.index, error=str(exc)))
             if self._stopping.is_set() or slot.retired:
                 return
+            if slot.pausing:
+                await slot.unregistered()
+                continue  # ended by pause(): no reconnect to count
             if slot.registrations != registrations:
                 # Count only consecutive failures: a registration that worked (then
                 # ended, normally or not) starts the count again, as the reference
@@ -240,6 +257,30 @@ class BridgeWorker:
             self.reconnects += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    # -- not taking work while the compute side cannot serve (no live pool actor)
+
+    def pause(self, reason: str) -> None:
+        """Stop taking work: every slot drains its session like an UNBIND and ends its
+        registration, so that the queue manager hands the work to other workers;
+        none registers again until :meth:`resume`."""
+        if self.paused is not None or self._stopping.is_set():
+            return
+        self.paused = reason
+        self._resumed.clear()
+        log.warning("not taking work: logical workers unregister", extra=fields(reason=reason))
+        for slot in self.slots:
+            task = None if slot.retired else slot.unregister(self.settings.drain_timeout_s)
+            if task is not None:
+                self._pausing.add(task)
+                task.add_done_callback(self._pausing.discard)
+
+    def resume(self) -> None:
+        """Take work again after :meth:`pause`: every slot registers."""
+        if self.paused is not None:
+            log.info("taking work again: logical workers register", extra=fields(was=self.paused))
+            self.paused = None
+            self._resumed.set()
 
     # -- logical workers that follow the pool (--slots auto on an elastic pool)
 
@@ -309,6 +350,7 @@ class BridgeWorker:
         """Stop serving: with ``drain``, finish batches in flight (bounded by
         ``drain_timeout_s``), send their results, report IDLE, half-close."""
         self._stopping.set()
+        self._resumed.set()  # slots waiting to register again see the stop
         if drain:
             await asyncio.gather(
                 *(slot.drain(self.settings.drain_timeout_s) for slot in self.slots),

@@ -221,6 +221,7 @@ async def test_a_flood_of_status_requests_makes_one_round_of_actor_calls() -> No
     assert {code for code, _ in answers} == {200}
     status = json.loads(answers[0][1])
     assert [a["pid"] for a in status["actors"]["actors"]] == [0, 1]
+    assert status["pool"]["state"] == "serving"
     assert b'alpcrun_gpu_memory_used_bytes{actor="0"} 7.0' in answers[-1][1]
     assert backend.status_calls == 2  # one call per actor, once
 
@@ -246,3 +247,69 @@ async def test_a_status_call_that_times_out_is_cancelled() -> None:
     assert info == {"error": "no answer within 0.01 s"}
     # Left queued, it would hold up the actor's next control call (a replacement's ready).
     assert cancelled == [never]
+
+
+# -- readiness, defined once (issue 18, item 1) ------------------------------------------
+
+
+class FakeWorker:
+    """The gRPC side as the bridge's readiness and pool follower see it."""
+
+    def __init__(self) -> None:
+        self.slots = [SimpleNamespace(registered=asyncio.Event())]
+        self.paused: str | None = None
+        self.pauses: list[str] = []
+
+    def pause(self, reason: str) -> None:
+        self.paused = reason
+        self.pauses.append(reason)
+
+    def resume(self) -> None:
+        self.paused = None
+
+
+@pytest.mark.usefixtures("quiet_logging")
+async def test_ready_exactly_while_the_bridge_takes_work() -> None:
+    backend = CountingStatus()
+    bridge = await bridge_on_fake_pool(backend, grace_s=0.05)
+    assert bridge.pool is not None
+    worker = FakeWorker()
+    bridge.worker = cast(Any, worker)
+    bridge.pool.watch(bridge._on_pool)
+    assert await bridge._ready() == (False, "not registered with the queue manager")
+    worker.slots[0].registered.set()
+    assert await bridge._ready() == (True, "2 actor(s) (0 pending), 1 slot(s) registered")
+
+    # Both actors lost while no replacement can start: batches wait, still ready...
+    backend.broken = True
+    membership = cast(Any, bridge.pool)._membership
+    for member in membership.members():
+        membership.lost(member, "killed")
+    ok, why = await bridge._ready()
+    assert ok and "0 actors, waiting: no live actor" in why
+    # ...until the grace runs out: not ready, with the reason, and work stops.
+    unavailable = asyncio.Event()
+    bridge.pool.watch(lambda a: a.state == "unavailable" and unavailable.set())  # type: ignore[func-returns-value]
+    await unavailable.wait()
+    ok, why = await bridge._ready()
+    assert not ok and why.startswith("no live actor for") and "No module named" in why
+    assert len(worker.pauses) == 1 and worker.pauses[0].startswith("no live actor for")
+    bridge.worker = None  # /status reads much more of a real worker
+    status = await bridge.status()
+    bridge.worker = cast(Any, worker)
+    assert status["pool"]["state"] == "unavailable"
+    assert status["pool"]["reason"].startswith("no live actor for")
+    assert status["pool"]["last_start_error"].endswith("No module named 'handlers'")
+
+    # The first live actor: work is taken again.
+    backend.broken = False
+    await membership.settle()
+    assert worker.paused is None
+    assert (await bridge._ready())[0]
+
+    # Later reasons (a node cache it cannot reach, ...) plug in; draining comes first.
+    bridge.add_readiness_check(lambda: "node cache unreachable")
+    assert await bridge._ready() == (False, "node cache unreachable")
+    bridge.draining = True
+    assert await bridge._ready() == (False, "draining")
+    await membership.close()
