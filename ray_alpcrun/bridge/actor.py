@@ -107,7 +107,7 @@ class Bridge:
         # Why the bridge may not take work, checked by /readyz in order after
         # "draining" and "starting": the pool first; later checks (e.g. a node
         # cache it cannot reach) are added with add_readiness_check.
-        self._not_ready: list[NotReady] = [self._pool_not_ready]
+        self._not_ready: list[NotReady] = [self._pool_not_ready, self._cache_not_ready]
 
     def add_readiness_check(self, check: NotReady) -> None:
         """Make ``/readyz`` answer 503 with ``check()``'s reason whenever it gives one."""
@@ -293,6 +293,9 @@ class Bridge:
             worker.resume()
         elif availability.state == UNAVAILABLE:
             worker.pause(availability.reason)
+
+    def _cache_not_ready(self) -> str | None:
+        return self.worker.cache_unreachable if self.worker is not None else None
 
     def _pool_not_ready(self) -> str | None:
         if self.pool is None:

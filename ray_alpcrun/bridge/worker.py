@@ -23,7 +23,7 @@ import grpc.aio
 
 from ray_alpcrun import errors, transport
 from ray_alpcrun.bridge.ends import EndsFirst
-from ray_alpcrun.bridge.preflight import check_node_cache
+from ray_alpcrun.bridge.preflight import check_node_cache, probe_node_cache
 from ray_alpcrun.bridge.registration import Slot
 from ray_alpcrun.bridge.session import Link, Processor
 from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 # At stop, the end hooks of sessions still held get this long, all together.
 END_AT_STOP_S = 5.0
+# While the node cache cannot be reached: a line naming it this often, retries
+# at most this far apart.
+CACHE_LOG_EVERY_S = 30.0
+CACHE_RETRY_MAX_S = 5.0
 
 
 class BridgeWorker:
@@ -69,6 +73,8 @@ class BridgeWorker:
         self._pausing: set[asyncio.Task[None]] = set()
         self._closing = False
         self.reconnects = 0
+        self.cache_unreachable: str | None = None
+        """Why the node cache cannot be reached (no work is taken meanwhile), or None."""
         # Set at the first registration: only then does the bridge serve the queue.
         self.first_registered = asyncio.Event()
         # What the last drained stop did: batches answered after it began, and
@@ -169,9 +175,51 @@ class BridgeWorker:
         s = self.settings
         await check_node_cache(self._cache, self.base_metadata, s, timeout_s=s.connect_timeout_s)
 
+    async def wait_for_cache(self) -> None:
+        """Take no work until the node cache answers: a wrong ``--cache`` would
+        otherwise dead-letter every batch with shared data. Retried (a node cache
+        may start after the bridge), with one line naming the address at once and
+        every ``CACHE_LOG_EVERY_S`` while it cannot be reached; ``cache_unreachable``
+        says why meanwhile (``/readyz`` answers 503 with it). With
+        ``--connect-attempts N`` it gives up after N attempts (exit 7)."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        logged = -CACHE_LOG_EVERY_S
+        pause_s = 0.5
+        attempts = 0
+        while not self._stopping.is_set():
+            attempts += 1
+            why = await probe_node_cache(
+                self._cache, self.base_metadata, s, timeout_s=s.connect_timeout_s
+            )
+            if why is None:
+                if self.cache_unreachable is not None:
+                    log.info("node cache reachable", extra=fields(address=s.cache_address))
+                self.cache_unreachable = None
+                return
+            self.cache_unreachable = (
+                f"node cache at {s.cache_address} unreachable ({why}); check --cache"
+            )
+            if s.max_connect_attempts is not None and attempts >= s.max_connect_attempts:
+                raise errors.FatalError(
+                    errors.EXIT_UNAVAILABLE,
+                    f"node cache at {s.cache_address} unreachable after {attempts} attempts "
+                    f"({why}); check --cache",
+                )
+            if loop.time() - logged >= CACHE_LOG_EVERY_S:
+                logged = loop.time()
+                log.warning(
+                    "node cache unreachable: taking no work until it answers",
+                    extra=fields(address=s.cache_address, reason=why),
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause_s)
+            pause_s = min(2 * pause_s, CACHE_RETRY_MAX_S)
+
     async def run(self) -> None:
         """Serve until ``stop()``; raises FatalError for what retrying cannot fix."""
         self._open()
+        await self.wait_for_cache()
         for slot in self.slots:
             self._slot_tasks[slot] = asyncio.create_task(self._slot_loop(slot))
         try:

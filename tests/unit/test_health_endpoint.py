@@ -259,6 +259,7 @@ class FakeWorker:
         self.slots = [SimpleNamespace(registered=asyncio.Event())]
         self.paused: str | None = None
         self.pauses: list[str] = []
+        self.cache_unreachable: str | None = None
 
     def pause(self, reason: str) -> None:
         self.paused = reason
@@ -307,9 +308,13 @@ async def test_ready_exactly_while_the_bridge_takes_work() -> None:
     assert worker.paused is None
     assert (await bridge._ready())[0]
 
-    # Later reasons (a node cache it cannot reach, ...) plug in; draining comes first.
-    bridge.add_readiness_check(lambda: "node cache unreachable")
-    assert await bridge._ready() == (False, "node cache unreachable")
+    # A node cache it cannot reach: not ready, naming it (issue 20, item 2).
+    worker.cache_unreachable = "node cache at 127.0.0.1:2 unreachable (UNAVAILABLE: ...)"
+    assert await bridge._ready() == (False, worker.cache_unreachable)
+    worker.cache_unreachable = None
+    # Later reasons plug in; draining comes first.
+    bridge.add_readiness_check(lambda: "another reason")
+    assert await bridge._ready() == (False, "another reason")
     bridge.draining = True
     assert await bridge._ready() == (False, "draining")
     await membership.close()
