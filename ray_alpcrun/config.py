@@ -229,6 +229,13 @@ class PoolConfig:
     max_sessions_per_actor: int = 32
     task_timeout_s: float | None = None
     max_call_retries: int = 2
+    # A lost actor is replaced for as long as the pool runs; start attempts back
+    # off exponentially (from 0.5 s) up to this pause between them.
+    restart_backoff_max_s: float = 30.0
+    # With no live actor for this long, the pool gives up for now: the bridge
+    # stops taking work until an actor is live again (an elastic pool waiting
+    # for room is exempt; its bound counts while its starts fail).
+    no_actor_grace_s: float = 60.0
     min_chunk: int = 16
     min_chunk_work_s: float = 0.005
     gpu_memory_limit_bytes: int | None = None
@@ -264,6 +271,10 @@ class PoolConfig:
             raise ConfigError("task_timeout_s must be positive (or None for no timeout)")
         if self.max_call_retries < 0:
             raise ConfigError("max_call_retries must not be negative")
+        if self.restart_backoff_max_s <= 0:
+            raise ConfigError("restart_backoff_max_s must be positive")
+        if self.no_actor_grace_s < 0:
+            raise ConfigError("no_actor_grace_s must not be negative")
         if self.min_chunk < 1:
             raise ConfigError("min_chunk must be at least 1")
         if self.min_chunk_work_s < 0:

@@ -74,6 +74,11 @@ class SessionSetupError(AlpcrunError):
     the session start hook raised. The caller answers the batch as dead."""
 
 
+class PoolUnavailable(AlpcrunError):
+    """Raised by the actor pool for a batch while it has given up for now: no actor
+    has been live for longer than its bound. The caller answers the batch dead."""
+
+
 class ActorLost(AlpcrunError):
     """Raised by a pool backend when an actor died or became unreachable during a call."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ Outcome = tuple[bytes | None, str | None]
 DEFAULT_MAX_SESSIONS = 32
 # Decoded levels kept per session: the newest and one older one a batch may still ask for.
 SHARED_LEVELS_PER_SESSION = 2
+
+
+# The longest error text a log line carries (the task's answer has it whole).
+LOG_ERROR_CHARS = 2000
 
 
 def describe(exc: BaseException) -> str:
@@ -262,10 +267,23 @@ class TracebackLog:
             return False
         self._logged += 1
         left_out, self.suppressed = self.suppressed, 0
+        text = describe(exc)
+        if len(text) <= LOG_ERROR_CHARS:
+            log.warning(
+                "task failed in the handler: %s",
+                text,
+                exc_info=(type(exc), exc, exc.__traceback__),
+                extra=fields(**context, tracebacks_left_out=left_out),
+            )
+            return True
+        # A huge message (a 4 MB error) is clipped in the log: the task's own error
+        # carries it, within the batch limit (ray_alpcrun.answers).
+        frames = "".join(traceback.format_tb(exc.__traceback__))
         log.warning(
-            "task failed in the handler: %s",
-            describe(exc),
-            exc_info=(type(exc), exc, exc.__traceback__),
+            "task failed in the handler: %s... (%d characters)\n%s",
+            text[:LOG_ERROR_CHARS],
+            len(text),
+            frames.rstrip(),
             extra=fields(**context, tracebacks_left_out=left_out),
         )
         return True

@@ -23,13 +23,22 @@ from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.health import HealthServer
 from ray_alpcrun.logs import fields, log_task_failure, setup_logging
+from ray_alpcrun.pool.membership import UNAVAILABLE
 from ray_alpcrun.runtime import Outcome
 
 if TYPE_CHECKING:
     from ray_alpcrun.pool.actor_pool import ActorPool
+    from ray_alpcrun.pool.membership import Availability
     from ray_alpcrun.pool.pool_actor import SharedRef
 
 log = logging.getLogger(__name__)
+
+NotReady = Callable[[], "str | None"]
+"""A readiness check: why the bridge does not take work now, or None."""
+
+# The pool's status is read from the actors at most once per this period: a
+# flood of /status or /metrics requests costs them one round of calls.
+STATUS_MAX_AGE_S = 1.0
 
 
 class PoolProcessor:
@@ -93,7 +102,16 @@ class Bridge:
         self._stop_requested = False
         self._idle_stats = BridgeStats()
         self._gpu_memory: list[tuple[str, float]] = []
+        self.status_max_age_s = STATUS_MAX_AGE_S
         self.metrics = self._make_metrics()
+        # Why the bridge may not take work, checked by /readyz in order after
+        # "draining" and "starting": the pool first; later checks (e.g. a node
+        # cache it cannot reach) are added with add_readiness_check.
+        self._not_ready: list[NotReady] = [self._pool_not_ready, self._cache_not_ready]
+
+    def add_readiness_check(self, check: NotReady) -> None:
+        """Make ``/readyz`` answer 503 with ``check()``'s reason whenever it gives one."""
+        self._not_ready.append(check)
 
     def _stats(self) -> BridgeStats:
         return self.worker.stats if self.worker is not None else self._idle_stats
@@ -176,6 +194,7 @@ class Bridge:
                     ) from exc
             self.pool = ActorPool(self.handler, self.pool_config)
             worker = BridgeWorker(self.settings, PoolProcessor(self.pool))
+            self.pool.watch(self._on_pool)
             # A wrong key, CA or proto package fails in the preflight within a
             # second, without waiting for the actors to start.
             starting = asyncio.ensure_future(self.pool.start())
@@ -188,6 +207,7 @@ class Bridge:
             # (tens of ms, a stall of every stream) as batches churn out garbage.
             gc.freeze()
             self.worker = worker
+            self._on_pool(self.pool.availability())
             self._started.set()
             if self._stop_requested:
                 return errors.EXIT_OK, ""
@@ -263,21 +283,49 @@ class Bridge:
         # Answering at all proves the event loop turns.
         return True, "draining" if self.draining else "serving"
 
+    def _on_pool(self, availability: Availability) -> None:
+        """The pool's state changed: take work while it can serve (or wait), stop
+        taking it while it has given up for now."""
+        worker = self.worker
+        if worker is None or self.draining:
+            return
+        if availability.takes_work:
+            worker.resume()
+        elif availability.state == UNAVAILABLE:
+            worker.pause(availability.reason)
+
+    def _cache_not_ready(self) -> str | None:
+        return self.worker.cache_unreachable if self.worker is not None else None
+
+    def _pool_not_ready(self) -> str | None:
+        if self.pool is None:
+            return "starting"
+        availability = self.pool.availability()
+        return None if availability.takes_work else availability.reason
+
     async def _ready(self) -> tuple[bool, str]:
+        """Readiness, the one rule: 200 exactly while the bridge takes work: at
+        least one logical worker registered, and a live actor or one that batches
+        may wait for (within --no-actor-grace, or an elastic pool waiting for room);
+        503 with the reason otherwise (draining, starting, the pool given up for
+        now, a check added with add_readiness_check)."""
         if self.draining:
             return False, "draining"
         if self.worker is None or self.pool is None:
             return False, "starting"
-        if not self.worker.ready:
+        for check in self._not_ready:
+            why = check()
+            if why:
+                return False, why
+        registered = sum(slot.registered.is_set() for slot in self.worker.slots)
+        if registered < 1:
             return False, "not registered with the queue manager"
         live, pending = self.pool.live, self.pool.pending
-        slots = f"{len(self.worker.slots)} slot(s) registered"
+        slots = f"{registered} slot(s) registered"
         if live < 1:
-            if self.pool_config.elastic or pending > 0:
-                # Batches wait for actors; the cluster grows for the pending ones.
-                waiting = self.pool.waiting_for or "no actor until there is work"
-                return True, f"{slots}; 0 actors, waiting: {waiting}"
-            return False, "no live actor in the pool"
+            # Batches wait for actors; the cluster grows for the pending ones.
+            waiting = self.pool.waiting_for or self.pool.availability().reason
+            return True, f"{slots}; 0 actors, waiting: {waiting}"
         return True, f"{live} actor(s) ({pending} pending), {slots}"
 
     async def metrics_text(self) -> str:
@@ -287,8 +335,10 @@ class Bridge:
     async def _refresh_gpu_memory(self) -> None:
         # The pool's status is asynchronous; the registry reads only plain values.
         gpu: list[tuple[str, float]] = []
-        if self.pool is not None:
-            for actor in (await self.pool.status()).get("actors", []):
+        # A CPU pool has no GPU to read: no actor call for it.
+        if self.pool is not None and self.pool_config.gpus_per_actor > 0:
+            pool_status = await self.pool.status(max_age_s=self.status_max_age_s)
+            for actor in pool_status.get("actors", []):
                 device = actor.get("device") or {}
                 if "memory_used_bytes" in device:
                     gpu.append((str(actor.get("actor")), float(device["memory_used_bytes"])))
@@ -326,9 +376,19 @@ class Bridge:
                 reconnects=w.reconnects,
             )
         if self.pool is not None:
+            a = self.pool.availability()
+            # Which case it is: serving, waiting (for how long), given up for now; and why.
+            out["pool"] = {
+                "state": a.state,
+                "reason": a.reason,
+                "no_live_actor_s": a.no_live_s,
+                "last_start_error": a.start_error,
+                "start_failures": a.start_failures,
+                "taking_work": bool(w and w.paused is None),
+            }
             out["actor_restarts"] = self.pool.restarts
             out["scaling"] = {"live": self.pool.live, **self.pool.scale_status()}
-            out["actors"] = await self.pool.status()
+            out["actors"] = await self.pool.status(max_age_s=self.status_max_age_s)
         return out
 
 

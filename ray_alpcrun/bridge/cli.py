@@ -112,7 +112,24 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         default=None,
         help="fail a sub-batch that runs too long: its deadline is this many seconds times "
         "the tasks on its actor when it is sent there (its own and those queued before "
-        "it) plus 1 s; default: no limit",
+        "it) plus 1 s; a batch that waits this long for a live actor while actor starts "
+        "fail is answered the same; default: no limit",
+    )
+    a(
+        "--restart-backoff-max",
+        type=float,
+        default=30.0,
+        help="a lost pool actor is replaced for as long as the bridge runs; the pause "
+        "between failed start attempts doubles from 0.5 s up to this many seconds",
+    )
+    a(
+        "--no-actor-grace",
+        type=float,
+        default=60.0,
+        help="seconds without a live pool actor (batches wait meanwhile) before the "
+        "bridge stops taking work: its logical workers unregister and the batches it "
+        "holds are answered dead, until an actor is live again (an elastic pool waiting "
+        "for room is exempt; for it the time counts while actor starts fail)",
     )
     a(
         "--drain-timeout",
@@ -180,6 +197,8 @@ def config_from_args(args: argparse.Namespace, env: Env) -> BridgeConfig:
         cpus_per_actor=args.cpus_per_actor,
         max_sessions_per_actor=args.max_sessions_per_actor,
         task_timeout_s=args.task_timeout,
+        restart_backoff_max_s=args.restart_backoff_max,
+        no_actor_grace_s=args.no_actor_grace,
         gpu_memory_limit_bytes=args.gpu_memory_limit,
         memory_limit_bytes=args.actor_memory_limit,
         data_path=args.data_path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 import grpc.aio
 
 from ray_alpcrun import errors, transport
@@ -47,6 +48,28 @@ async def check_node_cache(
     except asyncio.TimeoutError:
         if not quiet:
             log.warning("%s not answering yet; will keep trying", _WHAT)
+
+
+async def probe_node_cache(
+    cache: CacheStub, metadata: Metadata, settings: WorkerSettings, *, timeout_s: float
+) -> str | None:
+    """Why the node cache cannot be reached now (``UNAVAILABLE``: nothing listens,
+    refused, unknown host; or no answer within ``timeout_s``), or None when it
+    answers at all (a read of the empty session id; any answer proves the address).
+    Raises the FatalError a refused key or TLS trust means."""
+    call = cache.GetSharedData(SharedData(""), metadata=metadata)
+    try:
+        await asyncio.wait_for(call, timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        fatal = fatal_for(transport.translate(exc), settings, _WHAT)
+        if fatal is not None and fatal.exit_code in (errors.EXIT_AUTH, errors.EXIT_TLS):
+            raise fatal from exc
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            detail = (exc.details() or exc.code().name).splitlines()[0]
+            return f"{exc.code().name}: {detail}"
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    return None
 
 
 async def preflight(settings: WorkerSettings, timeout_s: float = 3.0) -> None:

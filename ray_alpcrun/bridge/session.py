@@ -21,7 +21,7 @@ import grpc.aio
 from ray_alpcrun import errors
 from ray_alpcrun.answers import dead_batches, result_batches
 from ray_alpcrun.bridge.stats import BridgeStats
-from ray_alpcrun.errors import SessionSetupError
+from ray_alpcrun.errors import PoolUnavailable, SessionSetupError
 from ray_alpcrun.logs import fields
 from ray_alpcrun.rpc import QueueStub
 from ray_alpcrun.runtime import Outcome, describe
@@ -44,7 +44,8 @@ class Processor(Protocol):
     async def process(
         self, session_id: str, payloads: list[bytes], shared: Any | None
     ) -> list[Outcome]:
-        """One outcome per payload; raise SessionSetupError if nothing can run."""
+        """One outcome per payload; raise SessionSetupError if nothing can run, and
+        PoolUnavailable while there is nothing to run it on (answered dead)."""
 
     async def end_session(self, session_id: str) -> None:
         """Release the session's state everywhere."""
@@ -177,7 +178,7 @@ class WorkerStream:
             outcomes = await self.link.processor.process(
                 self.session_id, [m.payload for m in batch.messages], shared
             )
-        except (errors.SharedDataUnavailable, SessionSetupError) as exc:
+        except (errors.SharedDataUnavailable, SessionSetupError, PoolUnavailable) as exc:
             log.warning("batch cannot run", extra=self._f(batch=batch.id, error=str(exc)))
             return dead_batches(batch, str(exc), limit)
         except Exception as exc:

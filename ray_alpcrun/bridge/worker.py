@@ -2,7 +2,10 @@
 
 Each slot registers on ``WorkerUpdate`` (reading its ``workerid`` header),
 reports IDLE/BUSY and follows BIND/UNBIND by opening or draining a
-:class:`WorkerStream`. Connection loss is retried with exponential backoff and
+:class:`WorkerStream` (:mod:`ray_alpcrun.bridge.registration`). While the
+compute side cannot serve, the slots stop taking work (:meth:`BridgeWorker.pause`):
+they drain and end their registrations, and register again on
+:meth:`BridgeWorker.resume`. Connection loss is retried with exponential backoff and
 jitter; configuration errors (API key, TLS trust, proto package) stop the
 bridge with a :class:`~ray_alpcrun.errors.FatalError` (see
 :mod:`ray_alpcrun.bridge.settings`). Never imports Ray.
@@ -20,130 +23,27 @@ import grpc.aio
 
 from ray_alpcrun import errors, transport
 from ray_alpcrun.bridge.ends import EndsFirst
-from ray_alpcrun.bridge.preflight import check_node_cache
-from ray_alpcrun.bridge.session import Link, Processor, WorkerStream
+from ray_alpcrun.bridge.preflight import check_node_cache, probe_node_cache
+from ray_alpcrun.bridge.registration import Slot
+from ray_alpcrun.bridge.session import Link, Processor
 from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.logs import fields
 from ray_alpcrun.rpc import CacheStub, QueueStub
 from ray_alpcrun.shared_data import SharedDataCache
-from ray_alpcrun.slot import SlotMachine
-from ray_alpcrun.transport import MD_NODE, MD_POD, MD_WORKER_ID
-from ray_alpcrun.types import (
-    Instruction,
-    SharedData,
-    WorkerState,
-    WorkerStatus,
-)
+from ray_alpcrun.transport import MD_NODE
+from ray_alpcrun.types import SharedData
+
+__all__ = ["BridgeWorker", "Slot"]
 
 log = logging.getLogger(__name__)
 
 # At stop, the end hooks of sessions still held get this long, all together.
 END_AT_STOP_S = 5.0
-
-
-class Slot:
-    """One logical worker: one registration whose instructions a
-    :class:`~ray_alpcrun.slot.SlotMachine` applies in order."""
-
-    def __init__(self, worker: BridgeWorker, index: int) -> None:
-        self.worker = worker
-        self.index = index
-        pod = worker.settings.pod
-        # Distinct pods let a queue manager that matches streams by node+pod tell slots apart.
-        self.pod = pod if worker.settings.slots == 1 else f"{pod}-s{index}"
-        self.worker_id = ""
-        self.machine: SlotMachine | None = None
-        self._call: grpc.aio.StreamStreamCall[WorkerState, Instruction] | None = None
-        self._lock = asyncio.Lock()
-        self.registered = asyncio.Event()
-        self.skipped_instructions = 0
-        self.registrations = 0
-        self.retired = False  # set by BridgeWorker.resize: drain, then end the registration
-
-    @property
-    def session(self) -> WorkerStream | None:
-        current = None if self.machine is None else self.machine.current
-        return current if isinstance(current, WorkerStream) else None
-
-    async def _report(self, status: WorkerStatus, session_id: str = "") -> None:
-        if self._call is None:
-            return
-        # A finished call raises InvalidStateError; its reader notices and re-registers.
-        with contextlib.suppress(
-            grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
-        ):
-            async with self._lock:
-                await self._call.write(WorkerState(self.worker_id, status, session_id))
-
-    def _open_stream(self, session_id: str) -> WorkerStream:
-        stream = WorkerStream(self.worker.link, session_id, self.worker_id, self.pod)
-        self.worker.hold(session_id, self)
-        stream.start()
-        return stream
-
-    async def serve(self) -> None:
-        """One registration, until the update stream ends (raises on failure)."""
-        w = self.worker
-        metadata = (*w.base_metadata, (MD_POD, self.pod))
-        self._call = call = w.queue.WorkerUpdate(metadata=metadata)
-        machine: SlotMachine | None = None
-        runner: asyncio.Task[None] | None = None
-        try:
-            header = dict(await call.initial_metadata() or ())
-            self.worker_id = str(header.get(MD_WORKER_ID, ""))
-            if not self.worker_id:
-                first = await call.read()  # surfaces the server's error status
-                raise errors.ProtocolError(
-                    f"queue manager sent no '{MD_WORKER_ID}' header (first frame: {first!r})"
-                )
-            self.machine = machine = SlotMachine(
-                self._open_stream,
-                self._report,
-                lambda sid: w.release(sid, self),
-                drain_timeout_s=w.settings.drain_timeout_s,
-                name=self.worker_id,
-            )
-            runner = asyncio.create_task(machine.run(), name=f"slot-{self.index}")
-            await self._report(WorkerStatus.IDLE)
-            self.registered.set()
-            w.first_registered.set()
-            self.registrations += 1
-            log.info(
-                "registered", extra=fields(worker=self.worker_id, slot=self.index, pod=self.pod)
-            )
-            while True:
-                instruction = await call.read()
-                if instruction is grpc.aio.EOF:  # type: ignore[attr-defined]
-                    log.info("update stream ended", extra=fields(worker=self.worker_id))
-                    return
-                if not isinstance(instruction, Instruction):
-                    # grpc hands over None when the frame could not be decoded.
-                    self.skipped_instructions += 1
-                    log.warning("undecodable instruction skipped", extra=fields(slot=self.index))
-                    continue
-                machine.instruct(instruction)
-        finally:
-            self.registered.clear()
-            if runner is not None:
-                runner.cancel()
-                await asyncio.gather(runner, return_exceptions=True)
-            if machine is not None:
-                # The registration is gone: the queue manager re-queues what is in flight.
-                await machine.close()
-            call.cancel()
-            self._call = None
-
-    async def drain(self, timeout_s: float) -> None:
-        """Graceful stop: finish the session's batches, report IDLE, end the registration."""
-        if self.machine is not None and self._call is not None:
-            await self.machine.stop(timeout_s)
-        if self._call is not None:
-            with contextlib.suppress(
-                grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
-            ):
-                async with self._lock:
-                    await self._call.done_writing()
+# While the node cache cannot be reached: a line naming it this often, retries
+# at most this far apart.
+CACHE_LOG_EVERY_S = 30.0
+CACHE_RETRY_MAX_S = 5.0
 
 
 class BridgeWorker:
@@ -166,7 +66,15 @@ class BridgeWorker:
         self._retiring: set[asyncio.Task[None]] = set()
         self._resized = asyncio.Event()
         self._next_index = settings.slots
+        self.paused: str | None = None
+        """Why the slots take no work now (see pause); None while they do."""
+        self._resumed = asyncio.Event()  # set while not paused, and at stop
+        self._resumed.set()
+        self._pausing: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.reconnects = 0
+        self.cache_unreachable: str | None = None
+        """Why the node cache cannot be reached (no work is taken meanwhile), or None."""
         # Set at the first registration: only then does the bridge serve the queue.
         self.first_registered = asyncio.Event()
         # What the last drained stop did: batches answered after it began, and
@@ -267,9 +175,51 @@ class BridgeWorker:
         s = self.settings
         await check_node_cache(self._cache, self.base_metadata, s, timeout_s=s.connect_timeout_s)
 
+    async def wait_for_cache(self) -> None:
+        """Take no work until the node cache answers: a wrong ``--cache`` would
+        otherwise dead-letter every batch with shared data. Retried (a node cache
+        may start after the bridge), with one line naming the address at once and
+        every ``CACHE_LOG_EVERY_S`` while it cannot be reached; ``cache_unreachable``
+        says why meanwhile (``/readyz`` answers 503 with it). With
+        ``--connect-attempts N`` it gives up after N attempts (exit 7)."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        logged = -CACHE_LOG_EVERY_S
+        pause_s = 0.5
+        attempts = 0
+        while not self._stopping.is_set():
+            attempts += 1
+            why = await probe_node_cache(
+                self._cache, self.base_metadata, s, timeout_s=s.connect_timeout_s
+            )
+            if why is None:
+                if self.cache_unreachable is not None:
+                    log.info("node cache reachable", extra=fields(address=s.cache_address))
+                self.cache_unreachable = None
+                return
+            self.cache_unreachable = (
+                f"node cache at {s.cache_address} unreachable ({why}); check --cache"
+            )
+            if s.max_connect_attempts is not None and attempts >= s.max_connect_attempts:
+                raise errors.FatalError(
+                    errors.EXIT_UNAVAILABLE,
+                    f"node cache at {s.cache_address} unreachable after {attempts} attempts "
+                    f"({why}); check --cache",
+                )
+            if loop.time() - logged >= CACHE_LOG_EVERY_S:
+                logged = loop.time()
+                log.warning(
+                    "node cache unreachable: taking no work until it answers",
+                    extra=fields(address=s.cache_address, reason=why),
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause_s)
+            pause_s = min(2 * pause_s, CACHE_RETRY_MAX_S)
+
     async def run(self) -> None:
         """Serve until ``stop()``; raises FatalError for what retrying cannot fix."""
         self._open()
+        await self.wait_for_cache()
         for slot in self.slots:
             self._slot_tasks[slot] = asyncio.create_task(self._slot_loop(slot))
         try:
@@ -288,7 +238,8 @@ class BridgeWorker:
                     if not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]  # a fatal error
         finally:
-            tasks = list(self._slot_tasks.values())
+            self._closing = True
+            tasks = [*self._slot_tasks.values(), *self._pausing]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -306,6 +257,10 @@ class BridgeWorker:
         s = self.settings
         attempt = 0
         while not self._stopping.is_set() and not slot.retired:
+            if self.paused is not None:
+                await self._resumed.wait()
+                attempt = 0
+                continue
             registrations = slot.registrations
             try:
                 await slot.serve()
@@ -313,7 +268,8 @@ class BridgeWorker:
                 # stop() cancels the calls; anything else cancelling us must propagate.
                 if self._stopping.is_set() or slot.retired:
                     return
-                raise
+                if not slot.pausing or self._closing:
+                    raise  # else pause() ended the call (a call cancelled here raises this)
             except grpc.aio.AioRpcError as exc:
                 if slot.retired:
                     return
@@ -329,6 +285,9 @@ class BridgeWorker:
                 log.error("protocol error", extra=fields(slot=slot.index, error=str(exc)))
             if self._stopping.is_set() or slot.retired:
                 return
+            if slot.pausing:
+                await slot.unregistered()
+                continue  # ended by pause(): no reconnect to count
             if slot.registrations != registrations:
                 # Count only consecutive failures: a registration that worked (then
                 # ended, normally or not) starts the count again, as the reference
@@ -344,6 +303,30 @@ class BridgeWorker:
             self.reconnects += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    # -- not taking work while the compute side cannot serve (no live pool actor)
+
+    def pause(self, reason: str) -> None:
+        """Stop taking work: every slot drains its session like an UNBIND and ends its
+        registration, so that the queue manager hands the work to other workers;
+        none registers again until :meth:`resume`."""
+        if self.paused is not None or self._stopping.is_set():
+            return
+        self.paused = reason
+        self._resumed.clear()
+        log.warning("not taking work: logical workers unregister", extra=fields(reason=reason))
+        for slot in self.slots:
+            task = None if slot.retired else slot.unregister(self.settings.drain_timeout_s)
+            if task is not None:
+                self._pausing.add(task)
+                task.add_done_callback(self._pausing.discard)
+
+    def resume(self) -> None:
+        """Take work again after :meth:`pause`: every slot registers."""
+        if self.paused is not None:
+            log.info("taking work again: logical workers register", extra=fields(was=self.paused))
+            self.paused = None
+            self._resumed.set()
 
     # -- logical workers that follow the pool (--slots auto on an elastic pool)
 
@@ -413,6 +396,7 @@ class BridgeWorker:
         """Stop serving: with ``drain``, finish batches in flight (bounded by
         ``drain_timeout_s``), send their results, report IDLE, half-close."""
         self._stopping.set()
+        self._resumed.set()  # slots waiting to register again see the stop
         if drain:
             streams = [slot.session for slot in self.slots if slot.session is not None]
             answered = self.stats.batches_done - self.stats.results_dropped

@@ -9,9 +9,11 @@ Used by the bridge actor and by :mod:`ray_alpcrun.pool.notebook`::
     await pool.end_session("s1")
     await pool.close()
 
-Splitting, least-loaded assignment, retries and timeouts live in
-:mod:`ray_alpcrun.pool.dispatch`, the calls to the actors in
-:mod:`ray_alpcrun.pool.backend`; this module creates the actors and sizes the
+Which actors exist (replacements, the elastic grow and release, whether the
+pool serves at all) lives in :mod:`ray_alpcrun.pool.membership`; splitting,
+least-loaded assignment, retries and timeouts in :mod:`ray_alpcrun.pool.dispatch`
+(which sees the membership only as a ``Roster``); the calls to the actors in
+:mod:`ray_alpcrun.pool.backend`. This module wires them on Ray and sizes the
 pool. Ray's own retries are off (``max_restarts=0``, ``max_task_retries=0``):
 the dispatcher retries, so no task is answered twice. Nothing here blocks the
 event loop: ObjectRefs are awaited.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +35,7 @@ from ray_alpcrun.pool.backend import RayBackend
 from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
 from ray_alpcrun.pool.gpu import check_gpu_request
+from ray_alpcrun.pool.membership import CLOSED, WAITING, Availability, Listener, Membership
 from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, PoolActorHandle, SharedRef
 from ray_alpcrun.pool.scaling import Decision, Scaler
 from ray_alpcrun.runtime import Outcome
@@ -59,8 +62,13 @@ class ActorPool:
         self.config = config if config is not None else PoolConfig()
         self.start_timeout_s = DEFAULT_START_TIMEOUT_S
         self._backend: RayBackend | DirectBackend | None = None
+        self._membership: Membership[PoolActorHandle] | None = None
         self._dispatcher: Dispatcher[PoolActorHandle] | None = None
         self._scaler: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
+        self._closed = False
+        self._status: tuple[float, dict[str, Any]] | None = None  # (loop time, status)
+        self._status_round: asyncio.Future[dict[str, Any]] | None = None
         self.decision = Decision(self.config.lowest, reason="start")
         """The elastic pool's latest scale decision (target and why)."""
         self.waiting_for = ""
@@ -69,24 +77,42 @@ class ActorPool:
     @property
     def size(self) -> int:
         """Number of actors the pool keeps (live or starting; at least 1)."""
-        if self._dispatcher is not None and self.config.elastic:
-            return max(1, self._dispatcher.size)
+        if self._membership is not None and self.config.elastic:
+            return max(1, self._membership.size)
         return self.config.num_actors
 
     @property
     def live(self) -> int:
         """Actors ready to take work now."""
-        return len(self._dispatcher.members()) if self._dispatcher is not None else 0
+        return len(self._membership.members()) if self._membership is not None else 0
 
     @property
     def pending(self) -> int:
         """Actors asked for and not ready yet (Ray's demand signal to its autoscaler)."""
-        return self._dispatcher.pending if self._dispatcher is not None else 0
+        return self._membership.pending if self._membership is not None else 0
 
     @property
     def restarts(self) -> int:
         """Actors replaced since start (died, unreachable or hung)."""
-        return self._dispatcher.restarts if self._dispatcher is not None else 0
+        return self._membership.restarts if self._membership is not None else 0
+
+    def availability(self) -> Availability:
+        """Whether the pool serves, waits for an actor, or gave up for now (and why)."""
+        if self._membership is None:
+            state = CLOSED if self._closed else WAITING
+            return Availability(state, "the actor pool is not running")
+        return self._membership.availability()
+
+    def watch(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(availability)`` after every change of the pool's actors
+        once it runs (subscribe before :meth:`start`, too); returns the unsubscribe."""
+        self._listeners.append(listener)
+
+        def unwatch() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unwatch
 
     async def start(self) -> None:
         """Create the actors and wait until each has loaded the handler.
@@ -94,7 +120,7 @@ class ActorPool:
         Raises :class:`HandlerError` if the handler cannot be loaded and
         :class:`ConfigError` if the cluster cannot hold the actors.
         """
-        if self._dispatcher is not None:
+        if self._membership is not None:
             return
         import ray
         from ray import cloudpickle
@@ -131,11 +157,17 @@ class ActorPool:
         backend: RayBackend | DirectBackend = calls
         if cfg.data_path == "direct":
             backend = DirectBackend(calls)
-        dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
+        membership: Membership[PoolActorHandle] = Membership(
             backend,
             num_actors=first,
-            # Batches wait for actors that wait for the cluster to grow.
+            # A pool still waiting for the cluster to grow may wait like an elastic one.
             elastic=cfg.elastic or first < cfg.lowest,
+            restart_backoff_max_s=cfg.restart_backoff_max_s,
+            no_actor_grace_s=cfg.no_actor_grace_s,
+        )
+        dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
+            membership,
+            backend,
             min_chunk=cfg.min_chunk,
             min_chunk_work_s=cfg.min_chunk_work_s,
             max_call_retries=cfg.max_call_retries,
@@ -143,7 +175,7 @@ class ActorPool:
         )
         calls.task_cost = lambda: dispatcher.task_cost_s
         try:
-            await asyncio.wait_for(dispatcher.start(), self.start_timeout_s)
+            await asyncio.wait_for(membership.start(), self.start_timeout_s)
         except BaseException as exc:
             for actor in list(backend.handles.values()):
                 backend.kill(actor)
@@ -153,10 +185,10 @@ class ActorPool:
                     f"{self.start_timeout_s:g} s; does the cluster have the resources?"
                 ) from exc
             raise
-        self._backend, self._dispatcher = backend, dispatcher
-        dispatcher.grow(cfg.lowest - first)
+        self._attach(backend, membership, dispatcher)
+        membership.grow(cfg.lowest - first)
         if cfg.elastic or first < cfg.lowest:
-            self._scaler = asyncio.create_task(self._scale(dispatcher, view.source))
+            self._scaler = asyncio.create_task(self._scale(view.source))
         log.info(
             "actor pool started: %d actor(s) ready, %d starting, %s; %g CPU and %g GPU each",
             first,
@@ -166,12 +198,28 @@ class ActorPool:
             cfg.gpus_per_actor,
         )
 
-    async def _scale(self, dispatcher: Dispatcher[PoolActorHandle], source: str) -> None:
+    def _attach(
+        self,
+        backend: RayBackend | DirectBackend,
+        membership: Membership[PoolActorHandle],
+        dispatcher: Dispatcher[PoolActorHandle],
+    ) -> None:
+        """Serve with these (``start`` builds them on Ray; tests pass fakes)."""
+        self._backend, self._membership, self._dispatcher = backend, membership, dispatcher
+        membership.watch(self._changed)
+
+    def _changed(self, availability: Availability) -> None:
+        for listener in list(self._listeners):
+            listener(availability)
+
+    async def _scale(self, source: str) -> None:
         """The elastic pool's loop: sample the load, ask for or release actors.
 
         A fixed pool still waiting for room runs it only to say what it waits for."""
         from ray_alpcrun.pool.cluster import shape_text
 
+        membership, dispatcher = self._membership, self._dispatcher
+        assert membership is not None and dispatcher is not None  # started before this runs
         cfg = self.config
         scaler = Scaler(
             cfg.lowest, cfg.highest, cfg.target_batches_per_actor, cfg.downscale_delay_s
@@ -180,14 +228,14 @@ class ActorPool:
         logged_wait = -WAIT_LOG_EVERY_S
         while True:
             now = loop.time()
-            live, pending = len(dispatcher.members()), dispatcher.pending
+            live, pending = len(membership.members()), membership.pending
             if cfg.elastic:
                 decision = scaler.decide(dispatcher.batches, live, pending, now)
             else:
                 decision = Decision(cfg.num_actors)
             if decision.start:
-                dispatcher.grow(decision.start)
-            released = dispatcher.release(decision.release) if decision.release else 0
+                membership.grow(decision.start)
+            released = membership.release(decision.release) if decision.release else 0
             if decision.start or released:
                 log.info(
                     "pool scaling: %s",
@@ -205,8 +253,8 @@ class ActorPool:
                 if now - logged_wait >= WAIT_LOG_EVERY_S:
                     logged_wait = now
                     log.info("pool waiting: %s", self.waiting_for)
-                    if dispatcher.start_error:
-                        log.warning("last actor start failed: %s", dispatcher.start_error)
+                    if membership.start_error:
+                        log.warning("last actor start failed: %s", membership.start_error)
             else:
                 self.waiting_for = ""
             await asyncio.sleep(SCALE_TICK_S)  # ok: sampling period of the scaler
@@ -246,12 +294,43 @@ class ActorPool:
         """Run the session end hook on every actor and free the session's state."""
         await self._running().end_session(session_id)
 
-    async def status(self, timeout_s: float = DEFAULT_STATUS_TIMEOUT_S) -> dict[str, Any]:
-        """Pool counters and each live actor's status (pid, sessions, shared decodes, ...)."""
-        dispatcher, backend = self._dispatcher, self._backend
-        if dispatcher is None or backend is None:
+    async def status(
+        self, timeout_s: float = DEFAULT_STATUS_TIMEOUT_S, max_age_s: float = 0.0
+    ) -> dict[str, Any]:
+        """Pool counters and each live actor's status (pid, sessions, shared decodes, ...).
+
+        With ``max_age_s`` (the health endpoint's 1 s), one round of actor calls
+        serves every caller for that long: callers meanwhile share the round in
+        progress or get its answer again, so a flood of requests costs the
+        actors nothing more. Without it, the actors are asked now."""
+        membership, dispatcher, backend = self._membership, self._dispatcher, self._backend
+        if membership is None or dispatcher is None or backend is None:
             return {"started": False, "size": self.size, "restarts": 0, "actors": []}
-        members = dispatcher.members()
+        if max_age_s <= 0:
+            return await self._read_status(membership, dispatcher, backend, timeout_s)
+        now = asyncio.get_running_loop().time()
+        if self._status is not None and now - self._status[0] < max_age_s:
+            return self._status[1]
+        if self._status_round is None:
+            reading = self._read_status(membership, dispatcher, backend, timeout_s)
+            self._status_round = asyncio.ensure_future(reading)
+            self._status_round.add_done_callback(self._status_read)
+        # Shielded: a caller that goes away (a closed HTTP request) leaves the round to the others.
+        return await asyncio.shield(self._status_round)
+
+    def _status_read(self, round_: asyncio.Future[dict[str, Any]]) -> None:
+        self._status_round = None
+        if not round_.cancelled() and round_.exception() is None:
+            self._status = (asyncio.get_running_loop().time(), round_.result())
+
+    async def _read_status(
+        self,
+        membership: Membership[PoolActorHandle],
+        dispatcher: Dispatcher[PoolActorHandle],
+        backend: RayBackend | DirectBackend,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        members = membership.members()
         infos = await asyncio.gather(*(backend.status(m.actor, timeout_s) for m in members))
         actors = [
             {"actor": m.index, "inflight": m.inflight, **info}
@@ -262,40 +341,46 @@ class ActorPool:
             "size": self.size,
             "live": len(members),
             **self.scale_status(),
-            "restarts": dispatcher.restarts,
+            "restarts": membership.restarts,
             "task_cost_s": dispatcher.task_cost_s,
             "actors": actors,
         }
 
     def scale_status(self) -> dict[str, Any]:
         """The elastic figures for /status and /metrics: alive, pending, target, why."""
-        d = self._dispatcher
+        m, d = self._membership, self._dispatcher
         return {
             "elastic": self.config.elastic,
             "min_actors": self.config.lowest,
             "max_actors": self.config.highest,
-            "pending": d.pending if d is not None else 0,
+            "pending": m.pending if m is not None else 0,
             "target": self.decision.target,
             "reason": self.decision.reason,
             "batches": d.batches if d is not None else 0,
-            "released": d.released if d is not None else 0,
+            "released": m.released if m is not None else 0,
             "waiting_for": self.waiting_for,
         }
 
     async def settle(self) -> None:
-        """Wait until actors being replaced are back (or their restart gave up)."""
-        if self._dispatcher is not None:
-            await self._dispatcher.settle()
+        """Wait until actors being replaced are back (or the pool closed)."""
+        if self._membership is not None:
+            await self._membership.settle()
 
     async def close(self) -> None:
         """Kill every actor. Idempotent."""
-        dispatcher, self._dispatcher = self._dispatcher, None
+        self._closed = True
+        membership, self._membership = self._membership, None
+        self._dispatcher = None
         scaler, self._scaler = self._scaler, None
         if scaler is not None:
             scaler.cancel()
             await asyncio.gather(scaler, return_exceptions=True)
-        if dispatcher is not None:
-            await dispatcher.close()
+        if membership is not None:
+            await membership.close()
+        round_, self._status_round, self._status = self._status_round, None, None
+        if round_ is not None:
+            round_.cancel()
+            await asyncio.gather(round_, return_exceptions=True)
         backend, self._backend = self._backend, None
         if backend is not None:
             await backend.close()  # graphs torn down (waited for), sockets closed

@@ -178,9 +178,16 @@ class RayBackend:
         await self._calls.close()
 
     async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:
+        ref = actor.status.remote()
         try:
-            info = await asyncio.wait_for(actor.status.remote(), timeout_s)
+            info = await asyncio.wait_for(ref, timeout_s)
         except asyncio.TimeoutError:
+            # Cancelled, not left queued in the actor's control group, where it
+            # would hold up the next status call and a replacement's ``ready``.
+            try:
+                self._ray.cancel(ref)
+            except Exception as exc:  # already finished or gone is fine
+                log.debug("ray.cancel failed: %s", exc)
             return {"error": f"no answer within {timeout_s:g} s"}
         except self.lost_errors as exc:
             return {"error": first_line(exc)}

@@ -1,105 +1,121 @@
 """Which actors are in the pool: start them, replace the ones that die, grow and
-release them (the elastic pool).
+release them (the elastic pool), and whether the pool can serve at all.
 
-Pure asyncio and no Ray, like :mod:`ray_alpcrun.pool.dispatch`, which builds on
-it: :class:`Membership` keeps the row of :class:`Member` s (one per index) and
-their replacements; the dispatcher decides which member runs what.
+Pure asyncio and no Ray, like :mod:`ray_alpcrun.pool.dispatch`. :class:`Membership`
+keeps the row of :class:`Member` s (one per index) and their replacements; a
+dispatcher decides which member runs what, and sees the membership only as a
+:class:`~ray_alpcrun.pool.interfaces.Roster` (the seams are in
+:mod:`ray_alpcrun.pool.interfaces`).
+
+Decisions (issue 18):
+
+* A lost actor is replaced at its index for as long as the pool runs. Start
+  attempts back off exponentially from ``restart_backoff_s`` to at most
+  ``restart_backoff_max_s``; every failure is logged with its reason. (It used
+  to give up after three attempts: a fixed pool that had lost its actors then
+  answered every task of every session with an error, at full speed.)
+* With no live actor, batches wait for one. The pool is *unavailable* ("given
+  up for now") once no actor has been live for ``no_actor_grace_s``; an elastic
+  pool is allowed to wait for room without limit, and becomes unavailable only
+  when its starts have been failing for that long. The owner (the bridge) stops
+  taking work while the pool is unavailable, and the dispatcher answers the
+  batches it holds with :class:`~ray_alpcrun.errors.PoolUnavailable`; the
+  first live actor makes the pool serve again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from ray_alpcrun.logs import fields
-from ray_alpcrun.runtime import Outcome
+from ray_alpcrun.pool.interfaces import (
+    CLOSED,
+    SERVING,
+    UNAVAILABLE,
+    WAITING,
+    Availability,
+    Backend,
+    CallResult,
+    Calls,
+    Lifecycle,
+    Listener,
+    Member,
+    Roster,
+)
+
+# The seams live in interfaces.py; these names stay importable from here.
+__all__ = [
+    "CLOSED",
+    "SERVING",
+    "UNAVAILABLE",
+    "WAITING",
+    "Availability",
+    "Backend",
+    "CallResult",
+    "Calls",
+    "Lifecycle",
+    "Listener",
+    "Member",
+    "Membership",
+    "Roster",
+]
 
 log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 
-# What an actor answers for a sub-batch: outcomes in order, and the seconds the
-# handler spent on them (None if unknown).
-CallResult = tuple[list[Outcome], float | None]
-
-
-class Backend(Protocol[A]):
-    """How the dispatcher reaches actors of type ``A``."""
-
-    async def start_actor(self) -> A:
-        """Create one actor and return once it is ready to take calls."""
-
-    async def call(
-        self,
-        actor: A,
-        session_id: str,
-        payloads: list[bytes],
-        shared: object,
-        tags: tuple[str, ...],
-    ) -> CallResult:
-        """Run a sub-batch; one outcome per payload, in order, and the handler's time.
-
-        Raises :class:`ActorLost` if the actor is gone and
-        :class:`~ray_alpcrun.errors.SessionSetupError` if nothing could run.
-        """
-
-    def kill(self, actor: A) -> None:
-        """Stop the actor now (it may already be dead)."""
-
-    async def end_session(self, actor: A, session_id: str) -> None:
-        """Release the session's state on that actor."""
-
-    async def retire(self, actor: A) -> None:
-        """Retire an idle actor: run every session's end hook there, then stop it."""
-
-
-@dataclass(eq=False, slots=True)
-class Member(Generic[A]):
-    """One incarnation of an actor at one index of the pool."""
-
-    actor: A
-    index: int
-    inflight: int = 0  # tasks submitted and not answered
-    alive: bool = True
-    idle_since: float = 0.0  # loop time when ``inflight`` last dropped to zero
-    # Killed by us (timeout, close): deaths of its other calls are not their tasks' fault.
-    killed: bool = False
+# The event loop may run a timer up to its clock resolution early.
+_EPS_S = 1e-3
 
 
 class Membership(Generic[A]):
     """The row of actors: ``num_actors`` of them unless the owner adds and retires
     actors with :meth:`grow` and :meth:`release` (the elastic pool). A member that
-    dies is replaced at its index (:meth:`_replace`), up to ``restart_attempts``
-    tries with exponential backoff."""
+    dies is replaced at its index, for as long as the pool runs (module docstring).
+
+    >>> m = Membership(backend, num_actors=2)       # doctest: +SKIP
+    >>> await m.start()                              # doctest: +SKIP
+    >>> m.availability().state                       # doctest: +SKIP
+    'serving'
+    """
 
     def __init__(
         self,
-        backend: Backend[A],
+        backend: Lifecycle[A],
         *,
         num_actors: int,
-        restart_attempts: int = 3,
-        restart_backoff_s: float = 0.5,
         elastic: bool = False,
+        restart_backoff_s: float = 0.5,
+        restart_backoff_max_s: float = 30.0,
+        no_actor_grace_s: float = 60.0,
     ) -> None:
         if num_actors < (0 if elastic else 1):
             raise ValueError("num_actors must be at least 1")
         self._backend = backend
         self._num_actors = num_actors
-        self._restart_attempts = restart_attempts
-        self._restart_backoff_s = restart_backoff_s
+        self._backoff_s = restart_backoff_s
+        self._backoff_max_s = max(restart_backoff_s, restart_backoff_max_s)
+        self._grace_s = no_actor_grace_s
         self._elastic = elastic
         self._members: list[Member[A] | None] = []
         self._restarting: set[int] = set()
         self._starting: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
+        self._listeners: list[Listener] = []
         self._closed = False
+        self._state = ""  # none before the first change: start() is no transition to log
+        self._no_live_since: float | None = None  # loop time the last live actor left
+        self._failing_since: float | None = None  # first failed start since the last success
+        self._timer: asyncio.TimerHandle | None = None
         self.released = 0
         """Idle actors retired by :meth:`release`."""
         self.start_error: str | None = None
         """Why the last actor start failed, if it did (cleared by a success)."""
+        self.start_failures = 0
+        """Failed start attempts since start."""
         self.restarts = 0
         """Actors replaced since start (died, unreachable or hung)."""
 
@@ -119,6 +135,68 @@ class Membership(Generic[A]):
         """The live actors now."""
         return [m for m in self._members if m is not None and m.alive]
 
+    def availability(self) -> Availability:
+        """The pool's state now, with its reason (see the module docstring)."""
+        live, pending = len(self.members()), len(self._restarting)
+        no_live_s: float | None = None
+        if self._closed:
+            state, why = CLOSED, "the actor pool is closed"
+        elif live:
+            state, why = SERVING, f"{live} actor(s) live, {pending} starting"
+        else:
+            now = asyncio.get_running_loop().time()
+            no_live_s = now - self._no_live_since if self._no_live_since is not None else 0.0
+            failure = f"; last start failure: {self.start_error}" if self.start_error else ""
+            if self._state == UNAVAILABLE:
+                state = UNAVAILABLE
+                why = (
+                    f"no live actor for {no_live_s:.1f} s (more than {self._grace_s:g} s): "
+                    f"not taking work until one is live ({pending} starting{failure})"
+                )
+            elif pending:
+                state = WAITING
+                why = f"no live actor; batches wait for one of {pending} starting{failure}"
+            else:
+                state = WAITING
+                why = f"no live actor; batches wait until the pool asks for one{failure}"
+        return Availability(
+            state,
+            why,
+            live=live,
+            pending=pending,
+            no_live_s=no_live_s,
+            start_error=self.start_error,
+            start_failures=self.start_failures,
+        )
+
+    def watch(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(availability)`` after every change; returns the unsubscribe."""
+        self._listeners.append(listener)
+
+        def unwatch() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unwatch
+
+    def lost(self, member: Member[A], reason: str, *, killed: bool = False) -> None:
+        """``member`` died, became unreachable or hung: kill it and start a replacement."""
+        if killed:
+            member.killed = True
+        if not member.alive:
+            return  # already being replaced
+        member.alive = False
+        self.restarts += 1
+        log.warning(
+            "replacing actor",
+            extra=fields(actor=member.index, reason=reason, restarts=self.restarts),
+        )
+        # It may only be unreachable, or hung: make sure it is gone.
+        self._backend.kill(member.actor)
+        if not self._closed:
+            self._spawn(member.index)
+        self._changed()
+
     async def start(self) -> None:
         """Start every actor; on any failure stop the others and re-raise it."""
         started = await asyncio.gather(
@@ -136,6 +214,7 @@ class Membership(Generic[A]):
             Member(actor, i, idle_since=now)  # type: ignore[arg-type]
             for i, actor in enumerate(started)
         ]
+        self._changed()
 
     def grow(self, count: int) -> None:
         """Ask for ``count`` more actors; they join as they become ready (pending till then)."""
@@ -151,6 +230,8 @@ class Membership(Generic[A]):
             if index == len(self._members):
                 self._members.append(None)
             self._spawn(index)
+        if count > 0:
+            self._changed()
 
     def release(self, count: int) -> int:
         """Retire up to ``count`` actors: pending ones first, then the longest idle.
@@ -162,14 +243,14 @@ class Membership(Generic[A]):
         done = 0
         for index in sorted(self._restarting, reverse=True):
             if done >= count:
-                return done
+                break
             task = self._starting.get(index)
             if task is not None and not task.done():
                 task.cancel()  # the backend kills an actor that was still starting
                 self._restarting.discard(index)
                 done += 1
         idle = sorted((m for m in self.members() if m.inflight == 0), key=_idle_since)
-        for m in idle[: count - done]:
+        for m in idle[: max(0, count - done)]:
             m.alive = False
             m.killed = True
             self._members[m.index] = None
@@ -179,7 +260,7 @@ class Membership(Generic[A]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if done:
-            self._notify()
+            self._changed()
         return done
 
     async def _retire(self, member: Member[A]) -> None:
@@ -193,10 +274,19 @@ class Membership(Generic[A]):
             self._backend.kill(member.actor)
 
     async def settle(self) -> None:
-        """Wait until no actor replacement is pending (back to full size, or given up)."""
+        """Wait until no actor start is pending (back to full size, or closed)."""
         while self._restarting and not self._closed:
-            wake = self._wake
-            await wake.wait()
+            changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake(_: Availability, changed: asyncio.Future[None] = changed) -> None:
+                if not changed.done():
+                    changed.set_result(None)
+
+            unwatch = self.watch(wake)
+            try:
+                await changed
+            finally:
+                unwatch()
 
     async def close(self) -> None:
         """Stop restarts and kill every actor. Batches still running get errors."""
@@ -208,24 +298,9 @@ class Membership(Generic[A]):
             m.alive = False
             m.killed = True
             self._backend.kill(m.actor)
-        self._notify()
+        self._changed()
 
     # -- internals --------------------------------------------------------
-
-    def _replace(self, member: Member[A], reason: str) -> None:
-        if not member.alive:
-            return  # already being replaced
-        member.alive = False
-        self.restarts += 1
-        log.warning(
-            "replacing actor",
-            extra=fields(actor=member.index, reason=reason, restarts=self.restarts),
-        )
-        # It may only be unreachable, or hung: make sure it is gone.
-        self._backend.kill(member.actor)
-        if self._closed:
-            return
-        self._spawn(member.index)
 
     def _spawn(self, index: int) -> None:
         self._restarting.add(index)
@@ -235,35 +310,105 @@ class Membership(Generic[A]):
         task.add_done_callback(self._tasks.discard)
 
     async def _restart(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        failed = 0
         try:
-            for attempt in range(self._restart_attempts):
+            while not self._closed:
                 try:
                     actor = await self._backend.start_actor()
                 except Exception as exc:
+                    failed += 1
+                    self.start_failures += 1
                     self.start_error = str(exc)
+                    if self._failing_since is None:
+                        self._failing_since = loop.time()
+                    # Capped exponent: the delay stays a float after days of failures.
+                    delay_s = min(self._backoff_max_s, self._backoff_s * 2.0 ** min(failed - 1, 30))
                     log.warning(
-                        "actor restart failed",
-                        extra=fields(actor=index, attempt=attempt + 1, error=str(exc)),
+                        "actor start failed; trying again",
+                        extra=fields(
+                            actor=index, attempt=failed, error=str(exc), retry_in_s=delay_s
+                        ),
                     )
-                    await asyncio.sleep(self._restart_backoff_s * 2**attempt)  # ok: backoff
+                    self._changed()
+                    await asyncio.sleep(delay_s)  # ok: backoff between start attempts
                     continue
                 if self._closed:
                     self._backend.kill(actor)
                     return
                 self.start_error = None
-                now = asyncio.get_running_loop().time()
-                self._members[index] = Member(actor, index, idle_since=now)
+                self._failing_since = None
+                self._members[index] = Member(actor, index, idle_since=loop.time())
+                if failed:
+                    log.info(
+                        "actor started after failed attempts",
+                        extra=fields(actor=index, failed_attempts=failed),
+                    )
                 return
-            log.error("actor abandoned after failed restarts", extra=fields(actor=index))
         finally:
             if self._starting.get(index) is asyncio.current_task():
                 del self._starting[index]
             self._restarting.discard(index)
-            self._notify()
+            self._changed()
 
-    def _notify(self) -> None:
-        self._wake.set()
-        self._wake = asyncio.Event()
+    def _changed(self) -> None:
+        """After every change: update the state (log its transitions, arm the timer
+        that ends the grace), then tell the listeners."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        live = any(m is not None and m.alive for m in self._members)
+        if live:
+            self._no_live_since = None
+        elif self._no_live_since is None:
+            self._no_live_since = now
+        if not self._restarting:
+            # Nothing is being started, so nothing fails: an elastic pool at zero
+            # by choice waits (and takes work, which is how it grows again).
+            self._failing_since = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        state = self._next_state(live, now)
+        if state == WAITING:
+            since = self._outage_since()
+            if since is not None:  # the grace runs out then, unless an actor joins first
+                self._timer = loop.call_at(since + self._grace_s, self._changed)
+        previous, self._state = self._state, state
+        availability = self.availability()
+        if state != previous and previous:
+            extra = fields(state=state, reason=availability.reason)
+            if state == UNAVAILABLE:
+                log.error("actor pool given up for now", extra=extra)
+            elif state == WAITING:
+                log.warning("actor pool has no live actor; batches wait", extra=extra)
+            elif state == SERVING and previous in (WAITING, UNAVAILABLE):
+                log.info("actor pool serving again", extra=extra)
+        for listener in list(self._listeners):
+            listener(availability)
+
+    def _next_state(self, live: bool, now: float) -> str:
+        if self._closed:
+            return CLOSED
+        if live:
+            return SERVING
+        since = self._outage_since()
+        if since is not None and now - since + _EPS_S >= self._grace_s:
+            return UNAVAILABLE
+        return WAITING
+
+    def _outage_since(self) -> float | None:
+        """Since when the pool counts as down (None: it may wait without limit).
+
+        A fixed pool is down from the moment its last live actor left; an
+        elastic pool (which also waits for a cluster to grow) only while its
+        starts fail."""
+        if self._no_live_since is None:
+            return None
+        if not self._elastic:
+            return self._no_live_since
+        if self._failing_since is None:
+            return None
+        return max(self._no_live_since, self._failing_since)
 
 
 def _idle_since(member: Member[A]) -> float:

@@ -125,16 +125,41 @@ def test_an_unreachable_queue_manager_exits_7_and_never_says_serving(
 ) -> None:
     """ "bridge serving" waits for the queue manager to take a logical worker
     (it was logged once the actors had started, the queue manager unreached)."""
-    run = Bridge(
-        ["--handler", "tests.support.bridge_handlers:echo", "--queue", "127.0.0.1:9",
-         "--cache", "127.0.0.1:9", "--connect-attempts", "4", "--backoff-max", "1"],
-        KEY, ray_address,
-    )  # fmt: skip
-    code, out = run.wait(120)
+    with services(api_key=KEY) as svc:  # a node cache that answers; no queue manager
+        run = Bridge(
+            ["--handler", "tests.support.bridge_handlers:echo", "--queue", "127.0.0.1:9",
+             "--cache", svc.node_cache_address, "--proto-package", svc.proto_package or "",
+             "--connect-attempts", "4", "--backoff-max", "1"],
+            KEY, ray_address,
+        )  # fmt: skip
+        code, out = run.wait(120)
     assert code == errors.EXIT_UNAVAILABLE, out
     assert "queue manager at 127.0.0.1:9 unreachable after 4 attempts" in reason_line(out)
     assert "actor pool started" in out, out  # the actors were up: it could have said so
     assert "bridge serving" not in out, out
+
+
+def test_a_wrong_cache_address_is_named_at_once_and_no_work_is_taken(
+    ray_address: str | None,
+) -> None:
+    """A ``--cache`` where nothing listens: the bridge says so within seconds,
+    naming the address, takes no work (never registers, never says serving), and
+    with --connect-attempts exits 7 naming it (it used to register and dead-letter
+    every batch with shared data)."""
+    with services(api_key=KEY) as svc:
+        run = Bridge(
+            ["--handler", "tests.support.bridge_handlers:echo", "--queue", svc.queue_address,
+             "--cache", "127.0.0.1:2", "--proto-package", svc.proto_package or "",
+             "--connect-attempts", "3", "--backoff-max", "1"],
+            KEY, ray_address,
+        )  # fmt: skip
+        code, out = run.wait(120)
+        registered = svc.stats()["workers"]
+    assert code == errors.EXIT_UNAVAILABLE, out
+    assert "node cache unreachable: taking no work until it answers" in out, out
+    assert "address=127.0.0.1:2" in out, out
+    assert "node cache at 127.0.0.1:2 unreachable after 3 attempts" in reason_line(out), out
+    assert "bridge serving" not in out and registered == 0, out
 
 
 def test_a_bridge_actor_that_dies_at_start_exits_3_in_one_line(ray_address: str | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -272,3 +273,102 @@ def test_mutual_tls_end_to_end_and_the_key_stays_secret(start: Any, tmp_path: Pa
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
     assert not leaked, f"API key found in Ray logs: {leaked}"
+
+
+# -- a pool that lost every actor comes back (issue 18, item 1) --------------------------
+
+FLAKY = "tests.support.flaky_import:handle"
+
+
+@pytest.fixture
+def broken_import() -> Iterator[Path]:
+    """The marker that makes ``tests.support.flaky_import`` fail to import (removed after)."""
+    from tests.support.flaky_import import MARKER
+
+    marker = Path(MARKER)
+    marker.unlink(missing_ok=True)
+    yield marker
+    marker.unlink(missing_ok=True)
+
+
+def pool_status(handle: BridgeHandle) -> dict[str, Any]:
+    return cast(dict[str, Any], ray_get(handle.status())["pool"])
+
+
+def test_after_an_outage_in_which_no_actor_could_start_a_new_session_is_served(
+    start: Any, tmp_path: Path, broken_import: Path
+) -> None:
+    # --actors 1; the actor dies while its handler module cannot be imported.
+    # Replacements used to stop after 3 attempts (3.5 s), and every task of
+    # every session was then answered "no live actors left in the pool".
+    with services() as svc:
+        handle = start(svc, FLAKY, 1)
+        with client_for(svc) as client:
+            held = client.create_session(app_id="during-the-outage")
+            broken_import.touch()
+            answers: list[Any] = []
+            killer = threading.Thread(
+                target=lambda: answers.extend(held.run([f"exit:{tmp_path / 'x'}".encode()]))
+            )
+            killer.start()
+            # Past the old three attempts: the pool keeps trying, and says so.
+            status = pool_status(handle)
+            while status["start_failures"] < 4:
+                assert killer.is_alive(), answers
+                status = pool_status(handle)
+            assert status["state"] == "waiting" and "broken-import" in status["last_start_error"]
+            broken_import.unlink()
+            killer.join(120)
+            held.close()
+            fresh = client.create_session(app_id="after-the-outage")
+            results = fresh.run(ok_payloads(100), batch_size=10, timeout_s=120)
+            fresh.close()
+    assert [r.ok for r in answers] == [True]  # the task that killed the actor, retried
+    assert_exactly_once(results, 100)
+    assert all(r.ok for r in results), {r.error for r in results if not r.ok}
+    assert pool_status(handle)["state"] == "serving"
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+
+
+def test_past_the_grace_the_bridge_stops_taking_work_until_an_actor_is_live(
+    start: Any, tmp_path: Path, broken_import: Path
+) -> None:
+    with services() as svc:
+        handle = start(svc, FLAKY, 1, no_actor_grace_s=2.0, health_port=0,
+                       health_host="127.0.0.1")  # fmt: skip
+        port = ray_get(handle.status())["health_port"]
+        assert readyz(port)[0] == 200
+        with client_for(svc) as client:
+            held = client.create_session(app_id="given-up")
+            broken_import.touch()
+            # Its actor dies; the batch waits 2 s, then is answered dead with the reason.
+            answers = held.run([f"exit:{tmp_path / 'x'}".encode()], timeout_s=120)
+            held.close()
+            code, body = readyz(port)
+            status = pool_status(handle)
+            while svc.stats()["workers"]:
+                ray_get(handle.status())  # paces the poll: the unregistration is under way
+            registrations = svc.stats()["workers_registered"]
+            broken_import.unlink()
+            while pool_status(handle)["state"] != "serving":
+                pass  # the next start attempt finds the module again
+            handle.wait_ready(60)
+            fresh = client.create_session(app_id="after-giving-up")
+            results = fresh.run(ok_payloads(20), batch_size=5, timeout_s=120)
+            fresh.close()
+            again = svc.stats()["workers_registered"] - registrations
+            final = readyz(port)
+    assert [r.dead for r in answers] == [True]
+    assert answers[0].error is not None and answers[0].error.startswith("no live actor for")
+    assert status["state"] == "unavailable" and not status["taking_work"]
+    assert code == 503 and "no live actor for" in body and "broken-import" in body
+    # (and its logical worker unregistered, so the queue manager hands work elsewhere)
+    assert all(r.ok for r in results) and final[0] == 200
+    assert again == 1  # registered again once an actor was live

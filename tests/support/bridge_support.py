@@ -24,6 +24,7 @@ def bridge_config(svc: Any, handler: str, actors: int = 2, **kw: Any) -> BridgeC
         cpus_per_actor=kw.pop("cpus_per_actor", 0.5),
         min_chunk=kw.pop("min_chunk", 1),
         task_timeout_s=kw.pop("task_timeout_s", None),
+        no_actor_grace_s=kw.pop("no_actor_grace_s", 60.0),
         **path,
     )
     return BridgeConfig(services=services, handler=handler, pool=pool, **kw)

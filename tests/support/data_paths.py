@@ -20,8 +20,9 @@ def config(path: str, **kwargs: Any) -> PoolConfig:
 async def on_path(pool: ActorPool, session: str = "warm", **kw: Any) -> None:
     """Check that every live actor takes sub-batches on the pool's own path (a
     socket from its start on the direct path; ordinary calls always on ``calls``)."""
-    backend = pool._backend
-    members = pool._running().members
+    backend, membership = pool._backend, pool._membership
+    assert membership is not None
+    members = membership.members
     assert len(members()) == pool.size
     if isinstance(backend, DirectBackend):
         assert all(backend.direct(m.actor) for m in members())

@@ -1,15 +1,16 @@
-"""The dispatcher's fake backend: actors are plain objects, behaviour is driven
-by the payloads, nothing runs on Ray (see ``ray_alpcrun.pool.membership.Backend``)."""
+"""The pool's fake backend: actors are plain objects, behaviour is driven by the
+payloads, nothing runs on Ray (see ``ray_alpcrun.pool.membership.Backend``)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray_alpcrun.errors import ActorLost, SessionSetupError
 from ray_alpcrun.pool.dispatch import CallResult, Dispatcher
+from ray_alpcrun.pool.membership import Membership
 from ray_alpcrun.runtime import Outcome
 
 
@@ -110,10 +111,34 @@ def payloads(n: int, prefix: str = "t") -> list[bytes]:
     return [f"{prefix}{i}".encode() for i in range(n)]
 
 
-async def started(backend: FakeBackend, **kwargs: Any) -> Dispatcher[FakeActor]:
-    """A started dispatcher over ``backend`` (2 actors, chunks of 1 unless told)."""
+class Pool(NamedTuple):
+    """A membership and the dispatcher on it, over one fake backend."""
+
+    membership: Membership[FakeActor]
+    dispatcher: Dispatcher[FakeActor]
+
+
+_MEMBERSHIP_ARGS = (
+    "num_actors",
+    "elastic",
+    "restart_backoff_s",
+    "restart_backoff_max_s",
+    "no_actor_grace_s",
+)
+
+
+def pool(backend: FakeBackend, **kwargs: Any) -> Pool:
+    """A membership (2 actors unless told) and a dispatcher (chunks of 1 unless
+    told) over ``backend``; each takes its own keyword arguments."""
     kwargs.setdefault("num_actors", 2)
     kwargs.setdefault("min_chunk", 1)
-    d: Dispatcher[FakeActor] = Dispatcher(backend, **kwargs)
-    await d.start()
-    return d
+    own = {k: kwargs.pop(k) for k in _MEMBERSHIP_ARGS if k in kwargs}
+    membership: Membership[FakeActor] = Membership(backend, **own)
+    return Pool(membership, Dispatcher(membership, backend, **kwargs))
+
+
+async def started(backend: FakeBackend, **kwargs: Any) -> Pool:
+    """:func:`pool`, started."""
+    p = pool(backend, **kwargs)
+    await p.membership.start()
+    return p

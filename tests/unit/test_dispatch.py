@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from ray_alpcrun.errors import ActorLost, SessionSetupError
 from ray_alpcrun.pool.dispatch import CallResult, Dispatcher, plan_chunks
-from tests.support.fake_backend import FakeActor, FakeBackend, payloads, started
+from ray_alpcrun.pool.membership import Availability, Listener, Member, Membership
+from tests.support.fake_backend import FakeActor, FakeBackend, payloads, pool, started
 
 # -- plan_chunks ------------------------------------------------------------------
 
@@ -45,7 +47,7 @@ def test_plan_covers_every_task_once(loads: list[int], n: int) -> None:
 
 async def test_one_call_per_actor_per_sub_batch_in_order() -> None:
     backend = FakeBackend()
-    d = await started(backend)
+    _, d = await started(backend)
     batch = payloads(10)
     out = await d.run("s", batch)
     assert out == [(p.upper(), None) for p in batch]
@@ -54,14 +56,14 @@ async def test_one_call_per_actor_per_sub_batch_in_order() -> None:
 
 
 async def test_handler_errors_stay_per_task() -> None:
-    d = await started(FakeBackend())
+    _, d = await started(FakeBackend())
     out = await d.run("s", [b"a", b"fail", b"c"])
     assert out == [(b"A", None), (None, "ValueError: failed"), (b"C", None)]
 
 
 async def test_least_loaded_gets_the_next_batch() -> None:
     backend = FakeBackend()
-    d = await started(backend, min_chunk=100)
+    _, d = await started(backend, min_chunk=100)
     busy = asyncio.create_task(d.run("s", [b"wait"]))
     await backend.entered.wait()
     # Actor 0 holds the waiting task: the next two batches go to actor 1.
@@ -74,11 +76,11 @@ async def test_least_loaded_gets_the_next_batch() -> None:
 
 async def test_actor_death_retries_on_a_live_actor_exactly_once() -> None:
     backend = FakeBackend()
-    d = await started(backend)
+    m, d = await started(backend)
     batch = [*payloads(5), b"die-once", *payloads(4, "u")]
     out = await d.run("s", batch)
     assert out == [(p.upper(), None) for p in batch]
-    assert d.restarts == 1
+    assert m.restarts == 1
     assert len(backend.actors) == 3  # two at start, one replacement
     assert set(backend.answered.values()) == {1}
     assert sum(backend.answered.values()) == len(batch)
@@ -86,7 +88,7 @@ async def test_actor_death_retries_on_a_live_actor_exactly_once() -> None:
 
 async def test_a_task_that_always_kills_its_actor_fails_alone() -> None:
     backend = FakeBackend()
-    d = await started(backend, max_call_retries=2)
+    m, d = await started(backend, max_call_retries=2)
     batch = [b"a", b"b", b"die", b"c", b"d", b"e"]
     out = await d.run("s", batch)
     for p, outcome in zip(batch, out, strict=True):
@@ -98,13 +100,13 @@ async def test_a_task_that_always_kills_its_actor_fails_alone() -> None:
     assert set(backend.answered.values()) == {1}
     # Two deaths of the sub-batch, then three of the culprit alone: only deaths
     # while a task runs alone count against it.
-    assert d.restarts == 5
+    assert m.restarts == 5
     # Isolated tasks never queue behind each other: a crash takes only its own task.
     assert backend.singles_peak == 1
 
 
 async def test_without_retries_only_the_culprit_fails() -> None:
-    d = await started(FakeBackend(), num_actors=1, max_call_retries=0)
+    _, d = await started(FakeBackend(), num_actors=1, max_call_retries=0)
     out = await d.run("s", [b"a", b"die"])
     assert out[0] == (b"A", None)
     assert out[1][0] is None and out[1][1] and "actor died 1 times" in out[1][1]
@@ -114,7 +116,7 @@ async def test_neighbours_of_repeated_crashes_never_fail() -> None:
     # Many crashing tasks spread over concurrent batches: every other task still
     # gets its result, however often its sub-batch shared an actor with a crash.
     backend = FakeBackend()
-    d = await started(backend, num_actors=2, max_call_retries=1)
+    _, d = await started(backend, num_actors=2, max_call_retries=1)
     batches = [[*payloads(4, f"b{j}-"), b"die", *payloads(3, f"c{j}-")] for j in range(4)]
     outs = await asyncio.gather(*(d.run("s", b) for b in batches))
     for batch, out in zip(batches, outs, strict=True):
@@ -124,11 +126,14 @@ async def test_neighbours_of_repeated_crashes_never_fail() -> None:
             else:
                 assert (result, error) == (p.upper(), None)
     assert set(backend.answered.values()) == {1}
+    # Isolated tasks of different batches never share an actor either: queued
+    # calls travel together, so a hung one would hold its neighbours' replies.
+    assert backend.singles_peak == 1
 
 
 async def test_hung_task_times_out_and_the_others_succeed() -> None:
     backend = FakeBackend()
-    d = await started(backend, task_timeout_s=0.05, timeout_slack_s=0.05)
+    m, d = await started(backend, task_timeout_s=0.05, timeout_slack_s=0.05)
     batch = [*payloads(3), b"hang", *payloads(3, "u")]
     out = await d.run("s", batch)
     for p, outcome in zip(batch, out, strict=True):
@@ -137,19 +142,19 @@ async def test_hung_task_times_out_and_the_others_succeed() -> None:
         else:
             assert outcome == (p.upper(), None)
     assert set(backend.answered.values()) == {1}
-    assert d.restarts >= 1
+    assert m.restarts >= 1
     assert backend.killed  # the stuck actor was killed
 
 
 async def test_session_setup_error_propagates() -> None:
-    d = await started(FakeBackend())
+    _, d = await started(FakeBackend())
     with pytest.raises(SessionSetupError):
         await d.run("s", [b"a", b"setup", b"c", b"d"])
 
 
 async def test_concurrent_batches_all_answered() -> None:
     backend = FakeBackend()
-    d = await started(backend, num_actors=3, min_chunk=2)
+    _, d = await started(backend, num_actors=3, min_chunk=2)
     batches = [payloads(n, f"b{n}-") for n in (1, 5, 17, 40)]
     outs = await asyncio.gather(*(d.run("s", b) for b in batches))
     for b, out in zip(batches, outs, strict=True):
@@ -158,15 +163,15 @@ async def test_concurrent_batches_all_answered() -> None:
 
 async def test_end_session_fans_out_to_every_live_actor() -> None:
     backend = FakeBackend()
-    d = await started(backend, num_actors=3)
+    _, d = await started(backend, num_actors=3)
     await d.end_session("s9")
     assert sorted(backend.ended) == [(0, "s9"), (1, "s9"), (2, "s9")]
 
 
 async def test_closed_pool_answers_errors() -> None:
     backend = FakeBackend()
-    d = await started(backend)
-    await d.close()
+    m, d = await started(backend)
+    await m.close()
     out = await d.run("s", [b"a"])
     assert out == [(None, "the actor pool is closed")]
     assert len(backend.killed) == 2
@@ -181,24 +186,23 @@ async def test_failed_start_stops_the_actors_that_did_start() -> None:
             return actor
 
     backend = HalfBroken()
-    d: Dispatcher[FakeActor] = Dispatcher(backend, num_actors=2)
     with pytest.raises(RuntimeError, match="no handler"):
-        await d.start()
+        await pool(backend, num_actors=2).membership.start()
     assert backend.killed == [backend.actors[0]]
 
 
 async def test_with_every_actor_dead_the_retry_waits_for_a_replacement() -> None:
     backend = FakeBackend()
-    d = await started(backend, num_actors=1)
+    m, d = await started(backend, num_actors=1)
     out = await d.run("s", [b"a", b"die-once", b"c"])
     assert out == [(b"A", None), (b"DIE-ONCE", None), (b"C", None)]
-    await d.settle()
-    assert d.restarts == 1 and len(d.members()) == 1
+    await m.settle()
+    assert m.restarts == 1 and len(m.members()) == 1
 
 
 async def test_measured_cheap_tasks_stay_in_one_call_and_costly_ones_split() -> None:
     backend = FakeBackend()
-    d = await started(backend, min_chunk=4, min_chunk_work_s=0.01)
+    _, d = await started(backend, min_chunk=4, min_chunk_work_s=0.01)
     assert d.chunk_floor() == 4  # nothing measured yet
     backend.cost_s = 1e-6
     await d.run("s", payloads(100))
@@ -237,7 +241,85 @@ async def test_isolated_tasks_never_share_an_actor() -> None:
                 raise
 
     backend = SlowRestarts()
-    d = await started(backend, min_chunk=100)
+    _, d = await started(backend, min_chunk=100)
     out = await d.run("s", [b"a", b"die", b"b", b"c"])
     assert [o[0] for o in out] == [b"A", None, b"B", b"C"]
     assert backend.singles_peak == 1
+
+
+# -- load given back, waiters woken one at a time (issue 18, items 5 and 7) ----------
+
+
+async def test_a_batch_cancelled_before_its_sub_batches_start_gives_back_its_load() -> None:
+    backend = FakeBackend()
+    m, d = await started(backend, elastic=True)
+    for _ in range(3):  # repeated aborts used to leave 2, 4, 6 in flight on idle actors
+        run = asyncio.ensure_future(d.run("s", payloads(4)))
+        await asyncio.sleep(0)  # ok: one step: the load is reserved, the calls not started
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert [x.inflight for x in m.members()] == [0, 0]
+    assert not any(a.calls for a in backend.actors)
+    assert m.release(2) == 2  # idle, so an elastic pool can let them go
+
+
+class CountingRoster:
+    """The membership as the dispatcher sees it, counting its looks at the members."""
+
+    def __init__(self, inner: Membership[FakeActor]) -> None:
+        self.inner = inner
+        self.looks = 0
+
+    def members(self) -> list[Member[FakeActor]]:
+        self.looks += 1
+        return self.inner.members()
+
+    @property
+    def pending(self) -> int:
+        return self.inner.pending
+
+    def availability(self) -> Availability:
+        return self.inner.availability()
+
+    def lost(self, member: Member[FakeActor], reason: str, *, killed: bool = False) -> None:
+        self.inner.lost(member, reason, killed=killed)
+
+    def watch(self, listener: Listener) -> Callable[[], None]:
+        return self.inner.watch(listener)
+
+
+class OneStarts(FakeBackend):
+    """The first actor starts; the others wait for room that never comes."""
+
+    async def start_actor(self) -> FakeActor:
+        if self.actors:
+            await asyncio.Event().wait()
+        return await super().start_actor()
+
+
+async def test_a_completed_call_wakes_one_waiting_batch_not_all() -> None:
+    # One live actor and one pending: admission is capped at two sub-batches, so
+    # a burst waits in line. Every completed call used to wake every waiter
+    # (10,000 looks at the pool for 200 one-task batches); now each admission
+    # costs a bounded number of looks.
+    backend = OneStarts()
+    membership: Membership[FakeActor] = Membership(backend, num_actors=1)
+    await membership.start()
+    membership.grow(1)
+    roster = CountingRoster(membership)
+    d = Dispatcher(roster, backend, min_chunk=1)
+    first = asyncio.ensure_future(d.run("s", [b"wait"]))
+    await backend.entered.wait()
+    n = 200
+    burst = [asyncio.ensure_future(d.run("s", [f"x{i}".encode()])) for i in range(n)]
+    await asyncio.sleep(0)  # ok: one step, so every batch of the burst is in line
+    roster.looks = 0
+    backend.release.set()
+    assert await first == [(b"WAIT", None)]
+    outs = await asyncio.gather(*burst)
+    assert outs == [[(f"X{i}".encode(), None)] for i in range(n)]
+    assert backend.actors[0].calls[1:] == [[f"x{i}".encode()] for i in range(n)]  # in order
+    print(f"looks at the pool for {n} waiting batches: {roster.looks}")
+    assert roster.looks <= 4 * n
+    await membership.close()

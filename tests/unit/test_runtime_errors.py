@@ -113,3 +113,18 @@ def test_sessions_that_fail_to_start_leave_no_state(failing: str) -> None:
             runtime.run(f"s{n}", [b"task"], spec)
     assert runtime.session_ids == []
     assert runtime._decoded == {} and runtime._highest == {}
+
+
+def _fail_huge(payload: bytes, shared: bytes | None) -> bytes:
+    raise ValueError("e" * 4_000_000)
+
+
+def test_a_huge_error_is_clipped_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    # A handler failing with a 4 MB message printed 4 MB into the bridge's log.
+    runtime = HandlerRuntime(load_handler(_fail_huge))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        [(_, error)] = runtime.run("s", [b"x"])
+    assert error is not None and len(error) > 4_000_000  # the task's answer keeps it whole
+    [record] = _records(caplog)
+    assert len(record.getMessage()) < 5000 and "4000012 characters" in record.getMessage()
+    assert "_fail_huge" in record.getMessage()  # the frames are still there

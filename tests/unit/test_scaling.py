@@ -11,7 +11,6 @@ from ray_alpcrun.bridge.cli import build_parser, config_from_args
 from ray_alpcrun.config import Env, PoolConfig
 from ray_alpcrun.errors import ConfigError
 from ray_alpcrun.pool.cluster import ClusterView, check_request
-from ray_alpcrun.pool.dispatch import Dispatcher
 from ray_alpcrun.pool.scaling import (
     NodeType,
     Scaler,
@@ -20,7 +19,7 @@ from ray_alpcrun.pool.scaling import (
     desired_actors,
     target_slots,
 )
-from tests.support.fake_backend import FakeActor, FakeBackend, payloads
+from tests.support.fake_backend import FakeActor, FakeBackend, payloads, started
 
 # -- rules -------------------------------------------------------------------------
 
@@ -145,35 +144,33 @@ class GatedBackend(FakeBackend):
 
 async def test_a_batch_waits_for_an_actor_on_an_empty_elastic_pool() -> None:
     backend = GatedBackend()
-    d: Dispatcher[FakeActor] = Dispatcher(backend, num_actors=0, min_chunk=1, elastic=True)
-    await d.start()
+    m, d = await started(backend, num_actors=0, elastic=True)
     run = asyncio.ensure_future(d.run("s", payloads(4)))
     await asyncio.sleep(0)  # ok: let the batch reach the pool
     assert d.batches == 1 and not run.done()
-    d.grow(1)
-    assert d.pending == 1
+    m.grow(1)
+    assert m.pending == 1
     backend.room.set()
     assert await run == [(p.upper(), None) for p in payloads(4)]
-    assert d.pending == 0 and len(d.members()) == 1 and d.batches == 0
+    assert m.pending == 0 and len(m.members()) == 1 and d.batches == 0
 
 
 async def test_release_takes_pending_first_then_idle_never_busy() -> None:
     backend = GatedBackend()
     backend.room.set()
-    d: Dispatcher[FakeActor] = Dispatcher(backend, num_actors=2, min_chunk=1, elastic=True)
-    await d.start()
+    m, d = await started(backend, num_actors=2, elastic=True)
     backend.room.clear()
-    d.grow(1)
+    m.grow(1)
     await asyncio.sleep(0)  # ok: the pending start reaches the backend
     backend.release.clear()
     busy = asyncio.ensure_future(d.run("s", [b"wait"]))
     await backend.entered.wait()
-    assert d.release(3) == 2  # the pending one and the idle one; not the busy one
-    assert d.pending == 0 and len(d.members()) == 1
+    assert m.release(3) == 2  # the pending one and the idle one; not the busy one
+    assert m.pending == 0 and len(m.members()) == 1
     backend.release.set()
     assert await busy == [(b"WAIT", None)]
     await asyncio.sleep(0)  # ok: the retirement task runs
     assert backend.cancelled == 1  # the pending start was cancelled (Ray: actor killed)
     assert any(session == "*" for _, session in backend.ended)  # its sessions ended
-    assert d.release(1) == 1 and d.members() == []
-    await d.close()
+    assert m.release(1) == 1 and m.members() == []
+    await m.close()

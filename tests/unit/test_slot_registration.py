@@ -6,13 +6,14 @@ instructions skipped, the end of the update stream. No network, no Ray."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any, cast
 
 import grpc.aio
 import pytest
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.session import Link
+from ray_alpcrun.bridge.session import Link, WorkerStream
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.bridge.worker import BridgeWorker, Slot
@@ -239,3 +240,44 @@ async def test_a_session_bound_again_while_its_end_runs_is_served_after_the_end(
         compute.end_gate.set()
         cast(FakeCall, queue.update).incoming.put_nowait(EOF_)
         await asyncio.wait_for(serving, 5)
+
+
+async def test_pause_drains_and_unregisters_and_resume_registers_again() -> None:
+    # The bridge stops taking work while its pool has given up for now (issue 18):
+    # the session is drained like an UNBIND (IDLE reported), the registration
+    # ends, none is made while paused, and resume() registers again.
+    queue = FakeQueue("W1")
+    worker, slot = make_slot(queue)
+    looping = asyncio.create_task(worker._slot_loop(slot))
+    await asyncio.wait_for(slot.registered.wait(), 5)
+    first = cast(FakeCall, queue.update)
+    assert (await written(first)).status == WorkerStatus.IDLE
+    first.incoming.put_nowait(Instruction(BIND, "S1"))
+    assert (await written(first)).status == WorkerStatus.BUSY
+    worker.pause("no live actor for 61 s")
+    assert await written(first) == WorkerState("W1", WorkerStatus.IDLE, "")
+    await asyncio.wait_for(asyncio.gather(*worker._pausing), 5)
+    assert first.half_closed and queue.streams[0].half_closed
+    assert not slot.registered.is_set() and worker.paused == "no live actor for 61 s"
+    assert queue.update is first  # no registration while paused
+    worker.resume()
+    await asyncio.wait_for(slot.registered.wait(), 5)
+    assert queue.update is not first and slot.registrations == 2
+    assert worker.reconnects == 0  # ended on purpose: not a lost connection
+    await worker.stop(drain=False)
+    await asyncio.wait_for(looping, 5)
+
+
+class NoPool(NoCompute):
+    async def process(self, session_id: str, payloads: list[bytes], shared: Any) -> list[Any]:
+        raise errors.PoolUnavailable("no live actor for 61.0 s (more than 60 s)")
+
+
+async def test_a_batch_held_while_the_pool_gave_up_is_answered_dead_with_the_reason() -> None:
+    worker, _ = make_slot(FakeQueue("W1"))
+    link = replace(worker.link, processor=NoPool())
+    stream = WorkerStream(link, "S1", "W1", "pod")
+    task = Batch("b1", "S1", messages=[Message("m1", b"x"), Message("m2", b"y")])
+    (answer,) = await stream._answer(task)
+    assert answer.dead
+    assert [m.error for m in answer.messages] == ["no live actor for 61.0 s (more than 60 s)"] * 2
