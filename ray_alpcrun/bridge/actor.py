@@ -16,8 +16,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.background import _export_ray_metrics, _follow_pool, make_metrics
 from ray_alpcrun.bridge.settings import WorkerSettings
-from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, LATENCY_NAME, BridgeMetrics, BridgeStats
+from ray_alpcrun.bridge.stats import STAT_FIELDS, BridgeStats
 from ray_alpcrun.bridge.worker import BridgeWorker
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
@@ -27,6 +28,7 @@ from ray_alpcrun.pool.membership import UNAVAILABLE
 from ray_alpcrun.runtime import Outcome
 
 if TYPE_CHECKING:
+    from ray_alpcrun.bridge.nodes import NodeBridges
     from ray_alpcrun.pool.actor_pool import ActorPool
     from ray_alpcrun.pool.membership import Availability
     from ray_alpcrun.pool.pool_actor import SharedRef
@@ -61,16 +63,6 @@ class PoolProcessor:
         await self.pool.end_session(session_id)
 
 
-# (scale_status key, metric name, help) of the elastic pool's gauges.
-_SCALE_GAUGES = (
-    ("pending", "alpcrun_pool_actors_pending", "pool actors requested and not yet placed"),
-    ("target", "alpcrun_pool_actors_target", "pool actors the scaler wants now"),
-    ("min_actors", "alpcrun_pool_actors_min", "lower bound of the pool (--min-actors)"),
-    ("max_actors", "alpcrun_pool_actors_max", "upper bound of the pool (--max-actors)"),
-    ("batches", "alpcrun_pool_batches", "batches held by the pool (running or waiting)"),
-)
-
-
 class Bridge:
     """Runs inside the Ray actor (see :func:`bridge_actor_class`)."""
 
@@ -84,6 +76,9 @@ class Bridge:
         health_port: int | None = None,
         health_host: str = "0.0.0.0",
         auto_slots: bool = False,
+        bridges: str = "one",
+        fixed_slots: int | None = None,
+        node_bridge_class: Callable[[], Any] | None = None,
     ) -> None:
         setup_logging(log_level, log_json)
         # Logical workers follow the elastic pool (--slots auto, see ray_alpcrun.pool.scaling).
@@ -103,7 +98,14 @@ class Bridge:
         self._idle_stats = BridgeStats()
         self._gpu_memory: list[tuple[str, float]] = []
         self.status_max_age_s = STATUS_MAX_AGE_S
-        self.metrics = self._make_metrics()
+        # "per-node": the pool's actors on other nodes are served by node bridges.
+        self.bridges = bridges
+        self.fixed_slots = fixed_slots  # --slots K as given (node bridges register K each)
+        self.nodes: NodeBridges | None = None
+        # How node bridges are made (launch passes node.node_bridge_class).
+        self.node_bridge_class = node_bridge_class
+        self.exports_metrics = True
+        self.metrics = make_metrics(self)
         # Why the bridge may not take work, checked by /readyz in order after
         # "draining" and "starting": the pool first; later checks (e.g. a node
         # cache it cannot reach) are added with add_readiness_check.
@@ -114,67 +116,11 @@ class Bridge:
         self._not_ready.append(check)
 
     def _stats(self) -> BridgeStats:
-        return self.worker.stats if self.worker is not None else self._idle_stats
-
-    def _make_metrics(self) -> BridgeMetrics:
-        m = BridgeMetrics(self._stats)
-        of = self._of_worker
-        m.counter(
-            "alpcrun_shared_data_fetches_total",
-            "GetSharedData calls to the node cache",
-            of(lambda w: w.link.shared.fetches),
-        )
-        m.counter(
-            "alpcrun_shared_data_bytes_total",
-            "bytes of shared data fetched",
-            of(lambda w: w.link.shared.fetched_bytes),
-        )
-        m.counter(
-            "alpcrun_actor_restarts_total",
-            "pool actors replaced after dying or hanging",
-            lambda: float(self.pool.restarts if self.pool else 0),
-        )
-        m.counter(
-            "alpcrun_reconnects_total",
-            "registrations retried after a failure",
-            of(lambda w: w.reconnects),
-        )
-        m.gauge(
-            "alpcrun_sessions_bound",
-            "sessions this bridge serves now",
-            of(lambda w: len(w.bound_sessions)),
-        )
-        m.gauge(
-            "alpcrun_workers_registered",
-            "slots registered with the queue manager",
-            of(lambda w: sum(s.registered.is_set() for s in w.slots)),
-        )
-        # The elastic pool's figures (actors alive, pending and wanted, the bounds).
-        m.gauge("alpcrun_pool_actors_alive", "pool actors alive",
-                lambda: float(self.pool.live if self.pool else 0))  # fmt: skip
-        for key, name, help_text in _SCALE_GAUGES:
-            m.gauge(name, help_text, self._of_scale(key))
-        m.counter("alpcrun_pool_actors_released_total", "actors released by downscaling",
-                  self._of_scale("released"))  # fmt: skip
-        m.labelled_gauge(
-            "alpcrun_gpu_memory_used_bytes",
-            "GPU memory used, per GPU actor",
-            "actor",
-            lambda: self._gpu_memory,
-        )
-        return m  # fmt: skip
-
-    def _of_scale(self, key: str) -> Callable[[], float]:
-        """A figure of the pool's scaling state, read at scrape time."""
-        return lambda: float(self.pool.scale_status()[key]) if self.pool is not None else 0.0
-
-    def _of_worker(self, read: Callable[[BridgeWorker], float]) -> Callable[[], float]:
-        """A metric read from the worker at scrape time (0 before it exists)."""
-        return lambda: float(read(self.worker)) if self.worker is not None else 0.0
+        own = self.worker.stats if self.worker is not None else self._idle_stats
+        return own if self.nodes is None else self.nodes.summed(own)
 
     async def run(self) -> tuple[int, str]:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
-        from ray_alpcrun.pool.actor_pool import ActorPool
 
         announcer: asyncio.Task[None] | None = None
         exporter: asyncio.Task[None] | None = None
@@ -192,7 +138,7 @@ class Bridge:
                         f"cannot serve health on {self.health_host}:{self.health_port}: "
                         f"{exc.strerror}; choose another --health-port"
                     ) from exc
-            self.pool = ActorPool(self.handler, self.pool_config)
+            self.pool = self.make_pool()
             worker = BridgeWorker(self.settings, PoolProcessor(self.pool))
             self.pool.watch(self._on_pool)
             # A wrong key, CA or proto package fails in the preflight within a
@@ -213,8 +159,13 @@ class Bridge:
                 return errors.EXIT_OK, ""
             announcer = asyncio.create_task(self._announce(worker), name="announce")
             announcer.add_done_callback(log_task_failure)
-            exporter = asyncio.create_task(_export_ray_metrics(self), name="ray-metrics")
-            exporter.add_done_callback(log_task_failure)
+            if self.exports_metrics:
+                exporter = asyncio.create_task(_export_ray_metrics(self), name="ray-metrics")
+                exporter.add_done_callback(log_task_failure)
+            if self.bridges == "per-node" and self.node_bridge_class is not None:
+                from ray_alpcrun.bridge.nodes import start_node_bridges
+
+                self.nodes = start_node_bridges(self)
             if self.auto_slots:
                 follower = asyncio.create_task(_follow_pool(self), name="slots-follow-pool")
                 follower.add_done_callback(log_task_failure)
@@ -233,6 +184,8 @@ class Bridge:
                 task.cancel()
             # Ended before the pool closes; a failure was logged when it happened.
             await asyncio.gather(*background, return_exceptions=True)
+            if self.nodes is not None:
+                await self.nodes.close(drain=False)  # before the pool kills the actors
             if self.pool is not None:
                 await self.pool.close()
             # Closed last: a Kubernetes preStop hook waits for this port to close.
@@ -259,12 +212,35 @@ class Bridge:
         w = self.worker
         return (w.drained, w.not_started) if w is not None else (0, 0)
 
+    def make_pool(self) -> Any:
+        """The pool this bridge serves: its own actors, or with node bridges the
+        cluster's (it serves those on its node itself)."""
+        from ray_alpcrun.pool.actor_pool import ActorPool
+
+        if self.bridges != "per-node" or self.node_bridge_class is None:
+            return ActorPool(self.handler, self.pool_config)
+        import ray
+
+        from ray_alpcrun.pool.cluster_pool import ClusterPool
+
+        node = ray.get_runtime_context().get_node_id()
+        return ClusterPool(self.handler, self.pool_config, node)
+
+    async def member_lost(self, index: int, key: str, reason: str, killed: bool) -> bool:
+        """A node bridge lost pool member ``index`` (actor ``key``): replace it."""
+        from ray_alpcrun.pool.cluster_pool import ClusterPool
+
+        pool = self.pool
+        return isinstance(pool, ClusterPool) and pool.member_lost(index, key, reason, killed)
+
     async def stop(self, drain: bool = True) -> None:
         self._stop_requested = True
         self.draining = True
         await self._started.wait()
-        if self.worker is not None:
-            await self.worker.stop(drain=drain)
+        stopping = [] if self.worker is None else [self.worker.stop(drain=drain)]
+        if self.nodes is not None:
+            stopping.append(self.nodes.close(drain=drain))
+        await asyncio.gather(*stopping)
 
     async def wait_serving(self) -> bool:
         """True once ``run`` serves; False when it ended before it did."""
@@ -284,12 +260,20 @@ class Bridge:
         return True, "draining" if self.draining else "serving"
 
     def _on_pool(self, availability: Availability) -> None:
-        """The pool's state changed: take work while it can serve (or wait), stop
-        taking it while it has given up for now."""
-        worker = self.worker
-        if worker is None or self.draining:
+        self.update_intake()
+
+    def update_intake(self) -> None:
+        """Take work while the pool can serve (or wait), stop taking it while it has
+        given up for now; with node bridges, the placeholder logical workers of a
+        coordinator without actors of its own end once a node bridge registers."""
+        worker, pool = self.worker, self.pool
+        if worker is None or pool is None or self.draining:
             return
-        if availability.takes_work:
+        availability = pool.availability()
+        nodes = self.nodes
+        if nodes is not None and nodes.registered > 0 and not nodes.has_local_actors():
+            worker.pause("node bridges serve the pool's actors")
+        elif availability.takes_work:
             worker.resume()
         elif availability.state == UNAVAILABLE:
             worker.pause(availability.reason)
@@ -309,6 +293,12 @@ class Bridge:
         may wait for (within --no-actor-grace, or an elastic pool waiting for room);
         503 with the reason otherwise (draining, starting, the pool given up for
         now, a check added with add_readiness_check)."""
+        ready, why = await self._ready_here()
+        if not ready and self.nodes is not None and self.nodes.any_ready():
+            return True, f"node bridges take work ({self.nodes.describe_ready()})"
+        return ready, why
+
+    async def _ready_here(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
         if self.worker is None or self.pool is None:
@@ -389,53 +379,13 @@ class Bridge:
             out["actor_restarts"] = self.pool.restarts
             out["scaling"] = {"live": self.pool.live, **self.pool.scale_status()}
             out["actors"] = await self.pool.status(max_age_s=self.status_max_age_s)
+        if self.nodes is not None:
+            # The deployment's counters: this bridge's and every node bridge's.
+            for name in STAT_FIELDS:
+                out[name] = out.get(name, 0) + self.nodes.stats_sum(name)
+            out["bridges"] = self.nodes.describe()
+            out["bridges_replaced"] = self.nodes.replaced
         return out
-
-
-async def _follow_pool(bridge: Bridge, period_s: float = 0.25) -> None:
-    """Keep the registered logical workers at ``target_slots`` of the pool."""
-    from ray_alpcrun.pool.scaling import target_slots
-
-    while True:
-        worker, pool = bridge.worker, bridge.pool
-        if worker is not None and pool is not None and not bridge.draining:
-            worker.resize(target_slots(pool.live, pool.pending, pool.config.highest))
-        await asyncio.sleep(period_s)  # ok: sampling period
-
-
-async def _export_ray_metrics(bridge: Bridge, period_s: float = 5.0) -> None:
-    """Mirror the bridge's registry into Ray's metrics (Prometheus via Ray's agent)."""
-    from ray.util import metrics
-
-    mirrors: dict[str, Any] = {}
-    last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    seen_batches = 0
-    latency = metrics.Histogram(
-        LATENCY_NAME,
-        description="receive-to-answer time per batch",
-        boundaries=list(LATENCY_BUCKETS_S),
-    )
-    while True:
-        await bridge._refresh_gpu_memory()
-        for kind, name, labels, value in bridge.metrics.values():
-            if name not in mirrors:
-                make = metrics.Counter if kind == "counter" else metrics.Gauge
-                mirrors[name] = make(
-                    name, description=name.replace("_", " "), tag_keys=tuple(labels)
-                )
-            key = (name, tuple(sorted(labels.items())))
-            if kind == "counter":
-                delta = value - last.get(key, 0.0)
-                if delta > 0:
-                    mirrors[name].inc(delta, tags=labels or None)
-                last[key] = value
-            else:
-                mirrors[name].set(value, tags=labels or None)
-        h = bridge._stats().latency
-        for value in h.since(seen_batches):
-            latency.observe(value)
-        seen_batches = h.total
-        await asyncio.sleep(period_s)
 
 
 def bridge_actor_class() -> Any:

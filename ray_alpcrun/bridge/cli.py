@@ -158,9 +158,8 @@ def build_parser(env: Env) -> argparse.ArgumentParser:
         "--bridges",
         choices=BRIDGE_MODES,
         default="per-node",
-        help="per-node: a bridge on every node that hosts pool actors registers that node's"
-        " logical workers under its own identity and reads its own node cache (--node and"
-        " --pod name this node's only); one: this bridge serves every actor",
+        help="per-node: a bridge on each node with pool actors serves them under that node's"
+        " identity and cache (--node/--pod name this node's); one: this bridge serves all",
     )
     a("--backoff-max", type=float, default=10.0, help="longest reconnect pause, seconds")
     a("--health-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")

@@ -190,6 +190,9 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
     if name is not None:
         options["name"] = name
     cls = bridge_actor_class().options(**options)
+    from ray_alpcrun.bridge.node import node_bridge_class
+
+    per_node = config.bridges == "per-node"
     actor = cls.remote(
         config.handler,
         pool,
@@ -199,6 +202,9 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
         config.health_port,
         config.health_host,
         auto_slots,
+        config.bridges,
+        config.slots,
+        node_bridge_class if per_node else None,
     )
     return BridgeHandle(
         actor=actor,

@@ -20,23 +20,13 @@ from typing import Any
 
 from ray_alpcrun.bridge.actor import Bridge
 from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.bridge.stats import STAT_FIELDS
 from ray_alpcrun.config import Env, PoolConfig, default_node, default_pod
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.node_pool import NodePool
 
 log = logging.getLogger(__name__)
-
-# The stats a node bridge reports to the coordinator (summed there for /metrics).
-STAT_FIELDS = (
-    "tasks_ok",
-    "tasks_failed",
-    "batches_done",
-    "batches_dead",
-    "batches_in_flight",
-    "results_dropped",
-    "batches_undecodable",
-)
 
 
 def node_settings(settings: WorkerSettings, env: Env) -> WorkerSettings:
@@ -48,6 +38,7 @@ def node_settings(settings: WorkerSettings, env: Env) -> WorkerSettings:
         settings,
         node=env.worker_node or default_node(),
         pod=env.worker_pod or default_pod(),
+        slots=1,  # then one per live actor here (NodeBridge.follow_slots)
     )
 
 
@@ -70,13 +61,15 @@ class NodeBridge(Bridge):
         self.coordinator = coordinator
         # None: one logical worker per live actor on this node (the default).
         self.fixed_slots = fixed_slots
+        self.exports_metrics = False  # the coordinator exports the deployment's figures
         self._reports: set[asyncio.Future[Any]] = set()
 
     def make_pool(self) -> NodePool:
         return NodePool(self.pool_config, self._report_lost)
 
-    def _report_lost(self, index: int, reason: str, killed: bool) -> None:
-        ref = asyncio.ensure_future(self.coordinator.member_lost.remote(index, reason, killed))
+    def _report_lost(self, index: int, key: str, reason: str, killed: bool) -> None:
+        report = self.coordinator.member_lost.remote(index, key, reason, killed)
+        ref = asyncio.ensure_future(report)
         self._reports.add(ref)
         ref.add_done_callback(self._reported)
 
@@ -87,6 +80,10 @@ class NodeBridge(Bridge):
                 "could not report a lost actor to the coordinator",
                 extra=fields(error=str(ref.exception())),
             )
+
+    def update_intake(self) -> None:
+        super().update_intake()
+        self.follow_slots()
 
     def follow_slots(self) -> None:
         """One logical worker per live actor here (at least one), unless fixed."""

@@ -22,16 +22,18 @@ on every other node that hosts pool actors and hands it that node's actors:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_alpcrun.bridge.node import node_bridge_class
 from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.bridge.stats import BridgeStats, summed
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
+from ray_alpcrun.pool.backend import actor_key
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class _Node:
     stopping: bool = False
     dead: bool = False
     started_at: float = 0.0
+    name: str = ""
 
 
 class NodeBridges:
@@ -70,8 +73,10 @@ class NodeBridges:
         log_level: str,
         log_json: bool,
         fixed_slots: int | None,
+        bridge_class: Callable[[], Any],
     ) -> None:
         self._pool = pool
+        self._bridge_class = bridge_class  # node.node_bridge_class (no import: no cycle)
         self._own = own_node
         self._coordinator = coordinator
         self._args = (handler, pool_config, settings)
@@ -79,6 +84,7 @@ class NodeBridges:
         self._fixed_slots = fixed_slots
         self._nodes: dict[str, _Node] = {}
         self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
         self._closed = False
         self.replaced = 0
@@ -101,6 +107,25 @@ class NodeBridges:
     def any_ready(self) -> bool:
         return any(n.load.get("ready") for n in self._live())
 
+    def describe_ready(self) -> str:
+        ready = [n for n in self._live() if n.load.get("ready")]
+        return f"{len(ready)} of {len(self._live())} ready, {self.registered} slot(s) registered"
+
+    def has_local_actors(self) -> bool:
+        return any(node == self._own for _, node in self._pool.members_with_nodes())
+
+    def summed(self, own: BridgeStats) -> BridgeStats:
+        return summed(own, [n.load.get("stats", {}) for n in self._live()])
+
+    async def withdraw_actor(self, actor: Any) -> None:
+        """Before ``actor`` is released: its node bridge stops giving it work."""
+        key = actor_key(actor)
+        for n in self._live():
+            for index, member in list(n.adopted.items()):
+                if actor_key(member.actor) == key:
+                    del n.adopted[index]
+                    await self._call(n, n.handle.forget.remote(index))
+
     def stats_sum(self, name: str) -> int:
         return sum(int(n.load.get("stats", {}).get(name, 0)) for n in self._live())
 
@@ -118,7 +143,8 @@ class NodeBridges:
         for n in self._nodes.values():
             load = n.load
             out.append({
-                "node_id": n.node_id, "node": load.get("node"), "pod": load.get("pod"),
+                "name": n.name, "node_id": n.node_id, "node": load.get("node"),
+                "pod": load.get("pod"),
                 "actors": sorted(n.adopted), "registered": load.get("registered", 0),
                 "batches": load.get("batches", 0), "ready": bool(load.get("ready")),
                 "ready_text": load.get("ready_text", "starting"), "stopping": n.stopping,
@@ -138,9 +164,10 @@ class NodeBridges:
     async def close(self, drain: bool) -> None:
         """Stop every node bridge (draining its batches first when ``drain``)."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in [self._task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*[t for t in [self._task, *self._tasks] if t], return_exceptions=True)
         nodes = list(self._nodes.values())
         await asyncio.gather(*(self._stop(n, drain) for n in nodes), return_exceptions=True)
 
@@ -158,10 +185,8 @@ class NodeBridges:
             except Exception as exc:  # one bad round must not end the deployment
                 log.warning("node bridges: sync failed", extra=fields(error=str(exc)))
             self.on_change()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), POLL_S)
-            except asyncio.TimeoutError:
-                pass
             self._kick.clear()
 
     async def _sync(self) -> None:
@@ -196,8 +221,7 @@ class NodeBridges:
                 n.stopping = True
                 log.info("node bridge: its node has no actor left; draining it",
                          extra=fields(node_id=node_id))  # fmt: skip
-                task = asyncio.create_task(self._stop(n, drain=True))
-                task.add_done_callback(lambda _t, key=node_id: self._nodes.pop(key, None))
+                self._own_task(self._stop_and_forget(n))
 
     def _spawn(self, node_id: str, now: float) -> _Node:
         import ray
@@ -205,12 +229,13 @@ class NodeBridges:
 
         handler, pool_config, settings = self._args
         here = NodeAffinitySchedulingStrategy(node_id, soft=False)
-        cls = node_bridge_class().options(scheduling_strategy=here)
+        name = f"alpcrun-node-bridge-{self._own[:8]}-{node_id[:12]}-{int(now * 1000) % 100000}"
+        cls = self._bridge_class().options(scheduling_strategy=here, name=name)
         handle = cls.remote(
             handler, pool_config, settings, self._coordinator, *self._log, self._fixed_slots
         )
         run_ref = asyncio.ensure_future(handle.run.remote())
-        n = _Node(node_id, handle, run_ref, started_at=now)
+        n = _Node(node_id, handle, run_ref, started_at=now, name=name)
         run_ref.add_done_callback(lambda ref: self._ended(n, ref))
         log.info("node bridge started", extra=fields(node_id=node_id))
         _ = ray  # imported for the scheduling strategy's module
@@ -225,8 +250,18 @@ class NodeBridges:
         log.warning("node bridge ended; replacing it",
                     extra=fields(node_id=n.node_id, reason=reason))  # fmt: skip
         self.replaced += 1
-        task = asyncio.create_task(self._probe(list(n.adopted.values())))
-        task.add_done_callback(lambda _t: self._kick.set())
+        self._own_task(self._probe(list(n.adopted.values())))
+
+    def _own_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._kick.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("node bridges: %s", task.exception())
 
     async def _probe(self, members: list[Any]) -> None:
         """Ask each actor the dead node bridge served; report the dead ones lost."""
@@ -235,7 +270,13 @@ class NodeBridges:
         )
         for member, alive in zip(members, answers, strict=True):
             if alive is not True:
-                self._pool.member_lost(member.index, "lost with its node bridge", False)
+                key = actor_key(member.actor)
+                self._pool.member_lost(member.index, key, "lost with its node bridge", False)
+
+    async def _stop_and_forget(self, n: _Node) -> None:
+        await self._stop(n, drain=True)
+        if self._nodes.get(n.node_id) is n:
+            del self._nodes[n.node_id]
 
     async def _stop(self, n: _Node, drain: bool) -> None:
         import ray
@@ -255,3 +296,28 @@ class NodeBridges:
         except Exception as exc:  # a dead node bridge is noticed by its run_ref
             log.debug("node bridge call failed: %s", exc)
             return None
+
+
+def start_node_bridges(bridge: Any) -> NodeBridges:
+    """Node bridges for a coordinator ``bridge`` (a Bridge with a ClusterPool)."""
+    import ray
+
+    pool, cfg = bridge.pool, bridge.pool_config
+    nodes = NodeBridges(
+        pool,
+        pool.own_node,
+        ray.get_runtime_context().current_actor,
+        bridge.handler,
+        cfg,
+        bridge.settings,
+        cfg.log_level or "info",
+        cfg.log_json,
+        bridge.fixed_slots,
+        bridge.node_bridge_class,
+    )
+    pool.elsewhere_load = lambda: nodes.batches
+    pool.busy_elsewhere_of = nodes.served_elsewhere
+    pool.before_retire = nodes.withdraw_actor
+    nodes.on_change = bridge.update_intake
+    nodes.start()
+    return nodes

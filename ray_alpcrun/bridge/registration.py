@@ -52,7 +52,8 @@ class Slot:
         self.index = index
         pod = worker.settings.pod
         # Distinct pods let a queue manager that matches streams by node+pod tell slots apart.
-        self.pod = pod if worker.settings.slots == 1 else f"{pod}-s{index}"
+        # (A worker that starts with one slot and grows names the later ones apart too.)
+        self.pod = pod if worker.settings.slots == 1 and index == 0 else f"{pod}-s{index}"
         self.worker_id = ""
         self.machine: SlotMachine | None = None
         self._call: grpc.aio.StreamStreamCall[WorkerState, Instruction] | None = None

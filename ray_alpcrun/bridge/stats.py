@@ -97,6 +97,27 @@ class BridgeStats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
+# The counters a node bridge reports to its coordinator, summed there for /metrics.
+STAT_FIELDS = (
+    "tasks_ok",
+    "tasks_failed",
+    "batches_done",
+    "batches_dead",
+    "batches_in_flight",
+    "results_dropped",
+    "batches_undecodable",
+)
+
+
+def summed(own: BridgeStats, others: Iterable[dict[str, int]]) -> BridgeStats:
+    """``own`` plus the counters of ``others`` (the latency histogram stays own's)."""
+    out = BridgeStats(latency=own.latency)
+    for name in STAT_FIELDS:
+        total = getattr(own, name) + sum(int(o.get(name, 0)) for o in others)
+        setattr(out, name, total)
+    return out
+
+
 Read = Callable[[], float]
 ReadLabelled = Callable[[], Iterable[tuple[str, float]]]
 

@@ -35,6 +35,7 @@ from ray_alpcrun.pool.backend import RayBackend
 from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
 from ray_alpcrun.pool.gpu import check_gpu_request
+from ray_alpcrun.pool.interfaces import Lifecycle, Member, Roster
 from ray_alpcrun.pool.membership import CLOSED, WAITING, Availability, Listener, Membership
 from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, PoolActorHandle, SharedRef
 from ray_alpcrun.pool.scaling import Decision, Scaler
@@ -158,15 +159,16 @@ class ActorPool:
         if cfg.data_path == "direct":
             backend = DirectBackend(calls)
         membership: Membership[PoolActorHandle] = Membership(
-            backend,
+            self._lifecycle(backend),
             num_actors=first,
             # A pool still waiting for the cluster to grow may wait like an elastic one.
             elastic=cfg.elastic or first < cfg.lowest,
             restart_backoff_max_s=cfg.restart_backoff_max_s,
             no_actor_grace_s=cfg.no_actor_grace_s,
+            busy_elsewhere=self._busy_elsewhere,
         )
         dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
-            membership,
+            self._roster_of(membership),
             backend,
             min_chunk=cfg.min_chunk,
             min_chunk_work_s=cfg.min_chunk_work_s,
@@ -197,6 +199,21 @@ class ActorPool:
             cfg.cpus_per_actor,
             cfg.gpus_per_actor,
         )
+
+    # -- hooks for a pool served by several bridges (pool/cluster_pool.py) ---
+
+    def _lifecycle(self, backend: RayBackend | DirectBackend) -> Lifecycle[PoolActorHandle]:
+        return backend
+
+    def _roster_of(self, membership: Membership[PoolActorHandle]) -> Roster[PoolActorHandle]:
+        return membership
+
+    def _busy_elsewhere(self, member: Member[PoolActorHandle]) -> int:
+        return 0
+
+    def load(self) -> int:
+        """Batches held (running or waiting): what the elastic pool scales on."""
+        return self._dispatcher.batches if self._dispatcher is not None else 0
 
     def _attach(
         self,
@@ -230,7 +247,7 @@ class ActorPool:
             now = loop.time()
             live, pending = len(membership.members()), membership.pending
             if cfg.elastic:
-                decision = scaler.decide(dispatcher.batches, live, pending, now)
+                decision = scaler.decide(self.load(), live, pending, now)
             else:
                 decision = Decision(cfg.num_actors)
             if decision.start:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.interfaces import (
@@ -36,14 +36,14 @@ log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 
-# (index, reason, killed): a member died or hung here; the coordinator replaces it.
-ReportLost = Callable[[int, str, bool], None]
+# (member, reason): a member died or hung here; the coordinator replaces it.
+ReportLost = Callable[[Member[Any], str], None]
 
 
 class AdoptedRoster(Generic[A]):
     """Members handed over by their owner; see the module docstring.
 
-    >>> roster = AdoptedRoster(report_lost=lambda i, why, killed: None)  # doctest: +SKIP
+    >>> roster = AdoptedRoster(report_lost=lambda member, why: None)  # doctest: +SKIP
     >>> roster.adopt(0, actor)                                          # doctest: +SKIP
     """
 
@@ -104,7 +104,7 @@ class AdoptedRoster(Generic[A]):
         if self._members.get(member.index) is member:
             del self._members[member.index]
         log.warning("actor lost on this node", extra=fields(actor=member.index, reason=reason))
-        self._report(member.index, reason, member.killed)
+        self._report(member, reason)
         self._changed()
 
     def adopt(self, index: int, actor: A) -> Member[A]:

@@ -59,6 +59,8 @@ class RayBackend:
         self._sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
         # Every actor created and not yet killed, so a failed start leaks none.
         self.handles: dict[int, PoolActorHandle] = {}
+        # The Ray node each actor was placed on (id(actor) -> node id), from its ready().
+        self.node_of: dict[int, str] = {}
         # Sub-batches that queue for a busy actor travel together in one Ray call.
         self._calls: Coalescer[PoolActorHandle, RunArgs, RunReply] = Coalescer(
             self.run_one, self._run_many, max_outstanding=1, worth_a_call=self.worth_a_call
@@ -98,6 +100,9 @@ class RayBackend:
             kind = ConfigError if info.get("error_kind") == "device" else HandlerError
             raise kind(info["error"])
         log.debug("pool actor ready: %s", info)
+        node_id = info.get("node_id")
+        if isinstance(node_id, str):
+            self.node_of[id(actor)] = node_id
         return actor
 
     async def call(
@@ -152,6 +157,7 @@ class RayBackend:
     def detach(self, actor: PoolActorHandle) -> None:
         """Forget ``actor`` without stopping it (another process owns it)."""
         self.handles.pop(id(actor), None)
+        self.node_of.pop(id(actor), None)
         self._calls.forget(id(actor))
 
     def kill(self, actor: PoolActorHandle) -> None:
@@ -192,6 +198,14 @@ class RayBackend:
         except self.lost_errors as exc:
             return {"error": first_line(exc)}
         return info
+
+
+def actor_key(actor: object) -> str:
+    """A name of one actor (one incarnation) that is the same in every process
+    holding a handle to it: Ray's actor id."""
+    actor_id = getattr(actor, "_actor_id", None)
+    hex_of = getattr(actor_id, "hex", None)
+    return str(hex_of()) if callable(hex_of) else str(id(actor))
 
 
 def as_shared_ref(shared: object) -> SharedRef | None:

@@ -121,6 +121,10 @@ class DirectBackend:
         return self._inner.handles
 
     @property
+    def node_of(self) -> dict[int, str]:
+        return self._inner.node_of
+
+    @property
     def sends(self) -> int:
         """Socket frames sent so far (each may carry several sub-batches)."""
         return self._parts.calls

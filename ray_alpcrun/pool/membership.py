@@ -91,6 +91,7 @@ class Membership(Generic[A]):
         restart_backoff_s: float = 0.5,
         restart_backoff_max_s: float = 30.0,
         no_actor_grace_s: float = 60.0,
+        busy_elsewhere: Callable[[Member[A]], int] | None = None,
     ) -> None:
         if num_actors < (0 if elastic else 1):
             raise ValueError("num_actors must be at least 1")
@@ -99,6 +100,8 @@ class Membership(Generic[A]):
         self._backoff_s = restart_backoff_s
         self._backoff_max_s = max(restart_backoff_s, restart_backoff_max_s)
         self._grace_s = no_actor_grace_s
+        # Tasks in flight on a member in other dispatchers (node bridges): never released then.
+        self._busy_elsewhere: Callable[[Member[A]], int] = busy_elsewhere or (lambda m: 0)
         self._elastic = elastic
         self._members: list[Member[A] | None] = []
         self._restarting: set[int] = set()
@@ -249,7 +252,10 @@ class Membership(Generic[A]):
                 task.cancel()  # the backend kills an actor that was still starting
                 self._restarting.discard(index)
                 done += 1
-        idle = sorted((m for m in self.members() if m.inflight == 0), key=_idle_since)
+        idle = sorted(
+            (m for m in self.members() if m.inflight == 0 and not self._busy_elsewhere(m)),
+            key=_idle_since,
+        )
         for m in idle[: max(0, count - done)]:
             m.alive = False
             m.killed = True

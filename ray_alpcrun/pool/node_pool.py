@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.pool.adopted import AdoptedRoster, ReportLost
-from ray_alpcrun.pool.backend import RayBackend
+from ray_alpcrun.pool.adopted import AdoptedRoster
+from ray_alpcrun.pool.backend import RayBackend, actor_key
 from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
-from ray_alpcrun.pool.interfaces import Availability, Listener
+from ray_alpcrun.pool.interfaces import Availability, Listener, Member
 from ray_alpcrun.pool.pool_actor import PoolActorHandle, SharedRef
 from ray_alpcrun.runtime import Outcome
 
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # A forgotten member's calls in flight get this long to finish before its socket closes.
 FORGET_WAIT_S = 30.0
+
+# (index, actor key, reason, killed): a member died or hung here.
+ReportLost = Callable[[int, str, str, bool], None]
 
 
 class NodePool:
@@ -53,7 +56,7 @@ class NodePool:
             DirectBackend(calls) if cfg.data_path == "direct" else calls
         )
         roster: AdoptedRoster[PoolActorHandle] = AdoptedRoster(
-            self._report, grace_s=cfg.no_actor_grace_s
+            self._lost, grace_s=cfg.no_actor_grace_s
         )
         dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
             roster,
@@ -66,6 +69,11 @@ class NodePool:
         calls.task_cost = lambda: dispatcher.task_cost_s
         self._backend, self._roster, self._dispatcher = backend, roster, dispatcher
         roster.watch(self._changed)
+
+    def _lost(self, member: Member[Any], reason: str) -> None:
+        if self._backend is not None:
+            self._backend.detach(member.actor)  # its owner kills it; the socket goes now
+        self._report(member.index, actor_key(member.actor), reason, member.killed)
 
     # -- what the coordinator says -------------------------------------------
 
@@ -89,10 +97,10 @@ class NodePool:
         member = roster.forget(index)
         if member is None:
             return 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while member.inflight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)  # ok: bounded wait for a dispatcher counter
+        for _ in range(max(1, int(wait_s / 0.05))):  # bounded: a counter has no event
+            if member.inflight <= 0:
+                break
+            await asyncio.sleep(0.05)  # ok: polls the dispatcher's counter
         backend.detach(member.actor)
         return member.inflight
 
