@@ -34,6 +34,8 @@ from tests.support.deploy_checks import (
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 UNIT_NAME = "ray-alpcrun-bridge.service"
+# ALPCRUN.CH's node cache, on every node (the upstream guide's localhost:3337).
+NODE_CACHE_PORT = 3337
 
 
 def raw_config() -> dict[str, Any]:
@@ -204,6 +206,68 @@ def test_gpu_nodes_can_hold_the_whole_pool(tmp_path: Path, prepared: dict[str, A
     per_node = max(spec["resources"]["GPU"] for spec in gpu_node_types(prepared).values())
     assert args.gpus_per_actor <= per_node
     assert args.max_actors * args.gpus_per_actor <= capacity
+
+
+def test_the_unit_runs_a_bridge_per_node_on_each_nodes_cache(tmp_path: Path) -> None:
+    exec_start = unit_entries(render_unit(tmp_path, with_ca=False))["ExecStart"][0]
+    assert " --bridges per-node " in exec_start, "stated, not left to the default"
+    args = parse_bridge_args(shlex.split(exec_start.split(" -m ray_alpcrun.bridge ", 1)[1]))
+    assert args.bridges == "per-node"
+    # Each bridge resolves localhost on its own node: the node cache there.
+    assert args.cache == f"localhost:{NODE_CACHE_PORT}"
+
+
+def test_worker_nodes_export_their_node_name_before_ray_start(tmp_path: Path) -> None:
+    # Each command runs in a shell of its own: the name must be exported in the
+    # command that runs `ray start`, so that the raylet -- and the node bridge,
+    # a Ray worker process of that node -- inherit it.
+    seen = tmp_path / "seen"
+    stubs = (
+        "hostname() { echo ip-10-0-1-23; }\n"
+        "ulimit() { :; }\n"
+        'ray() { if [ "$1" = start ]; then'
+        f' printenv METALCORE_WORKER_NODE >> "{seen}" || echo not-exported >> "{seen}"; fi; }}\n'
+    )
+    commands = raw_config()["worker_start_ray_commands"]
+    assert any("ray start" in c for c in commands)
+    for cmd in commands:
+        subprocess.run(
+            ["bash", "-c", stubs + cmd],
+            env={"RAY_HEAD_IP": "10.0.0.1", "PATH": "/usr/bin:/bin"},
+            check=True,
+            timeout=10,
+        )
+    assert seen.read_text().split() == ["ip-10-0-1-23"]
+
+
+def test_every_node_runs_its_node_cache_on_localhost(
+    tmp_path: Path, prepared: dict[str, Any]
+) -> None:
+    # The node cache's commands, as ray up runs them on the head and on a
+    # worker (setup_commands merged into both), with sudo and docker stubbed.
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        home = tmp_path / key
+        (home / "alpcrun").mkdir(parents=True)
+        (home / "alpcrun" / "node-cache.env").write_text("")
+        calls = home / "docker-calls"
+        stubs = f'sudo() {{ "$@"; }}\ndocker() {{ echo "$*" >> "{calls}"; }}\n'
+        for cmd in prepared[key]:
+            if "node-cache" in cmd:
+                subprocess.run(
+                    ["bash", "-euc", stubs + cmd],
+                    env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+                    check=True,
+                    timeout=10,
+                )
+        [run] = [c for c in calls.read_text().splitlines() if c.startswith("run ")]
+        # Reachable as localhost:3337 on its own node only (plaintext), back
+        # after a crash or reboot, its key from the synced file.
+        assert f"-p 127.0.0.1:{NODE_CACHE_PORT}:{NODE_CACHE_PORT}" in run, key
+        assert "--restart always" in run, key
+        assert f"--env-file {home}/alpcrun/node-cache.env" in run, key
+        # The workers' setup keeps the node cache's settings (it needs the key).
+        removed = [c for c in prepared[key] if c.startswith("rm ")]
+        assert all("node-cache.env" not in c for c in removed), key
 
 
 def test_bridge_unit_uses_tls_when_a_ca_is_synced(tmp_path: Path) -> None:

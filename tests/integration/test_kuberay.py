@@ -1,10 +1,13 @@
 """The KubeRay manifest: the fields that make the bridge work on Kubernetes.
 
 No cluster is needed: the YAML is parsed and the fields that matter are
-checked -- a RayCluster with the bridge on the head, a GPU worker group that
-autoscales, the API key from a Secret, node and pod names from the downward
-API, probes on the bridge's health endpoints, and the KubeRay conventions
-these rely on (Ray container first, string rayStartParams, a shared /tmp/ray).
+checked -- a RayCluster with the bridge command on the head and a bridge on
+every node (``--bridges per-node``), a GPU worker group that autoscales, the
+API key from a Secret, node and pod names from the downward API (the head's
+bridge sidecar and every worker group's Ray container, whose node bridge
+inherits them), a node-cache sidecar in every pod at ``localhost:3337``, probes
+on the bridge's health endpoints, and the KubeRay conventions these rely on
+(Ray container first, string rayStartParams, a shared /tmp/ray).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from tests.support.deploy_checks import (
 )
 
 MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "kuberay" / "raycluster.yaml"
+# ALPCRUN.CH's node cache: a sidecar of every pod that runs a bridge.
+NODE_CACHE = "node-cache"
+NODE_CACHE_PORT = 3337
 
 # Fields of a core/v1 Container and Probe that the manifest may use: a typo
 # (e.g. `livenesProbe`) would otherwise be dropped silently by the API server.
@@ -265,8 +271,87 @@ def test_containers_use_known_fields_and_one_image(cluster: dict[str, Any]) -> N
     for c in containers:
         assert set(c) <= CONTAINER_FIELDS, set(c) - CONTAINER_FIELDS
         assert "resources" in c, c["name"]
-    # Ray requires the same Ray and Python versions on every node and driver.
-    assert len({c["image"] for c in containers}) == 1
+    # Ray requires the same Ray and Python versions on every node and driver;
+    # the node caches are ALPCRUN.CH's own image.
+    ray = [c for c in containers if c["name"] != NODE_CACHE]
+    assert len({c["image"] for c in ray}) == 1
+    caches = [c for c in containers if c["name"] == NODE_CACHE]
+    assert len({c["image"] for c in caches}) == 1
+    assert not {c["image"] for c in ray} & {c["image"] for c in caches}
+
+
+def pods(cluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every pod template: ``head`` and each worker group by name."""
+    out = {"head": head_pod(cluster)}
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        out[group["groupName"]] = group["template"]["spec"]
+    return out
+
+
+def test_the_command_runs_a_bridge_per_node_on_each_nodes_cache(cluster: dict[str, Any]) -> None:
+    argv = bridge_argv(cluster)
+    assert flag(argv, "--bridges") == "per-node", "stated, not left to the default"
+    args = parse_bridge_args(argv)
+    assert args.bridges == "per-node"
+    # Each bridge resolves localhost on its own pod: the node-cache sidecar there.
+    assert args.cache == f"localhost:{NODE_CACHE_PORT}"
+    maps = [d["data"] for d in documents() if d["kind"] == "ConfigMap"]
+    assert all("METALCORE_CACHE_ADDR" not in data for data in maps), "one place says it"
+
+
+def test_worker_groups_name_their_node_bridges_from_the_downward_api(
+    cluster: dict[str, Any],
+) -> None:
+    # A node bridge is a Ray worker process of the pod's Ray container and
+    # inherits the raylet's environment, so the names are set there.
+    groups = cluster["spec"]["workerGroupSpecs"]
+    assert any(g["groupName"] == "gpu" for g in groups)
+    for group in groups:
+        ray = group["template"]["spec"]["containers"][0]
+        env = env_of(ray)
+        for name, path in (("METALCORE_WORKER_NODE", "spec.nodeName"),
+                           ("METALCORE_WORKER_POD", "metadata.name")):  # fmt: skip
+            assert name in env, (group["groupName"], name)
+            assert "value" not in env[name], (group["groupName"], name)
+            assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path, group["groupName"]
+
+
+def test_every_pod_that_runs_a_bridge_has_its_node_cache(cluster: dict[str, Any]) -> None:
+    for pod_name, pod in pods(cluster).items():
+        [cache] = [c for c in pod["containers"] if c["name"] == NODE_CACHE]
+        assert pod["containers"].index(cache) > 0, "KubeRay runs `ray start` in container 0"
+        assert NODE_CACHE_PORT in {p["containerPort"] for p in cache["ports"]}, pod_name
+        others = {
+            p["containerPort"]
+            for c in pod["containers"]
+            if c is not cache
+            for p in c.get("ports", [])
+        }
+        assert NODE_CACHE_PORT not in others, pod_name
+        # The node cache checks the same key as every other ALPCRUN.CH service.
+        key = env_of(cache)["METALCORE_API_KEY"]
+        assert "value" not in key and key["valueFrom"]["secretKeyRef"]["name"], pod_name
+
+
+def test_the_ca_bundle_is_mounted_where_bridges_read_it(cluster: dict[str, Any]) -> None:
+    # The CLI passes --ca-cert as a path: the coordinator (a Ray worker process
+    # of ray-head) and each node bridge (of its pod's ray-worker) read it
+    # there, so every Ray container mounts the Secret, not the sidecar alone.
+    match = re.search(r"--ca-cert (/[^\s\"']+)", bridge_script(cluster))
+    assert match, "the script passes --ca-cert when the CA Secret is mounted"
+    ca_path = Path(match.group(1))
+    for pod_name, pod in pods(cluster).items():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        ray_containers = [pod["containers"][0]]
+        if pod_name == "head":
+            ray_containers.append(bridge_container(cluster))
+        for c in ray_containers:
+            mounts = [
+                m for m in c.get("volumeMounts", []) if ca_path.is_relative_to(m["mountPath"])
+            ]
+            assert mounts, (pod_name, c["name"], "no mount holds", str(ca_path))
+            secret = volumes[mounts[0]["name"]]["secret"]
+            assert secret["secretName"] == "alpcrun-ca" and secret["optional"] is True
 
 
 def test_ray_version_matches_cluster_yaml(cluster: dict[str, Any]) -> None:
