@@ -112,6 +112,9 @@ def make_metrics(bridge: Bridge) -> BridgeMetrics:
         m.gauge(name, help_text, _of_scale(bridge, key))
     m.counter("alpcrun_pool_actors_released_total", "actors released by downscaling",
               _of_scale(bridge, "released"))  # fmt: skip
+    # Per node bridge (--bridges per-node), labelled by the node's name.
+    for key, name, help_text in _NODE_GAUGES:
+        m.labelled_gauge(name, help_text, "node", _of_nodes(bridge, key))
     m.labelled_gauge(
         "alpcrun_gpu_memory_used_bytes",
         "GPU memory used, per GPU actor",
@@ -119,6 +122,41 @@ def make_metrics(bridge: Bridge) -> BridgeMetrics:
         lambda: bridge._gpu_memory,
     )
     return m  # fmt: skip
+
+
+# (node bridge field, metric name, help) of the per-node gauges.
+_NODE_GAUGES = (
+    (
+        "registered",
+        "alpcrun_node_bridge_workers_registered",
+        "logical workers a node bridge registered",
+    ),
+    ("batches", "alpcrun_node_bridge_batches", "batches a node bridge holds (running or waiting)"),
+    (
+        "tasks_ok",
+        "alpcrun_node_bridge_tasks_processed",
+        "tasks a node bridge answered with a result",
+    ),
+    (
+        "tasks_failed",
+        "alpcrun_node_bridge_tasks_failed",
+        "tasks a node bridge answered with an error",
+    ),
+    ("ready", "alpcrun_node_bridge_ready", "1 while a node bridge takes work"),
+)
+
+
+def _of_nodes(bridge: Bridge, key: str) -> Callable[[], list[tuple[str, float]]]:
+    """One value per live node bridge, labelled by its node (none without node bridges)."""
+
+    def read() -> list[tuple[str, float]]:
+        nodes = bridge.nodes
+        if nodes is None:
+            return []
+        described = [n for n in nodes.describe() if not n["dead"]]
+        return [(str(n["node"] or n["node_id"]), float(n.get(key) or 0)) for n in described]
+
+    return read
 
 
 def _of_scale(bridge: Bridge, key: str) -> Callable[[], float]:
