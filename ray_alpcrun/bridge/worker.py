@@ -198,7 +198,8 @@ class BridgeWorker:
                 self.cache_unreachable = None
                 return
             self.cache_unreachable = (
-                f"node cache at {s.cache_address} unreachable ({why}); check --cache"
+                f"node cache at {s.cache_address} unreachable ({why}); check --cache "
+                "(and --cache-ca-cert, if it speaks TLS)"
             )
             if s.max_connect_attempts is not None and attempts >= s.max_connect_attempts:
                 raise errors.FatalError(

@@ -110,7 +110,9 @@ def test_a_server_certificate_not_signed_by_the_ca_exits_5(
     with services(api_key=KEY, tls=TlsFiles(cert=server.cert, key=server.key)) as svc:
         run = Bridge(
             ["--handler", "tests.support.bridge_handlers:echo", "--queue", svc.queue_address,
-             "--cache", svc.node_cache_address, "--ca-cert", other_ca.cert], KEY, ray_address,
+             "--cache", svc.node_cache_address, "--ca-cert", other_ca.cert,
+             # The node cache's trust is right: the queue manager's is what is wrong.
+             "--cache-ca-cert", server.cert], KEY, ray_address,
         )  # fmt: skip
         code, elapsed, out = run.wait_timed()
     print(f"\nbad CA: exit {code} after {elapsed:.2f} s", flush=True)

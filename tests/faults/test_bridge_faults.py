@@ -54,6 +54,8 @@ def start(ray_session: Any) -> Iterator[Any]:
                 ("queue_address", kw.pop("queue", None)),
                 ("cache_address", kw.pop("cache", None)),
                 ("tls", kw.pop("tls", svc.client_tls())),
+                # The node cache speaks TLS when the services do; the bridge checks it at start.
+                ("cache_tls", kw.pop("cache_tls", svc.client_tls())),
                 ("max_message_bytes", kw.pop("max_message_bytes", None)),
             )
             if v is not None
