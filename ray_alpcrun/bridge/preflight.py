@@ -28,28 +28,6 @@ log = logging.getLogger("ray_alpcrun.bridge.worker")
 _WHAT = "node cache"
 
 
-async def check_node_cache(
-    cache: CacheStub,
-    metadata: Metadata,
-    settings: WorkerSettings,
-    *,
-    timeout_s: float,
-    quiet: bool = False,
-) -> None:
-    """Raise the FatalError (exit 4 or 5) a refused read means; a cache that
-    does not answer within ``timeout_s`` is logged (unless ``quiet``) and passes."""
-    call = cache.GetSharedData(SharedData(""), metadata=metadata)
-    try:
-        await asyncio.wait_for(call, timeout_s)
-    except grpc.aio.AioRpcError as exc:
-        fatal = fatal_for(transport.translate(exc), settings, _WHAT)
-        if fatal is not None and fatal.exit_code in (errors.EXIT_AUTH, errors.EXIT_TLS):
-            raise fatal from exc
-    except asyncio.TimeoutError:
-        if not quiet:
-            log.warning("%s not answering yet; will keep trying", _WHAT)
-
-
 async def probe_node_cache(
     cache: CacheStub, metadata: Metadata, settings: WorkerSettings, *, timeout_s: float
 ) -> str | None:
@@ -70,6 +48,22 @@ async def probe_node_cache(
     except asyncio.TimeoutError:
         return f"no answer within {timeout_s:g} s"
     return None
+
+
+async def check_node_cache(
+    cache: CacheStub,
+    metadata: Metadata,
+    settings: WorkerSettings,
+    *,
+    timeout_s: float,
+    quiet: bool = False,
+) -> None:
+    """Raise the FatalError (exit 4 or 5) a refused read means; a cache that
+    cannot be reached is logged (unless ``quiet``) and passes (the worker waits
+    for it: :meth:`~ray_alpcrun.bridge.worker.BridgeWorker.wait_for_cache`)."""
+    why = await probe_node_cache(cache, metadata, settings, timeout_s=timeout_s)
+    if why is not None and not quiet:
+        log.warning("%s not answering yet (%s); will keep trying", _WHAT, why)
 
 
 async def preflight(settings: WorkerSettings, timeout_s: float = 3.0) -> None:

@@ -35,7 +35,7 @@ from ray_alpcrun.pool.backend import RayBackend
 from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
 from ray_alpcrun.pool.gpu import check_gpu_request
-from ray_alpcrun.pool.interfaces import Lifecycle, Member, Roster
+from ray_alpcrun.pool.interfaces import Lifecycle, Listeners, Member, Roster
 from ray_alpcrun.pool.membership import CLOSED, WAITING, Availability, Listener, Membership
 from ray_alpcrun.pool.pool_actor import CONTROL_GROUP, PoolActor, PoolActorHandle, SharedRef
 from ray_alpcrun.pool.scaling import Decision, Scaler
@@ -66,7 +66,7 @@ class ActorPool:
         self._membership: Membership[PoolActorHandle] | None = None
         self._dispatcher: Dispatcher[PoolActorHandle] | None = None
         self._scaler: asyncio.Task[None] | None = None
-        self._listeners: list[Listener] = []
+        self._listeners = Listeners()
         self._closed = False
         self._status: tuple[float, dict[str, Any]] | None = None  # (loop time, status)
         self._status_round: asyncio.Future[dict[str, Any]] | None = None
@@ -107,13 +107,7 @@ class ActorPool:
     def watch(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(availability)`` after every change of the pool's actors
         once it runs (subscribe before :meth:`start`, too); returns the unsubscribe."""
-        self._listeners.append(listener)
-
-        def unwatch() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unwatch
+        return self._listeners.add(listener)
 
     async def start(self) -> None:
         """Create the actors and wait until each has loaded the handler.
@@ -226,8 +220,7 @@ class ActorPool:
         membership.watch(self._changed)
 
     def _changed(self, availability: Availability) -> None:
-        for listener in list(self._listeners):
-            listener(availability)
+        self._listeners.notify(availability)
 
     async def _scale(self, source: str) -> None:
         """The elastic pool's loop: sample the load, ask for or release actors.
@@ -276,7 +269,7 @@ class ActorPool:
                 self.waiting_for = ""
             await asyncio.sleep(SCALE_TICK_S)  # ok: sampling period of the scaler
 
-    def put_shared(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
+    def put_shared(self: object, session_id: str, level: int | None, payload: bytes) -> SharedRef:
         """Put a session's shared data in the object store, once; pass the result to :meth:`run`.
 
         Stored as a uint8 array so actors read it from shared memory without a
@@ -289,9 +282,11 @@ class ActorPool:
         ref = ray.put(np.frombuffer(payload, dtype=np.uint8))
         return SharedRef(session_id, level, ref)
 
-    async def aput_shared(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
+    async def aput_shared(
+        self: object, session_id: str, level: int | None, payload: bytes
+    ) -> SharedRef:
         """:meth:`put_shared` off the event loop (the copy of big data takes a while)."""
-        return await asyncio.to_thread(self.put_shared, session_id, level, payload)
+        return await asyncio.to_thread(ActorPool.put_shared, self, session_id, level, payload)
 
     async def run(
         self,

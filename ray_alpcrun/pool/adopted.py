@@ -29,6 +29,7 @@ from ray_alpcrun.pool.interfaces import (
     WAITING,
     Availability,
     Listener,
+    Listeners,
     Member,
 )
 
@@ -51,7 +52,7 @@ class AdoptedRoster(Generic[A]):
         self._report = report_lost
         self._grace_s = grace_s
         self._members: dict[int, Member[A]] = {}
-        self._listeners: list[Listener] = []
+        self._listeners = Listeners()
         self._closed = False
         self._no_live_since: float | None = asyncio.get_running_loop().time()
         self._timer: asyncio.TimerHandle | None = None
@@ -87,13 +88,7 @@ class AdoptedRoster(Generic[A]):
         return Availability(WAITING, why, no_live_s=no_live_s)
 
     def watch(self, listener: Listener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def unwatch() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unwatch
+        return self._listeners.add(listener)
 
     def lost(self, member: Member[A], reason: str, *, killed: bool = False) -> None:
         if killed:
@@ -142,8 +137,7 @@ class AdoptedRoster(Generic[A]):
             self._no_live_since = asyncio.get_running_loop().time()
         self._arm()
         state = self.availability()
-        for listener in list(self._listeners):
-            listener(state)
+        self._listeners.notify(state)
 
     def _arm(self) -> None:
         """Tell the listeners when the grace runs out (a change with no event of its own)."""

@@ -109,6 +109,27 @@ class Availability:
 Listener = Callable[[Availability], None]
 
 
+class Listeners:
+    """Who watches a pool's state: :meth:`add` one (it returns the unsubscribe),
+    :meth:`notify` them all (each of the pool's layers keeps one of these)."""
+
+    def __init__(self) -> None:
+        self._all: list[Listener] = []
+
+    def add(self, listener: Listener) -> Callable[[], None]:
+        self._all.append(listener)
+
+        def unwatch() -> None:
+            if listener in self._all:
+                self._all.remove(listener)
+
+        return unwatch
+
+    def notify(self, availability: Availability) -> None:
+        for listener in list(self._all):
+            listener(availability)
+
+
 class Roster(Protocol[A]):
     """What a dispatcher needs from the membership, and all it may touch."""
 

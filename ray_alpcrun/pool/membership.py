@@ -42,6 +42,7 @@ from ray_alpcrun.pool.interfaces import (
     Calls,
     Lifecycle,
     Listener,
+    Listeners,
     Member,
     Roster,
 )
@@ -107,7 +108,7 @@ class Membership(Generic[A]):
         self._restarting: set[int] = set()
         self._starting: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._listeners: list[Listener] = []
+        self._listeners = Listeners()
         self._closed = False
         self._state = ""  # none before the first change: start() is no transition to log
         self._no_live_since: float | None = None  # loop time the last live actor left
@@ -174,13 +175,7 @@ class Membership(Generic[A]):
 
     def watch(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(availability)`` after every change; returns the unsubscribe."""
-        self._listeners.append(listener)
-
-        def unwatch() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unwatch
+        return self._listeners.add(listener)
 
     def lost(self, member: Member[A], reason: str, *, killed: bool = False) -> None:
         """``member`` died, became unreachable or hung: kill it and start a replacement."""
@@ -389,8 +384,7 @@ class Membership(Generic[A]):
                 log.warning("actor pool has no live actor; batches wait", extra=extra)
             elif state == SERVING and previous in (WAITING, UNAVAILABLE):
                 log.info("actor pool serving again", extra=extra)
-        for listener in list(self._listeners):
-            listener(availability)
+        self._listeners.notify(availability)
 
     def _next_state(self, live: bool, now: float) -> str:
         if self._closed:

@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray_alpcrun.config import PoolConfig
+from ray_alpcrun.pool.actor_pool import ActorPool
 from ray_alpcrun.pool.adopted import AdoptedRoster
 from ray_alpcrun.pool.backend import RayBackend, actor_key
 from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.dispatch import Dispatcher
-from ray_alpcrun.pool.interfaces import Availability, Listener, Member
+from ray_alpcrun.pool.interfaces import Availability, Listener, Listeners, Member
 from ray_alpcrun.pool.pool_actor import PoolActorHandle, SharedRef
 from ray_alpcrun.runtime import Outcome
 
@@ -44,7 +45,7 @@ class NodePool:
         self._backend: RayBackend | DirectBackend | None = None
         self._roster: AdoptedRoster[PoolActorHandle] | None = None
         self._dispatcher: Dispatcher[PoolActorHandle] | None = None
-        self._listeners: list[Listener] = []
+        self._listeners = Listeners()
         self.waiting_for = ""
 
     async def start(self) -> None:
@@ -133,27 +134,14 @@ class NodePool:
         return self._roster.availability()
 
     def watch(self, listener: Listener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def unwatch() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unwatch
+        return self._listeners.add(listener)
 
     def _changed(self, availability: Availability) -> None:
-        for listener in list(self._listeners):
-            listener(availability)
+        self._listeners.notify(availability)
 
-    def put_shared(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
-        import numpy as np
-        import ray
-
-        ref = ray.put(np.frombuffer(payload, dtype=np.uint8))
-        return SharedRef(session_id, level, ref)
-
-    async def aput_shared(self, session_id: str, level: int | None, payload: bytes) -> SharedRef:
-        return await asyncio.to_thread(self.put_shared, session_id, level, payload)
+    # Shared data goes into the object store the same way as in every pool.
+    put_shared = ActorPool.put_shared
+    aput_shared = ActorPool.aput_shared
 
     async def run(
         self,

@@ -11,12 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from ray_alpcrun import Handler, SessionContext, errors
+from ray_alpcrun import errors
 from ray_alpcrun.answers import REASON_KEEP_CHARS
 from ray_alpcrun.client import AsyncClient
 from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.refworker import WorkerThread
+from tests.support.bridge_handlers import LONG_REASON, LongStartError, oversized
 from tests.support.refworker_support import assert_exactly_once, connect, mixed, start_worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,26 +25,6 @@ pytestmark = pytest.mark.timeout(60)
 LIMIT = 256 * 1024  # the client's max_message_bytes in these tests
 MiB = 1 << 20
 SERVICES_LIMIT = 4 * MiB  # the services' default max_message_bytes
-LONG_REASON = "the licence server refused this node: " + "no seat left, " * 32
-
-
-class LongSetupError(Handler):
-    """Every batch is dead: its session start hook raises a ~490-character error."""
-
-    def on_session_start(self, session: SessionContext) -> None:
-        raise RuntimeError(LONG_REASON)
-
-    def process(self, payload: bytes, session: SessionContext) -> bytes:
-        return payload
-
-
-def oversized(payload: bytes, shared: bytes | None) -> bytes:
-    """``big-answer``: a 4.2 MB answer; ``big-error``: a 4.2 MB error; else echo."""
-    if payload == b"big-answer":
-        return b"a" * 4_200_000
-    if payload == b"big-error":
-        raise ValueError("e" * 4_200_000)
-    return payload
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +136,7 @@ def test_a_dead_batch_of_10000_tasks_carries_the_handlers_reason() -> None:
     # Issue 18.2 (a): the dead batch copied the reason onto 10,000 messages (5.1 MB),
     # its write failed, and the client saw "delivered 3 times without an answer".
     with LocalServices(DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)) as s:
-        worker = start_worker(s.service_config(), LongSetupError)
+        worker = start_worker(s.service_config(), LongStartError)
         try:
             with connect(s) as client:
                 session = client.create_session(app_id="setup-fails")
