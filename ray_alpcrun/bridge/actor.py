@@ -271,7 +271,7 @@ class Bridge:
             return
         availability = pool.availability()
         nodes = self.nodes
-        if nodes is not None and nodes.registered > 0 and not nodes.has_local_actors():
+        if nodes is not None and nodes.serve_elsewhere() and not nodes.has_local_actors():
             worker.pause("node bridges serve the pool's actors")
         elif availability.takes_work:
             worker.resume()

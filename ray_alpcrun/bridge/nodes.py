@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.25
 EMPTY_NODE_S = 10.0
+# The placeholder stays retired this long after the last node bridge worker was seen.
+PLACEHOLDER_HOLD_S = 30.0
 # A call to a node bridge that takes longer than this counts as no answer.
 CALL_TIMEOUT_S = 10.0
 
@@ -87,6 +89,7 @@ class NodeBridges:
         self._tasks: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
         self._closed = False
+        self._served_at: float | None = None  # last time a node bridge had a worker registered
         self.replaced = 0
         """Node bridges started again after theirs died."""
         self.on_change: Callable[[], None] = lambda: None
@@ -103,6 +106,17 @@ class NodeBridges:
     def registered(self) -> int:
         """Logical workers the node bridges have registered now."""
         return sum(int(n.load.get("registered", 0)) for n in self._live())
+
+    def serve_elsewhere(self) -> bool:
+        """Whether node bridges serve the pool, so that the coordinator's placeholder
+        takes no work: one has a logical worker registered, or had within
+        ``PLACEHOLDER_HOLD_S`` (a moment without one, while a node bridge is
+        replaced or resizes, must not register the placeholder again: each
+        placeholder that drains leaves its batches to be delivered once more)."""
+        now = asyncio.get_running_loop().time()
+        if self.registered > 0:
+            self._served_at = now
+        return self._served_at is not None and now - self._served_at < PLACEHOLDER_HOLD_S
 
     def any_ready(self) -> bool:
         return any(n.load.get("ready") for n in self._live())
