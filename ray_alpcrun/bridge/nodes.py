@@ -57,7 +57,6 @@ class _Node:
     empty_since: float | None = None
     stopping: bool = False
     dead: bool = False
-    started_at: float = 0.0
     name: str = ""
 
 
@@ -185,13 +184,6 @@ class NodeBridges:
         nodes = list(self._nodes.values())
         await asyncio.gather(*(self._stop(n, drain) for n in nodes), return_exceptions=True)
 
-    async def withdraw(self, index: int) -> None:
-        """Before the pool releases member ``index``: its node bridge stops giving
-        it work and lets its calls finish."""
-        for n in self._live():
-            if n.adopted.pop(index, None) is not None:
-                await self._call(n, n.handle.forget.remote(index))
-
     async def _loop(self) -> None:
         while not self._closed:
             try:
@@ -238,7 +230,6 @@ class NodeBridges:
                 self._own_task(self._stop_and_forget(n))
 
     def _spawn(self, node_id: str, now: float) -> _Node:
-        import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         handler, pool_config, settings = self._args
@@ -249,10 +240,9 @@ class NodeBridges:
             handler, pool_config, settings, self._coordinator, *self._log, self._fixed_slots
         )
         run_ref = asyncio.ensure_future(handle.run.remote())
-        n = _Node(node_id, handle, run_ref, started_at=now, name=name)
+        n = _Node(node_id, handle, run_ref, name=name)
         run_ref.add_done_callback(lambda ref: self._ended(n, ref))
         log.info("node bridge started", extra=fields(node_id=node_id))
-        _ = ray  # imported for the scheduling strategy's module
         return n
 
     def _ended(self, n: _Node, ref: asyncio.Future[Any]) -> None:

@@ -161,15 +161,7 @@ class ActorPool:
             no_actor_grace_s=cfg.no_actor_grace_s,
             busy_elsewhere=self._busy_elsewhere,
         )
-        dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
-            self._roster_of(membership),
-            backend,
-            min_chunk=cfg.min_chunk,
-            min_chunk_work_s=cfg.min_chunk_work_s,
-            max_call_retries=cfg.max_call_retries,
-            task_timeout_s=cfg.task_timeout_s,
-        )
-        calls.task_cost = lambda: dispatcher.task_cost_s
+        dispatcher = dispatcher_for(self._roster_of(membership), backend, calls, cfg)
         try:
             await asyncio.wait_for(membership.start(), self.start_timeout_s)
         except BaseException as exc:
@@ -413,6 +405,26 @@ class ActorPool:
         if self._dispatcher is None:
             raise AlpcrunError("the actor pool is not running (call start() first)")
         return self._dispatcher
+
+
+def dispatcher_for(
+    roster: Roster[PoolActorHandle],
+    backend: RayBackend | DirectBackend,
+    calls: RayBackend,
+    cfg: PoolConfig,
+) -> Dispatcher[PoolActorHandle]:
+    """The dispatcher every pool runs (a coordinator's, a node bridge's): ``cfg``'s
+    split, retries and timeout; ``calls`` learns the measured cost per task from it."""
+    dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
+        roster,
+        backend,
+        min_chunk=cfg.min_chunk,
+        min_chunk_work_s=cfg.min_chunk_work_s,
+        max_call_retries=cfg.max_call_retries,
+        task_timeout_s=cfg.task_timeout_s,
+    )
+    calls.task_cost = lambda: dispatcher.task_cost_s
+    return dispatcher
 
 
 def _check_resources(cfg: PoolConfig, resources: dict[str, float], count: int) -> None:

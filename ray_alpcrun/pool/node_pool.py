@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray_alpcrun.config import PoolConfig
-from ray_alpcrun.pool.actor_pool import ActorPool
+from ray_alpcrun.pool.actor_pool import ActorPool, dispatcher_for
 from ray_alpcrun.pool.adopted import AdoptedRoster
 from ray_alpcrun.pool.backend import RayBackend, actor_key
 from ray_alpcrun.pool.direct import DirectBackend
@@ -59,15 +59,7 @@ class NodePool:
         roster: AdoptedRoster[PoolActorHandle] = AdoptedRoster(
             self._lost, grace_s=cfg.no_actor_grace_s
         )
-        dispatcher: Dispatcher[PoolActorHandle] = Dispatcher(
-            roster,
-            backend,
-            min_chunk=cfg.min_chunk,
-            min_chunk_work_s=cfg.min_chunk_work_s,
-            max_call_retries=cfg.max_call_retries,
-            task_timeout_s=cfg.task_timeout_s,
-        )
-        calls.task_cost = lambda: dispatcher.task_cost_s
+        dispatcher = dispatcher_for(roster, backend, calls, cfg)
         self._backend, self._roster, self._dispatcher = backend, roster, dispatcher
         roster.watch(self._changed)
 

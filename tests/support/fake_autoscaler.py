@@ -111,11 +111,18 @@ class FakeAutoscalingCluster:
                 RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
                 RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
             )
-        cmd = [
+        cmd = self.head_command(f"--autoscaling-config={config_path}")
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        return self.address
+
+    def head_command(self, *extra: str) -> list[str]:
+        """``ray start --head`` on this cluster's port and temp dir, every other
+        port free, small and quiet (``extra`` flags added)."""
+        return [
             RAY, "start", "--head",
             f"--port={self.port}",
             f"--temp-dir={self.temp_dir}",
-            f"--autoscaling-config={config_path}",
+            *extra,
             f"--num-cpus={self.head_cpus:g}",
             "--num-gpus=0",
             "--include-dashboard=false",
@@ -127,8 +134,6 @@ class FakeAutoscalingCluster:
             "--object-store-memory=100000000",
             "--disable-usage-stats",
         ]  # fmt: skip
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-        return self.address
 
     def own_pids(self) -> list[int]:
         """Processes of this cluster: they name its temp dir or its GCS port (Linux /proc)."""

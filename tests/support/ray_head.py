@@ -9,7 +9,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
-from tests.support.fake_autoscaler import RAY, FakeAutoscalingCluster, free_port
+from tests.support.fake_autoscaler import FakeAutoscalingCluster
 
 # What decides Ray's token authentication; unset for a run "as a new user".
 RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
@@ -35,21 +35,6 @@ class HandStartedHead(FakeAutoscalingCluster):
     def start(self) -> str:
         env = {k: v for k, v in os.environ.items() if k not in RAY_AUTH_VARS}
         env["HOME"] = str(self.home)
-        cmd = [
-            RAY, "start", "--head",
-            f"--port={self.port}",
-            f"--temp-dir={self.temp_dir}",
-            f"--num-cpus={self.head_cpus:g}",
-            "--num-gpus=0",
-            "--include-dashboard=false",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            "--object-store-memory=100000000",
-            "--disable-usage-stats",
-        ]  # fmt: skip
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(self.head_command(), env=env, check=True, capture_output=True, timeout=120)
         self.address = f"127.0.0.1:{self.port}"
         return self.address
