@@ -16,7 +16,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.background import _export_ray_metrics, _follow_pool, make_metrics
+from ray_alpcrun.bridge.background import (
+    _export_ray_metrics,
+    _follow_pool,
+    _read_actor_counters,
+)
+from ray_alpcrun.bridge.figures import ActorTally, make_metrics
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import STAT_FIELDS, BridgeStats
 from ray_alpcrun.bridge.worker import BridgeWorker
@@ -105,6 +110,8 @@ class Bridge:
         # How node bridges are made (launch passes node.node_bridge_class).
         self.node_bridge_class = node_bridge_class
         self.exports_metrics = True
+        self.decodes = ActorTally("shared_decodes")  # read by _read_actor_counters
+        self.ready_here = False  # this bridge's own readiness, as of the last scrape
         self.metrics = make_metrics(self)
         # Why the bridge may not take work, checked by /readyz in order after
         # "draining" and "starting": the pool first; later checks (e.g. a node
@@ -125,6 +132,7 @@ class Bridge:
         announcer: asyncio.Task[None] | None = None
         exporter: asyncio.Task[None] | None = None
         follower: asyncio.Task[None] | None = None
+        reader: asyncio.Task[None] | None = None
         try:
             if self.health_port is not None:
                 self.health = HealthServer(
@@ -162,6 +170,8 @@ class Bridge:
             if self.exports_metrics:
                 exporter = asyncio.create_task(_export_ray_metrics(self), name="ray-metrics")
                 exporter.add_done_callback(log_task_failure)
+                reader = asyncio.create_task(_read_actor_counters(self), name="actor-counters")
+                reader.add_done_callback(log_task_failure)
             if self.bridges == "per-node" and self.node_bridge_class is not None:
                 from ray_alpcrun.bridge.nodes import start_node_bridges
 
@@ -179,7 +189,9 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            background = [task for task in (announcer, exporter, follower) if task is not None]
+            background = [
+                task for task in (announcer, exporter, follower, reader) if task is not None
+            ]
             for task in background:
                 task.cancel()
             # Ended before the pool closes; a failure was logged when it happened.
@@ -320,6 +332,8 @@ class Bridge:
 
     async def metrics_text(self) -> str:
         await self._refresh_gpu_memory()
+        # The registry reads plain values; readiness is asynchronous.
+        self.ready_here = (await self._ready_here())[0]
         return self.metrics.render()
 
     async def _refresh_gpu_memory(self) -> None:

@@ -128,7 +128,9 @@ class NodeBridges:
         return any(node == self._own for _, node in self._pool.members_with_nodes())
 
     def summed(self, own: BridgeStats) -> BridgeStats:
-        return summed(own, [n.load.get("stats", {}) for n in self._live()])
+        live = self._live()
+        latencies = [n.load["latency"] for n in live if "latency" in n.load]
+        return summed(own, [n.load.get("stats", {}) for n in live], latencies)
 
     async def withdraw_actor(self, actor: Any) -> None:
         """Before ``actor`` is released: its node bridge stops giving it work."""
@@ -161,7 +163,8 @@ class NodeBridges:
                 "actors": sorted(n.adopted), "registered": load.get("registered", 0),
                 "batches": load.get("batches", 0), "ready": bool(load.get("ready")),
                 "ready_text": load.get("ready_text", "starting"), "stopping": n.stopping,
-                "dead": n.dead, **{k: v for k, v in load.get("stats", {}).items()},
+                "dead": n.dead, "slots_in_flight": load.get("slots_in_flight", []),
+                **{k: v for k, v in load.get("stats", {}).items()},
             })  # fmt: skip
         return out
 
