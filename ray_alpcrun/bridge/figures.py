@@ -214,11 +214,11 @@ def _own(bridge: Bridge) -> dict[str, Any]:
 
 
 def _bridges(bridge: Bridge) -> list[dict[str, Any]]:
-    """The coordinator's figures and every live node bridge's (as last polled)."""
+    """The coordinator's figures and every live node bridge's (as last polled).
+    A node bridge that has not answered a poll yet has no figures, and no name:
+    it is left out rather than labelled by its node's id for a moment."""
     nodes = bridge.nodes
-    others = [] if nodes is None else [n for n in nodes.describe() if not n["dead"]]
-    for n in others:
-        n["node"] = n["node"] or n["node_id"]
+    others = [] if nodes is None else [n for n in nodes.describe() if n["node"] and not n["dead"]]
     return [_own(bridge), *others]
 
 

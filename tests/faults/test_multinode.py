@@ -48,6 +48,9 @@ def test_three_nodes_shared_data_per_node_and_a_node_removed_mid_session() -> No
     # bridge killed mid-session was replaced (every task answered once: checked there).
     assert set(removed["expected_nodes"]) <= set(removed["worker_nodes"])
     assert removed["bridges_replaced"] >= 1
+    # /metrics has a series per live node bridge (the removed node's has gone).
+    live = set(removed["expected_nodes"]) - {removed["removed_node"]}
+    assert live <= set(removed["metric_nodes"]), removed
 
 
 def test_autoscaling_cluster_from_zero_gpu_nodes_and_back() -> None:

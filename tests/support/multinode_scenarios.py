@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,14 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
         await session.close()
     check_once(results, n)
     status = await handle.status()
+    # /metrics: one series per bridge, labelled by its node; the sum without labels
+    # is theirs (both read in one scrape).
+    metrics = await handle.actor.metrics_text.remote()
+    line = r'^alpcrun_node_bridge_tasks_processed_total\{node="([^"]+)"\} (\S+)$'
+    per_node = dict(re.findall(line, metrics, re.MULTILINE))
+    total = re.search(r"^alpcrun_tasks_processed_total (\S+)$", metrics, re.MULTILINE)
+    assert total and float(total.group(1)) == sum(map(float, per_node.values())), metrics
+    victim_name = f"mn-node-{nodes.index(victim)}"
     assert expected and names >= expected, (names, expected)
     assert status["bridges_replaced"] >= 1, status
     ran_on = Counter(r.value().decode().split("|")[1] for r in results)
@@ -147,7 +156,8 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
             "restarts": status["actor_restarts"], "nodes_used": len(ran_on),
             "worker_nodes": sorted(names), "expected_nodes": sorted(expected),
             "bridges_replaced": status["bridges_replaced"],
-            "killed_bridge": killed_bridge["node"]}  # fmt: skip
+            "killed_bridge": killed_bridge["node"], "metric_nodes": sorted(per_node),
+            "removed_node": victim_name}  # fmt: skip
 
 
 def three_nodes() -> dict[str, Any]:

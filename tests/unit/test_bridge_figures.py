@@ -43,7 +43,7 @@ def coordinator() -> Iterator[Bridge]:
     yield bridge
 
 
-def node_entry(node: str, dead: bool = False, **figures: Any) -> dict[str, Any]:
+def node_entry(node: str | None, dead: bool = False, **figures: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "node": node, "node_id": f"id-{node}", "dead": dead, "registered": 2, "batches": 1,
         "ready": True, "slots_in_flight": [0, 3], "tasks_ok": 7, "tasks_failed": 1,
@@ -61,6 +61,8 @@ def test_node_bridges_are_summed_and_labelled(coordinator: Bridge) -> None:
         [
             node_entry("gpu-1", shared_fetches=4, shared_bytes=100, shared_level_max=3),
             node_entry("gpu-2", dead=True, tasks_ok=1000),
+            # started, not polled yet: no name and no figures
+            node_entry(None, registered=0, tasks_ok=0, tasks_failed=0, slots_in_flight=[]),
         ],
         latency,
     )
@@ -75,7 +77,7 @@ def test_node_bridges_are_summed_and_labelled(coordinator: Bridge) -> None:
     assert 'alpcrun_node_bridge_ready{node="head"} 0.0' in text
     assert 'alpcrun_node_bridge_ready{node="gpu-1"} 1.0' in text
     assert 'alpcrun_worker_batches_in_flight{node="gpu-1",slot="1"} 3.0' in text
-    assert 'node="gpu-2"' not in text
+    assert 'node="gpu-2"' not in text and 'node="id-None"' not in text
     assert 'alpcrun_batch_latency_seconds_bucket{le="0.00025"} 1.0' in text
 
 
