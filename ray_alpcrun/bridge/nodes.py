@@ -125,7 +125,15 @@ class NodeBridges:
         return f"{len(ready)} of {len(self._live())} ready, {self.registered} slot(s) registered"
 
     def has_local_actors(self) -> bool:
-        return any(node == self._own for _, node in self._pool.members_with_nodes())
+        return self.local_live() > 0
+
+    def local_live(self) -> int:
+        """Live pool actors on the coordinator's own node."""
+        return sum(node == self._own for _, node in self._pool.members_with_nodes())
+
+    def serves_remote(self) -> bool:
+        """Whether a live pool actor is on another node (a node bridge serves it)."""
+        return any(node not in (None, self._own) for _, node in self._pool.members_with_nodes())
 
     def summed(self, own: BridgeStats) -> BridgeStats:
         return summed(own, [n.load.get("stats", {}) for n in self._live()])
