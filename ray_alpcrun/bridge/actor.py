@@ -414,6 +414,7 @@ class Bridge:
                 out[name] = out.get(name, 0) + self.nodes.stats_sum(name)
             out["bridges"] = self.nodes.describe()
             out["bridges_replaced"] = self.nodes.replaced
+            out["bridges_stopped_empty"] = self.nodes.stopped_empty
         return out
 
 

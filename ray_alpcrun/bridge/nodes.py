@@ -91,6 +91,8 @@ class NodeBridges:
         self._served_at: float | None = None  # last time a node bridge had a worker registered
         self.replaced = 0
         """Node bridges started again after theirs died."""
+        self.stopped_empty = 0
+        """Node bridges drained and stopped because their node had no actor left."""
         self.on_change: Callable[[], None] = lambda: None
         """Called after every poll (the coordinator re-decides whether it takes work)."""
 
@@ -287,6 +289,7 @@ class NodeBridges:
 
     async def _stop_and_forget(self, n: _Node) -> None:
         await self._stop(n, drain=True)
+        self.stopped_empty += 1
         if self._nodes.get(n.node_id) is n:
             del self._nodes[n.node_id]
 
