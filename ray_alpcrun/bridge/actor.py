@@ -176,6 +176,7 @@ class Bridge:
                 from ray_alpcrun.bridge.nodes import start_node_bridges
 
                 self.nodes = start_node_bridges(self)
+                self.update_intake()  # the coordinator's slots: its own node's actors
             if self.auto_slots:
                 follower = asyncio.create_task(_follow_pool(self), name="slots-follow-pool")
                 follower.add_done_callback(log_task_failure)
@@ -281,6 +282,7 @@ class Bridge:
         worker, pool = self.worker, self.pool
         if worker is None or pool is None or self.draining:
             return
+        self.follow_slots()
         availability = pool.availability()
         nodes = self.nodes
         if nodes is not None and nodes.serve_elsewhere() and not nodes.has_local_actors():
@@ -289,6 +291,33 @@ class Bridge:
             worker.resume()
         elif availability.state == UNAVAILABLE:
             worker.pause(availability.reason)
+
+    def wanted_slots(self) -> int | None:
+        """How many logical workers to keep registered now (None: as they are).
+
+        With actors on other nodes, the coordinator registers for its own node's
+        actors only, as a node bridge does (the node bridges register for
+        theirs): one per live actor here, at least one (the placeholder while it
+        has none), an elastic pool's headroom slot included. Otherwise an elastic
+        pool's slots follow the whole pool (``--slots auto``); ``--slots K`` stays K.
+        """
+        from ray_alpcrun.pool.scaling import target_slots
+
+        pool, nodes = self.pool, self.nodes
+        if pool is None or self.fixed_slots is not None:
+            return None
+        if nodes is not None and nodes.serves_remote():
+            local = nodes.local_live()
+            elastic = pool.config.elastic
+            return target_slots(local, 0, pool.config.highest) if elastic else max(1, local)
+        if self.auto_slots:
+            return target_slots(pool.live, pool.pending, pool.config.highest)
+        return None
+
+    def follow_slots(self) -> None:
+        worker, wanted = self.worker, self.wanted_slots()
+        if worker is not None and wanted is not None and not self.draining:
+            worker.resize(wanted)
 
     def _cache_not_ready(self) -> str | None:
         return self.worker.cache_unreachable if self.worker is not None else None
@@ -399,6 +428,7 @@ class Bridge:
                 out[name] = out.get(name, 0) + self.nodes.stats_sum(name)
             out["bridges"] = self.nodes.describe()
             out["bridges_replaced"] = self.nodes.replaced
+            out["bridges_stopped_empty"] = self.nodes.stopped_empty
         return out
 
 

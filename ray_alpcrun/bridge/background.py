@@ -18,13 +18,9 @@ Bridge = Any
 
 
 async def _follow_pool(bridge: Bridge, period_s: float = 0.25) -> None:
-    """Keep the registered logical workers at ``target_slots`` of the pool."""
-    from ray_alpcrun.pool.scaling import target_slots
-
+    """Keep the registered logical workers at :meth:`Bridge.wanted_slots`."""
     while True:
-        worker, pool = bridge.worker, bridge.pool
-        if worker is not None and pool is not None and not bridge.draining:
-            worker.resize(target_slots(pool.live, pool.pending, pool.config.highest))
+        bridge.follow_slots()
         await asyncio.sleep(period_s)  # ok: sampling period
 
 

@@ -82,16 +82,10 @@ class NodeBridge(Bridge):
                 extra=fields(error=str(ref.exception())),
             )
 
-    def update_intake(self) -> None:
-        super().update_intake()
-        self.follow_slots()
-
-    def follow_slots(self) -> None:
+    def wanted_slots(self) -> int | None:
         """One logical worker per live actor here (at least one), unless fixed."""
-        worker, pool = self.worker, self.pool
-        if worker is None or pool is None or self.draining:
-            return
-        worker.resize(self.fixed_slots or max(1, pool.live))
+        pool = self.pool
+        return None if pool is None else self.fixed_slots or max(1, pool.live)
 
     async def adopt(self, index: int, actor: Any) -> bool:
         """Serve ``actor`` as pool member ``index``; True when it is on its socket."""
