@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -29,6 +31,8 @@ def main() -> int:
     p.add_argument("--api-key", required=True)
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     args = p.parse_args()
+    level = os.environ.get("METALCORE_LOG_LEVEL", "warning").upper()
+    logging.basicConfig(level=level, format="devserver %(levelname)s %(name)s: %(message)s")
     config = DevServerConfig(
         queue_port=0,
         central_cache_port=0,

@@ -86,6 +86,7 @@ def configuration(
         )
         if bridges is not None:
             command += ["--bridges", bridges]
+        command += args.bridge_args.split()
         t = time.perf_counter()
         with systems.cluster_bridge(host, command, dev, args.actors, log) as dep:
             ready_s = time.perf_counter() - t
@@ -113,9 +114,11 @@ def main() -> int:
     p.add_argument("--actors", type=int, default=16, help="pool actors (16)")
     p.add_argument("--batch", type=int, default=10, help="tasks per batch (10)")
     p.add_argument("--rounds", type=int, default=1, help="times every configuration runs (1)")
+    p.add_argument("--modes", default="one,per-node", help="--bridges values to run (one,per-node)")
+    p.add_argument("--bridge-args", default="", help="more bridge CLI flags, e.g. '--slots 8'")
     p.add_argument("--out", default=None, help="write the rows here as JSON")
     args = p.parse_args()
-    modes: list[str | None] = ["one", "per-node"] if systems.cli_knows_bridges() else [None]
+    modes: list[str | None] = args.modes.split(",") if systems.cli_knows_bridges() else [None]
     log_path = Path(tempfile.mkdtemp(prefix="alpcrun-scaleout-")) / "systems.log"
     print(
         f"{args.actors} actors on {args.nodes} worker nodes of {args.node_cpus:g} CPUs, "

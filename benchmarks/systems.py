@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ray_alpcrun.config import default_node
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 READY_TIMEOUT_S = 120.0
@@ -52,7 +54,8 @@ class DevServer:
     def __init__(self, api_key: str, max_message_bytes: int, log: IO[str]) -> None:
         command = [sys.executable, str(ROOT / "benchmarks" / "devserver_stats.py")]
         command += ["--api-key", api_key, "--max-message-bytes", str(max_message_bytes)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), METALCORE_LOG_LEVEL="warning")
+        level = os.environ.get("BENCH_DEVSERVER_LOG_LEVEL", "warning")  # info: every re-delivery
+        env = dict(os.environ, PYTHONPATH=str(ROOT), METALCORE_LOG_LEVEL=level)
         self.proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env
         )
@@ -78,15 +81,26 @@ class DevServer:
         return stats
 
     def wait_workers(
-        self, n: int, check: Callable[[], None], timeout_s: float = READY_TIMEOUT_S
+        self,
+        n: int,
+        check: Callable[[], None],
+        timeout_s: float = READY_TIMEOUT_S,
+        off_node: str | None = None,
     ) -> None:
-        """Block until ``n`` workers are registered; ``check()`` raises if they died."""
+        """Block until ``n`` workers are registered (not counting those registered
+        from node ``off_node``); ``check()`` raises if they died."""
         deadline = time.monotonic() + timeout_s
-        while self.stats()["workers"] < n:
+        while self._registered(off_node) < n:
             check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n} workers did not register within {timeout_s:g} s")
             time.sleep(0.1)  # ok: polling another process's counter
+
+    def _registered(self, off_node: str | None) -> int:
+        stats = self.stats()
+        if off_node is None:
+            return int(stats["workers"])
+        return sum(k for node, k in stats["worker_nodes"].items() if node != off_node)
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -318,7 +332,10 @@ def cluster_bridge(
                 start_new_session=True,
             )
         )
-        dev.wait_workers(k, dep.check_alive)
+        # Node bridges: the coordinator's placeholder on the head does not count.
+        one = "--bridges" in command and command[command.index("--bridges") + 1] == "one"
+        head = None if one or not cli_knows_bridges() else default_node()
+        dev.wait_workers(k, dep.check_alive, off_node=head)
         yield dep
     finally:
         _stop(dep.procs[1:])

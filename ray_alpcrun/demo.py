@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     # Ray first: starting it after gRPC is active prints fork warnings.
-    ray.init(configure_logging=False, log_to_driver=True, include_dashboard=False)
+    # A Ray of its own, even beside a cluster that `ray start` left running here.
+    ray.init(address="local", configure_logging=False, log_to_driver=True, include_dashboard=False)
     try:
         with LocalServices() as services:
             print(

@@ -73,6 +73,8 @@ class SharedDataCache:
         self._entries: OrderedDict[tuple[str, int | None], _Entry] = OrderedDict()
         self.fetches = 0
         self.fetched_bytes = 0
+        self.levels_shared = 0
+        """(session, level) pairs handed to the compute side (each is decoded there)."""
 
     async def get(self, session_id: str, level: int | None) -> Any:
         """The share's handle for the session's shared data at ``level``
@@ -136,6 +138,7 @@ class SharedDataCache:
             "shared data fetched",
             extra=fields(session=session_id, level=served, bytes=len(data.payload), ttl_s=ttl_s),
         )
+        self.levels_shared += 1
         return await self._share(session_id, served, data.payload)
 
     def _loaded(self, key: tuple[str, int | None], task: asyncio.Task[Any]) -> None:
@@ -170,6 +173,12 @@ class SharedDataCache:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def level_max(self) -> int:
+        """The highest update level held for any session (0 when none is)."""
+        levels = [e.served for e in self._entries.values() if e.served is not None]
+        return max(levels, default=0)
 
     def __len__(self) -> int:
         return len(self._entries)

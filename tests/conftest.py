@@ -21,6 +21,7 @@ def ray_session() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # its own, not a cluster `ray start` left on the machine
             num_cpus=8,  # logical slots: the box has 2 cores, actors mostly wait
             num_gpus=0,
             object_store_memory=256 * 1024 * 1024,

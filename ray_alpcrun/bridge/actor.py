@@ -16,7 +16,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ray_alpcrun import errors
-from ray_alpcrun.bridge.background import _export_ray_metrics, _follow_pool, make_metrics
+from ray_alpcrun.bridge.background import (
+    _export_ray_metrics,
+    _follow_pool,
+    _read_actor_counters,
+)
+from ray_alpcrun.bridge.figures import ActorTally, make_metrics
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import STAT_FIELDS, BridgeStats
 from ray_alpcrun.bridge.worker import BridgeWorker
@@ -105,6 +110,8 @@ class Bridge:
         # How node bridges are made (launch passes node.node_bridge_class).
         self.node_bridge_class = node_bridge_class
         self.exports_metrics = True
+        self.decodes = ActorTally("shared_decodes")  # read by _read_actor_counters
+        self.ready_here = False  # this bridge's own readiness, as of the last scrape
         self.metrics = make_metrics(self)
         # Why the bridge may not take work, checked by /readyz in order after
         # "draining" and "starting": the pool first; later checks (e.g. a node
@@ -125,6 +132,7 @@ class Bridge:
         announcer: asyncio.Task[None] | None = None
         exporter: asyncio.Task[None] | None = None
         follower: asyncio.Task[None] | None = None
+        reader: asyncio.Task[None] | None = None
         try:
             if self.health_port is not None:
                 self.health = HealthServer(
@@ -162,10 +170,13 @@ class Bridge:
             if self.exports_metrics:
                 exporter = asyncio.create_task(_export_ray_metrics(self), name="ray-metrics")
                 exporter.add_done_callback(log_task_failure)
+                reader = asyncio.create_task(_read_actor_counters(self), name="actor-counters")
+                reader.add_done_callback(log_task_failure)
             if self.bridges == "per-node" and self.node_bridge_class is not None:
                 from ray_alpcrun.bridge.nodes import start_node_bridges
 
                 self.nodes = start_node_bridges(self)
+                self.update_intake()  # the coordinator's slots: its own node's actors
             if self.auto_slots:
                 follower = asyncio.create_task(_follow_pool(self), name="slots-follow-pool")
                 follower.add_done_callback(log_task_failure)
@@ -179,7 +190,9 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            background = [task for task in (announcer, exporter, follower) if task is not None]
+            background = [
+                task for task in (announcer, exporter, follower, reader) if task is not None
+            ]
             for task in background:
                 task.cancel()
             # Ended before the pool closes; a failure was logged when it happened.
@@ -269,6 +282,7 @@ class Bridge:
         worker, pool = self.worker, self.pool
         if worker is None or pool is None or self.draining:
             return
+        self.follow_slots()
         availability = pool.availability()
         nodes = self.nodes
         if nodes is not None and nodes.serve_elsewhere() and not nodes.has_local_actors():
@@ -277,6 +291,33 @@ class Bridge:
             worker.resume()
         elif availability.state == UNAVAILABLE:
             worker.pause(availability.reason)
+
+    def wanted_slots(self) -> int | None:
+        """How many logical workers to keep registered now (None: as they are).
+
+        With actors on other nodes, the coordinator registers for its own node's
+        actors only, as a node bridge does (the node bridges register for
+        theirs): one per live actor here, at least one (the placeholder while it
+        has none), an elastic pool's headroom slot included. Otherwise an elastic
+        pool's slots follow the whole pool (``--slots auto``); ``--slots K`` stays K.
+        """
+        from ray_alpcrun.pool.scaling import target_slots
+
+        pool, nodes = self.pool, self.nodes
+        if pool is None or self.fixed_slots is not None:
+            return None
+        if nodes is not None and nodes.serves_remote():
+            local = nodes.local_live()
+            elastic = pool.config.elastic
+            return target_slots(local, 0, pool.config.highest) if elastic else max(1, local)
+        if self.auto_slots:
+            return target_slots(pool.live, pool.pending, pool.config.highest)
+        return None
+
+    def follow_slots(self) -> None:
+        worker, wanted = self.worker, self.wanted_slots()
+        if worker is not None and wanted is not None and not self.draining:
+            worker.resize(wanted)
 
     def _cache_not_ready(self) -> str | None:
         return self.worker.cache_unreachable if self.worker is not None else None
@@ -320,6 +361,8 @@ class Bridge:
 
     async def metrics_text(self) -> str:
         await self._refresh_gpu_memory()
+        # The registry reads plain values; readiness is asynchronous.
+        self.ready_here = (await self._ready_here())[0]
         return self.metrics.render()
 
     async def _refresh_gpu_memory(self) -> None:
@@ -385,6 +428,7 @@ class Bridge:
                 out[name] = out.get(name, 0) + self.nodes.stats_sum(name)
             out["bridges"] = self.nodes.describe()
             out["bridges_replaced"] = self.nodes.replaced
+            out["bridges_stopped_empty"] = self.nodes.stopped_empty
         return out
 
 

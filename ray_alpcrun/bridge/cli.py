@@ -361,7 +361,7 @@ def _init_ray(config: BridgeConfig, startup: StartupSignals) -> None:
     log.info("starting Ray", extra=fields(address=config.ray_address or "(new local cluster)"))
     # Joining by address: a token the cluster wants, or an address where nothing
     # listens, is told now in one line, not after Ray's 20 s of retries.
-    prepare_join(config.ray_address, config.ray_auth)
+    address = prepare_join(config.ray_address, config.ray_auth)
     # ray.init installs a SIGTERM handler that exits 15 from wherever it is; keep
     # ours (the private hook may move: then the SystemExit below is the fallback).
     utils = getattr(getattr(ray, "_private", None), "utils", None)
@@ -369,7 +369,7 @@ def _init_ray(config: BridgeConfig, startup: StartupSignals) -> None:
     if saved is not None:
         utils.set_sigterm_handler = lambda handler: None  # type: ignore[union-attr]
     try:
-        ray.init(address=config.ray_address, configure_logging=False, log_to_driver=True)
+        ray.init(address=address, configure_logging=False, log_to_driver=True)
     except SystemExit as exc:
         if exc.code == signal.SIGTERM:
             raise Interrupted("SIGTERM") from None

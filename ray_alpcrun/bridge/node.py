@@ -19,6 +19,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from ray_alpcrun.bridge.actor import Bridge
+from ray_alpcrun.bridge.figures import slots_in_flight, worker_figures
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import STAT_FIELDS
 from ray_alpcrun.config import Env, PoolConfig, default_node, default_pod
@@ -81,16 +82,10 @@ class NodeBridge(Bridge):
                 extra=fields(error=str(ref.exception())),
             )
 
-    def update_intake(self) -> None:
-        super().update_intake()
-        self.follow_slots()
-
-    def follow_slots(self) -> None:
+    def wanted_slots(self) -> int | None:
         """One logical worker per live actor here (at least one), unless fixed."""
-        worker, pool = self.worker, self.pool
-        if worker is None or pool is None or self.draining:
-            return
-        worker.resize(self.fixed_slots or max(1, pool.live))
+        pool = self.pool
+        return None if pool is None else self.fixed_slots or max(1, pool.live)
 
     async def adopt(self, index: int, actor: Any) -> bool:
         """Serve ``actor`` as pool member ``index``; True when it is on its socket."""
@@ -113,7 +108,9 @@ class NodeBridge(Bridge):
         return left
 
     async def load(self) -> dict[str, Any]:
-        """What the coordinator polls: load, logical workers, counters, readiness."""
+        """What the coordinator polls: load, logical workers, counters (``stats``,
+        summed into the coordinator's ``/metrics``), batches in flight per logical
+        worker, the latency histogram's counts, readiness."""
         pool, worker = self.pool, self.worker
         out: dict[str, Any] = {
             "node": self.settings.node,
@@ -129,6 +126,9 @@ class NodeBridge(Bridge):
             out["registered"] = sum(s.registered.is_set() for s in worker.slots)
             stats = worker.stats
             out["stats"] = {name: getattr(stats, name) for name in STAT_FIELDS}
+            out["stats"].update(worker_figures(worker))
+            out["slots_in_flight"] = slots_in_flight(worker)
+            out["latency"] = stats.latency.snapshot()
             ready, why = await self._ready()
             out["ready"], out["ready_text"] = ready, why
         return out

@@ -91,6 +91,8 @@ class NodeBridges:
         self._served_at: float | None = None  # last time a node bridge had a worker registered
         self.replaced = 0
         """Node bridges started again after theirs died."""
+        self.stopped_empty = 0
+        """Node bridges drained and stopped because their node had no actor left."""
         self.on_change: Callable[[], None] = lambda: None
         """Called after every poll (the coordinator re-decides whether it takes work)."""
 
@@ -125,10 +127,20 @@ class NodeBridges:
         return f"{len(ready)} of {len(self._live())} ready, {self.registered} slot(s) registered"
 
     def has_local_actors(self) -> bool:
-        return any(node == self._own for _, node in self._pool.members_with_nodes())
+        return self.local_live() > 0
+
+    def local_live(self) -> int:
+        """Live pool actors on the coordinator's own node."""
+        return sum(node == self._own for _, node in self._pool.members_with_nodes())
+
+    def serves_remote(self) -> bool:
+        """Whether a live pool actor is on another node (a node bridge serves it)."""
+        return any(node not in (None, self._own) for _, node in self._pool.members_with_nodes())
 
     def summed(self, own: BridgeStats) -> BridgeStats:
-        return summed(own, [n.load.get("stats", {}) for n in self._live()])
+        live = self._live()
+        latencies = [n.load["latency"] for n in live if "latency" in n.load]
+        return summed(own, [n.load.get("stats", {}) for n in live], latencies)
 
     async def withdraw_actor(self, actor: Any) -> None:
         """Before ``actor`` is released: its node bridge stops giving it work."""
@@ -161,7 +173,8 @@ class NodeBridges:
                 "actors": sorted(n.adopted), "registered": load.get("registered", 0),
                 "batches": load.get("batches", 0), "ready": bool(load.get("ready")),
                 "ready_text": load.get("ready_text", "starting"), "stopping": n.stopping,
-                "dead": n.dead, **{k: v for k, v in load.get("stats", {}).items()},
+                "dead": n.dead, "slots_in_flight": load.get("slots_in_flight", []),
+                **{k: v for k, v in load.get("stats", {}).items()},
             })  # fmt: skip
         return out
 
@@ -279,6 +292,7 @@ class NodeBridges:
 
     async def _stop_and_forget(self, n: _Node) -> None:
         await self._stop(n, drain=True)
+        self.stopped_empty += 1
         if self._nodes.get(n.node_id) is n:
             del self._nodes[n.node_id]
 

@@ -29,14 +29,25 @@ log = logging.getLogger("ray_alpcrun.bridge")
 _RAY_RESOLVES = ("auto", "local")
 
 
-def prepare_join(address: str | None, auth: RayAuth, connect_timeout_s: float = 5.0) -> None:
-    """Make ``ray.init(address=address)`` join at once, or raise ConfigError."""
+def init_address(address: str | None) -> str | None:
+    """What to pass ``ray.init``: without ``--ray-address``, a Ray of the bridge's
+    own (``local``), as documented; ``ray.init()`` would join a cluster that
+    ``ray start`` left running on this machine. ``RAY_ADDRESS`` in the environment
+    still names the cluster to join, as Ray reads it."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        return "local"
+    return address
+
+
+def prepare_join(address: str | None, auth: RayAuth, connect_timeout_s: float = 5.0) -> str | None:
+    """Make ``ray.init(address=...)`` join at once, or raise ConfigError; returns
+    the address to pass it (:func:`init_address`)."""
     target = _host_port(address)
     if address is None or target is None:
-        return  # Ray finds the cluster itself, and turns token mode on by itself
+        return init_address(address)  # Ray finds it, and turns token mode on by itself
     _check_reachable(address, *target, connect_timeout_s)
     if _asks_for_token(address) is not True:
-        return
+        return address
     env = auth.join_env(address)
     _set_ray_env(env)
     if _asks_for_token(address):
@@ -46,6 +57,7 @@ def prepare_join(address: str | None, auth: RayAuth, connect_timeout_s: float = 
         f"joining with Ray token authentication ({settings})",
         extra=fields(address=address, token=auth.token_source),
     )
+    return address
 
 
 def _host_port(address: str | None) -> tuple[str, int] | None:

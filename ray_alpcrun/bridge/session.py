@@ -147,6 +147,7 @@ class WorkerStream:
         elapsed = time.perf_counter() - started
         if answer[0].dead:
             stats.batches_dead += 1
+            stats.tasks_dead += len(batch.messages)
         failed = sum(1 for part in answer for m in part.messages if m.error is not None)
         stats.tasks_failed += failed
         stats.tasks_ok += len(batch.messages) - failed

@@ -222,7 +222,8 @@ class BridgeWorker:
         self._open()
         await self.wait_for_cache()
         for slot in self.slots:
-            self._slot_tasks[slot] = asyncio.create_task(self._slot_loop(slot))
+            if slot not in self._slot_tasks:  # resize() started those added meanwhile
+                self._slot_tasks[slot] = asyncio.create_task(self._slot_loop(slot))
         try:
             while self._slot_tasks:
                 resized = asyncio.ensure_future(self._resized.wait())

@@ -362,6 +362,7 @@ class ActorPool:
             "reason": self.decision.reason,
             "batches": d.batches if d is not None else 0,
             "released": m.released if m is not None else 0,
+            "requested": m.requested if m is not None else 0,
             "waiting_for": self.waiting_for,
         }
 

@@ -116,6 +116,8 @@ class Membership(Generic[A]):
         self._timer: asyncio.TimerHandle | None = None
         self.released = 0
         """Idle actors retired by :meth:`release`."""
+        self.requested = 0
+        """Actors asked for by :meth:`grow` (the elastic pool scaling up)."""
         self.start_error: str | None = None
         """Why the last actor start failed, if it did (cleared by a success)."""
         self.start_failures = 0
@@ -227,6 +229,7 @@ class Membership(Generic[A]):
             index = free[0] if free else len(self._members)
             if index == len(self._members):
                 self._members.append(None)
+            self.requested += 1
             self._spawn(index)
         if count > 0:
             self._changed()

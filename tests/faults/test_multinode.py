@@ -48,6 +48,9 @@ def test_three_nodes_shared_data_per_node_and_a_node_removed_mid_session() -> No
     # bridge killed mid-session was replaced (every task answered once: checked there).
     assert set(removed["expected_nodes"]) <= set(removed["worker_nodes"])
     assert removed["bridges_replaced"] >= 1
+    # /metrics has a series per live node bridge (the removed node's has gone).
+    live = set(removed["expected_nodes"]) - {removed["removed_node"]}
+    assert live <= set(removed["metric_nodes"]), removed
 
 
 def test_autoscaling_cluster_from_zero_gpu_nodes_and_back() -> None:
@@ -56,3 +59,6 @@ def test_autoscaling_cluster_from_zero_gpu_nodes_and_back() -> None:
     assert r["ready_text"].startswith("ok")
     assert r["max_gpu_nodes"] >= 2 and r["workers_used"] >= 2
     assert r["scale_down_s"] < 90 and r["bridge_exit"] == 0 and r["stray_processes"] == 0
+    # A bridge ran on every GPU node; each node whose actors were all released had
+    # its bridge drained and stopped (or it went with its node), none is left.
+    assert r["max_node_bridges"] >= 2 and r["node_bridges_left"] == 0, r

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,14 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
         await session.close()
     check_once(results, n)
     status = await handle.status()
+    # /metrics: one series per bridge, labelled by its node; the sum without labels
+    # is theirs (both read in one scrape).
+    metrics = await handle.actor.metrics_text.remote()
+    line = r'^alpcrun_node_bridge_tasks_processed_total\{node="([^"]+)"\} (\S+)$'
+    per_node = dict(re.findall(line, metrics, re.MULTILINE))
+    total = re.search(r"^alpcrun_tasks_processed_total (\S+)$", metrics, re.MULTILINE)
+    assert total and float(total.group(1)) == sum(map(float, per_node.values())), metrics
+    victim_name = f"mn-node-{nodes.index(victim)}"
     assert expected and names >= expected, (names, expected)
     assert status["bridges_replaced"] >= 1, status
     ran_on = Counter(r.value().decode().split("|")[1] for r in results)
@@ -147,7 +156,8 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
             "restarts": status["actor_restarts"], "nodes_used": len(ran_on),
             "worker_nodes": sorted(names), "expected_nodes": sorted(expected),
             "bridges_replaced": status["bridges_replaced"],
-            "killed_bridge": killed_bridge["node"]}  # fmt: skip
+            "killed_bridge": killed_bridge["node"], "metric_nodes": sorted(per_node),
+            "removed_node": victim_name}  # fmt: skip
 
 
 def three_nodes() -> dict[str, Any]:
@@ -297,6 +307,8 @@ async def _burst(
                 "actors": scaling.get("live", 0), "pending": scaling.get("pending", 0),
                 "target": scaling.get("target", 0), "batches": scaling.get("batches", 0),
                 "slots": len(status.get("slots", [])), "answered": status.get("tasks_ok", 0),
+                "node_bridges": sum(not b["dead"] for b in status.get("bridges", [])),
+                "stopped_empty": status.get("bridges_stopped_empty", 0),
             })  # fmt: skip
             if not first_answer and status.get("tasks_ok", 0) > 0:
                 first_answer.append(time.monotonic() - t0)
@@ -323,6 +335,10 @@ async def _burst(
         await asyncio.sleep(0.5)  # ok: polling period
     gone_after = time.monotonic() - t0 - closed_at
     await asyncio.sleep(1.0)  # ok: one more sample after the last node went
+    for _ in range(180):  # the node bridges' empty-node delay: nothing to wait on
+        if not timeline or not timeline[-1]["node_bridges"]:
+            break
+        await asyncio.sleep(0.5)  # ok: polling period
     stop_sampling.set()
     await sampler
     max_nodes = max((s["gpu_nodes"] for s in timeline), default=0)
@@ -334,6 +350,9 @@ async def _burst(
         "session_s": round(closed_at, 1), "max_gpu_nodes": max_nodes,
         "scale_up_s": full, "scale_down_s": round(gone_after, 1),
         "workers_used": len({r.value().decode().split("|")[1] for r in results}),
+        "max_node_bridges": max((s["node_bridges"] for s in timeline), default=0),
+        "node_bridges_left": timeline[-1]["node_bridges"] if timeline else None,
+        "node_bridges_stopped_empty": timeline[-1]["stopped_empty"] if timeline else 0,
     }  # fmt: skip
 
 

@@ -142,7 +142,7 @@ def test_registry_per_bridge_with_a_real_histogram() -> None:
     assert "alpcrun_tasks_processed_total 0.0" in other
     assert "alpcrun_batch_latency_seconds_count 0.0" in other
     assert "alpcrun_pool_actors_alive" not in other
-    values = {name: v for _, name, _, v in ma.values()}
+    values = {name: v for _, name, _, _, v in ma.values()}
     assert values["alpcrun_tasks_processed_total"] == 7.0
     assert values["alpcrun_pool_actors_alive"] == 3.0
 

@@ -281,3 +281,36 @@ async def test_a_batch_held_while_the_pool_gave_up_is_answered_dead_with_the_rea
     (answer,) = await stream._answer(task)
     assert answer.dead
     assert [m.error for m in answer.messages] == ["no live actor for 61.0 s (more than 60 s)"] * 2
+
+
+async def test_a_slot_added_while_the_worker_starts_has_one_registration_loop() -> None:
+    # A node bridge is handed its actors while its worker waits for the node
+    # cache: resize() started a loop for each new slot, then run() started one
+    # more for every slot. Two loops shared one Slot: the queue manager saw the
+    # same pod registered twice (7 workers for 4 actors in the scale-out run).
+    worker, _ = make_slot(FakeQueue())
+    waiting, cache, stop, three = (asyncio.Event() for _ in range(4))
+    loops: list[int] = []
+
+    async def wait_for_cache() -> None:
+        waiting.set()
+        await cache.wait()
+
+    async def slot_loop(slot: Slot) -> None:
+        loops.append(slot.index)
+        if len(loops) >= 3:
+            three.set()
+        await stop.wait()
+
+    worker.wait_for_cache = wait_for_cache  # type: ignore[method-assign]
+    worker._slot_loop = slot_loop  # type: ignore[method-assign]
+    running = asyncio.create_task(worker.run())
+    await asyncio.wait_for(waiting.wait(), 5)
+    worker.resize(3)  # the node bridge's actors arrive
+    cache.set()
+    await asyncio.wait_for(three.wait(), 5)
+    for _ in range(20):  # a second loop per slot would have started by now
+        await asyncio.sleep(0)
+    assert sorted(loops) == [0, 1, 2]
+    stop.set()
+    await asyncio.wait_for(running, 5)
