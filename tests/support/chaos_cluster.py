@@ -33,6 +33,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -55,6 +56,7 @@ from tests.support.chaos_plan import (
     Plan,
     Tally,
     Task,
+    lost_deliveries,
     make_plan,
     outcome_table,
     payload,
@@ -65,12 +67,12 @@ from tests.support.services_process import ServicesProcess
 
 MARK = "ALPCRUN_CHAOS_RUN"  # every process of the run carries it in its environment
 WORKER_NODES, NODE_CPUS = 3, 2
-BATCH, WAVE, NAP_MS = 8, 250, 4
+BATCH, WAVE, NAP_MS = 8, 200, 2
 WINDOW = 2  # max_inflight_batches_per_worker of every session
 MAX_PENDING = 96  # tasks a wave holds at a time
 TASK_TIMEOUT_S = 0.5
-DOWNSCALE_DELAY_S = 2.0
-LULL_S = DOWNSCALE_DELAY_S + 3.0
+DOWNSCALE_DELAY_S = 3.0
+LULL_S = DOWNSCALE_DELAY_S + 2.5
 WARM_UP = 0.2  # memory is compared from this fraction of the progress on
 TICK_S = 10.0  # a line of where the run stands
 STALL_S = 90.0  # no answer for this long: the run stops and reports what it has
@@ -163,13 +165,14 @@ class Nodes:
     def __init__(self) -> None:
         from ray.cluster_utils import Cluster
 
+        self.dashboard_port = free_port()  # the state API's address (list_actors)
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
                 "num_cpus": 0,
                 # Another cluster on this machine may hold the default port (8265).
                 "include_dashboard": True,
-                "dashboard_port": free_port(),
+                "dashboard_port": self.dashboard_port,
                 "object_store_memory": 100 << 20,
                 # A removed node is declared dead in seconds, not Ray's default ~30 s.
                 "_system_config": {
@@ -427,14 +430,14 @@ class Run:
     async def _read_dead_letters(self, s: SessionRun) -> None:
         """A closed session's dead letters that reached no submission (its result
         stream ended with the session)."""
+        batches = []
         for _ in range(3):
             try:
                 batches = await s.session.dead_letters()
                 break
-            except errors.AlpcrunError:
+            except errors.AlpcrunError as exc:
+                log(f"CHAOS DEAD LETTERS of {s.tag} not read: {exc}")
                 await asyncio.sleep(0.5)  # ok: a retry of a failed read
-        else:
-            return
         for batch in batches:
             for m in batch.messages:
                 named = task_of(bytes(m.payload))
@@ -507,6 +510,9 @@ class Run:
 
     async def _outage(self, proxy: TcpProxy, kind: str, seconds: float) -> None:
         self.fault(kind, f"{seconds:.1f} s")
+        before = 0
+        if kind == "link cut":
+            before = int((await asyncio.to_thread(self.svc.call, "stats"))["workers"])
         self.outages[kind] += 1
         proxy.down()
         try:
@@ -515,6 +521,19 @@ class Run:
             self.outages[kind] -= 1
             if self.outages[kind] == 0:
                 proxy.up()
+        if before and self.outages[kind] == 0:
+            await self._link_back(before)
+
+    async def _link_back(self, before: int) -> None:
+        """Seconds from the link's return until the queue manager has as many
+        workers registered as before the cut (a measurement; 20 s at most)."""
+        back = self.now()
+        while self.now() - back < 20:
+            if int((await asyncio.to_thread(self.svc.call, "stats"))["workers"]) >= before:
+                self.recoveries.setdefault("link cut", []).append(round(self.now() - back, 2))
+                return
+            await asyncio.sleep(0.1)  # ok: polls the queue manager's count (bounded)
+        self.notes["link cut: workers not all back within 20 s"] += 1
 
     async def _abort(self, kind: str, seed: int) -> None:
         what = "stream" if kind == "stream aborted" else "registration"
@@ -590,11 +609,11 @@ class Run:
                 coordinator = int(status.get("pid", 0))
                 now_released = int(status.get("scaling", {}).get("released", 0))
                 if released is not None and now_released > released:
-                    if int(status.get("batches_in_flight", 0)) > 0:
-                        self.fault("scale-down under load",
-                                   f"{now_released - released} actor(s) released, "
-                                   f"{status['batches_in_flight']} batch(es) in flight",
-                                   now_released - released)  # fmt: skip
+                    in_flight = int(status.get("batches_in_flight", 0))
+                    if in_flight > 0:
+                        gone = now_released - released
+                        detail = f"{gone} actor(s) released, {in_flight} batch(es) in flight"
+                        self.fault("scale-down under load", detail)
                     else:
                         self.notes["scale-down while idle"] += 1
                 released = now_released
@@ -648,8 +667,10 @@ class Run:
             start = statistics.median(kb for _, _, kb in after[:5]) / 1024
             end = statistics.median(kb for _, _, kb in after[-5:]) / 1024
             span_s = after[-1][0] - after[0][0]
+            step = max(1, len(samples) // 12)
+            series = [[round(t), round(kb / 1024, 1)] for t, _, kb in samples[::step]]
             out.append({"role": self.roles[pid], "pid": pid, "start_mb": start, "end_mb": end,
-                        "growth": end / start - 1, "span_s": span_s})  # fmt: skip
+                        "growth": end / start - 1, "span_s": span_s, "series": series})  # fmt: skip
         return sorted(out, key=lambda m: (str(m["role"]), -float(m["span_s"])))
 
 
@@ -677,7 +698,7 @@ def bridge_config(svc: ServicesProcess, queue: str, cache: str) -> Any:
     )
     return BridgeConfig(
         services=services, handler="tests.support.chaos_handlers:tagged", pool=pool,
-        backoff_max_s=1.0, drain_timeout_s=5.0, session_linger_s=5.0,
+        backoff_max_s=1.0, session_linger_s=5.0,
     )  # fmt: skip
 
 
@@ -739,7 +760,10 @@ def end_of_run(run: Run) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            alive = list_actors(filters=[("state", "=", "ALIVE"), ("job_id", "=", job)])
+            alive = list_actors(
+                address=f"http://127.0.0.1:{run.nodes.dashboard_port}",
+                filters=[("state", "=", "ALIVE"), ("job_id", "=", job)],
+            )
         except Exception as exc:  # the state API answers through the dashboard
             run.notes[f"list_actors failed: {type(exc).__name__}"] += 1
             alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
@@ -814,9 +838,16 @@ def main() -> int:
                       result["wall_s"]))  # fmt: skip
     for why, seconds in run.recoveries.items():
         log(f"  serving again after {why}: {sorted(seconds)} s")
+    lost = result.get("lost_deliveries")
+    if lost:
+        log(f"  deliveries without an answer, by cause: {lost['all']}")
+        log(f"    of the {lost['batches']['dead']} batches dead-lettered for them: "
+            f"{lost['of_dead_lettered']}")  # fmt: skip
     if result["failed_checks"]:
         log(f"CHAOS CHECKS FAILED: {result['failed_checks']}")
     log("RESULT " + json.dumps(result))
+    if not result["failed_checks"] and not os.environ.get("CHAOS_KEEP_LOGS"):
+        shutil.rmtree(mark_dir, ignore_errors=True)
     return 0 if not result["failed_checks"] else 1
 
 
@@ -863,6 +894,9 @@ def figures(
         "processes_left": end["processes_left"] + sorted(left.values()),
         "fault_log": run.fault_log,
     }
+    log_path = os.path.join(run.mark_dir, "services.log")
+    with contextlib.suppress(OSError), open(log_path) as f:
+        result["lost_deliveries"] = lost_deliveries(f.read().splitlines())
     result["failed_checks"] = failed_checks(result)
     return result
 

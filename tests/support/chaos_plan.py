@@ -26,8 +26,8 @@ HEAVY = {
     "lull": 4,  # every lane but one pauses: the elastic pool shrinks under load
 }
 CHEAP = {
-    "stream aborted": 220,  # the queue manager ends a WorkerStream (UNAVAILABLE)
-    "registration aborted": 40,  # ... a WorkerUpdate
+    "stream aborted": 80,  # the queue manager ends a WorkerStream (UNAVAILABLE)
+    "registration aborted": 20,  # ... a WorkerUpdate
 }
 # What every run must have injected at least (scale 1).
 MINIMUMS = {
@@ -40,9 +40,9 @@ MINIMUMS = {
 MIN_FAULTS = 1000
 
 # Task kinds: share of "raise"/"garbage"; counts per lane of "hang"/"exit".
-RAISE_SHARE = 0.075
-GARBAGE_SHARE = 0.02
-HANGS_PER_LANE = 5
+RAISE_SHARE = 0.12
+GARBAGE_SHARE = 0.03
+HANGS_PER_LANE = 3
 EXITS_PER_LANE = 4
 
 
@@ -65,7 +65,7 @@ class Plan:
         return sum(len(k) for k in self.lanes)
 
 
-def make_plan(seed: int, scale: float = 1.0, lanes: int = 4, tasks_per_lane: int = 2000) -> Plan:
+def make_plan(seed: int, scale: float = 1.0, lanes: int = 4, tasks_per_lane: int = 1700) -> Plan:
     rng = random.Random(seed)
     n = max(100, int(tasks_per_lane * scale))
     kinds = [_lane_kinds(rng, n, scale) for _ in range(lanes)]
@@ -251,3 +251,29 @@ def outcome_table(
             f"  {m['growth'] * 100:+.1f} % over {m['span_s']:.0f} s"
         )
     return "\n".join(lines)
+
+
+def lost_deliveries(lines: list[str]) -> dict[str, dict[str, int]]:
+    """Why batches went back to the queue, from the queue manager's log (DEBUG):
+    every delivery that ended without an answer, by the cause before it, overall
+    and for the batches dead-lettered "delivered N times"."""
+    cause: dict[str, str] = {}  # worker id -> the last fault or UNBIND seen for it
+    history: dict[str, list[str]] = {}
+    overall: Counter[str] = Counter()
+    for line in lines:
+        if m := re.search(r"worker (\w+): stream of session \w+ aborted", line):
+            cause[m.group(1)] = "stream aborted by the queue manager"
+        elif m := re.search(r"worker (\w+): registration aborted", line):
+            cause[m.group(1)] = "registration aborted by the queue manager"
+        elif m := re.search(r"UNBIND worker (\w+) from session \w+: (.*)", line):
+            cause[m.group(1)] = "bridge ended the stream" if "ended" in m.group(2) else "UNBIND"
+        elif m := re.search(r"worker (\w+) left session \w+ with .* re-queued \((.*)\)", line):
+            why = cause.pop(m.group(1), "bridge ended the stream or its registration")
+            for batch in m.group(2).split():
+                history.setdefault(batch, []).append(why)
+                overall[why] += 1
+        elif m := re.search(r"batch (\S+) of session .* dead-lettered: delivered", line):
+            history.setdefault(m.group(1), []).append("DEAD")
+    dead = [h for h in history.values() if "DEAD" in h]
+    among = Counter(why for h in dead for why in h if why != "DEAD")
+    return {"all": dict(overall), "of_dead_lettered": dict(among), "batches": {"dead": len(dead)}}
