@@ -29,9 +29,6 @@ from ray_alpcrun.pool.node_pool import NodePool
 
 log = logging.getLogger(__name__)
 
-# A node bridge left without actors gives back what it holds after this long.
-NO_ACTOR_DRAIN_S = 5.0
-
 
 def node_settings(settings: WorkerSettings, env: Env) -> WorkerSettings:
     """The coordinator's settings as this node sees them: its own identity, from
@@ -84,22 +81,6 @@ class NodeBridge(Bridge):
                 "could not report a lost actor to the coordinator",
                 extra=fields(error=str(ref.exception())),
             )
-
-    def update_intake(self) -> None:
-        """As every bridge does, except that a node bridge takes no work while it
-        has no actor (none handed over yet, or all released or lost): its logical
-        workers would take batches with nothing to run them on until the
-        coordinator stops it for its empty node, then leave them to be delivered
-        again. The batches it holds then wait ``NO_ACTOR_DRAIN_S`` for an actor
-        (a replacement may come to this node), not the whole ``--drain-timeout``:
-        the coordinator may have placed the replacements on other nodes, whose
-        actors idle meanwhile. It registers once an actor is handed over."""
-        worker, pool = self.worker, self.pool
-        if worker is not None and pool is not None and not self.draining and pool.live == 0:
-            drain_s = min(NO_ACTOR_DRAIN_S, self.settings.drain_timeout_s)
-            worker.pause("no pool actor on this node", drain_timeout_s=drain_s)
-            return
-        super().update_intake()
 
     def wanted_slots(self) -> int | None:
         """One logical worker per live actor here (at least one), unless fixed."""

@@ -308,20 +308,17 @@ class BridgeWorker:
 
     # -- not taking work while the compute side cannot serve (no live pool actor)
 
-    def pause(self, reason: str, drain_timeout_s: float | None = None) -> None:
-        """Stop taking work: every slot drains its session like an UNBIND (within
-        ``drain_timeout_s``, default ``--drain-timeout``) and ends its registration,
-        so that the queue manager hands the work to other workers; none registers
-        again until :meth:`resume`."""
+    def pause(self, reason: str) -> None:
+        """Stop taking work: every slot drains its session like an UNBIND and ends its
+        registration, so that the queue manager hands the work to other workers;
+        none registers again until :meth:`resume`."""
         if self.paused is not None or self._stopping.is_set():
             return
         self.paused = reason
         self._resumed.clear()
         log.warning("not taking work: logical workers unregister", extra=fields(reason=reason))
-        if drain_timeout_s is None:
-            drain_timeout_s = self.settings.drain_timeout_s
         for slot in self.slots:
-            task = None if slot.retired else slot.unregister(drain_timeout_s)
+            task = None if slot.retired else slot.unregister(self.settings.drain_timeout_s)
             if task is not None:
                 self._pausing.add(task)
                 task.add_done_callback(self._pausing.discard)
