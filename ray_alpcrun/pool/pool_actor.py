@@ -216,15 +216,12 @@ class PoolActor:
         with self._lock:
             return self._runtime is not None and self._runtime.end_session(session_id)
 
-    @ray.method(concurrency_group=CONTROL_GROUP)  # type: ignore[misc,untyped-decorator]
     def open_direct(self, bridge_node: str, bridge_pid: int) -> DirectOffer | None:
         """Serve sub-batches on a Unix socket (:mod:`ray_alpcrun.pool.direct`) for the
         bridge process ``bridge_pid`` on this node, and for no other process: the
         socket's path and this actor's pid (the bridge checks who serves it); None
         for a bridge on another node or where peers cannot be told apart. Each call
-        offers a new socket that serves one connection (a replaced bridge calls again).
-        It answers while ``run`` is busy (it touches no handler state): a node bridge
-        that replaces a dead one is handed a busy actor at once, not after its call."""
+        offers a new socket that serves one connection (a replaced bridge calls again)."""
         if bridge_node != ray.get_runtime_context().get_node_id() or not sockets.SUPPORTED:
             return None
         return sockets.serve(self._run_direct, bridge_pid), os.getpid()

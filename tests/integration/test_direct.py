@@ -91,28 +91,6 @@ async def test_each_offered_socket_serves_its_bridge_once() -> None:
         assert (await pool.status())["actors"][0]["tasks_done"] == 1
 
 
-@pytest.mark.usefixtures("ray_session")
-async def test_a_busy_actor_offers_its_socket_at_once() -> None:
-    # The chaos run (issue 23): a node bridge replaced while its actor ran a long
-    # ordinary call (a first use of shared data, a hang until the task timeout)
-    # waited for that call before the actor was handed over: 9 s with a node
-    # bridge registered, bound to a session and no actor to run its batches.
-    import ray
-
-    cfg = data_paths.config("calls", num_actors=1)
-    async with ActorPool("tests.support.chaos_handlers:chaos", cfg) as pool:
-        [actor] = pool._backend.handles.values()  # type: ignore[union-attr]
-        busy = asyncio.ensure_future(pool.run("s", [b"nap:60000"]))
-        for _ in range(200):  # until the long call went to the actor
-            if (await pool.status())["actors"][0].get("inflight", 0):
-                break
-            await asyncio.sleep(0.05)  # ok: polls the pool's counter (bounded)
-        node = ray.get_runtime_context().get_node_id()
-        offer = await asyncio.wait_for(actor.open_direct.remote(node, os.getpid()), 30)
-        assert offer is not None and not busy.done()  # answered during the call
-        busy.cancel()
-
-
 async def _closed_unanswered(reader: asyncio.StreamReader) -> bool:
     try:
         return await reader.read() == b""

@@ -220,4 +220,3 @@ async def _handle_for(
             await asyncio.sleep(0.01)  # ok: polls the fake for a new handle
 
     return await asyncio.wait_for(found(), 2)
-
