@@ -7,7 +7,14 @@ Starts ``ray.cluster_utils.Cluster``: a head with ``--head-cpus`` (0) CPUs and
 started with ``METALCORE_WORKER_NODE=<--node-prefix>-<i>`` in its environment (a
 raylet and the processes it starts inherit ``os.environ`` as it is when the node is
 added). Prints one JSON line, ``{"address": GCS address, "nodes": {node id: name}}``,
-then waits; at end of input (stdin closed) or SIGTERM it shuts the cluster down.
+then reads commands, one a line, each answered with one JSON line (the chaos run,
+``benchmarks/chaos_cluster.py``, replaces worker nodes with them):
+
+* ``add NAME``: a worker node like the others, named ``NAME``: ``{"node_id", "name"}``;
+* ``remove NODE_ID``: that worker node's raylet killed, as when a machine is lost
+  (``allow_graceful=False``): ``{"removed": NODE_ID}``, or ``{"error": ...}``.
+
+At end of input (stdin closed) or SIGTERM it shuts the cluster down.
 
 This process never joins the cluster as a driver: ``ray.init`` beside a ``Cluster``
 in one process would share Ray's global state with it. The caller sets the
@@ -73,10 +80,29 @@ def main() -> int:
             node = add_worker(cluster, name, num_cpus=args.worker_cpus, object_store_memory=store)
             nodes[node.node_id] = name
         print(json.dumps({"address": cluster.address, "nodes": nodes}), flush=True)
-        sys.stdin.read()  # until the parent closes our stdin (or SIGTERM)
+        worker_args = {"num_cpus": args.worker_cpus, "object_store_memory": store}
+        for line in sys.stdin:  # until the parent closes our stdin (or SIGTERM)
+            print(json.dumps(command(cluster, line.split(), worker_args)), flush=True)
     finally:
         cluster.shutdown()
     return 0
+
+
+def command(cluster: Any, words: list[str], worker_args: dict[str, Any]) -> dict[str, Any]:
+    """One ``add NAME`` / ``remove NODE_ID`` command (see the module docstring)."""
+    if len(words) == 2 and words[0] == "add":
+        try:
+            node = add_worker(cluster, words[1], **worker_args)
+        except Exception as exc:  # a raylet that did not start (a loaded machine)
+            return {"error": f"add {words[1]}: {exc}"}
+        return {"node_id": node.node_id, "name": words[1]}
+    if len(words) == 2 and words[0] == "remove":
+        victim = next((n for n in cluster.worker_nodes if n.node_id == words[1]), None)
+        if victim is None:
+            return {"error": f"no worker node {words[1]}"}
+        cluster.remove_node(victim, allow_graceful=False)
+        return {"removed": words[1]}
+    return {"error": f"unknown command {' '.join(words)!r}"}
 
 
 if __name__ == "__main__":

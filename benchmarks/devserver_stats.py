@@ -9,21 +9,37 @@ It prints one JSON line with the addresses, then answers every line read on stdi
 with one JSON line of ``stats()`` plus ``worker_nodes``: the node names the
 registered workers gave (``{node: workers}``), which ``stats()`` does not report;
 it stops at end of input (or SIGTERM).
+
+Two more lines are understood (the chaos run, ``benchmarks/chaos_cluster.py``, uses
+them; the services themselves keep no history):
+
+* ``answered_after T``: ``{node: wall time}`` of the first result batch each node's
+  workers answered after wall time ``T`` (``time.time()``), for the nodes that
+  answered one since; the last ``HISTORY`` answers of each node are kept;
+* ``events``: what happened to the logical workers since the last ``events`` line,
+  ``[[wall time, kind, node, detail], ...]``: ``registered``, ``unregistered`` and
+  ``requeued`` (a worker stream ended with ``detail`` batches in flight, which go
+  back to the queue: the deliveries that a fault, or the bridge, cost).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import os
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
 from typing import Any
 
 from ray_alpcrun.config import DevServerConfig
 from ray_alpcrun.devserver import LocalServices
 from ray_alpcrun.transport import DEFAULT_MAX_MESSAGE_BYTES
+
+HISTORY = 20_000
+MAX_EVENTS = 100_000
 
 
 def main() -> int:
@@ -46,10 +62,74 @@ def main() -> int:
             "central_cache": svc.central_cache_address,
             "node_cache": svc.node_cache_address,
         }
+        history = History(svc)
         print(json.dumps(ready), flush=True)
-        for _ in sys.stdin:
-            print(json.dumps(stats(svc), default=str), flush=True)
+        for line in sys.stdin:
+            words = line.split()
+            if words[:1] == ["answered_after"]:
+                out: Any = history.answered_after(float(words[1]))
+            elif words[:1] == ["events"]:
+                out = history.take_events()
+            else:
+                out = stats(svc)
+            print(json.dumps(out, default=str), flush=True)
     return 0
+
+
+class History:
+    """Per node, when its workers answered; and the workers' registrations and
+    re-queues. Wraps three methods of the services' worker side (their own
+    instances only), which run in the services' loop thread; this process reads
+    the records from its main thread (deques and lists: appends are atomic)."""
+
+    def __init__(self, svc: LocalServices) -> None:
+        binding = svc.core.binding
+        flow = binding.flow
+        self._answers: dict[str, deque[float]] = {}
+        self._events: deque[list[Any]] = deque(maxlen=MAX_EVENTS)
+        on_result, release_stream = flow.on_result, flow.release_stream
+        register, unregister = binding.register_worker, binding.unregister_worker
+
+        def on_result_(conn: Any, result: Any) -> None:
+            answered = flow.stats.result_batches + flow.stats.dead_lettered_batches
+            on_result(conn, result)
+            if flow.stats.result_batches + flow.stats.dead_lettered_batches > answered:
+                node = conn.worker.node
+                self._answers.setdefault(node, deque(maxlen=HISTORY)).append(time.time())
+
+        def release_stream_(conn: Any, requeue: bool) -> None:
+            if requeue and conn.inflight:
+                self._events.append([time.time(), "requeued", conn.worker.node, len(conn.inflight)])
+            release_stream(conn, requeue)
+
+        def register_(node: str, pod: str) -> Any:
+            self._events.append([time.time(), "registered", node, pod])
+            return register(node, pod)
+
+        def unregister_(w: Any) -> None:
+            if w.id in binding.workers.by_id:
+                self._events.append([time.time(), "unregistered", w.node, w.pod])
+            unregister(w)
+
+        flow.on_result = on_result_  # type: ignore[method-assign]
+        flow.release_stream = release_stream_  # type: ignore[method-assign]
+        binding.register_worker = register_  # type: ignore[method-assign]
+        binding.unregister_worker = unregister_  # type: ignore[method-assign]
+
+    def answered_after(self, t: float) -> dict[str, float]:
+        out = {}
+        for node, times in list(self._answers.items()):
+            snapshot = list(times)
+            i = bisect.bisect_right(snapshot, t)
+            if i < len(snapshot):
+                out[node] = snapshot[i]
+        return out
+
+    def take_events(self) -> list[list[Any]]:
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
 
 
 def stats(svc: LocalServices) -> dict[str, Any]:

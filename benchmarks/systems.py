@@ -73,12 +73,16 @@ class DevServer:
         return self.proc.stdout.readline()
 
     def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self.ask("")
+        return stats
+
+    def ask(self, line: str) -> Any:
+        """One request line to ``devserver_stats.py`` (see its docstring), its JSON answer."""
         with self._lock:
             assert self.proc.stdin is not None
-            self.proc.stdin.write("\n")
+            self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
-            stats: dict[str, Any] = json.loads(self._readline())
-        return stats
+            return json.loads(self._readline())
 
     def wait_workers(
         self,
@@ -285,6 +289,23 @@ class ClusterHost:
         self.address: str = ready["address"]
         self.nodes: dict[str, str] = ready["nodes"]
         """Worker nodes: Ray node id -> ``METALCORE_WORKER_NODE``."""
+        self._lock = threading.Lock()
+
+    def command(self, *words: str) -> dict[str, Any]:
+        """``add NAME`` or ``remove NODE_ID`` (``cluster_host.py``); keeps :attr:`nodes`."""
+        with self._lock:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write(" ".join(words) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"Ray cluster ended (exit code {self.proc.wait()})")
+            answer: dict[str, Any] = json.loads(line)
+            if "node_id" in answer:
+                self.nodes[answer["node_id"]] = answer["name"]
+            elif "removed" in answer:
+                self.nodes.pop(answer["removed"], None)
+            return answer
 
     def close(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:

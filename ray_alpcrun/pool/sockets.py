@@ -125,14 +125,17 @@ def _accept_bridge(server: socket.socket, bridge_pid: int, deadline: float) -> s
 
 def _answer(conn: socket.socket, run_many: Callable[[list[Any]], list[Any]]) -> None:
     with conn, conn.makefile("rb") as stream:
-        while True:
-            head = stream.read(HEADER.size)
-            if len(head) < HEADER.size:
-                return  # the bridge closed its end
-            (size,) = HEADER.unpack(head)
-            parts = pickle.loads(stream.read(size))
-            reply = pickle.dumps(run_many(parts), pickle.HIGHEST_PROTOCOL)
-            conn.sendall(HEADER.pack(len(reply)) + reply)
+        try:
+            while True:
+                head = stream.read(HEADER.size)
+                if len(head) < HEADER.size:
+                    return  # the bridge closed its end
+                (size,) = HEADER.unpack(head)
+                parts = pickle.loads(stream.read(size))
+                reply = pickle.dumps(run_many(parts), pickle.HIGHEST_PROTOCOL)
+                conn.sendall(HEADER.pack(len(reply)) + reply)
+        except ConnectionError as exc:  # the bridge died (a new one asks for a new socket)
+            log.info("direct socket: the bridge is gone (%s)", exc)
 
 
 def _remove(path: str) -> None:

@@ -9,6 +9,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -100,3 +101,29 @@ async def test_the_bridge_reaches_the_actor_that_offered_the_socket() -> None:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+def test_a_bridge_that_dies_mid_frame_ends_the_socket_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A node bridge killed while its actor ran a frame: the actor's socket thread
+    # died on the reply with a BrokenPipeError traceback in the actor's log (one per
+    # actor of the node at every node-bridge kill of a chaos run).
+    crashed: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    bridge_gone = threading.Event()
+
+    def run_many(parts: list[Any]) -> list[Any]:
+        bridge_gone.wait(10)
+        return [b"x" * 100_000 for _ in parts]
+
+    before = set(threading.enumerate())
+    path = sockets.serve(run_many, bridge_pid=os.getpid())
+    (server,) = set(threading.enumerate()) - before
+    bridge = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bridge.connect(path)
+    bridge.sendall(_frame(["part"]))
+    bridge.close()
+    bridge_gone.set()
+    server.join(10)
+    assert not server.is_alive() and crashed == []
