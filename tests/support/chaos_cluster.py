@@ -834,7 +834,8 @@ def main() -> int:
     while (left := marked(run_id)) and time.monotonic() < deadline:
         time.sleep(0.5)  # ok: bounded wait for the cluster's processes to exit
     result = figures(run, end, stats, left)
-    log(outcome_table(plan.seed, run.faults, run.tally, result["restarts"], result["memory"],
+    faults = run.faults + run.tally.faults
+    log(outcome_table(plan.seed, faults, run.tally, result["restarts"], result["memory"],
                       result["wall_s"]))  # fmt: skip
     for why, seconds in run.recoveries.items():
         log(f"  serving again after {why}: {sorted(seconds)} s")
