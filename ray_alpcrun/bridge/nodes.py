@@ -58,6 +58,7 @@ class _Node:
     stopping: bool = False
     dead: bool = False
     name: str = ""
+    syncing: asyncio.Task[None] | None = None  # its hand-overs and load poll, under way
 
 
 class NodeBridges:
@@ -190,10 +191,11 @@ class NodeBridges:
     async def close(self, drain: bool) -> None:
         """Stop every node bridge (draining its batches first when ``drain``)."""
         self._closed = True
-        for task in [self._task, *self._tasks]:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*[t for t in [self._task, *self._tasks] if t], return_exceptions=True)
+        syncs = [n.syncing for n in self._nodes.values() if n.syncing is not None]
+        tasks = [t for t in [self._task, *self._tasks, *syncs] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         nodes = list(self._nodes.values())
         await asyncio.gather(*(self._stop(n, drain) for n in nodes), return_exceptions=True)
 
@@ -209,18 +211,36 @@ class NodeBridges:
             self._kick.clear()
 
     async def _sync(self) -> None:
+        """One round: node bridges started for new nodes and for dead ones (at
+        once), and each node's own sync started unless its last one still runs:
+        a node bridge that does not answer (starting: its ``adopt`` waits until it
+        serves; or stuck) holds up only its own node."""
         now = asyncio.get_running_loop().time()
         wanted: dict[str, dict[int, Any]] = {}
         for member, node_id in self._pool.members_with_nodes():
             if node_id is not None and node_id != self._own:
                 wanted.setdefault(node_id, {})[member.index] = member
-        for node_id in wanted.keys() - self._nodes.keys():
-            self._nodes[node_id] = self._spawn(node_id, now)
         for node_id, n in list(self._nodes.items()):
-            members = wanted.get(node_id, {})
             if n.dead:
                 del self._nodes[node_id]
-                continue
+                if n.syncing is not None:
+                    n.syncing.cancel()
+        for node_id in wanted.keys() - self._nodes.keys():
+            self._nodes[node_id] = self._spawn(node_id, now)
+        for node_id, n in self._nodes.items():
+            if n.syncing is None or n.syncing.done():
+                n.syncing = asyncio.create_task(self._sync_node(n, wanted.get(node_id, {}), now))
+
+    async def _sync_node(self, n: _Node, members: dict[int, Any], now: float) -> None:
+        try:
+            await self._hand_over(n, members, now)
+        except Exception as exc:  # one bad round must not end the deployment
+            log.warning("node bridges: sync failed",
+                        extra=fields(node_id=n.node_id, error=str(exc)))  # fmt: skip
+
+    async def _hand_over(self, n: _Node, members: dict[int, Any], now: float) -> None:
+        node_id = n.node_id
+        if not n.dead:
             for index, member in list(n.adopted.items()):
                 if members.get(index) is not member:
                     del n.adopted[index]
@@ -232,15 +252,15 @@ class NodeBridges:
             load = await self._call(n, n.handle.load.remote())
             if isinstance(load, dict):
                 n.load = load
-            if members or n.stopping:
-                n.empty_since = None
-            elif n.empty_since is None:
-                n.empty_since = now
-            elif now - n.empty_since >= EMPTY_NODE_S:
-                n.stopping = True
-                log.info("node bridge: its node has no actor left; draining it",
-                         extra=fields(node_id=node_id))  # fmt: skip
-                self._own_task(self._stop_and_forget(n))
+        if members or n.stopping or n.dead:
+            n.empty_since = None
+        elif n.empty_since is None:
+            n.empty_since = now
+        elif now - n.empty_since >= EMPTY_NODE_S:
+            n.stopping = True
+            log.info("node bridge: its node has no actor left; draining it",
+                     extra=fields(node_id=node_id))  # fmt: skip
+            self._own_task(self._stop_and_forget(n))
 
     def _spawn(self, node_id: str, now: float) -> _Node:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

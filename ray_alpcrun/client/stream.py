@@ -92,6 +92,7 @@ class ClientStream:
         self._subs: set[Submission] = set()
         self.failure: errors.AlpcrunError | None = None
         self.ignored = 0  # answers for unknown or already answered tasks
+        self.late = 0  # answers after the stream failed (its tasks were failed with it)
         # What the queue manager takes (see the module docstring): the limit it
         # named when it refused a batch, else at least ``_taken_bytes``.
         self._max_message_bytes = max_message_bytes
@@ -100,6 +101,7 @@ class ClientStream:
         self._taken_bytes = min(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)
         self._probe: _Probe | None = None
         self._probe_calls: set[asyncio.Task[None]] = set()  # their readers
+        self._reading_dead_letters = False  # the poller is inside a call: not cancelled then
         self.probes = 0  # batches sent on a probe
         self.refusals = 0  # probes the queue manager refused
 
@@ -273,6 +275,10 @@ class ClientStream:
             with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                 await call.done_writing()
             call.cancel()
+        poller = self._poller
+        if poller is not None and self._reading_dead_letters:
+            # Dead letters on their way are handed out once: let it keep them.
+            await asyncio.wait({poller}, timeout=DIAGNOSE_TIMEOUT_S)
         for task in (self._reader, self._poller, *self._probe_calls):
             if task is not None and not task.done():
                 task.cancel()
@@ -329,8 +335,12 @@ class ClientStream:
         while self._pending:
             await asyncio.sleep(self._poll_s)  # poll interval, only while tasks are outstanding
             call = self._stub.ClientStreamDeadLetters(request, metadata=self._metadata)
+            # Read the call to its end, even when the last task is answered or the
+            # result stream ends meanwhile (neither cancels it): the queue manager
+            # hands each dead letter out once, so batches on their way would be lost.
+            self._reading_dead_letters = True
             try:
-                while self._pending:
+                while True:
                     batch = await call.read()
                     if not isinstance(batch, Batch):  # grpc.aio.EOF
                         break
@@ -342,6 +352,7 @@ class ClientStream:
                     self._fail(self._explain(exc))
                 return
             finally:
+                self._reading_dead_letters = False
                 call.cancel()
 
     # --- routing ------------------------------------------------------------
@@ -358,7 +369,10 @@ class ClientStream:
             key = m.related_id or m.id
             entry = pending.pop(key, None)
             if entry is None:
-                self.ignored += 1
+                if self.failure is None:
+                    self.ignored += 1
+                else:
+                    self.late += 1
                 continue
             sub, index = entry
             probe = self._probe
@@ -382,7 +396,10 @@ class ClientStream:
 
     def _stop_poller_if_idle(self) -> None:
         poller = self._poller
-        if not self._pending and poller is not None and poller is not asyncio.current_task():
+        # A poller inside a call ends after it (what it reads is handed out once).
+        if poller is None or poller is asyncio.current_task() or self._reading_dead_letters:
+            return
+        if not self._pending:
             poller.cancel()
 
     def _broken(self, exc: BaseException) -> errors.AlpcrunError:
@@ -402,6 +419,8 @@ class ClientStream:
             sub.fail(exc)
         current = asyncio.current_task()
         for task in (self._poller, *self._probe_calls):  # close() awaits what is left
+            if task is self._poller and self._reading_dead_letters:
+                continue  # it keeps what it reads (dead_letters()), then ends
             if task is not None and task is not current:
                 task.cancel()
 

@@ -25,6 +25,8 @@ Decisions (the docs are silent):
   unbound, the server ends the stream); a late answer is then dropped.
 * ``WorkerStream`` is matched by ``workerid`` when sent, else by node + pod
   (among several registrations from one place, one without an open stream).
+* Fault injection (``abort_stream``, ``abort_registration``; chaos tests): the
+  server ends a stream with UNAVAILABLE, and treats it as one broken by the worker.
 """
 
 from __future__ import annotations
@@ -204,6 +206,26 @@ class WorkerBinding:
             self.unbind(w, "its WorkerStream ended")
         self._maybe_idle_without_report(w)
         self.request_schedule()
+
+    # --- fault injection ---------------------------------------------------
+
+    def abort_stream(self, conn: StreamConn, details: str) -> None:
+        """End a ``WorkerStream`` with UNAVAILABLE now, as a queue manager that
+        drops it: its batches in flight are re-queued and its worker unbound
+        (a late answer is dropped), like a stream broken from the worker's side."""
+        if not conn.closed:
+            log.info("worker %s: stream of session %s aborted: %s", conn.worker.id,
+                     conn.session.id, details)  # fmt: skip
+            conn.failure = Rejected("UNAVAILABLE", details)
+            conn.wake.set()
+
+    def abort_registration(self, w: Worker, details: str) -> None:
+        """End a worker's ``WorkerUpdate`` with UNAVAILABLE now: it is unregistered
+        (its session streams end, their batches in flight re-queued)."""
+        if w.id in self.workers.by_id and w.failure is None:
+            log.info("worker %s: registration aborted: %s", w.id, details)
+            w.failure = Rejected("UNAVAILABLE", details)
+            w.outbox.put_nowait(None)
 
     # --- scheduling and timers ---------------------------------------------
 

@@ -176,6 +176,7 @@ class TaskFlow:
         p.sent_at_s = now
         w.last_activity_s = now
         s.last_activity_s = now
+        log.debug("batch %s delivered to worker %s (delivery %d)", p.batch.id, w.id, p.deliveries)
         return p.batch
 
     def on_result(self, conn: StreamConn, result: Batch) -> None:
@@ -302,10 +303,11 @@ class TaskFlow:
             s.inflight_batches -= len(items)
             if requeue:
                 log.info(
-                    "worker %s left session %s with %d batch(es) in flight: re-queued",
+                    "worker %s left session %s with %d batch(es) in flight: re-queued (%s)",
                     conn.worker.id,
                     s.id,
                     len(items),
+                    " ".join(p.batch.id for p in items),
                 )
                 for p in reversed(items):  # front pushes: keep the original order
                     self.requeue(s, p)

@@ -193,6 +193,7 @@ class Worker:
     reports_closed: bool = False  # the worker half-closed WorkerUpdate
     preempted: bool = False  # unbound to make room; awaiting its IDLE
     streams: dict[str, StreamConn] = field(default_factory=dict)  # session id -> stream
+    failure: BaseException | None = None  # ends its WorkerUpdate with this status (a fault)
 
     def __repr__(self) -> str:
         return f"Worker({self.id} {self.node}/{self.pod})"

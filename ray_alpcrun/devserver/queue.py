@@ -156,6 +156,8 @@ class QueueServicer:
             while True:
                 instruction = await worker.outbox.get()
                 if instruction is None:
+                    if isinstance(worker.failure, Rejected):
+                        await abort(context, worker.failure)
                     if failures:
                         raise failures[0]
                     return
@@ -198,7 +200,10 @@ class QueueServicer:
         reader = asyncio.create_task(read())
         try:
             while True:
-                batch = await core.flow.next_batch(conn)
+                try:
+                    batch = await core.flow.next_batch(conn)
+                except Rejected as r:  # the stream was aborted (binding.abort_stream)
+                    await abort(context, r)
                 if batch is None:
                     return
                 yield batch

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -351,6 +352,35 @@ class LocalServices:
             self._tick_now()
         else:
             self._run(self.atick())
+
+    # --- fault injection (chaos tests) --------------------------------------
+
+    async def aabort(self, kind: str, count: int = 1, seed: int = 0) -> int:
+        """End ``count`` worker calls with UNAVAILABLE, as a queue manager that drops
+        them, chosen by ``seed`` among those open: ``kind`` ``"stream"`` (a
+        ``WorkerStream``: its batches in flight are re-queued) or ``"registration"``
+        (a ``WorkerUpdate``: the worker is unregistered). Returns how many ended."""
+        return self._abort_now(kind, count, seed)
+
+    def abort(self, kind: str, count: int = 1, seed: int = 0) -> int:
+        """Sync twin of ``aabort``."""
+        return self._run(self.aabort(kind, count, seed))
+
+    def _abort_now(self, kind: str, count: int, seed: int) -> int:
+        binding = self.core.binding
+        rng = random.Random(seed)
+        if kind == "stream":
+            sessions = [*self.core.table.open.values(), *self.core.table.closing.values()]
+            conns = [c for s in sessions for c in s.streams if not c.closed and c.failure is None]
+            for conn in rng.sample(conns, min(count, len(conns))):
+                binding.abort_stream(conn, "stream aborted by the queue manager (fault injected)")
+            return min(count, len(conns))
+        if kind == "registration":
+            workers = [w for w in binding.workers.by_id.values() if w.failure is None]
+            for w in rng.sample(workers, min(count, len(workers))):
+                binding.abort_registration(w, "registration aborted (fault injected)")
+            return min(count, len(workers))
+        raise ValueError(f"unknown kind {kind!r}: stream or registration")
 
     async def astats(self) -> dict[str, Any]:
         return self._stats_now()

@@ -236,6 +236,7 @@ class Dispatcher(Generic[A]):
         """Run ``part`` until it has outcomes. ``claims``: actors that other tasks
         of the same isolation run use now; this one waits for another actor."""
         n = len(part.payloads)
+        behind = 0  # timeouts of a one-task call while other calls were in flight there
         while True:
             if member is None:
                 try:
@@ -271,6 +272,9 @@ class Dispatcher(Generic[A]):
                     extra=fields(session=part.session_id, actor=member.index, tasks=n),
                 )
                 self._roster.lost(member, "timed out", killed=True)
+                if n == 1 and member.inflight > 0 and behind < self._max_retries:
+                    behind, member = behind + 1, None  # it may have waited behind a hang
+                    continue
                 if n == 1:
                     out[part.offset] = (None, self._timeout_text())
                 else:

@@ -207,6 +207,32 @@ async def test_broken_worker_stream_requeues_and_unbinds(
     assert svc.stats()["redeliveries"] == 2
 
 
+@pytest.mark.parametrize("kind", ["stream", "registration"])
+async def test_a_call_aborted_by_the_queue_manager_ends_unavailable_and_requeues(
+    svc: LocalServices, channel: grpc.aio.Channel, kind: str
+) -> None:
+    # The chaos run's fault hook: the server drops a WorkerStream or a WorkerUpdate.
+    doomed: RawWorker
+
+    async def hold_first_two(batch: Batch) -> Batch | None:
+        return None if len(doomed.received) <= 2 else await echo(batch)
+
+    s = await create_session(svc, channel, max_inflight_batches_per_worker=2)
+    async with RawClient(svc) as client:
+        for b in tasks(s.id, 6):
+            client.send(b)
+        async with RawWorker(svc, pod="doomed", answer=hold_first_two) as doomed:
+            await wait_for(lambda: len(doomed.received) == 2)
+            call = doomed._stream if kind == "stream" else doomed._update
+            assert await svc.aabort(kind, count=5, seed=1) == 1  # the one open
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+            assert "fault injected" in await call.details()
+            async with RawWorker(svc, pod="ok") as ok:
+                assert_exactly_once(await client.read(6), 6)
+    assert len(ok.received) + len(doomed.received) == 8  # the two held ones went again
+    assert svc.stats()["redeliveries"] == 2
+
+
 async def test_first_answer_wins(svc: LocalServices, channel: grpc.aio.Channel) -> None:
     worker: RawWorker
 

@@ -73,3 +73,34 @@ def hog(payload: bytes, shared: bytes | None) -> bytes:
         block = bytearray(int(arg) * 1024 * 1024)
         return bytes(len(block).to_bytes(8, "little"))
     return bytes(payload)
+
+
+def tagged(payload: bytes, shared: bytes | None) -> bytes:
+    """The chaos run's handler (``tests/support/chaos_cluster.py``): payloads
+    ``b"<command>:<tag>/<index>[:<arg>]"``; answers name their task and the shared
+    data they saw, so an answer given to another task or session, or computed
+    with another level's data, is seen:
+
+    * ``ok:T/I[:MS]``   -> sleeps MS milliseconds (default 0), returns ``b"T/I|<shared>"``
+    * ``raise:T/I``     -> raises ``ValueError("asked to raise: T/I")``
+    * ``hang:T/I``      -> sleeps for an hour (the task timeout answers it)
+    * ``exit:T/I:PATH`` -> the first time (no file at PATH) kills its process; then like ok
+
+    Anything else raises ``ValueError("garbage payload ...")``.
+    """
+    command, _, rest = bytes(payload).partition(b":")
+    task, _, arg = rest.partition(b":")
+    seen = bytes(shared) if shared is not None else b"-"
+    if command == b"ok":
+        if arg:
+            time.sleep(int(arg) / 1000)  # ok: simulated work
+        return task + b"|" + seen
+    if command == b"raise":
+        raise ValueError(f"asked to raise: {task.decode(errors='replace')}")
+    if command == b"hang":
+        time.sleep(3600)  # ok: a hung handler, ended by the task timeout
+    if command == b"exit":
+        if _first_time(arg.decode()):
+            os._exit(1)
+        return task + b"|" + seen
+    raise ValueError(f"garbage payload ({len(payload)} bytes, starts {bytes(payload[:8])!r})")

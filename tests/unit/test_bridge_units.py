@@ -104,3 +104,31 @@ async def test_shared_cache_retries_an_unavailable_node_cache() -> None:
     attempts = 0
     with pytest.raises(errors.SharedDataUnavailable, match="UNAVAILABLE"):
         await gone.get("S", 1)
+
+
+async def test_a_node_cache_down_for_seconds_is_waited_for_then_given_up_on() -> None:
+    # The chaos run (issue 23): four tries in 1.75 s dead-lettered every batch
+    # that needed shared data while the node cache was unreachable for 1.6-3 s.
+    now = [0.0]
+    down_until = [7.0]
+    tries = 0
+
+    async def fetch(session_id: str, level: int | None) -> SharedData:
+        nonlocal tries
+        tries += 1
+        now[0] += 1.0  # each failed try costs a second of the (fake) clock
+        if now[0] < down_until[0]:
+            raise errors.UnavailableError("UNAVAILABLE", "failed to connect to all addresses")
+        return SharedData(session_id, level, b"back")
+
+    async def share(session_id: str, level: int | None, payload: bytes) -> bytes:
+        return payload
+
+    cache = SharedDataCache(
+        fetch, share, first_pause_s=0.001, max_pause_s=0.002, clock=lambda: now[0]
+    )
+    assert await cache.get("S", 1) == b"back" and tries == 7
+    now[0], down_until[0], tries = 0.0, 1e9, 0  # down for good: given up after the wait
+    with pytest.raises(errors.SharedDataUnavailable, match="UNAVAILABLE"):
+        await cache.get("S", 2)
+    assert now[0] >= 15.0 and tries == 15

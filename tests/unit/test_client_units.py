@@ -143,3 +143,83 @@ def test_a_refusal_names_the_receivers_limit_and_the_error_names_both() -> None:
     assert "Client(max_message_bytes=16777216)" in queue
     own = too_large("task payload", 5 << 20, 4 << 20)
     assert "max_message_bytes=4194304" in own and "Client(max_message_bytes=...)" in own
+
+
+class _ResultCall:
+    """A ``ClientStream`` call whose server ends it (OK) once ``ended`` is set."""
+
+    def __init__(self, ended: asyncio.Event) -> None:
+        self.ended = ended
+
+    async def read(self) -> object:
+        await self.ended.wait()
+        return grpc.aio.EOF
+
+    async def write(self, batch: Batch) -> None:
+        return None
+
+    async def done_writing(self) -> None:
+        return None
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _DeadLetterCall:
+    """``ClientStreamDeadLetters``: the server has taken both batches off its queue
+    (each is handed out once); the second is still on its way when the session's
+    result stream ends."""
+
+    def __init__(self, batches: list[Batch], ended: asyncio.Event, arrive: asyncio.Event):
+        self.batches, self.ended, self.arrive = list(batches), ended, arrive
+
+    async def read(self) -> object:
+        if not self.batches:
+            return grpc.aio.EOF
+        if len(self.batches) == 1:
+            self.ended.set()  # the session closed and drained: its result stream ends
+            await self.arrive.wait()
+        return self.batches.pop(0)
+
+    def cancel(self) -> bool:
+        return True
+
+
+async def test_dead_letters_on_their_way_when_the_result_stream_ends_are_kept() -> None:
+    # The chaos run (issue 23): a session closed while its batches ran ended its
+    # result stream while the client was reading its dead letters; the read was
+    # cancelled and the batches on their way, already taken off the queue
+    # manager's dead-letter queue, were lost (24 tasks answered by nobody).
+    from types import SimpleNamespace
+
+    from ray_alpcrun.client.stream import ClientStream
+
+    ended, arrive = asyncio.Event(), asyncio.Event()
+    dead = [
+        Batch(id="b1", session_id="S", messages=[Message("t0", b"0", error="closed")], dead=True),
+        Batch(id="b2", session_id="S", messages=[Message("t1", b"1", error="closed")], dead=True),
+    ]
+    stub = SimpleNamespace(
+        ClientStream=lambda requests, metadata: _ResultCall(ended),
+        ClientStreamDeadLetters=lambda request, metadata: _DeadLetterCall(dead, ended, arrive),
+    )
+    kept: list[Batch] = []
+    stream = ClientStream(stub, "S", (), 0.001, keep_dead_letter=kept.append)  # type: ignore[arg-type]
+    stream.open()
+    sub = Submission(10)
+    stream.attach(sub)
+    tasks = [Message("t0", b"0"), Message("t1", b"1")]
+    await stream.send(sub, Batch(id="b", session_id="S", messages=tasks), 0)
+    await asyncio.wait_for(ended.wait(), 5)
+    for _ in range(100):  # the reader sees the end of the stream
+        if not stream.healthy:
+            break
+        await asyncio.sleep(0.01)  # ok: polls the stream's state
+    arrive.set()
+    for _ in range(200):
+        if len(kept) == 2:
+            break
+        await asyncio.sleep(0.01)  # ok: polls for the second batch (a backstop)
+    await stream.close()
+    assert [b.id for b in kept] == ["b1", "b2"]  # kept for session.dead_letters()
+    assert stream.ignored == 0  # routed after the failure: nothing answered twice

@@ -146,6 +146,35 @@ async def test_hung_task_times_out_and_the_others_succeed() -> None:
     assert backend.killed  # the stuck actor was killed
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(2000):  # a backstop: the dispatcher's counters have no event
+        if condition():
+            return
+        await asyncio.sleep(0.001)  # ok: polls a counter
+    raise AssertionError("condition not reached")
+
+
+async def test_a_task_that_timed_out_behind_a_hung_call_is_not_blamed() -> None:
+    # The chaos run (issue 23): a one-task call queued behind another batch's hung
+    # sub-batch; its own budget (counted from a moment with less in flight) ran
+    # out first, and the innocent task was answered "task timed out".
+    backend = FakeBackend()
+    m, d = await started(backend, num_actors=1, task_timeout_s=0.05, timeout_slack_s=0.05)
+    [member] = m.members()
+    first = asyncio.ensure_future(d.run("w", [b"wait", *payloads(15)]))
+    await backend.entered.wait()
+    hung = asyncio.ensure_future(d.run("z", [b"hang", b"z1", b"z2", b"z3"]))
+    await _until(lambda: member.inflight == 20)  # its budget: 20 tasks' worth
+    backend.release.set()
+    assert await first == [(b"WAIT", None), *[(p.upper(), None) for p in payloads(15)]]
+    innocent = await d.run("y", [b"y"])  # behind the hang, with 5 in flight: a shorter budget
+    assert innocent == [(b"Y", None)]
+    out = await hung
+    assert out[0] == (None, "task timed out after 0.05 s") and out[1:] == [
+        (b"Z1", None), (b"Z2", None), (b"Z3", None)
+    ]  # fmt: skip
+
+
 async def test_session_setup_error_propagates() -> None:
     _, d = await started(FakeBackend())
     with pytest.raises(SessionSetupError):

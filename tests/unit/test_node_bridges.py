@@ -133,3 +133,90 @@ def test_the_coordinator_registers_for_its_own_nodes_actors_only() -> None:
     bridge.fixed_slots = 5
     where[0] = "node-1"
     assert bridge.wanted_slots() is None  # --slots 5: five, wherever the actors are
+
+
+class _FakeNodeBridge:
+    """A node bridge handle as ``NodeBridges`` uses it; ``stuck`` ones never answer
+    ``adopt`` (a node bridge still starting: its ``adopt`` waits until it serves)."""
+
+    def __init__(self, node_id: str, stuck: bool) -> None:
+        self.node_id = node_id
+        self.stuck = stuck
+        self.adopted: list[int] = []
+        self.asked = asyncio.Event()
+        self.ended: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.run = SimpleNamespace(remote=lambda: self.ended)
+        self.adopt = SimpleNamespace(remote=self._adopt)
+        self.forget = SimpleNamespace(remote=self._answer)
+        self.load = SimpleNamespace(remote=lambda: self._answer({"registered": 1}))
+        self.stop = SimpleNamespace(remote=self._answer)
+
+    async def _adopt(self, index: int, actor: Any) -> bool:
+        self.asked.set()
+        if self.stuck:
+            await asyncio.Event().wait()
+        self.adopted.append(index)
+        return True
+
+    async def _answer(self, value: Any = None) -> Any:
+        return value
+
+
+async def test_a_node_bridge_that_does_not_answer_holds_up_no_other_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The chaos run (issue 23): a node bridge that was starting (its adopt waits
+    # until it serves) held up the coordinator's round over every node for up to
+    # CALL_TIMEOUT_S, so a killed node bridge elsewhere took 9-12 s to be replaced.
+    monkeypatch.setattr(nodes_module, "CALL_TIMEOUT_S", 60.0)
+    stuck_id, fine_id = "ab" * 28, "cd" * 28  # node ids: 28 bytes in hex
+    members: list[tuple[Any, str]] = [(SimpleNamespace(index=0, actor="a0"), stuck_id)]
+    pool = SimpleNamespace(
+        watch=lambda listener: None,
+        members_with_nodes=lambda: list(members),
+        probe=lambda member: asyncio.sleep(0, True),
+    )
+    handles: list[_FakeNodeBridge] = []
+
+    def spawn(**options: Any) -> Any:
+        node_id = options["scheduling_strategy"].node_id
+        handle = _FakeNodeBridge(node_id, stuck=node_id == stuck_id)
+        handles.append(handle)
+        return SimpleNamespace(remote=lambda *args: handle)
+
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "head", "pod", 1)
+    nodes = NodeBridges(
+        pool, "head", None, "h:x", PoolConfig(), settings, "info", False, None,
+        lambda: SimpleNamespace(options=spawn),
+    )  # fmt: skip
+    nodes.start()
+    try:
+        stuck = await _handle_for(handles, stuck_id)
+        await asyncio.wait_for(stuck.asked.wait(), 2)  # its adopt never answers
+        members.append((SimpleNamespace(index=1, actor="a1"), fine_id))
+        nodes._kick.set()
+        fine = await _handle_for(handles, fine_id)
+        await asyncio.wait_for(fine.asked.wait(), 2)  # handed its actor meanwhile
+        fine.ended.set_exception(RuntimeError("killed"))  # it dies: replaced at once
+        again = await _handle_for(handles, fine_id, after=fine)
+        await asyncio.wait_for(again.asked.wait(), 2)
+        assert again.adopted == [1] and nodes.replaced == 1
+    finally:
+        nodes._closed = True
+        syncs = [n.syncing for n in nodes._nodes.values()]
+        for task in [nodes._task, *nodes._tasks, *syncs]:
+            if task is not None:
+                task.cancel()
+
+
+async def _handle_for(
+    handles: list[_FakeNodeBridge], node_id: str, after: _FakeNodeBridge | None = None
+) -> _FakeNodeBridge:
+    async def found() -> _FakeNodeBridge:
+        while True:
+            new = [h for h in handles if h.node_id == node_id and h is not after]
+            if new and (after is None or handles.index(new[-1]) > handles.index(after)):
+                return new[-1]
+            await asyncio.sleep(0.01)  # ok: polls the fake for a new handle
+
+    return await asyncio.wait_for(found(), 2)
