@@ -174,7 +174,7 @@ async def test_a_node_bridge_that_does_not_answer_holds_up_no_other_node(
     pool = SimpleNamespace(
         watch=lambda listener: None,
         members_with_nodes=lambda: list(members),
-        probe=lambda member: asyncio.sleep(0, True),
+        probe=lambda member: asyncio.sleep(0, True),  # ok: a coroutine answering True
     )
     handles: list[_FakeNodeBridge] = []
 

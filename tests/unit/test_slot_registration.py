@@ -310,7 +310,7 @@ async def test_a_slot_added_while_the_worker_starts_has_one_registration_loop() 
     cache.set()
     await asyncio.wait_for(three.wait(), 5)
     for _ in range(20):  # a second loop per slot would have started by now
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # ok: yields to the loop, waits for nothing
     assert sorted(loops) == [0, 1, 2]
     stop.set()
     await asyncio.wait_for(running, 5)
