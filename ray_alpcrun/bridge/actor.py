@@ -377,6 +377,11 @@ class Bridge:
                     gpu.append((str(actor.get("actor")), float(device["memory_used_bytes"])))
         self._gpu_memory = gpu
 
+    async def debug_tasks(self, frames: int = 6) -> list[str]:
+        """Every asyncio task of this bridge with where it waits (innermost
+        frames last): what a stalled bridge is doing, without a debugger."""
+        return describe_tasks(frames)
+
     async def status(self) -> dict[str, Any]:
         w = self.worker
         out: dict[str, Any] = {
@@ -430,6 +435,23 @@ class Bridge:
             out["bridges_replaced"] = self.nodes.replaced
             out["bridges_stopped_empty"] = self.nodes.stopped_empty
         return out
+
+
+def describe_tasks(frames: int = 6) -> list[str]:
+    """One line per pending asyncio task of the running loop: its name and the
+    innermost ``frames`` frames of its await chain (``file:line function``)."""
+    out = []
+    for task in asyncio.all_tasks():
+        chain = []
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                name = os.path.basename(frame.f_code.co_filename)
+                chain.append(f"{name}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        out.append(f"{task.get_name()}: {' > '.join(chain[-frames:]) or 'not started'}")
+    return sorted(out)
 
 
 def bridge_actor_class() -> Any:

@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -75,7 +76,7 @@ DOWNSCALE_DELAY_S = 3.0
 LULL_S = DOWNSCALE_DELAY_S + 2.5
 WARM_UP = 0.2  # memory is compared from this fraction of the progress on
 TICK_S = 10.0  # a line of where the run stands
-STALL_S = 90.0  # no answer for this long: the run stops and reports what it has
+STALL_S = float(os.environ.get("CHAOS_STALL_S", "90"))  # no answer for this long: the run stops, reports
 
 
 def log(line: str) -> None:
@@ -597,6 +598,7 @@ class Run:
             if self.now() - moved_at >= STALL_S and not self.stalled.is_set():
                 log(f"CHAOS STALLED: no answer for {STALL_S:g} s")
                 await self._tick()
+                await self._stall_report()
                 self.stalled.set()
             try:
                 status = await asyncio.wait_for(self.handle.status(), 10)
@@ -652,6 +654,35 @@ class Run:
             f"coordinator slots {sum(1 for x in st.get('slots', []) if x.get('registered'))} "
             f"qm workers {qm.get('workers')} sessions(sent/unanswered) {' '.join(sessions)} "
             f"outages {dict(self.outages)}")  # fmt: skip
+
+    async def _stall_report(self) -> None:
+        """Where the unanswered tasks are: the queue manager's view, and what every
+        bridge's asyncio tasks wait on (and its threads, where py-spy is installed)."""
+        import ray
+
+        where = await asyncio.to_thread(self.svc.call, "where")
+        log("CHAOS STALL queue manager: " + json.dumps(where))
+        bridges = [("coordinator", self.handle.actor)]
+        for b in self.status.get("bridges", []):
+            with contextlib.suppress(Exception):
+                bridges.append((str(b.get("name")), ray.get_actor(str(b.get("name")))))
+        for name, actor in bridges:
+            try:
+                lines = await asyncio.wait_for(actor.debug_tasks.remote(12), 10)
+            except Exception as exc:  # a dead or hung bridge says so
+                lines = [f"no answer: {exc!r}"]
+            for line in lines:
+                log(f"CHAOS STALL {name} task {line}")
+        bin_dirs = os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", "")))
+        spy = shutil.which("py-spy", path=bin_dirs)
+        if spy:
+            for pid, cmd in marked(self.run_id).items():
+                if cmd.startswith(("ray::NodeBridge", "ray::Bridge")):
+                    dump = await asyncio.to_thread(
+                        subprocess.run, [spy, "dump", "--pid", str(pid)],
+                        capture_output=True, text=True, timeout=30,
+                    )  # fmt: skip
+                    log(f"CHAOS STALL py-spy {pid} {cmd[:40]}:\n{dump.stdout}{dump.stderr}")
 
     def memory(self) -> list[dict[str, Any]]:
         """Growth of each long-lived process from the first samples after warm-up

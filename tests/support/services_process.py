@@ -9,6 +9,8 @@ command line::
     {"op": "abort", "kind": "stream"|"registration", "count": 1, "seed": 7} -> {"aborted": 1}
     {"op": "session", "id": SID}   -> {"submitted": N, "unanswered": M} (or {} if gone)
     {"op": "stats"}                -> LocalServices.stats()
+    {"op": "where"}                -> per open session: queued tasks, batches in flight per
+                                      worker (node, bound, age), workers bound (a stall report)
     {"op": "stop"}                 -> {} and the process exits
 
 Its log goes to stderr (a file, for the caller).
@@ -121,6 +123,8 @@ def _serve(max_deliveries: int) -> None:
                 reply = svc._run(_session(svc, cmd["id"]))
             elif op == "stats":
                 reply = svc.stats()
+            elif op == "where":
+                reply = svc._run(_where(svc))
             out.write(json.dumps(reply) + "\n")
             out.flush()
             if op == "stop":
@@ -133,6 +137,33 @@ async def _session(svc: Any, session_id: str) -> dict[str, Any]:
     if s is None:
         return {}
     return {"submitted": s.submitted_tasks, "unanswered": s.unanswered_tasks}
+
+
+async def _where(svc: Any) -> dict[str, Any]:
+    """Where every open session's unanswered tasks are (what a stalled run prints)."""
+    core = svc.core
+    now = core.clock()
+    out: dict[str, Any] = {}
+    for sid, s in list(core.table.open.items()) + list(core.table.closing.items()):
+        streams = []
+        for conn in s.streams:
+            ages = [round(now - p.sent_at_s, 1) for p in conn.inflight.values()]
+            streams.append({
+                "worker": conn.worker.id, "node": conn.worker.node, "in_flight": len(ages),
+                "oldest_s": max(ages, default=0.0), "draining": conn.draining,
+                "closed": conn.closed, "peer_done": conn.peer_done,
+            })  # fmt: skip
+        out[sid] = {
+            "app": s.app_id, "unanswered": s.unanswered_tasks, "queued": s.tasks.tasks,
+            "live_batches": len(s.live), "inflight_batches": s.inflight_batches,
+            "bound": sorted(s.bound), "streams": streams, "closing": s.closing,
+        }  # fmt: skip
+    out["workers"] = {
+        w.id: {"node": w.node, "bound": w.bound.id if w.bound else None,
+               "status": str(w.status), "streams": sorted(w.streams)}
+        for w in core.workers.by_id.values()
+    }  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":
