@@ -279,10 +279,12 @@ class NodeBridges:
         return n
 
     def _ended(self, n: _Node, ref: asyncio.Future[Any]) -> None:
+        # Retrieved first: a bridge killed while it stops ends with ActorDiedError,
+        # which asyncio would log as "never retrieved" (seen in the chaos run).
+        error = ref.exception() if not ref.cancelled() else None
         if n.stopping or self._closed:
             return
         n.dead = True
-        error = ref.exception() if not ref.cancelled() else None
         reason = str(error).splitlines()[0] if error else f"run ended: {ref.result()!r}"
         log.warning("node bridge ended; replacing it",
                     extra=fields(node_id=n.node_id, reason=reason))  # fmt: skip

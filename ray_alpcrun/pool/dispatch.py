@@ -62,6 +62,9 @@ A = TypeVar("A")
 _ISOLATE_AFTER_DEATHS = 2
 # Weight of the newest sample in the running estimate of a task's cost.
 _COST_SMOOTHING = 0.2
+# A session end may take this long on an actor, plus the task timeout for every
+# task in flight there, before the actor is taken as hung (with a task timeout).
+END_WAIT_MIN_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ class Dispatcher(Generic[A]):
         max_call_retries: int = 2,
         task_timeout_s: float | None = None,
         timeout_slack_s: float = 1.0,
+        end_wait_min_s: float = END_WAIT_MIN_S,
     ) -> None:
         self._roster = roster
         self._backend = backend
@@ -120,6 +124,7 @@ class Dispatcher(Generic[A]):
         self._max_retries = max_call_retries
         self._timeout_s = task_timeout_s
         self._slack_s = timeout_slack_s
+        self._end_wait_min_s = end_wait_min_s
         self._line = Line()  # batches waiting in _admit, in arrival order
         # Sub-batches waiting for any live actor (retries): woken by roster changes.
         self._retrying = Crowd()
@@ -206,20 +211,44 @@ class Dispatcher(Generic[A]):
         return max(self._min_chunk, math.ceil(self._min_work_s / cost))
 
     async def end_session(self, session_id: str) -> None:
-        """Tell every live actor that the session ended (dead ones forget anyway)."""
+        """Tell every live actor that the session ended (dead ones forget anyway).
+
+        With a task timeout, an actor that does not answer within
+        :meth:`end_wait_s` is taken as hung and replaced: the end hook waits for
+        the handler's lock, which a hung task holds for ever when its caller gave
+        up on it (its stream broke), and the session's next batches wait for the
+        end (issue 23's chaos run stalled so, 492 tasks unanswered)."""
         members = self._roster.members()
         done = await asyncio.gather(
-            *(self._backend.end_session(m.actor, session_id) for m in members),
-            return_exceptions=True,
+            *(self._end_on(m, session_id) for m in members), return_exceptions=True
         )
         for m, result in zip(members, done, strict=True):
             if isinstance(result, ActorLost):
                 self._roster.lost(m, f"lost during session end: {result}")
+            elif isinstance(result, _TimedOut):
+                log.warning(
+                    "session end not answered; replacing the actor",
+                    extra=fields(session=session_id, actor=m.index, after_s=str(result)),
+                )
+                self._roster.lost(m, "session end not answered (hung)", killed=True)
             elif isinstance(result, Exception):
                 log.warning(
                     "session end failed on an actor",
                     extra=fields(session=session_id, actor=m.index, error=str(result)),
                 )
+
+    def end_wait_s(self, member: Member[A]) -> float | None:
+        """How long a session end may take on ``member`` (None: no task timeout)."""
+        if self._timeout_s is None:
+            return None
+        return self._end_wait_min_s + self._timeout_s * member.inflight + self._slack_s
+
+    async def _end_on(self, member: Member[A], session_id: str) -> None:
+        wait_s = self.end_wait_s(member)
+        try:
+            await asyncio.wait_for(self._backend.end_session(member.actor, session_id), wait_s)
+        except asyncio.TimeoutError as exc:
+            raise _TimedOut(f"{wait_s:g}") from exc
 
     # -- internals --------------------------------------------------------
 

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 
+# A released actor's session end hooks get this long before it is killed anyway.
+RETIRE_WAIT_S = 30.0
+
 # The event loop may run a timer up to its clock resolution early.
 _EPS_S = 1e-3
 
@@ -269,7 +272,13 @@ class Membership(Generic[A]):
 
     async def _retire(self, member: Member[A]) -> None:
         try:
-            await self._backend.retire(member.actor)
+            # Bounded: a hung handler holds the lock the end hooks wait for.
+            await asyncio.wait_for(self._backend.retire(member.actor), RETIRE_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning(
+                "releasing an actor: its session ends did not answer; killing it",
+                extra=fields(actor=member.index, after_s=RETIRE_WAIT_S),
+            )
         except Exception as exc:
             log.warning(
                 "releasing an actor failed", extra=fields(actor=member.index, error=str(exc))

@@ -76,7 +76,8 @@ DOWNSCALE_DELAY_S = 3.0
 LULL_S = DOWNSCALE_DELAY_S + 2.5
 WARM_UP = 0.2  # memory is compared from this fraction of the progress on
 TICK_S = 10.0  # a line of where the run stands
-STALL_S = float(os.environ.get("CHAOS_STALL_S", "90"))  # no answer for this long: the run stops, reports
+# No answer for this long: the run stops and reports where the tasks are.
+STALL_S = float(os.environ.get("CHAOS_STALL_S", "90"))
 
 
 def log(line: str) -> None:

@@ -352,3 +352,86 @@ async def test_a_completed_call_wakes_one_waiting_batch_not_all() -> None:
     print(f"looks at the pool for {n} waiting batches: {roster.looks}")
     assert roster.looks <= 4 * n
     await membership.close()
+
+
+# -- a hung handler under a session end (issue 23) ------------------------------------
+
+
+class EndsUnderTheLock(FakeBackend):
+    """As on a real actor: a call goes on when its caller gives up, and session
+    ends and releases wait for the handler's lock (``PoolActor.end_session`` /
+    ``close_sessions``)."""
+
+    async def call(
+        self, actor: FakeActor, session_id: str, payloads: list[bytes], shared: object,
+        tags: tuple[str, ...],
+    ) -> CallResult:  # fmt: skip
+        return await asyncio.shield(super().call(actor, session_id, payloads, shared, tags))
+
+    async def end_session(self, actor: FakeActor, session_id: str) -> None:
+        async with actor.lock:
+            await super().end_session(actor, session_id)
+
+    async def retire(self, actor: FakeActor) -> None:
+        async with actor.lock:
+            await super().retire(actor)
+
+
+async def _abandoned_hang(d: Dispatcher[FakeActor], backend: FakeBackend) -> FakeActor:
+    """A hanging task whose caller gave up (its stream broke): the actor still
+    runs it, holding the lock; returns that actor."""
+    call = asyncio.ensure_future(d.run("s", [b"hang"]))
+    for _ in range(100):
+        await asyncio.sleep(0)  # ok: yields until the call holds the actor's lock
+        hung = [a for a in backend.actors if a.lock.locked()]
+        if hung:
+            break
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    assert hung, "the hanging call never reached an actor"
+    return hung[0]
+
+
+async def test_a_session_end_behind_an_abandoned_hung_task_replaces_the_actor() -> None:
+    # The chaos run's stall (seed 104): a hang sent just before its stream broke held
+    # the actor's lock; the session's end waited for it for ever, and every later
+    # batch of the session waited for the end. Before: this wait_for timed out.
+    backend = EndsUnderTheLock()
+    _, d = await started(
+        backend, num_actors=2, task_timeout_s=5.0, timeout_slack_s=0.05, end_wait_min_s=0.1
+    )
+    hung = await _abandoned_hang(d, backend)
+    await asyncio.wait_for(d.end_session("s"), 5)
+    assert hung in backend.killed
+    others = [a for a in backend.actors[:2] if a is not hung]
+    assert [(a.name, "s") for a in others] == [e for e in backend.ended if e[1] == "s"]
+
+
+async def test_without_a_task_timeout_a_session_end_waits_for_the_handler() -> None:
+    backend = EndsUnderTheLock()
+    _, d = await started(backend, num_actors=1, end_wait_min_s=0.01)
+    call = asyncio.ensure_future(d.run("s", [b"wait"]))
+    await backend.entered.wait()
+    end = asyncio.ensure_future(d.end_session("s"))
+    await asyncio.sleep(0.05)  # ok: longer than end_wait_min_s, which must not apply
+    assert not end.done() and not backend.killed
+    backend.release.set()
+    await asyncio.wait_for(asyncio.gather(call, end), 5)
+    assert backend.ended == [(0, "s")]
+
+
+async def test_a_released_actor_whose_session_ends_hang_is_killed_anyway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray_alpcrun.pool import membership as membership_module
+
+    monkeypatch.setattr(membership_module, "RETIRE_WAIT_S", 0.1)
+    backend = EndsUnderTheLock()
+    m, d = await started(backend, num_actors=2, elastic=True, task_timeout_s=5.0)
+    hung = await _abandoned_hang(d, backend)
+    assert m.release(2) == 2
+    for _ in range(100):
+        if len(backend.killed) == 2:
+            break
+        await asyncio.sleep(0.02)  # ok: polls the kill (bounded: 2 s)
+    assert hung in backend.killed and len(backend.killed) == 2
