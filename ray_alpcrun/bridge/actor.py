@@ -21,6 +21,7 @@ from ray_alpcrun.bridge.background import (
     _follow_pool,
     _read_actor_counters,
 )
+from ray_alpcrun.bridge.debugging import MemoryTrace, describe_tasks
 from ray_alpcrun.bridge.figures import ActorTally, make_metrics
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import STAT_FIELDS, BridgeStats
@@ -113,6 +114,7 @@ class Bridge:
         self.decodes = ActorTally("shared_decodes")  # read by _read_actor_counters
         self.ready_here = False  # this bridge's own readiness, as of the last scrape
         self.metrics = make_metrics(self)
+        self._memory = MemoryTrace()
         # Why the bridge may not take work, checked by /readyz in order after
         # "draining" and "starting": the pool first; later checks (e.g. a node
         # cache it cannot reach) are added with add_readiness_check.
@@ -378,9 +380,12 @@ class Bridge:
         self._gpu_memory = gpu
 
     async def debug_tasks(self, frames: int = 6) -> list[str]:
-        """Every asyncio task of this bridge with where it waits (innermost
-        frames last): what a stalled bridge is doing, without a debugger."""
+        """Every asyncio task here and where it waits (``bridge/debugging.py``)."""
         return describe_tasks(frames)
+
+    async def debug_memory(self, top: int = 15) -> list[str]:
+        """Where Python memory grew since the last call (``PYTHONTRACEMALLOC`` only)."""
+        return self._memory.growth(top)
 
     async def status(self) -> dict[str, Any]:
         w = self.worker
@@ -435,23 +440,6 @@ class Bridge:
             out["bridges_replaced"] = self.nodes.replaced
             out["bridges_stopped_empty"] = self.nodes.stopped_empty
         return out
-
-
-def describe_tasks(frames: int = 6) -> list[str]:
-    """One line per pending asyncio task of the running loop: its name and the
-    innermost ``frames`` frames of its await chain (``file:line function``)."""
-    out = []
-    for task in asyncio.all_tasks():
-        chain = []
-        coro: Any = task.get_coro()
-        while coro is not None:
-            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-            if frame is not None:
-                name = os.path.basename(frame.f_code.co_filename)
-                chain.append(f"{name}:{frame.f_lineno} {frame.f_code.co_name}")
-            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-        out.append(f"{task.get_name()}: {' > '.join(chain[-frames:]) or 'not started'}")
-    return sorted(out)
 
 
 def bridge_actor_class() -> Any:

@@ -293,6 +293,11 @@ class AsyncSession:
         drained while waiting for answers (their tasks were already reported
         with ``dead=True``) are kept and returned here too, oldest first.
         """
+        if self._stream is not None:
+            # The poller may be reading batches it took off the queue manager: the
+            # queue manager hands each out once, so wait for them (issue 23's chaos
+            # run lost 56 tasks of a closed session when this read came first).
+            await self._stream.dead_letters_settled()
         stub = await self._client.queue_stub()
         call = stub.ClientStreamDeadLetters(
             SessionInfo(id=self.id),

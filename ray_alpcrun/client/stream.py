@@ -102,6 +102,8 @@ class ClientStream:
         self._probe: _Probe | None = None
         self._probe_calls: set[asyncio.Task[None]] = set()  # their readers
         self._reading_dead_letters = False  # the poller is inside a call: not cancelled then
+        self._dead_letters_read = asyncio.Event()  # set while no poller call is under way
+        self._dead_letters_read.set()
         self.probes = 0  # batches sent on a probe
         self.refusals = 0  # probes the queue manager refused
 
@@ -339,6 +341,7 @@ class ClientStream:
             # result stream ends meanwhile (neither cancels it): the queue manager
             # hands each dead letter out once, so batches on their way would be lost.
             self._reading_dead_letters = True
+            self._dead_letters_read.clear()
             try:
                 while True:
                     batch = await call.read()
@@ -353,9 +356,16 @@ class ClientStream:
                 return
             finally:
                 self._reading_dead_letters = False
+                self._dead_letters_read.set()
                 call.cancel()
 
     # --- routing ------------------------------------------------------------
+
+    async def dead_letters_settled(self, timeout_s: float = DIAGNOSE_TIMEOUT_S) -> None:
+        """Return once no dead-letter read of the poller is under way (bounded): the
+        batches it has taken off the queue manager are then all kept."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._dead_letters_read.wait(), timeout_s)
 
     def route_dead_letter(self, batch: Batch) -> None:
         """Answer the outstanding tasks of a dead-letter batch read elsewhere."""

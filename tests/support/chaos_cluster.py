@@ -1,7 +1,7 @@
 """Chaos at cluster scale: one seeded run, in a process of its own
-(``tests/faults/test_chaos.py`` runs it; ``CHAOS_SEED`` / ``--seed`` replays one)::
+(``tests/faults/test_chaos_cluster.py`` runs it; ``CHAOS_SEED`` / ``--seed`` replays one)::
 
-    python -m tests.support.chaos_cluster [--seed N] [--scale X]
+    python -m tests.support.chaos_cluster [--seed N] [--scale X | --faults N]
 
 A Ray cluster of raylets on this machine (``ray.cluster_utils.Cluster``: a 0-CPU
 head where the coordinator bridge runs, three worker nodes), the elastic pool
@@ -19,8 +19,8 @@ garbage, hanging and crashing tasks.
 
 Printed: ``CHAOS SEED``, one ``CHAOS FAULT`` line per fault (seconds since the
 start, progress, kind, victim), the outcome table, and ``RESULT {...}`` (JSON)
-for the test, which asserts on it. ``--scale 10`` is the long mode (ten times
-the tasks and faults).
+for the test, which asserts on it. ``--faults 20000`` is the long mode (the run
+scaled to about that many faults; ``--scale X`` multiplies tasks and faults).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from tests.support.chaos_plan import (
     make_plan,
     outcome_table,
     payload,
+    scale_for_faults,
     task_of,
 )
 from tests.support.chaos_proxy import TcpProxy
@@ -168,6 +169,11 @@ class Nodes:
         from ray.cluster_utils import Cluster
 
         self.dashboard_port = free_port()  # the state API's address (list_actors)
+        # CHAOS_TRACEMALLOC=N: the head's processes (the coordinator) trace N frames,
+        # and the run prints where the coordinator's memory grew after warm-up.
+        trace = os.environ.get("CHAOS_TRACEMALLOC")
+        if trace:
+            os.environ["PYTHONTRACEMALLOC"] = trace
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -183,6 +189,7 @@ class Nodes:
                 },
             },
         )
+        os.environ.pop("PYTHONTRACEMALLOC", None)
         self.workers: list[tuple[str, Any]] = []
         self._next = 0
         self.lock = asyncio.Lock()
@@ -459,6 +466,18 @@ class Run:
         )  # fmt: skip
 
     # -- faults -----------------------------------------------------------------
+
+    async def memory_baseline(self) -> None:
+        """Under ``CHAOS_TRACEMALLOC``: the coordinator's Python memory at warm-up
+        (``memory_report`` prints where it grew since)."""
+        if os.environ.get("CHAOS_TRACEMALLOC"):
+            await self.progress.reach(int(WARM_UP * self.progress.total))
+            await self.handle.actor.debug_memory.remote()
+
+    async def memory_report(self) -> None:
+        if os.environ.get("CHAOS_TRACEMALLOC"):
+            for line in await self.handle.actor.debug_memory.remote(25):
+                log(f"CHAOS MEMORY coordinator {line}")
 
     async def inject(self) -> None:
         for f in self.plan.faults:
@@ -744,6 +763,7 @@ async def chaos(run: Run) -> None:
     stop = asyncio.Event()
     watcher = asyncio.ensure_future(run.watch(stop))
     injector = asyncio.ensure_future(run.inject())
+    baseline = asyncio.ensure_future(run.memory_baseline())
     clients = [run.client() for _ in run.plan.lanes]
     try:
         for c in clients:
@@ -761,6 +781,8 @@ async def chaos(run: Run) -> None:
             return
         lanes.result()
         log(f"CHAOS DRAINED t={run.now():.1f}s")
+        if baseline.done():
+            await run.memory_report()
         await asyncio.wait_for(injector, 60)
         while run.background:
             await asyncio.gather(*list(run.background))
@@ -770,9 +792,10 @@ async def chaos(run: Run) -> None:
         stop.set()
         await watcher
         injector.cancel()
+        baseline.cancel()
         for task in list(run.background):
             task.cancel()
-        await asyncio.gather(injector, *run.background, return_exceptions=True)
+        await asyncio.gather(injector, baseline, *run.background, return_exceptions=True)
 
 
 def end_of_run(run: Run) -> dict[str, Any]:
@@ -815,7 +838,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", "20240611")))
     parser.add_argument("--scale", type=float, default=float(os.environ.get("CHAOS_SCALE", "1")))
+    parser.add_argument(
+        "--faults", type=int, default=0,
+        help="the long mode: scale the run to about this many faults (e.g. 20000)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.faults:
+        args.scale = scale_for_faults(args.seed, args.faults)
     plan = make_plan(args.seed, args.scale)
     log(f"CHAOS SEED {args.seed} (replay: CHAOS_SEED={args.seed}); scale {args.scale:g}; "
         f"{plan.tasks} tasks, {len(plan.faults)} planned faults besides the tasks'")  # fmt: skip

@@ -80,6 +80,14 @@ def make_plan(seed: int, scale: float = 1.0, lanes: int = 4, tasks_per_lane: int
     return Plan(seed, kinds, faults)
 
 
+def scale_for_faults(seed: int, faults: int) -> float:
+    """The ``--scale`` at which a run of ``seed`` plans about ``faults`` faults
+    (the planned ones and the tasks that raise, hang, crash or are garbage)."""
+    plan = make_plan(seed, 1.0)
+    per_scale = len(plan.faults) + sum(k != "ok" for lane in plan.lanes for k in lane)
+    return faults / per_scale
+
+
 def _lane_kinds(rng: random.Random, n: int, scale: float) -> list[str]:
     out = []
     for _ in range(n):

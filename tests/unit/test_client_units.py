@@ -223,3 +223,38 @@ async def test_dead_letters_on_their_way_when_the_result_stream_ends_are_kept() 
     await stream.close()
     assert [b.id for b in kept] == ["b1", "b2"]  # kept for session.dead_letters()
     assert stream.ignored == 0  # routed after the failure: nothing answered twice
+
+
+async def test_dead_letters_waits_for_the_batches_a_poll_still_reads() -> None:
+    # The chaos run in CI (issue 23): a closed session's result stream ended while
+    # the poller read its 11 dead-letter batches; session.dead_letters() asked the
+    # queue manager meanwhile, got none (taken already) and returned the 4 kept so
+    # far: 56 tasks were answered by nobody. It now waits for the poll to end.
+    from types import SimpleNamespace
+
+    from ray_alpcrun.client.stream import ClientStream
+
+    ended, arrive = asyncio.Event(), asyncio.Event()
+    dead = [
+        Batch(id="b1", session_id="S", messages=[Message("t0", b"0", error="closed")], dead=True),
+        Batch(id="b2", session_id="S", messages=[Message("t1", b"1", error="closed")], dead=True),
+    ]
+    stub = SimpleNamespace(
+        ClientStream=lambda requests, metadata: _ResultCall(ended),
+        ClientStreamDeadLetters=lambda request, metadata: _DeadLetterCall(dead, ended, arrive),
+    )
+    kept: list[Batch] = []
+    stream = ClientStream(stub, "S", (), 0.001, keep_dead_letter=kept.append)  # type: ignore[arg-type]
+    stream.open()
+    sub = Submission(10)
+    stream.attach(sub)
+    tasks = [Message("t0", b"0"), Message("t1", b"1")]
+    await stream.send(sub, Batch(id="b", session_id="S", messages=tasks), 0)
+    await asyncio.wait_for(ended.wait(), 5)
+    settled = asyncio.ensure_future(stream.dead_letters_settled())
+    await asyncio.sleep(0.05)  # ok: the poll is held on its second batch meanwhile
+    assert not settled.done() and [b.id for b in kept] == ["b1"]
+    arrive.set()
+    await asyncio.wait_for(settled, 5)
+    assert [b.id for b in kept] == ["b1", "b2"]
+    await stream.close()
