@@ -48,6 +48,7 @@ from ray_alpcrun.pool.interfaces import (
     Member,
     Roster,
 )
+from ray_alpcrun.pool.session_end import END_WAIT_MIN_S, end_everywhere
 from ray_alpcrun.pool.waiting import Claims, Crowd, Line
 from ray_alpcrun.runtime import Outcome
 
@@ -62,9 +63,6 @@ A = TypeVar("A")
 _ISOLATE_AFTER_DEATHS = 2
 # Weight of the newest sample in the running estimate of a task's cost.
 _COST_SMOOTHING = 0.2
-# A session end may take this long on an actor, plus the task timeout for every
-# task in flight there, before the actor is taken as hung (with a task timeout).
-END_WAIT_MIN_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,44 +209,14 @@ class Dispatcher(Generic[A]):
         return max(self._min_chunk, math.ceil(self._min_work_s / cost))
 
     async def end_session(self, session_id: str) -> None:
-        """Tell every live actor that the session ended (dead ones forget anyway).
-
-        With a task timeout, an actor that does not answer within
-        :meth:`end_wait_s` is taken as hung and replaced: the end hook waits for
-        the handler's lock, which a hung task holds for ever when its caller gave
-        up on it (its stream broke), and the session's next batches wait for the
-        end (issue 23's chaos run stalled so, 492 tasks unanswered)."""
-        members = self._roster.members()
-        done = await asyncio.gather(
-            *(self._end_on(m, session_id) for m in members), return_exceptions=True
-        )
-        for m, result in zip(members, done, strict=True):
-            if isinstance(result, ActorLost):
-                self._roster.lost(m, f"lost during session end: {result}")
-            elif isinstance(result, _TimedOut):
-                log.warning(
-                    "session end not answered; replacing the actor",
-                    extra=fields(session=session_id, actor=m.index, after_s=str(result)),
-                )
-                self._roster.lost(m, "session end not answered (hung)", killed=True)
-            elif isinstance(result, Exception):
-                log.warning(
-                    "session end failed on an actor",
-                    extra=fields(session=session_id, actor=m.index, error=str(result)),
-                )
+        """Tell every live actor that the session ended (see :func:`end_everywhere`)."""
+        await end_everywhere(self._roster, self._backend, session_id, self.end_wait_s)
 
     def end_wait_s(self, member: Member[A]) -> float | None:
         """How long a session end may take on ``member`` (None: no task timeout)."""
         if self._timeout_s is None:
             return None
         return self._end_wait_min_s + self._timeout_s * member.inflight + self._slack_s
-
-    async def _end_on(self, member: Member[A], session_id: str) -> None:
-        wait_s = self.end_wait_s(member)
-        try:
-            await asyncio.wait_for(self._backend.end_session(member.actor, session_id), wait_s)
-        except asyncio.TimeoutError as exc:
-            raise _TimedOut(f"{wait_s:g}") from exc
 
     # -- internals --------------------------------------------------------
 
