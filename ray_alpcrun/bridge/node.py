@@ -14,6 +14,7 @@ on every node".
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import asdict, replace
 from typing import Any
@@ -156,8 +157,13 @@ class NodeBridge(Bridge):
         return out
 
 
+@functools.cache
 def node_bridge_class() -> Any:
-    """The Ray actor class for :class:`NodeBridge` (imports Ray on first use)."""
+    """The Ray actor class for :class:`NodeBridge` (imports Ray on first use).
+
+    Made once per process: each ``ray.remote`` class is pickled and exported
+    anew, and the coordinator starts a node bridge for every node bridge that
+    died (the chaos run's memory trace found one export per replacement)."""
     import ray
 
     return ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=1000)(
