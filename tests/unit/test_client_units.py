@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -185,11 +186,10 @@ class _DeadLetterCall:
         return True
 
 
-async def test_dead_letters_on_their_way_when_the_result_stream_ends_are_kept() -> None:
-    # The chaos run (issue 23): a session closed while its batches ran ended its
-    # result stream while the client was reading its dead letters; the read was
-    # cancelled and the batches on their way, already taken off the queue
-    # manager's dead-letter queue, were lost (24 tasks answered by nobody).
+async def _closing_session_stream() -> tuple[Any, list[Batch], asyncio.Event]:
+    """A client stream with two tasks whose session closes: both are dead-lettered,
+    the poller takes both off the queue manager and reads the first, and the
+    result stream ends before the second arrives (set the returned event)."""
     from types import SimpleNamespace
 
     from ray_alpcrun.client.stream import ClientStream
@@ -211,6 +211,15 @@ async def test_dead_letters_on_their_way_when_the_result_stream_ends_are_kept() 
     tasks = [Message("t0", b"0"), Message("t1", b"1")]
     await stream.send(sub, Batch(id="b", session_id="S", messages=tasks), 0)
     await asyncio.wait_for(ended.wait(), 5)
+    return stream, kept, arrive
+
+
+async def test_dead_letters_on_their_way_when_the_result_stream_ends_are_kept() -> None:
+    # The chaos run (issue 23): a session closed while its batches ran ended its
+    # result stream while the client was reading its dead letters; the read was
+    # cancelled and the batches on their way, already taken off the queue
+    # manager's dead-letter queue, were lost (24 tasks answered by nobody).
+    stream, kept, arrive = await _closing_session_stream()
     for _ in range(100):  # the reader sees the end of the stream
         if not stream.healthy:
             break
@@ -230,27 +239,7 @@ async def test_dead_letters_waits_for_the_batches_a_poll_still_reads() -> None:
     # the poller read its 11 dead-letter batches; session.dead_letters() asked the
     # queue manager meanwhile, got none (taken already) and returned the 4 kept so
     # far: 56 tasks were answered by nobody. It now waits for the poll to end.
-    from types import SimpleNamespace
-
-    from ray_alpcrun.client.stream import ClientStream
-
-    ended, arrive = asyncio.Event(), asyncio.Event()
-    dead = [
-        Batch(id="b1", session_id="S", messages=[Message("t0", b"0", error="closed")], dead=True),
-        Batch(id="b2", session_id="S", messages=[Message("t1", b"1", error="closed")], dead=True),
-    ]
-    stub = SimpleNamespace(
-        ClientStream=lambda requests, metadata: _ResultCall(ended),
-        ClientStreamDeadLetters=lambda request, metadata: _DeadLetterCall(dead, ended, arrive),
-    )
-    kept: list[Batch] = []
-    stream = ClientStream(stub, "S", (), 0.001, keep_dead_letter=kept.append)  # type: ignore[arg-type]
-    stream.open()
-    sub = Submission(10)
-    stream.attach(sub)
-    tasks = [Message("t0", b"0"), Message("t1", b"1")]
-    await stream.send(sub, Batch(id="b", session_id="S", messages=tasks), 0)
-    await asyncio.wait_for(ended.wait(), 5)
+    stream, kept, arrive = await _closing_session_stream()
     settled = asyncio.ensure_future(stream.dead_letters_settled())
     await asyncio.sleep(0.05)  # ok: the poll is held on its second batch meanwhile
     assert not settled.done() and [b.id for b in kept] == ["b1"]
