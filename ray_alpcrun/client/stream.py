@@ -101,7 +101,6 @@ class ClientStream:
         self._taken_bytes = min(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)
         self._probe: _Probe | None = None
         self._probe_calls: set[asyncio.Task[None]] = set()  # their readers
-        self._reading_dead_letters = False  # the poller is inside a call: not cancelled then
         self._dead_letters_read = asyncio.Event()  # set while no poller call is under way
         self._dead_letters_read.set()
         self.probes = 0  # batches sent on a probe
@@ -340,7 +339,6 @@ class ClientStream:
             # Read the call to its end, even when the last task is answered or the
             # result stream ends meanwhile (neither cancels it): the queue manager
             # hands each dead letter out once, so batches on their way would be lost.
-            self._reading_dead_letters = True
             self._dead_letters_read.clear()
             try:
                 while True:
@@ -355,9 +353,14 @@ class ClientStream:
                     self._fail(self._explain(exc))
                 return
             finally:
-                self._reading_dead_letters = False
                 self._dead_letters_read.set()
                 call.cancel()
+
+    @property
+    def _reading_dead_letters(self) -> bool:
+        """The poller is inside a call: it is not cancelled then (what it reads is
+        handed out once)."""
+        return not self._dead_letters_read.is_set()
 
     # --- routing ------------------------------------------------------------
 
