@@ -26,6 +26,7 @@ from ray_alpcrun.bridge.stats import STAT_FIELDS
 from ray_alpcrun.config import Env, PoolConfig, default_node, default_pod
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
+from ray_alpcrun.pool.interfaces import Availability
 from ray_alpcrun.pool.node_pool import NodePool
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,12 @@ log = logging.getLogger(__name__)
 # dead-lettered as "delivered 3 times", 0.83 % with the hold; two runs on a
 # slower day, 2026-12-07, did not show the gain: 3.21 % without, 3.58 % with).
 SLOT_HOLD_S = 10.0
+# A node with no live actor for this long gives back what its logical workers
+# hold when they drain (retired, or the coordinator stops the empty node's
+# bridge) instead of waiting out the drain timeout: no actor will come to run it.
+# The CI chaos run of 2026-12-07 stalled on that: two batches waited 90 s on a
+# node the shrinking pool had left.
+GIVE_BACK_AFTER_S = SLOT_HOLD_S
 
 
 def node_settings(settings: WorkerSettings, env: Env) -> WorkerSettings:
@@ -74,6 +81,29 @@ class NodeBridge(Bridge):
         self.exports_metrics = False  # the coordinator exports the deployment's figures
         self._reports: set[asyncio.Future[Any]] = set()
         self._holds: list[tuple[float, int]] = []  # (until, logical workers then)
+        self._no_actor: asyncio.TimerHandle | None = None  # GIVE_BACK_AFTER_S pending
+
+    def _on_pool(self, availability: Availability) -> None:
+        super()._on_pool(availability)
+        worker = self.worker
+        if worker is None:
+            return
+        if availability.live > 0:
+            worker.give_back.clear()
+            if self._no_actor is not None:
+                self._no_actor.cancel()
+                self._no_actor = None
+        elif self._no_actor is None and not worker.give_back.is_set():
+            loop = asyncio.get_running_loop()
+            self._no_actor = loop.call_later(GIVE_BACK_AFTER_S, self._still_no_actor)
+
+    def _still_no_actor(self) -> None:
+        self._no_actor = None
+        pool, worker = self.pool, self.worker
+        if pool is not None and worker is not None and pool.live == 0:
+            log.info("no actor on this node for %g s: draining gives back what it holds",
+                     GIVE_BACK_AFTER_S)  # fmt: skip
+            worker.give_back.set()
 
     def make_pool(self) -> NodePool:
         return NodePool(self.pool_config, self._report_lost)

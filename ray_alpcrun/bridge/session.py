@@ -61,6 +61,10 @@ class Link:
     processor: Processor
     stats: BridgeStats
     max_message_bytes: int
+    # Set while nothing on this side can finish a batch (a node bridge whose node
+    # has had no live actor for a while): a drain then stops waiting for what it
+    # holds and leaves it to the queue manager, which re-delivers it elsewhere.
+    give_back: asyncio.Event | None = None
 
 
 class WorkerStream:
@@ -207,23 +211,26 @@ class WorkerStream:
 
         Batches that arrive from now on are not started (``refused`` counts them):
         left unanswered, they go back to the queue manager when the stream closes.
-        Returns False if the deadline passed first (the rest is then cancelled and
-        the queue manager re-delivers it).
+        Returns False if the deadline passed first, or nothing here could finish
+        what is in flight (``Link.give_back``): the rest is then cancelled and the
+        queue manager re-delivers it.
         """
         self.draining = True
-        idle = asyncio.ensure_future(self._idle.wait())
-        closed = asyncio.ensure_future(self.closed.wait())
+        waits = [self._idle, self.closed, self.link.give_back]
+        # A stream that ended meanwhile cannot carry results: stop waiting for them.
+        ended = [asyncio.ensure_future(e.wait()) for e in waits if e is not None]
         try:
-            # A stream that ended meanwhile cannot carry results: stop waiting for them.
-            await asyncio.wait(
-                {idle, closed}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(ended, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            idle.cancel()
-            closed.cancel()
+            for waiting in ended:
+                waiting.cancel()
         finished = self._idle.is_set()
         if not finished and not self.closed.is_set():
-            log.warning("drain deadline passed", extra=self._f(in_flight=self.in_flight))
+            if _is_set(self.link.give_back):
+                text = "drain: nothing here can run what is in flight; given back"
+            else:
+                text = "drain deadline passed"
+            log.warning(text, extra=self._f(in_flight=self.in_flight))
         if self._call is not None and not self.closed.is_set():
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                 async with self._write_lock:
@@ -246,3 +253,7 @@ class WorkerStream:
 
     def _f(self, **extra: object) -> dict[str, object]:
         return fields(worker=self.worker_id, session=self.session_id, **extra)
+
+
+def _is_set(event: asyncio.Event | None) -> bool:
+    return event is not None and event.is_set()

@@ -59,6 +59,8 @@ class BridgeWorker:
         self.slots = [Slot(self, i) for i in range(settings.slots)]
         self.base_metadata = transport.make_metadata(settings.api_key, **{MD_NODE: settings.node})
         self._stopping = asyncio.Event()
+        # Set by the bridge while nothing here can finish a batch (see Link.give_back).
+        self.give_back = asyncio.Event()
         self._rng = random.Random()
         self._holders: dict[str, set[Slot]] = {}
         self._linger: dict[str, asyncio.Task[None]] = {}
@@ -167,6 +169,7 @@ class BridgeWorker:
             processor=self.compute,
             stats=self.stats,
             max_message_bytes=s.max_message_bytes,
+            give_back=self.give_back,
         )
 
     async def preflight(self) -> None:

@@ -257,3 +257,48 @@ async def test_a_node_bridge_keeps_its_logical_workers_a_while_after_an_actor_is
     assert sizes[-1] == 1  # no replacement came: down to one per live actor
     bridge.fixed_slots = 3
     assert bridge.wanted_slots() == 3  # --slots K: K, whatever is lost
+
+
+async def test_a_node_without_an_actor_for_a_while_gives_back_what_it_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CI chaos run, 2026-12-07: the pool shrank away from a node whose logical
+    # worker held two batches; they waited there for an actor until the run stalled.
+    from ray_alpcrun.bridge import node as node_module
+    from ray_alpcrun.bridge.node import NodeBridge
+
+    monkeypatch.setattr(node_module, "GIVE_BACK_AFTER_S", 0.2)
+    coordinator = SimpleNamespace(member_lost=SimpleNamespace(remote=None))
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "node-a", "pod", 1)
+    bridge = NodeBridge("h:x", PoolConfig(num_actors=2), settings, coordinator)
+
+    class Pool:
+        live = 1
+
+        def availability(self) -> Availability:
+            return Availability("serving" if self.live else "waiting", "", live=self.live)
+
+    pool = Pool()
+    bridge.pool = pool  # type: ignore[assignment]
+    availability = pool.availability
+    give_back = asyncio.Event()
+    bridge.worker = SimpleNamespace(  # type: ignore[assignment]
+        slots=[SimpleNamespace(retired=False)], resize=lambda n: None,
+        resume=lambda: None, pause=lambda why: None, give_back=give_back,
+    )  # fmt: skip
+    bridge._on_pool(availability())
+    pool.live = 0
+    bridge._on_pool(availability())
+    await asyncio.sleep(0.1)  # ok: within the (shortened) wait, a replacement may come
+    assert not give_back.is_set()
+    pool.live = 1
+    bridge._on_pool(availability())  # it came: the wait starts over when it goes
+    pool.live = 0
+    bridge._on_pool(availability())
+    await asyncio.sleep(0.1)  # ok: 0.2 s after the first loss, 0.1 s after this one
+    assert not give_back.is_set()
+    await asyncio.sleep(0.2)  # ok: past the wait with no actor
+    assert give_back.is_set()
+    pool.live = 1
+    bridge._on_pool(availability())
+    assert not give_back.is_set()  # an actor is back: drains wait for it again

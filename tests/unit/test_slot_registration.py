@@ -119,6 +119,7 @@ def make_slot(queue: FakeQueue, compute: NoCompute | None = None) -> tuple[Bridg
         processor=worker.compute,  # as BridgeWorker._open wires it
         stats=BridgeStats(),
         max_message_bytes=1 << 20,
+        give_back=worker.give_back,
     )
     return worker, worker.slots[0]
 
@@ -281,6 +282,34 @@ async def test_a_batch_held_while_the_pool_gave_up_is_answered_dead_with_the_rea
     (answer,) = await stream._answer(task)
     assert answer.dead
     assert [m.error for m in answer.messages] == ["no live actor for 61.0 s (more than 60 s)"] * 2
+
+
+class Hangs(NoCompute):
+    async def process(self, session_id: str, payloads: list[bytes], shared: Any) -> list[Any]:
+        await asyncio.Event().wait()  # no actor will ever run it
+        raise AssertionError("unreachable")
+
+
+async def test_a_drain_gives_back_at_once_what_nothing_here_can_run() -> None:
+    # CI chaos run, 2026-12-07: a node the shrinking pool had left kept a logical
+    # worker; its batches waited for an actor that would not come, and the drain
+    # that stopped the node bridge waited out its whole timeout (the run stalled).
+    worker, _ = make_slot(FakeQueue("W1"))
+    stream = WorkerStream(replace(worker.link, processor=Hangs()), "S1", "W1", "pod")
+    stream.start()
+    call = worker.link.queue.streams[0]  # type: ignore[attr-defined]
+    call.incoming.put_nowait(Batch("b1", "S1", messages=[Message("m1", b"x")]))
+    for _ in range(100):
+        if stream.in_flight:
+            break
+        await asyncio.sleep(0.01)  # ok: polls for the batch to be taken
+    draining = asyncio.create_task(stream.drain(timeout_s=30))
+    await asyncio.sleep(0.2)  # ok: the drain waits for the batch while it may still run
+    assert not draining.done()
+    worker.give_back.set()
+    assert await asyncio.wait_for(draining, 5) is False
+    assert call.half_closed and call.written.empty()  # unanswered: re-delivered elsewhere
+    assert stream.in_flight == 0
 
 
 async def test_a_slot_added_while_the_worker_starts_has_one_registration_loop() -> None:
