@@ -49,17 +49,24 @@ def test_chaos_at_cluster_scale_loses_and_doubles_nothing() -> None:
     results = [x for x in lines if x.startswith("RESULT ")]
     assert results, proc.stdout[-3000:] + proc.stderr[-6000:]
     r = json.loads(results[-1][len("RESULT ") :])
-    figures = {k: v for k, v in r.items() if k != "fault_log"}
+    figures = {k: v for k, v in r.items() if k not in ("fault_log", "stall_report")}
     out = ROOT / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos-figures.json").write_text(json.dumps(figures, indent=1))
-    assert r["lost"] == 0 and r["doubled"] == 0, figures
+    # What a failure shows first (CI prints the head of it): the checks that
+    # failed, which tasks went unanswered, and the stall report, if any.
+    why = "\n".join(
+        [f"failed checks: {r['failed_checks']}", f"lost e.g. {r['lost_examples']}",
+         f"doubled e.g. {r['doubled_examples']}", f"replay: CHAOS_SEED={r['seed']}",
+         *r.get("stall_report", [])[:40]]
+    )  # fmt: skip
+    assert r["lost"] == 0 and r["doubled"] == 0, why
     assert r["wrong_count"] == 0, r["wrong"]
-    assert r["faults_total"] >= MIN_FAULTS, figures
+    assert r["faults_total"] >= MIN_FAULTS, why
     for kind, least in MINIMUMS.items():
-        assert r["faults_injected"].get(kind, 0) >= least, (kind, figures)
-    assert not r["actors_alive"] and not r["processes_left"], figures
+        assert r["faults_injected"].get(kind, 0) >= least, (kind, why)
+    assert not r["actors_alive"] and not r["processes_left"], why
     assert r["memory"], "no long-lived process was sampled"
     for m in r["memory"]:
-        assert m["growth"] < 0.10, m
-    assert r["failed_checks"] == [] and proc.returncode == 0, figures
+        assert m["growth"] < 0.10, (m, why)
+    assert r["failed_checks"] == [] and proc.returncode == 0, why

@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import os
-import queue
 import random
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,19 +41,25 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ray_alpcrun import errors
 from ray_alpcrun.client import AsyncClient, AsyncSession
+from tests.support.chaos_machine import (
+    MARK,
+    NODE_CPUS,
+    WORKER_NODES,
+    MainThread,
+    Nodes,
+    marked,
+    node_of,
+    rss_kb,
+)
 from tests.support.chaos_plan import (
-    MIN_FAULTS,
-    MINIMUMS,
     Fault,
     Plan,
     Tally,
     Task,
-    lost_deliveries,
     make_plan,
     outcome_table,
     payload,
@@ -65,17 +67,15 @@ from tests.support.chaos_plan import (
     task_of,
 )
 from tests.support.chaos_proxy import TcpProxy
+from tests.support.chaos_report import WARM_UP, figures
 from tests.support.services_process import ServicesProcess
 
-MARK = "ALPCRUN_CHAOS_RUN"  # every process of the run carries it in its environment
-WORKER_NODES, NODE_CPUS = 3, 2
 BATCH, WAVE, NAP_MS = 8, 200, 2
 WINDOW = 2  # max_inflight_batches_per_worker of every session
 MAX_PENDING = 96  # tasks a wave holds at a time
 TASK_TIMEOUT_S = 0.5
 DOWNSCALE_DELAY_S = 3.0
 LULL_S = DOWNSCALE_DELAY_S + 2.5
-WARM_UP = 0.2  # memory is compared from this fraction of the progress on
 TICK_S = 10.0  # a line of where the run stands
 # No answer for this long: the run stops and reports where the tasks are.
 STALL_S = float(os.environ.get("CHAOS_STALL_S", "90"))
@@ -83,136 +83,6 @@ STALL_S = float(os.environ.get("CHAOS_STALL_S", "90"))
 
 def log(line: str) -> None:
     print(line, flush=True)
-
-
-# -- processes of this run ------------------------------------------------------
-
-
-def marked(run_id: str) -> dict[int, str]:
-    """pid -> command line (a Ray worker's is its title, ``ray::NodeBridge...``)."""
-    needle = f"{MARK}={run_id}".encode()
-    me = os.getpid()
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        out[int(entry.name)] = cmd.strip()
-    return out
-
-
-def node_of(pid: int) -> str:
-    """The node a Ray worker process runs on: its raylet's ``METALCORE_WORKER_NODE``."""
-    try:
-        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            if item.startswith(b"METALCORE_WORKER_NODE="):
-                return item.partition(b"=")[2].decode()
-    except OSError:
-        pass
-    return "?"
-
-
-def rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-# -- the cluster ------------------------------------------------------------------
-
-
-class MainThread:
-    """Runs what must run on the main thread (Ray's ``Cluster.add_node`` sets a
-    signal handler) while the run's event loop turns in another thread."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Any, tuple[Any, ...], concurrent.futures.Future[Any]]]
-        self._jobs = queue.Queue()
-
-    async def call(self, fn: Any, *args: Any) -> Any:
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put((fn, args, fut))
-        return await asyncio.wrap_future(fut)
-
-    def serve_until(self, done: threading.Event) -> None:
-        while not done.is_set():
-            try:
-                fn, args, fut = self._jobs.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # handed to the caller
-                fut.set_exception(exc)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Nodes:
-    """The Ray cluster: a 0-CPU head and worker nodes named ``chaos-node-K``."""
-
-    def __init__(self) -> None:
-        from ray.cluster_utils import Cluster
-
-        self.dashboard_port = free_port()  # the state API's address (list_actors)
-        # CHAOS_TRACEMALLOC=N: the head's processes (the coordinator) trace N frames,
-        # and the run prints where the coordinator's memory grew after warm-up.
-        trace = os.environ.get("CHAOS_TRACEMALLOC")
-        if trace:
-            os.environ["PYTHONTRACEMALLOC"] = trace
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                # Another cluster on this machine may hold the default port (8265).
-                "include_dashboard": True,
-                "dashboard_port": self.dashboard_port,
-                "object_store_memory": 100 << 20,
-                # A removed node is declared dead in seconds, not Ray's default ~30 s.
-                "_system_config": {
-                    "health_check_period_ms": 500,
-                    "health_check_failure_threshold": 3,
-                },
-            },
-        )
-        os.environ.pop("PYTHONTRACEMALLOC", None)
-        self.workers: list[tuple[str, Any]] = []
-        self._next = 0
-        self.lock = asyncio.Lock()
-
-    def add(self) -> str:
-        name = f"chaos-node-{self._next}"
-        self._next += 1
-        # Raylets inherit os.environ at add_node: each names its node bridge so.
-        os.environ["METALCORE_WORKER_NODE"] = name
-        try:
-            node = self.cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=80 << 20)
-        finally:
-            del os.environ["METALCORE_WORKER_NODE"]
-        self.workers.append((name, node))
-        return name
-
-    def remove(self, index: int) -> str:
-        name, node = self.workers.pop(index)
-        self.cluster.remove_node(node, allow_graceful=False)
-        return name
-
-    def shutdown(self) -> None:
-        self.cluster.shutdown()
 
 
 # -- progress, lanes, sessions ----------------------------------------------------
@@ -304,6 +174,7 @@ class Run:
         self.nodes: Nodes
         self.main = MainThread()
         self.stalled = asyncio.Event()
+        self.stall_lines: list[str] = []  # the stall report, for the test's message
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -680,8 +551,12 @@ class Run:
         bridge's asyncio tasks wait on (and its threads, where py-spy is installed)."""
         import ray
 
+        def report(line: str) -> None:
+            self.stall_lines.append(line)
+            log(line)
+
         where = await asyncio.to_thread(self.svc.call, "where")
-        log("CHAOS STALL queue manager: " + json.dumps(where))
+        report("CHAOS STALL queue manager: " + json.dumps(where))
         bridges = [("coordinator", self.handle.actor)]
         for b in self.status.get("bridges", []):
             with contextlib.suppress(Exception):
@@ -692,7 +567,7 @@ class Run:
             except Exception as exc:  # a dead or hung bridge says so
                 lines = [f"no answer: {exc!r}"]
             for line in lines:
-                log(f"CHAOS STALL {name} task {line}")
+                report(f"CHAOS STALL {name} task {line}")
         bin_dirs = os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", "")))
         spy = shutil.which("py-spy", path=bin_dirs)
         if spy:
@@ -703,26 +578,6 @@ class Run:
                         capture_output=True, text=True, timeout=30,
                     )  # fmt: skip
                     log(f"CHAOS STALL py-spy {pid} {cmd[:40]}:\n{dump.stdout}{dump.stderr}")
-
-    def memory(self) -> list[dict[str, Any]]:
-        """Growth of each long-lived process from the first samples after warm-up
-        (and after its own first 10 s) to its last: medians of five samples each.
-        A process whose sampled span after warm-up is under 30 s is not judged
-        (node bridges replaced during the run are new processes)."""
-        out = []
-        for pid, samples in self.samples.items():
-            born = samples[0][0]
-            after = [s for s in samples if s[1] >= WARM_UP and s[0] - born >= 10]
-            if len(after) < 20 or after[-1][0] - after[0][0] < 30:
-                continue
-            start = statistics.median(kb for _, _, kb in after[:5]) / 1024
-            end = statistics.median(kb for _, _, kb in after[-5:]) / 1024
-            span_s = after[-1][0] - after[0][0]
-            step = max(1, len(samples) // 12)
-            series = [[round(t), round(kb / 1024, 1)] for t, _, kb in samples[::step]]
-            out.append({"role": self.roles[pid], "pid": pid, "start_mb": start, "end_mb": end,
-                        "growth": end / start - 1, "span_s": span_s, "series": series})  # fmt: skip
-        return sorted(out, key=lambda m: (str(m["role"]), -float(m["span_s"])))
 
 
 # -- the run ------------------------------------------------------------------------
@@ -911,80 +766,6 @@ def main() -> int:
     if not result["failed_checks"] and not os.environ.get("CHAOS_KEEP_LOGS"):
         shutil.rmtree(mark_dir, ignore_errors=True)
     return 0 if not result["failed_checks"] else 1
-
-
-def figures(
-    run: Run, end: dict[str, Any], stats: dict[str, Any], left: dict[int, str]
-) -> dict[str, Any]:
-    status = end["status"]
-    t = run.tally
-    restarts = {
-        "actor restarts": int(status.get("actor_restarts", 0)),
-        "node bridges replaced": int(status.get("bridges_replaced", 0)),
-        "registrations (queue manager)": int(stats.get("workers_registered", 0)),
-        "redeliveries": int(stats.get("redeliveries", 0)),
-        "results dropped": int(stats.get("dropped_results", 0)),
-    }
-    faults = run.faults + t.faults
-    memory = run.memory()
-    result: dict[str, Any] = {
-        "seed": run.plan.seed,
-        "wall_s": round(run.now(), 1),
-        "faults_injected": dict(faults),
-        "faults_total": sum(faults.values()),
-        "tasks": len(t.sent),
-        "sessions_closed": len(t.closed_sessions),
-        "outcomes": dict(t.outcomes),
-        "lost": t.lost,
-        "lost_examples": t.lost_examples(),
-        "doubled": t.doubled,
-        "doubled_seen_by_client": t.ignored,
-        "doubled_examples": t.doubled_examples(),
-        "by_kind": dict(t.by_kind),
-        "log_dir": run.mark_dir,
-        "wrong": t.wrong[:20],
-        "wrong_count": len(t.wrong),
-        "dead_lettered": dict(t.dead_reasons),
-        "collateral_errors": dict(t.errors),
-        "restarts": restarts,
-        "memory": memory,
-        "notes": dict(run.notes),
-        "serving_again_s": run.recoveries,
-        "not_serving_again": [f"{n} ({why})" for n, why, _, _ in run.recovering],
-        "bridge_exit": end["bridge_exit"],
-        "actors_alive": end["actors_alive"],
-        "processes_left": end["processes_left"] + sorted(left.values()),
-        "fault_log": run.fault_log,
-    }
-    log_path = os.path.join(run.mark_dir, "services.log")
-    with contextlib.suppress(OSError), open(log_path) as f:
-        result["lost_deliveries"] = lost_deliveries(f.read().splitlines())
-    result["failed_checks"] = failed_checks(result)
-    return result
-
-
-def failed_checks(r: dict[str, Any]) -> list[str]:
-    """What must hold after every run."""
-    out = []
-    if r["lost"] or r["doubled"]:
-        out.append(f"lost {r['lost']}, doubled {r['doubled']}")
-    if r["wrong_count"]:
-        out.append(f"{r['wrong_count']} answer(s) of another task, session or level")
-    if r["faults_total"] < MIN_FAULTS:
-        out.append(f"only {r['faults_total']} faults injected")
-    for kind, least in MINIMUMS.items():
-        if r["faults_injected"].get(kind, 0) < least:
-            out.append(f"{kind}: {r['faults_injected'].get(kind, 0)} < {least}")
-    if r["notes"].get("stalled"):
-        out.append("the run stalled")
-    if r["actors_alive"] or r["processes_left"]:
-        out.append(f"left behind: {r['actors_alive']} {r['processes_left']}")
-    for m in r["memory"]:
-        if m["growth"] >= 0.10:
-            out.append(f"{m['role']} pid {m['pid']} grew {m['growth'] * 100:.1f} %")
-    if not r["memory"]:
-        out.append("no long-lived process sampled")
-    return out
 
 
 if __name__ == "__main__":
