@@ -9,8 +9,9 @@ command line::
     {"op": "abort", "kind": "stream"|"registration", "count": 1, "seed": 7} -> {"aborted": 1}
     {"op": "session", "id": SID}   -> {"submitted": N, "unanswered": M} (or {} if gone)
     {"op": "stats"}                -> LocalServices.stats()
-    {"op": "where"}                -> per open session: queued tasks, batches in flight per
-                                      worker (node, bound, age), workers bound (a stall report)
+    {"op": "where"}                -> {"sessions": per open session: queued tasks, batches in
+                                      flight per worker (node, bound, age), workers bound;
+                                      "workers": each registered worker} (a stall report)
     {"op": "stop"}                 -> {} and the process exits
 
 Its log goes to stderr (a file, for the caller).
@@ -140,10 +141,11 @@ async def _session(svc: Any, session_id: str) -> dict[str, Any]:
 
 
 async def _where(svc: Any) -> dict[str, Any]:
-    """Where every open session's unanswered tasks are (what a stalled run prints)."""
+    """Where every open session's unanswered tasks are (what a stalled run prints):
+    ``{"sessions": {id: ...}, "workers": {id: ...}}``."""
     core = svc.core
     now = core.clock()
-    out: dict[str, Any] = {}
+    sessions: dict[str, Any] = {}
     for sid, s in list(core.table.open.items()) + list(core.table.closing.items()):
         streams = []
         for conn in s.streams:
@@ -153,17 +155,17 @@ async def _where(svc: Any) -> dict[str, Any]:
                 "oldest_s": max(ages, default=0.0), "draining": conn.draining,
                 "closed": conn.closed, "peer_done": conn.peer_done,
             })  # fmt: skip
-        out[sid] = {
+        sessions[sid] = {
             "app": s.app_id, "unanswered": s.unanswered_tasks, "queued": s.tasks.tasks,
             "live_batches": len(s.live), "inflight_batches": s.inflight_batches,
             "bound": sorted(s.bound), "streams": streams, "closing": s.closing,
         }  # fmt: skip
-    out["workers"] = {
+    workers = {
         w.id: {"node": w.node, "bound": w.bound.id if w.bound else None,
                "status": str(w.status), "streams": sorted(w.streams)}
         for w in core.workers.by_id.values()
     }  # fmt: skip
-    return out
+    return {"sessions": sessions, "workers": workers}
 
 
 if __name__ == "__main__":
