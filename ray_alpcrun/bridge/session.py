@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -64,7 +64,7 @@ class Link:
     # Set while nothing on this side can finish a batch (a node bridge whose node
     # has had no live actor for a while): a drain then stops waiting for what it
     # holds and leaves it to the queue manager, which re-delivers it elsewhere.
-    give_back: asyncio.Event | None = None
+    give_back: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class WorkerStream:
@@ -216,9 +216,9 @@ class WorkerStream:
         queue manager re-delivers it.
         """
         self.draining = True
-        waits = [self._idle, self.closed, self.link.give_back]
         # A stream that ended meanwhile cannot carry results: stop waiting for them.
-        ended = [asyncio.ensure_future(e.wait()) for e in waits if e is not None]
+        waits = (self._idle, self.closed, self.link.give_back)
+        ended = [asyncio.ensure_future(event.wait()) for event in waits]
         try:
             await asyncio.wait(ended, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -226,7 +226,7 @@ class WorkerStream:
                 waiting.cancel()
         finished = self._idle.is_set()
         if not finished and not self.closed.is_set():
-            if _is_set(self.link.give_back):
+            if self.link.give_back.is_set():
                 text = "drain: nothing here can run what is in flight; given back"
             else:
                 text = "drain deadline passed"
@@ -253,7 +253,3 @@ class WorkerStream:
 
     def _f(self, **extra: object) -> dict[str, object]:
         return fields(worker=self.worker_id, session=self.session_id, **extra)
-
-
-def _is_set(event: asyncio.Event | None) -> bool:
-    return event is not None and event.is_set()
