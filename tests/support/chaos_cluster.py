@@ -76,6 +76,7 @@ MAX_PENDING = 96  # tasks a wave holds at a time
 TASK_TIMEOUT_S = 0.5
 DOWNSCALE_DELAY_S = 3.0
 LULL_S = DOWNSCALE_DELAY_S + 2.5
+LULL_NAP_MS = 40  # each task of the lane that goes on through a lull
 TICK_S = 10.0  # a line of where the run stands
 # No answer for this long: the run stops and reports where the tasks are.
 STALL_S = float(os.environ.get("CHAOS_STALL_S", "90"))
@@ -246,7 +247,12 @@ class Run:
                 index = first + j
                 self.tally.send(s.tag, Task(kind, index, wave.level))
                 wave.tasks.append(index)
-                yield payload(kind, s.tag, index, self.mark_dir, NAP_MS)
+                # The lane that goes on through a lull sends slower tasks, so that
+                # batches are in flight while the pool shrinks on any machine (on a
+                # fast one, 2 ms tasks left the pool idle at most releases: a run
+                # counted one scale-down under load, of the two required).
+                nap_ms = LULL_NAP_MS if self.lull_lane == k else NAP_MS
+                yield payload(kind, s.tag, index, self.mark_dir, nap_ms)
         finally:
             wave.sent_all.set()
 
