@@ -3,7 +3,9 @@
 Batches are processed concurrently (the queue manager's window bounds how many
 are in flight); results go back on the stream the batch came from, never on
 another. If the stream breaks, results that can no longer be sent are dropped:
-the queue manager re-delivers those batches.
+the queue manager re-delivers those batches. Their computation goes on and is
+kept a while (:mod:`ray_alpcrun.bridge.answerbook`): a delivery of the same batch
+to this bridge again is answered from it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grpc.aio
 
 from ray_alpcrun import errors
 from ray_alpcrun.answers import dead_batches, result_batches
+from ray_alpcrun.bridge.answerbook import AnswerBook, Key, batch_key
 from ray_alpcrun.bridge.stats import BridgeStats
 from ray_alpcrun.errors import PoolUnavailable, SessionSetupError
 from ray_alpcrun.logs import fields
@@ -65,6 +68,9 @@ class Link:
     # has had no live actor for a while): a drain then stops waiting for what it
     # holds and leaves it to the queue manager, which re-delivers it elsewhere.
     give_back: asyncio.Event = field(default_factory=asyncio.Event)
+    # Computations of batches whose answer was not sent yet, shared by every
+    # delivery of the same batch to this worker's streams.
+    answers: AnswerBook = field(default_factory=AnswerBook)
 
 
 class WorkerStream:
@@ -144,8 +150,9 @@ class WorkerStream:
         stats = self.link.stats
         stats.batches_in_flight += 1
         started = time.perf_counter()
+        key = batch_key(self.session_id, batch)
         try:
-            answer = await self._answer(batch)
+            answer = await self._answer(batch, key)
         finally:
             stats.batches_in_flight -= 1
         elapsed = time.perf_counter() - started
@@ -157,8 +164,9 @@ class WorkerStream:
         stats.tasks_ok += len(batch.messages) - failed
         stats.batches_done += 1
         stats.latency.observe(elapsed)
-        for part in answer:  # one batch unless it could not fit (answers.py)
-            await self._send(part)
+        sent = [await self._send(part) for part in answer]  # one unless it did not fit
+        if all(sent):
+            self.link.answers.sent(key)
         log.debug(
             "batch answered",
             extra=self._f(
@@ -166,7 +174,7 @@ class WorkerStream:
             ),
         )
 
-    async def _answer(self, batch: Batch) -> list[Batch]:
+    async def _answer(self, batch: Batch, key: Key) -> list[Batch]:
         limit = self.link.max_message_bytes
         if batch.session_id and batch.session_id != self.session_id:
             return dead_batches(
@@ -174,15 +182,14 @@ class WorkerStream:
                 f"batch for session {batch.session_id} arrived on {self.session_id}'s stream",
                 limit,
             )
-        shared = None
         try:
-            if batch.use_shared_data:
-                shared = await self.link.shared.get(
-                    self.session_id, batch.required_shared_data_update_level
-                )
-            outcomes = await self.link.processor.process(
-                self.session_id, [m.payload for m in batch.messages], shared
-            )
+            work, again = self.link.answers.work(key, lambda: self._compute(batch))
+            if again:
+                self.link.stats.batches_answered_again += 1
+                log.info("batch delivered again: its computation kept here answers it",
+                         extra=self._f(batch=batch.id, done=work.done()))  # fmt: skip
+            # Shielded: a stream that ends now leaves the computation to the next delivery.
+            outcomes = await asyncio.shield(work)
         except (errors.SharedDataUnavailable, SessionSetupError, PoolUnavailable) as exc:
             log.warning("batch cannot run", extra=self._f(batch=batch.id, error=str(exc)))
             return dead_batches(batch, str(exc), limit)
@@ -193,18 +200,30 @@ class WorkerStream:
             )
         return result_batches(batch, outcomes, limit)
 
-    async def _send(self, answer: Batch) -> None:
+    async def _compute(self, batch: Batch) -> list[Outcome]:
+        shared = None
+        if batch.use_shared_data:
+            shared = await self.link.shared.get(
+                self.session_id, batch.required_shared_data_update_level
+            )
+        return await self.link.processor.process(
+            self.session_id, [m.payload for m in batch.messages], shared
+        )
+
+    async def _send(self, answer: Batch) -> bool:
         call = self._call
         if self.closed.is_set() or call is None:
             self.link.stats.results_dropped += 1
             log.info("stream gone; result dropped", extra=self._f(batch=answer.id))
-            return
+            return False
         try:
             async with self._write_lock:
                 await call.write(answer)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
             self.link.stats.results_dropped += 1
             log.info("result dropped: stream closed", extra=self._f(batch=answer.id, error=exc))
+            return False
+        return True
 
     async def drain(self, timeout_s: float | None) -> bool:
         """Finish the batches in flight, half-close and wait for the end of the stream.

@@ -123,6 +123,7 @@ class BridgeStats:
     batches_in_flight: int = 0
     results_dropped: int = 0
     batches_undecodable: int = 0
+    batches_answered_again: int = 0  # delivered again, answered from the answer book
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     # The histograms of the node bridges (summed(): rendered with ``latency``).
     latency_elsewhere: list[LatencySnapshot] = field(default_factory=list)
@@ -138,6 +139,7 @@ STAT_FIELDS = (
     "batches_in_flight",
     "results_dropped",
     "batches_undecodable",
+    "batches_answered_again",
 )
 
 
@@ -187,6 +189,9 @@ class BridgeMetrics(Collector):
              lambda s: s.results_dropped),
             ("alpcrun_batches_undecodable_total", "task batches that could not be decoded",
              lambda s: s.batches_undecodable),
+            ("alpcrun_batches_answered_again_total",
+             "batches delivered again and answered from their computation kept here",
+             lambda s: s.batches_answered_again),
         ]  # fmt: skip
         for name, help_text, field_of in counters:
             self.counter(name, help_text, self._of_stats(field_of))

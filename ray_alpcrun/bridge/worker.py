@@ -117,6 +117,7 @@ class BridgeWorker:
 
     async def _end_session(self, session_id: str) -> None:
         self.link.shared.forget(session_id)
+        self.link.answers.forget(session_id)
         try:
             await self.compute.end_session(session_id)
         except Exception:
@@ -254,6 +255,7 @@ class BridgeWorker:
                 linger.cancel()
             await self._end_sessions_at_stop(ending)
             if self._channels:
+                await self.link.answers.close()
                 await self.link.shared.close()
             for ch in self._channels:
                 await ch.close(None)

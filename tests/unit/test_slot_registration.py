@@ -13,6 +13,7 @@ import grpc.aio
 import pytest
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.answerbook import batch_key
 from ray_alpcrun.bridge.session import Link, WorkerStream
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import BridgeStats
@@ -279,7 +280,7 @@ async def test_a_batch_held_while_the_pool_gave_up_is_answered_dead_with_the_rea
     link = replace(worker.link, processor=NoPool())
     stream = WorkerStream(link, "S1", "W1", "pod")
     task = Batch("b1", "S1", messages=[Message("m1", b"x"), Message("m2", b"y")])
-    (answer,) = await stream._answer(task)
+    (answer,) = await stream._answer(task, batch_key("S1", task))
     assert answer.dead
     assert [m.error for m in answer.messages] == ["no live actor for 61.0 s (more than 60 s)"] * 2
 
