@@ -77,46 +77,46 @@ def resolve_pool(config: BridgeConfig) -> PoolConfig:
 @dataclass
 class BridgeHandle:
     """A running bridge actor. ``run_ref`` resolves to ``(exit_code, reason)``;
-    ``serving_ref`` to True once it serves (False if ``run`` ended first)."""
+    ``serving_ref`` to True once it serves (False if ``run`` ended first);
+    ``alive_ref`` once the actor was made (its ``__init__`` ran: any quick call
+    queued at creation tells; ``drain_counts`` answers a non-empty tuple)."""
 
     actor: BridgeActorHandle
     run_ref: Awaitable[tuple[int, str]]  # an ObjectRef
     config: BridgeConfig
     serving_ref: Awaitable[bool]  # an ObjectRef
+    alive_ref: Awaitable[object] | None = None  # an ObjectRef
 
     def outcome(self, timeout_s: float | None = None) -> tuple[int, str]:
         """Block until ``run`` ends; its ``(exit_code, reason)``.
 
         A bridge actor that died says so in one line instead of raising Ray's
-        error: ``EXIT_CONFIG`` when it died before it served (it could not start
-        on this cluster, e.g. a worker process that cannot join it) and
-        ``EXIT_FAILURE`` when it died serving."""
+        error: ``EXIT_CONFIG`` when it died before it was even made (it could not
+        start on this cluster, e.g. a worker process that cannot join it), and
+        ``EXIT_FAILURE`` when it died serving or while it started (killed: a
+        supervisor restarts it; the outside chaos run counted 16 such exits 3 in
+        28 restarts, which ``RestartPreventExitStatus=3`` would have left down)."""
         import ray
         from ray.exceptions import ActorUnschedulableError, RayActorError
 
         try:
             code, reason = ray.get(self.run_ref, timeout=timeout_s)
         except (RayActorError, ActorUnschedulableError) as exc:
-            if self._served():
+            if _resolved(self.serving_ref):
                 return (
                     errors.EXIT_FAILURE,
                     f"the bridge actor died while serving: {ray_reason(exc)}",
+                )
+            if self.alive_ref is not None and _resolved(self.alive_ref):
+                return (
+                    errors.EXIT_FAILURE,
+                    f"the bridge actor died while it started: {ray_reason(exc)}",
                 )
             return (
                 errors.EXIT_CONFIG,
                 f"the bridge actor died before it could serve: {ray_reason(exc)}",
             )
         return int(code), str(reason)
-
-    def _served(self) -> bool:
-        import ray
-        from ray.exceptions import RayError
-
-        # Resolved long ago if it served; failed at once with the actor otherwise.
-        try:
-            return bool(ray.get(self.serving_ref, timeout=10))
-        except RayError:
-            return False
 
     def stop(self, drain: bool = True) -> Awaitable[None]:
         """Ask the bridge to stop (returns an ObjectRef; ``run_ref`` resolves after)."""
@@ -211,7 +211,20 @@ def start_bridge(config: BridgeConfig, name: str | None = None) -> BridgeHandle:
         run_ref=actor.run.remote(),
         config=config,
         serving_ref=actor.wait_serving.remote(),
+        alive_ref=actor.drain_counts.remote(),
     )
+
+
+def _resolved(ref: Awaitable[object]) -> bool:
+    """Whether ``ref`` (an ObjectRef of the bridge actor) resolved to a true value:
+    long ago if it did; it fails at once with a dead actor otherwise."""
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        return bool(ray.get(ref, timeout=10))
+    except RayError:
+        return False
 
 
 def ray_reason(exc: BaseException) -> str:

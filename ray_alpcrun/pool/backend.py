@@ -94,7 +94,10 @@ class RayBackend:
             raise
         except self.lost_errors as exc:
             self.kill(actor)
-            raise HandlerError(f"pool actor failed to start: {first_line(exc)}") from exc
+            if getattr(exc, "actor_init_failed", False):
+                raise HandlerError(f"pool actor failed to start: {first_line(exc)}") from exc
+            # Its process died (killed, OOM, node lost): another start may well work.
+            raise ActorLost(f"pool actor died while it started: {first_line(exc)}") from exc
         if "error" in info:
             self.kill(actor)
             kind = ConfigError if info.get("error_kind") == "device" else HandlerError

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ray_alpcrun.errors import ActorLost, HandlerError
 from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.interfaces import (
     CLOSED,
@@ -67,6 +68,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 A = TypeVar("A")
+
+# Starts of one of the first actors, when its process dies while it starts.
+START_ATTEMPTS = 3
 
 # A released actor's session end hooks get this long before it is killed anyway.
 RETIRE_WAIT_S = 30.0
@@ -203,7 +207,7 @@ class Membership(Generic[A]):
     async def start(self) -> None:
         """Start every actor; on any failure stop the others and re-raise it."""
         started = await asyncio.gather(
-            *(self._backend.start_actor() for _ in range(self._num_actors)),
+            *(self._start_one() for _ in range(self._num_actors)),
             return_exceptions=True,
         )
         failures = [r for r in started if isinstance(r, BaseException)]
@@ -218,6 +222,22 @@ class Membership(Generic[A]):
             for i, actor in enumerate(started)
         ]
         self._changed()
+
+    async def _start_one(self) -> A:
+        """One actor of the first ones; started again if its process died meanwhile
+        (the outside chaos run killed actors as they started: each such kill ended
+        the CLI with exit 6, "handler: pool actor failed to start")."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return await self._backend.start_actor()
+            except ActorLost as exc:
+                if attempt == START_ATTEMPTS:
+                    raise HandlerError(
+                        f"pool actor failed to start: {exc} ({attempt} attempts)"
+                    ) from exc
+                log.warning("a pool actor died while it started; starting another",
+                            extra=fields(attempt=attempt, error=str(exc)))  # fmt: skip
+        raise AssertionError("unreachable")
 
     def grow(self, count: int) -> None:
         """Ask for ``count`` more actors; they join as they become ready (pending till then)."""

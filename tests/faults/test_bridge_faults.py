@@ -21,6 +21,7 @@ from typing import Any, cast
 import pytest
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.answerbook import batch_key
 from ray_alpcrun.bridge.launch import BridgeHandle, start_bridge
 from ray_alpcrun.bridge.session import Link, WorkerStream
 from ray_alpcrun.client import Client
@@ -117,7 +118,8 @@ def test_link_cut_mid_batch_loses_nothing_and_sends_nothing_on_a_wrong_stream(
     assert stats["redeliveries"] >= 1, stats  # batches in flight were re-delivered
     # A result sent on a stream its batch was not in flight on would be dropped here.
     assert stats["dropped_results"] == 0, stats
-    # Work in flight on a broken stream is cancelled (the queue manager re-delivers it).
+    # The queue manager re-delivers what was in flight on a broken stream (bridge.answerbook
+    # answers it from the computation kept when it comes back to this bridge).
     assert status["reconnects"] >= 2, status
 
 
@@ -131,6 +133,21 @@ def test_a_bridge_actor_killed_while_serving_ends_in_one_line_exit_1(ray_session
     assert code == errors.EXIT_FAILURE, reason
     assert reason.startswith("the bridge actor died while serving: "), reason
     assert "\n" not in reason and "ray.kill" in reason, reason
+
+
+def test_a_bridge_actor_killed_while_it_starts_exits_1_not_3(ray_session: Any) -> None:
+    """Killed after it was made, before it served (it waits for a node cache here):
+    exit 1, which a supervisor restarts; exit 3 says the cluster cannot start it
+    (issue 23's outside chaos run: 16 of 28 restarts were exits 3)."""
+    with services() as svc:
+        config = bridge_config(svc, CHAOS, 1)
+        config = replace(config, services=replace(config.services, cache_address="127.0.0.1:9"))
+        handle = start_bridge(config)
+        assert handle.alive_ref is not None and ray_get(handle.alive_ref) == (0, 0)
+        handle.kill()
+        code, reason = handle.outcome(60)
+    assert code == errors.EXIT_FAILURE, reason
+    assert reason.startswith("the bridge actor died while it started: "), reason
 
 
 def test_node_cache_outage_is_retried_then_dead_lettered_clearly(start: Any) -> None:
@@ -238,7 +255,7 @@ def test_a_batch_for_another_session_is_answered_dead_not_processed() -> None:
     link = cast(Link, SimpleNamespace(max_message_bytes=1 << 20))
     stream = WorkerStream(link, "S1", "W1", "pod")
     batch = Batch(id="B", session_id="S2", messages=[Message("t0", b"x"), Message("t1", b"y")])
-    [out] = asyncio.run(stream._answer(batch))
+    [out] = asyncio.run(stream._answer(batch, batch_key("S1", batch)))
     assert out.dead and [m.related_id for m in out.messages] == ["t0", "t1"]
     assert all(m.error is not None and "S2" in m.error for m in out.messages)
 

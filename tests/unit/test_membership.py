@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ray_alpcrun.errors import PoolUnavailable
+from ray_alpcrun.errors import ActorLost, HandlerError, PoolUnavailable
 from ray_alpcrun.pool.membership import SERVING, UNAVAILABLE, WAITING, Availability, Membership
 from tests.support.fake_backend import FakeActor, FakeBackend, payloads, started
 
@@ -187,3 +187,36 @@ async def test_an_elastic_pool_whose_starts_fail_gives_up_until_it_stops_asking(
     assert m.release(1) == 1
     assert m.availability().state == WAITING
     await m.close()
+
+
+class DiesOnceAtStart(FakeBackend):
+    """The first actor start fails as a Ray actor killed while it starts does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deaths = 0
+
+    async def start_actor(self) -> FakeActor:
+        if self.deaths == 0:
+            self.deaths += 1
+            raise ActorLost("pool actor died while it started: killed")
+        return await super().start_actor()
+
+
+async def test_an_actor_killed_while_the_pool_starts_is_started_again() -> None:
+    # Issue 23's outside chaos run: an actor killed as the pool started ended the
+    # CLI with exit 6 ("handler: pool actor failed to start"), a full restart.
+    backend = DiesOnceAtStart()
+    m, _ = await started(backend, num_actors=2)
+    assert backend.deaths == 1 and len(backend.actors) == 2
+    assert m.availability().state == SERVING and m.availability().live == 2
+    await m.close()
+
+
+async def test_an_actor_that_dies_at_every_start_fails_the_start_as_a_handler_error() -> None:
+    class AlwaysDies(FakeBackend):
+        async def start_actor(self) -> FakeActor:
+            raise ActorLost("pool actor died while it started: cannot join")
+
+    with pytest.raises(HandlerError, match=r"cannot join \(3 attempts\)"):
+        await started(AlwaysDies(), num_actors=1)
