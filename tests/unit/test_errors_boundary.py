@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from ray_alpcrun import errors
+from ray_alpcrun import errors, transport
 from ray_alpcrun.transport import rpc_errors
 
 
@@ -72,3 +72,15 @@ def test_no_hand_written_translation_is_left() -> None:
         if "raise translate(" in line or "raise transport.translate(" in line
     ]
     assert sites == []
+
+
+def test_a_channel_reconnects_sooner_than_the_bridge_backs_off() -> None:
+    # gRPC's defaults (1 s, then x1.6 up to 2 minutes) put a connect ~9 s after a
+    # 5 s link cut; every call before it failed at once (issue 23's outside chaos run).
+    from ray_alpcrun.bridge.settings import WorkerSettings
+
+    options = dict(transport.channel_options(1 << 20))
+    assert options["grpc.initial_reconnect_backoff_ms"] <= 250
+    cap_ms = WorkerSettings("q", "c", "k", "p", "n", "pod", 1).backoff_max_s * 1e3
+    assert options["grpc.max_reconnect_backoff_ms"] <= cap_ms / 4
+    assert "grpc.min_reconnect_backoff_ms" not in options  # the connect timeout: 20 s
