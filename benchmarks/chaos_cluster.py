@@ -480,7 +480,7 @@ def requeues_by_cause(
     within ``window_s`` before (the latest), else ``no fault``."""
     out: Counter[str] = Counter()
     walls = [f for f in faults if not f.kind.startswith("skipped")]
-    for t, kind, _node, n in events:
+    for t, kind, _node, n, *_ in events:
         if kind != "requeued":
             continue
         cause = "no fault"
@@ -490,6 +490,17 @@ def requeues_by_cause(
                 cause = f.kind
                 break
         out[cause] += int(n)
+    return out
+
+
+def held_when_requeued(events: list[list[Any]]) -> dict[int, list[float]]:
+    """Per delivery number, how long each re-queued batch had been in flight on the
+    stream that ended holding it (a long one is a delivery the next fault can cost)."""
+    out: dict[int, list[float]] = {}
+    for event in events:
+        if event[1] == "requeued" and len(event) > 4:
+            for age_s, number in event[4]:
+                out.setdefault(int(number), []).append(float(age_s))
     return out
 
 
@@ -542,6 +553,15 @@ def table(run: Run, tally: Tally, outcome: dict[str, Any]) -> dict[str, Any]:
     for cause, n in causes.most_common():
         say(f"| {cause} | {n} |")
     say("")
+    held = held_when_requeued(run.events)
+    say("| re-queued at delivery | batches | in flight then: median s | p90 s | over 1 s |")
+    say("|---|---:|---:|---:|---:|")
+    for number, ages in sorted(held.items()):
+        ages.sort()
+        p90 = ages[min(len(ages) - 1, int(0.9 * len(ages)))]
+        over = sum(1 for a in ages if a > 1.0)
+        say(f"| {number} | {len(ages)} | {statistics.median(ages):.2f} | {p90:.2f} | {over} |")
+    say("")
     say(
         "| until the node answers again | n | median s | p90 s | max s |\n|---|---:|---:|---:|---:|"
     )
@@ -560,6 +580,7 @@ def table(run: Run, tally: Tally, outcome: dict[str, Any]) -> dict[str, Any]:
         "doubled": tally.doubled, "ignored": tally.ignored, "wrong_payload": tally.wrong_payload,
         "dead": dict(tally.dead), "dead_pct": 100.0 * dead / tasks, "cli_restarts": restarts,
         "node_bridges_replaced": sum(run.replaced.values()), "requeued_by_cause": dict(causes),
+        "held_when_requeued": held,
         "recovery_s": recovery, "devserver": stats,
     }  # fmt: skip
 

@@ -99,7 +99,12 @@ class History:
 
         def release_stream_(conn: Any, requeue: bool) -> None:
             if requeue and conn.inflight:
-                self._events.append([time.time(), "requeued", conn.worker.node, len(conn.inflight)])
+                now = flow._clock()
+                # How long each batch had been in flight there, and its delivery number.
+                held = [[round(now - p.sent_at_s, 3), p.deliveries] for p in conn.inflight.values()]
+                self._events.append(
+                    [time.time(), "requeued", conn.worker.node, len(conn.inflight), held]
+                )
             release_stream(conn, requeue)
 
         def register_(node: str, pod: str) -> Any:
