@@ -14,7 +14,15 @@ is dead-lettered (issue 23's outside chaos run re-queued most batches at link cu
 Only outcomes are kept, never failures of the batch as a whole (no shared data, no
 pool): those run again. An entry goes when its answer was sent, when its session
 is released, after ``keep_s``, or when more than ``max_bytes`` of payloads (or
-``max_entries`` entries) are kept, oldest first. No gRPC, no Ray.
+``max_entries`` entries) are kept, oldest first.
+
+With a bridge on every node the batch comes back to another node as often as to
+its own. So a node bridge publishes the keys of what it keeps unsent
+(:meth:`AnswerBook.take_published`: the coordinator carries them to the other node
+bridges on its next poll), the others :meth:`AnswerBook.learn` where each is kept,
+and a delivery of such a batch there asks the holder first (``fetch``: a Ray call
+in the node bridge), running the batch only if the holder has nothing (gone,
+evicted). No gRPC, no Ray.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ray_alpcrun.runtime import Outcome
 from ray_alpcrun.types import Batch
@@ -34,6 +43,8 @@ MAX_ENTRIES = 4096
 MAX_BYTES = 64 << 20
 
 Key = tuple[str, str, bytes]
+# Asks ``holder`` (a peer bridge) for the outcomes it keeps under ``key``: None if none.
+Fetch = Callable[[Any, Key], Awaitable[list[Outcome] | None]]
 
 
 def batch_key(session_id: str, batch: Batch) -> Key:
@@ -74,6 +85,10 @@ class AnswerBook:
         self._running: dict[Key, _Entry] = {}
         self._kept: OrderedDict[Key, _Entry] = OrderedDict()  # oldest outcomes first
         self._bytes = 0
+        self.fetch: Fetch | None = None  # set by a node bridge: ask a peer first
+        self._orphans: set[Key] = set()  # deliveries ended unanswered: publish once kept
+        self._published: list[Key] = []
+        self._elsewhere: OrderedDict[Key, tuple[Any, float]] = OrderedDict()  # holder, since
 
     def __len__(self) -> int:
         return len(self._running) + len(self._kept)
@@ -88,6 +103,9 @@ class AnswerBook:
         entry = self._running.get(key) or self._kept.get(key)
         if entry is not None:
             return entry.work, True
+        held = self._elsewhere.pop(key, None)
+        if held is not None and self.fetch is not None:
+            compute = self._asking(held[0], key, compute)
         task = asyncio.ensure_future(compute())
         self._running[key] = _Entry(task)
         task.add_done_callback(lambda done: self._finished(key, done))
@@ -98,10 +116,56 @@ class AnswerBook:
         """The answer of ``key`` reached the queue manager: nothing more to keep."""
         self._drop(key)
 
+    def orphaned(self, key: Key) -> None:
+        """A delivery of ``key`` ended unanswered (its stream broke): the queue
+        manager delivers it again, maybe elsewhere; publish it once it is kept."""
+        if key in self._kept:
+            self._publish(key)
+        elif key in self._running:
+            self._orphans.add(key)
+
+    def take_published(self) -> list[Key]:
+        """The keys kept unsent since the last call, for the other bridges."""
+        out, self._published = self._published, []
+        return out
+
+    def learn(self, keys: Iterable[Key], holder: Any) -> None:
+        """``holder`` keeps the outcomes of ``keys``: ask it when one comes here."""
+        now = self._clock()
+        for key in keys:
+            self._elsewhere[key] = (holder, now)
+            self._elsewhere.move_to_end(key)
+        while len(self._elsewhere) > self.max_entries:
+            self._elsewhere.popitem(last=False)
+
+    def kept(self, key: Key) -> list[Outcome] | None:
+        """The outcomes kept under ``key`` (for a peer's ``fetch``), else None."""
+        entry = self._kept.get(key)
+        return None if entry is None else entry.work.result()
+
+    def _asking(
+        self, holder: Any, key: Key, compute: Callable[[], Awaitable[list[Outcome]]]
+    ) -> Callable[[], Awaitable[list[Outcome]]]:
+        fetch = self.fetch
+        assert fetch is not None  # work() checked
+
+        async def asking() -> list[Outcome]:
+            got = await fetch(holder, key)
+            return got if got is not None else await compute()
+
+        return asking
+
+    def _publish(self, key: Key) -> None:
+        self._orphans.discard(key)
+        if len(self._published) < self.max_entries:
+            self._published.append(key)
+
     def forget(self, session_id: str) -> None:
         """The session was released here: its batches will not come back."""
         for key in [k for k in (*self._running, *self._kept) if k[0] == session_id]:
             self._drop(key, cancel=True)
+        for key in [k for k in self._elsewhere if k[0] == session_id]:
+            del self._elsewhere[key]
 
     async def close(self) -> None:
         works = [entry.work for entry in (*self._running.values(), *self._kept.values())]
@@ -115,6 +179,7 @@ class AnswerBook:
             return  # sent, forgotten or pushed out meanwhile
         del self._running[key]
         if task.cancelled() or task.exception() is not None:
+            self._orphans.discard(key)
             return  # a batch that failed as a whole runs again
         entry.kept_at_s = self._clock()
         entry.size_bytes = sum(
@@ -122,9 +187,12 @@ class AnswerBook:
         )
         self._kept[key] = entry
         self._bytes += entry.size_bytes
+        if key in self._orphans:
+            self._publish(key)
         self._expire()
 
     def _drop(self, key: Key, cancel: bool = False) -> None:
+        self._orphans.discard(key)
         entry = self._running.pop(key, None) or self._kept.pop(key, None)
         if entry is None:
             return
@@ -134,6 +202,11 @@ class AnswerBook:
 
     def _expire(self) -> None:
         now = self._clock()
+        while self._elsewhere:
+            key, (_, since) = next(iter(self._elsewhere.items()))
+            if now - since <= self.keep_s:
+                break
+            del self._elsewhere[key]
         while self._kept:
             key, oldest = next(iter(self._kept.items()))
             too_many = len(self) > self.max_entries or self._bytes > self.max_bytes

@@ -17,9 +17,10 @@ import asyncio
 import functools
 import logging
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, cast
 
 from ray_alpcrun.bridge.actor import Bridge
+from ray_alpcrun.bridge.answerbook import Key
 from ray_alpcrun.bridge.figures import slots_in_flight, worker_figures
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import STAT_FIELDS
@@ -28,6 +29,7 @@ from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
 from ray_alpcrun.pool.interfaces import Availability
 from ray_alpcrun.pool.node_pool import NodePool
+from ray_alpcrun.runtime import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ SLOT_HOLD_S = 10.0
 # The CI chaos run of 2026-12-07 stalled on that: two batches waited 90 s on a
 # node the shrinking pool had left.
 GIVE_BACK_AFTER_S = SLOT_HOLD_S
+# A peer that keeps a batch's answer has this long to hand it over (else it runs here).
+FETCH_TIMEOUT_S = 5.0
 
 
 def node_settings(settings: WorkerSettings, env: Env) -> WorkerSettings:
@@ -82,12 +86,15 @@ class NodeBridge(Bridge):
         self._reports: set[asyncio.Future[Any]] = set()
         self._holds: list[tuple[float, int]] = []  # (until, logical workers then)
         self._no_actor: asyncio.TimerHandle | None = None  # GIVE_BACK_AFTER_S pending
+        self._had_actor = False  # one was handed over: take work (update_intake)
 
     def _on_pool(self, availability: Availability) -> None:
         super()._on_pool(availability)
         worker = self.worker
         if worker is None:
             return
+        # First called once the worker is set (its link is open): ask peers first.
+        worker.link.answers.fetch = self._fetch_kept
         if availability.live > 0:
             worker.give_back.clear()
             if self._no_actor is not None:
@@ -96,6 +103,20 @@ class NodeBridge(Bridge):
         elif self._no_actor is None and not worker.give_back.is_set():
             loop = asyncio.get_running_loop()
             self._no_actor = loop.call_later(GIVE_BACK_AFTER_S, self._still_no_actor)
+
+    def update_intake(self) -> None:
+        """As the coordinator's, except that no logical worker registers before the
+        first actor is handed over: batches taken meanwhile would wait in flight for
+        it, each a delivery the next fault can cost (the outside chaos run: node
+        bridges registered and were bound ~0.1-0.3 s before their actors came, and
+        after a restart those are the batches re-queued before)."""
+        worker, pool = self.worker, self.pool
+        if not self._had_actor and worker is not None and pool is not None:
+            if pool.availability().live == 0:
+                worker.pause("no actor handed over to this node bridge yet")
+                return
+            self._had_actor = True
+        super().update_intake()
 
     def _still_no_actor(self) -> None:
         self._no_actor = None
@@ -148,7 +169,7 @@ class NodeBridge(Bridge):
         if not isinstance(pool, NodePool):
             return False
         direct = await pool.adopt(index, actor)
-        self.follow_slots()
+        self.update_intake()  # the first one: take work (and follow the count)
         log.info("actor handed over", extra=fields(actor=index, direct=direct))
         return direct
 
@@ -161,10 +182,29 @@ class NodeBridge(Bridge):
         self.follow_slots()
         return left
 
-    async def load(self) -> dict[str, Any]:
+    async def kept_answer(self, key: Key) -> list[Outcome] | None:
+        """The outcomes this node keeps for a batch whose stream broke (a peer got it)."""
+        worker = self.worker
+        return None if worker is None else worker.link.answers.kept(key)
+
+    async def _fetch_kept(self, holder: Any, key: Key) -> list[Outcome] | None:
+        try:
+            got = await asyncio.wait_for(holder.kept_answer.remote(key), FETCH_TIMEOUT_S)
+        except Exception as exc:  # the holder is gone or slow: run the batch here
+            log.debug("kept answer not fetched: %s", exc)
+            return None
+        if got is not None and self.worker is not None:
+            self.worker.stats.batches_answered_again += 1
+            log.info("batch delivered again: answered from what another node kept",
+                     extra=fields(session=key[0], batch=key[1]))  # fmt: skip
+        return cast("list[Outcome] | None", got)
+
+    async def load(self, elsewhere: list[tuple[list[Key], Any]] | None = None) -> dict[str, Any]:
         """What the coordinator polls: load, logical workers, counters (``stats``,
         summed into the coordinator's ``/metrics``), batches in flight per logical
-        worker, the latency histogram's counts, readiness."""
+        worker, the latency histogram's counts, readiness; ``kept``: the batches
+        this node keeps unsent since the last poll (their streams broke). It brings
+        ``elsewhere``: what other nodes keep, and their handles."""
         pool, worker = self.pool, self.worker
         out: dict[str, Any] = {
             "node": self.settings.node,
@@ -177,6 +217,9 @@ class NodeBridge(Bridge):
             out.update(pool.load())
             out["availability"] = asdict(pool.availability())
         if worker is not None:
+            for keys, holder in elsewhere or ():
+                worker.link.answers.learn(keys, holder)
+            out["kept"] = worker.link.answers.take_published()
             out["registered"] = sum(s.registered.is_set() for s in worker.slots)
             stats = worker.stats
             out["stats"] = {name: getattr(stats, name) for name in STAT_FIELDS}

@@ -24,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_alpcrun.bridge.answerbook import KEEP_S
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import BridgeStats, summed
 from ray_alpcrun.config import PoolConfig
@@ -43,6 +45,8 @@ EMPTY_NODE_S = 10.0
 PLACEHOLDER_HOLD_S = 30.0
 # A call to a node bridge that takes longer than this counts as no answer.
 CALL_TIMEOUT_S = 10.0
+# Reports of kept answers are passed on this long (a node keeps them as long).
+KEPT_S = KEEP_S
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _Node:
     dead: bool = False
     name: str = ""
     syncing: asyncio.Task[None] | None = None  # its hand-overs and load poll, under way
+    told: int = 0  # the last report of kept answers passed to it (NodeBridges._kept)
 
 
 class NodeBridges:
@@ -90,6 +95,9 @@ class NodeBridges:
         self._kick = asyncio.Event()
         self._closed = False
         self._served_at: float | None = None  # last time a node bridge had a worker registered
+        # What node bridges reported kept unsent: (seq, when, node, keys, holder handle).
+        self._kept: deque[tuple[int, float, str, list[Any], Any]] = deque()
+        self._seq = 0
         self.replaced = 0
         """Node bridges started again after theirs died."""
         self.stopped_empty = 0
@@ -249,9 +257,13 @@ class NodeBridges:
                 if n.adopted.get(index) is not member:
                     n.adopted[index] = member
                     await self._call(n, n.handle.adopt.remote(index, member.actor))
-            load = await self._call(n, n.handle.load.remote())
+            news = self._kept_news(n, now)
+            load = await self._call(n, n.handle.load.remote(news))
             if isinstance(load, dict):
                 n.load = load
+                if load.get("kept"):
+                    self._seq += 1
+                    self._kept.append((self._seq, now, n.node_id, load["kept"], n.handle))
         if members or n.stopping or n.dead:
             n.empty_since = None
         elif n.empty_since is None:
@@ -261,6 +273,16 @@ class NodeBridges:
             log.info("node bridge: its node has no actor left; draining it",
                      extra=fields(node_id=node_id))  # fmt: skip
             self._own_task(self._stop_and_forget(n))
+
+    def _kept_news(self, n: _Node, now: float) -> list[tuple[list[Any], Any]]:
+        """What the other node bridges reported kept since ``n`` was last told
+        (bridge.answerbook: a batch whose stream broke is answered from it)."""
+        while self._kept and now - self._kept[0][1] > KEPT_S:
+            self._kept.popleft()
+        news = [(keys, holder) for seq, _, node_id, keys, holder in self._kept
+                if seq > n.told and node_id != n.node_id]  # fmt: skip
+        n.told = self._seq
+        return news
 
     def _spawn(self, node_id: str, now: float) -> _Node:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

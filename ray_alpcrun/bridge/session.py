@@ -153,6 +153,9 @@ class WorkerStream:
         key = batch_key(self.session_id, batch)
         try:
             answer = await self._answer(batch, key)
+        except asyncio.CancelledError:
+            self.link.answers.orphaned(key)  # the stream ended: delivered again, maybe elsewhere
+            raise
         finally:
             stats.batches_in_flight -= 1
         elapsed = time.perf_counter() - started
@@ -167,6 +170,8 @@ class WorkerStream:
         sent = [await self._send(part) for part in answer]  # one unless it did not fit
         if all(sent):
             self.link.answers.sent(key)
+        else:
+            self.link.answers.orphaned(key)
         log.debug(
             "batch answered",
             extra=self._f(

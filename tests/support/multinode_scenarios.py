@@ -114,10 +114,15 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
             if (await handle.status())["tasks_ok"] >= n // 4:
                 break
             await asyncio.sleep(0.1)  # ok: polling period
-        # The queue manager sees each node's logical workers under that node's name.
-        names = {w.node for w in svc.core.workers.by_id.values()}
+        # The queue manager sees each node's logical workers under that node's name
+        # (a node bridge registers once its first actor is handed over to it).
         hosting = {a["node_id"] for a in (await handle.status())["actors"]["actors"]}
         expected = {f"mn-node-{i}" for i, x in enumerate(nodes) if x.node_id in hosting}
+        for _ in range(600):
+            names = {w.node for w in svc.core.workers.by_id.values()}
+            if names >= expected:
+                break
+            await asyncio.sleep(0.1)  # ok: polling the queue manager's table
         # A node bridge killed mid-session is replaced; its batches come back.
         bridges = (await handle.status())["bridges"]
         assert bridges, "no node bridge started"

@@ -4,6 +4,7 @@ is sent, kept a bounded while after, failures never kept. No gRPC, no Ray."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,54 @@ async def test_a_released_session_and_a_closed_book_leave_nothing_running() -> N
     assert mine.cancelled() and not other.done() and len(book) == 1
     await book.close()
     assert other.cancelled() and len(book) == 0
+
+
+async def test_what_a_broken_stream_left_is_published_once_it_is_kept() -> None:
+    book = AnswerBook()
+    release = asyncio.Event()
+
+    async def compute() -> list[Outcome]:
+        await release.wait()
+        return [(b"r", None)]
+
+    key = batch_key("S", batch("b", "1"))
+    work, _ = book.work(key, compute)
+    book.orphaned(key)  # its stream broke while it ran
+    assert book.take_published() == []  # nothing to hand over yet
+    release.set()
+    await work
+    await asyncio.sleep(0)
+    assert book.take_published() == [key] and book.take_published() == []
+    assert book.kept(key) == [(b"r", None)]
+    sent = batch_key("S", batch("c", "1"))
+    await book.work(sent, compute)[0]
+    book.sent(sent)
+    book.orphaned(sent)  # answered: nothing kept, nothing to publish
+    assert book.take_published() == [] and book.kept(sent) is None
+
+
+async def test_a_batch_another_bridge_keeps_is_asked_for_before_it_runs() -> None:
+    book = AnswerBook()
+    asked: list[tuple[str, Any]] = []
+    runs = 0
+
+    async def fetch(holder: str, key: Any) -> list[Outcome] | None:
+        asked.append((holder, key))
+        return [(b"kept", None)] if holder == "has-it" else None
+
+    async def compute() -> list[Outcome]:
+        nonlocal runs
+        runs += 1
+        return [(b"ran", None)]
+
+    book.fetch = fetch
+    first, second = batch_key("S", batch("a", "1")), batch_key("S", batch("b", "1"))
+    book.learn([first], "has-it")
+    book.learn([second], "lost-it")
+    assert await book.work(first, compute)[0] == [(b"kept", None)] and runs == 0
+    assert await book.work(second, compute)[0] == [(b"ran", None)] and runs == 1
+    assert [holder for holder, _ in asked] == ["has-it", "lost-it"]
+    book.learn([batch_key("T", batch("c", "1"))], "has-it")
+    book.forget("T")  # its session released here: not asked for any more
+    await book.work(batch_key("T", batch("c", "1")), compute)[0]
+    assert len(asked) == 2 and runs == 2

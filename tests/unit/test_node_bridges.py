@@ -148,7 +148,7 @@ class _FakeNodeBridge:
         self.run = SimpleNamespace(remote=lambda: self.ended)
         self.adopt = SimpleNamespace(remote=self._adopt)
         self.forget = SimpleNamespace(remote=self._answer)
-        self.load = SimpleNamespace(remote=lambda: self._answer({"registered": 1}))
+        self.load = SimpleNamespace(remote=lambda *news: self._answer({"registered": 1}))
         self.stop = SimpleNamespace(remote=self._answer)
 
     async def _adopt(self, index: int, actor: Any) -> bool:
@@ -265,6 +265,7 @@ async def test_a_node_without_an_actor_for_a_while_gives_back_what_it_holds(
     # CI chaos run, 2026-12-07: the pool shrank away from a node whose logical
     # worker held two batches; they waited there for an actor until the run stalled.
     from ray_alpcrun.bridge import node as node_module
+    from ray_alpcrun.bridge.answerbook import AnswerBook
     from ray_alpcrun.bridge.node import NodeBridge
 
     monkeypatch.setattr(node_module, "GIVE_BACK_AFTER_S", 0.2)
@@ -285,6 +286,7 @@ async def test_a_node_without_an_actor_for_a_while_gives_back_what_it_holds(
     bridge.worker = SimpleNamespace(  # type: ignore[assignment]
         slots=[SimpleNamespace(retired=False)], resize=lambda n: None,
         resume=lambda: None, pause=lambda why: None, give_back=give_back,
+        link=SimpleNamespace(answers=AnswerBook()),
     )  # fmt: skip
     bridge._on_pool(availability())
     pool.live = 0
@@ -302,3 +304,69 @@ async def test_a_node_without_an_actor_for_a_while_gives_back_what_it_holds(
     pool.live = 1
     bridge._on_pool(availability())
     assert not give_back.is_set()  # an actor is back: drains wait for it again
+
+
+class _Keeps:
+    """A node bridge's ``load`` as the coordinator polls it: records what it was
+    told others keep; reports ``kept`` once."""
+
+    def __init__(self, kept: list[Any]) -> None:
+        self.told: list[Any] = []
+        self.kept = kept
+        self.load = SimpleNamespace(remote=self._load)
+
+    async def _load(self, news: Any) -> dict[str, Any]:
+        self.told.append(news)
+        kept, self.kept = self.kept, []
+        return {"registered": 1, "kept": kept}
+
+
+async def test_what_one_node_keeps_unsent_reaches_every_other_node_once() -> None:
+    # bridge.answerbook: a batch whose stream broke comes back to any node; the
+    # node that kept its answer says so in its poll, the others hear it in theirs.
+    from ray_alpcrun.bridge.nodes import _Node
+
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "head", "pod", 1)
+    pool = SimpleNamespace(watch=lambda listener: None)
+    nodes = NodeBridges(
+        pool, "head", None, "h:x", PoolConfig(), settings, "info", False, None, lambda: None
+    )
+    key = ("S", "b1", b"ids")
+    a, b, c = _Keeps([key]), _Keeps([]), _Keeps([])
+    na, nb, nc = (_Node(name, h, None) for name, h in (("A", a), ("B", b), ("C", c)))  # type: ignore[arg-type]
+    await nodes._hand_over(na, {}, 0.0)  # A reports what it keeps
+    for now in (0.1, 0.2):
+        await nodes._hand_over(nb, {}, now)
+    await nodes._hand_over(na, {}, 0.3)
+    assert b.told == [[([key], a)], []]  # once
+    assert a.told == [[], []]  # never its own
+    await nodes._hand_over(nc, {}, 500.0)  # a node that polls late: the report is stale
+    assert c.told == [[]]
+
+
+async def test_a_node_bridge_takes_no_work_before_its_first_actor_is_handed_over() -> None:
+    # Outside chaos run: node bridges registered and were bound 0.1-0.3 s before
+    # their actors came; what they took waited in flight, exposed to the next fault.
+    from ray_alpcrun.bridge.node import NodeBridge
+
+    coordinator = SimpleNamespace(member_lost=SimpleNamespace(remote=None))
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "node-a", "pod", 1)
+    bridge = NodeBridge("h:x", PoolConfig(num_actors=2), settings, coordinator)
+    live = [0]
+    bridge.pool = SimpleNamespace(  # type: ignore[assignment]
+        live=0, availability=lambda: Availability("waiting", "", live=live[0])
+    )
+    calls: list[str] = []
+    bridge.worker = SimpleNamespace(  # type: ignore[assignment]
+        slots=[SimpleNamespace(retired=False)], resize=lambda n: None,
+        pause=lambda why: calls.append(f"pause: {why}"), resume=lambda: calls.append("resume"),
+    )  # fmt: skip
+    bridge.update_intake()
+    assert calls == ["pause: no actor handed over to this node bridge yet"]
+    live[0] = 1
+    bridge.update_intake()
+    assert calls[-1] == "resume"
+    live[0] = 0  # lost later: the usual rules (hold, give back), not this one
+    calls.clear()
+    bridge.update_intake()
+    assert not any(c.startswith("pause: no actor handed over") for c in calls)
