@@ -17,12 +17,13 @@ is released, after ``keep_s``, or when more than ``max_bytes`` of payloads (or
 ``max_entries`` entries) are kept, oldest first.
 
 With a bridge on every node the batch comes back to another node as often as to
-its own. So a node bridge publishes the keys of what it keeps unsent
-(:meth:`AnswerBook.take_published`: the coordinator carries them to the other node
-bridges on its next poll), the others :meth:`AnswerBook.learn` where each is kept,
-and a delivery of such a batch there asks the holder first (``fetch``: a Ray call
-in the node bridge), running the batch only if the holder has nothing (gone,
-evicted). No gRPC, no Ray.
+its own. So a node bridge publishes the keys of the batches whose delivery ended
+unanswered (:meth:`AnswerBook.take_published`: the coordinator carries them to the
+other node bridges on its next poll), the others :meth:`AnswerBook.learn` where
+each is, and a delivery of such a batch there asks the holder first (``fetch``: a
+Ray call in the node bridge; the holder answers once its computation ends),
+running the batch only if the holder has nothing (gone, evicted, failed). No gRPC,
+no Ray.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ class AnswerBook:
         self._kept: OrderedDict[Key, _Entry] = OrderedDict()  # oldest outcomes first
         self._bytes = 0
         self.fetch: Fetch | None = None  # set by a node bridge: ask a peer first
-        self._orphans: set[Key] = set()  # deliveries ended unanswered: publish once kept
-        self._published: list[Key] = []
+        self._published: list[Key] = []  # deliveries ended unanswered, for the peers
         self._elsewhere: OrderedDict[Key, tuple[Any, float]] = OrderedDict()  # holder, since
 
     def __len__(self) -> int:
@@ -118,11 +118,10 @@ class AnswerBook:
 
     def orphaned(self, key: Key) -> None:
         """A delivery of ``key`` ended unanswered (its stream broke): the queue
-        manager delivers it again, maybe elsewhere; publish it once it is kept."""
-        if key in self._kept:
-            self._publish(key)
-        elif key in self._running:
-            self._orphans.add(key)
+        manager delivers it again, maybe elsewhere, often before it finished here
+        (within 2 s of a link cut): publish it at once."""
+        if (key in self._kept or key in self._running) and len(self._published) < self.max_entries:
+            self._published.append(key)
 
     def take_published(self) -> list[Key]:
         """The keys kept unsent since the last call, for the other bridges."""
@@ -138,10 +137,16 @@ class AnswerBook:
         while len(self._elsewhere) > self.max_entries:
             self._elsewhere.popitem(last=False)
 
-    def kept(self, key: Key) -> list[Outcome] | None:
-        """The outcomes kept under ``key`` (for a peer's ``fetch``), else None."""
-        entry = self._kept.get(key)
-        return None if entry is None else entry.work.result()
+    async def outcomes(self, key: Key) -> list[Outcome] | None:
+        """The outcomes of ``key`` (for a peer's ``fetch``): kept, or once its
+        computation here ends; None if there is none, or it failed."""
+        entry = self._running.get(key) or self._kept.get(key)
+        if entry is None:
+            return None
+        try:
+            return await asyncio.shield(entry.work)
+        except Exception:
+            return None
 
     def _asking(
         self, holder: Any, key: Key, compute: Callable[[], Awaitable[list[Outcome]]]
@@ -155,10 +160,6 @@ class AnswerBook:
 
         return asking
 
-    def _publish(self, key: Key) -> None:
-        self._orphans.discard(key)
-        if len(self._published) < self.max_entries:
-            self._published.append(key)
 
     def forget(self, session_id: str) -> None:
         """The session was released here: its batches will not come back."""
@@ -179,7 +180,6 @@ class AnswerBook:
             return  # sent, forgotten or pushed out meanwhile
         del self._running[key]
         if task.cancelled() or task.exception() is not None:
-            self._orphans.discard(key)
             return  # a batch that failed as a whole runs again
         entry.kept_at_s = self._clock()
         entry.size_bytes = sum(
@@ -187,12 +187,9 @@ class AnswerBook:
         )
         self._kept[key] = entry
         self._bytes += entry.size_bytes
-        if key in self._orphans:
-            self._publish(key)
         self._expire()
 
     def _drop(self, key: Key, cancel: bool = False) -> None:
-        self._orphans.discard(key)
         entry = self._running.pop(key, None) or self._kept.pop(key, None)
         if entry is None:
             return

@@ -183,9 +183,10 @@ class NodeBridge(Bridge):
         return left
 
     async def kept_answer(self, key: Key) -> list[Outcome] | None:
-        """The outcomes this node keeps for a batch whose stream broke (a peer got it)."""
+        """The outcomes of a batch whose stream broke here (a peer got it), once
+        computed; None if this node has none."""
         worker = self.worker
-        return None if worker is None else worker.link.answers.kept(key)
+        return None if worker is None else await worker.link.answers.outcomes(key)
 
     async def _fetch_kept(self, holder: Any, key: Key) -> list[Outcome] | None:
         try:

@@ -43,6 +43,11 @@ POLL_S = 0.25
 EMPTY_NODE_S = 10.0
 # The placeholder stays retired this long after the last node bridge worker was seen.
 PLACEHOLDER_HOLD_S = 30.0
+# At start, with live actors on other nodes, the placeholder waits this long for
+# their node bridges to register instead of registering itself: it took the front
+# of the queue after every CLI restart (the batches re-queued before, delivered
+# once more) and drained them again a second later (the outside chaos run).
+START_HOLD_S = 10.0
 # A call to a node bridge that takes longer than this counts as no answer.
 CALL_TIMEOUT_S = 10.0
 # Reports of kept answers are passed on this long (a node keeps them as long).
@@ -95,6 +100,7 @@ class NodeBridges:
         self._kick = asyncio.Event()
         self._closed = False
         self._served_at: float | None = None  # last time a node bridge had a worker registered
+        self._started_at = float("-inf")  # start(): the node bridges are on their way
         # What node bridges reported kept unsent: (seq, when, node, keys, holder handle).
         self._kept: deque[tuple[int, float, str, list[Any], Any]] = deque()
         self._seq = 0
@@ -126,7 +132,9 @@ class NodeBridges:
         now = asyncio.get_running_loop().time()
         if self.registered > 0:
             self._served_at = now
-        return self._served_at is not None and now - self._served_at < PLACEHOLDER_HOLD_S
+        if self._served_at is not None and now - self._served_at < PLACEHOLDER_HOLD_S:
+            return True
+        return now < self._started_at + START_HOLD_S and self.serves_remote()
 
     def any_ready(self) -> bool:
         return any(n.load.get("ready") for n in self._live())
@@ -193,6 +201,7 @@ class NodeBridges:
     # -- running ---------------------------------------------------------------
 
     def start(self) -> None:
+        self._started_at = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._loop(), name="node-bridges")
         self._pool.watch(lambda _availability: self._kick.set())
 

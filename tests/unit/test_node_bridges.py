@@ -370,3 +370,30 @@ async def test_a_node_bridge_takes_no_work_before_its_first_actor_is_handed_over
     calls.clear()
     bridge.update_intake()
     assert not any(c.startswith("pause: no actor handed over") for c in calls)
+
+
+async def test_at_start_the_placeholder_waits_for_the_node_bridges_on_their_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Outside chaos run: after every CLI restart the placeholder registered first,
+    # took the front of the queue (the batches re-queued before) and drained them
+    # again a second later, when the node bridges registered.
+    monkeypatch.setattr(nodes_module, "START_HOLD_S", 0.2)
+    nodes = _nodes()
+    where = ["node-1"]
+    nodes._pool = SimpleNamespace(
+        watch=lambda listener: None, members_with_nodes=lambda: [(Member("a", 0), where[0])]
+    )
+    assert not nodes.serve_elsewhere()  # not started
+    nodes.start()
+    try:
+        assert nodes.serve_elsewhere()  # their node bridges are on their way
+        where[0] = "head"
+        assert not nodes.serve_elsewhere()  # an actor on the coordinator's node: serve it
+        where[0] = "node-1"
+        await asyncio.sleep(0.3)  # ok: past the (shortened) hold
+        assert not nodes.serve_elsewhere()  # none registered: the placeholder takes work
+    finally:
+        nodes._closed = True
+        if nodes._task is not None:
+            nodes._task.cancel()
