@@ -160,7 +160,6 @@ class AnswerBook:
 
         return asking
 
-
     def forget(self, session_id: str) -> None:
         """The session was released here: its batches will not come back."""
         for key in [k for k in (*self._running, *self._kept) if k[0] == session_id]:
