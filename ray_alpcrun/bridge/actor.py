@@ -23,6 +23,7 @@ from ray_alpcrun.bridge.background import (
 )
 from ray_alpcrun.bridge.debugging import MemoryTrace, describe_tasks
 from ray_alpcrun.bridge.figures import ActorTally, make_metrics
+from ray_alpcrun.bridge.nodes import wait_registered
 from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.stats import STAT_FIELDS, BridgeStats
 from ray_alpcrun.bridge.worker import BridgeWorker
@@ -263,11 +264,11 @@ class Bridge:
         return self.worker is not None
 
     async def wait_ready(self, timeout_s: float = 30.0) -> bool:
-        """True once every slot is registered with the queue manager."""
+        """True once every slot is registered with the queue manager, or a node bridge's."""
         await asyncio.wait_for(self._started.wait(), timeout_s)
         if self.worker is None:
             return False
-        await self.worker.wait_registered(timeout_s)
+        await wait_registered(self.worker, self.nodes, timeout_s)
         return True
 
     async def _live(self) -> tuple[bool, str]:

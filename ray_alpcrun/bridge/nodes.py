@@ -100,7 +100,7 @@ class NodeBridges:
         self._kick = asyncio.Event()
         self._closed = False
         self._served_at: float | None = None  # last time a node bridge had a worker registered
-        self._started_at = float("-inf")  # start(): the node bridges are on their way
+        self._started_at = float("-inf")  # start() with actors elsewhere: their bridges come
         # What node bridges reported kept unsent: (seq, when, node, keys, holder handle).
         self._kept: deque[tuple[int, float, str, list[Any], Any]] = deque()
         self._seq = 0
@@ -110,6 +110,8 @@ class NodeBridges:
         """Node bridges drained and stopped because their node had no actor left."""
         self.on_change: Callable[[], None] = lambda: None
         """Called after every poll (the coordinator re-decides whether it takes work)."""
+        self.polled = asyncio.Event()
+        """Set after every poll (cleared by whoever waits for the next)."""
 
     # -- the figures the coordinator uses -------------------------------------
 
@@ -201,7 +203,8 @@ class NodeBridges:
     # -- running ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._started_at = asyncio.get_running_loop().time()
+        if self.serves_remote():  # not for a pool scaling from zero: its placeholder asks
+            self._started_at = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._loop(), name="node-bridges")
         self._pool.watch(lambda _availability: self._kick.set())
 
@@ -223,6 +226,7 @@ class NodeBridges:
             except Exception as exc:  # one bad round must not end the deployment
                 log.warning("node bridges: sync failed", extra=fields(error=str(exc)))
             self.on_change()
+            self.polled.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), POLL_S)
             self._kick.clear()
@@ -367,6 +371,29 @@ class NodeBridges:
         except Exception as exc:  # a dead node bridge is noticed by its run_ref
             log.debug("node bridge call failed: %s", exc)
             return None
+
+
+async def wait_registered(worker: Any, nodes: NodeBridges | None, timeout_s: float) -> None:
+    """Until every logical worker of the coordinator's ``worker`` is registered, or
+    one of a node bridge's is (the placeholder waits for them at start: START_HOLD_S).
+    Raises TimeoutError after ``timeout_s``."""
+
+    async def theirs(nodes: NodeBridges) -> None:
+        while nodes.registered == 0:
+            nodes.polled.clear()
+            await nodes.polled.wait()
+
+    waits = [asyncio.ensure_future(worker.wait_registered(timeout_s))]
+    if nodes is not None:
+        waits.append(asyncio.ensure_future(theirs(nodes)))
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    if not done:
+        raise asyncio.TimeoutError(f"no logical worker registered within {timeout_s:g} s")
+    done.pop().result()
 
 
 def start_node_bridges(bridge: Any) -> NodeBridges:

@@ -385,6 +385,12 @@ async def test_at_start_the_placeholder_waits_for_the_node_bridges_on_their_way(
         watch=lambda listener: None, members_with_nodes=lambda: [(Member("a", 0), where[0])]
     )
     assert not nodes.serve_elsewhere()  # not started
+    members = nodes._pool.members_with_nodes
+    nodes._pool.members_with_nodes = lambda: []
+    nodes.start()  # a pool scaling from zero: its placeholder takes work at once
+    nodes._pool.members_with_nodes = members
+    assert not nodes.serve_elsewhere()
+    nodes._task.cancel()  # type: ignore[union-attr]
     nodes.start()
     try:
         assert nodes.serve_elsewhere()  # their node bridges are on their way
