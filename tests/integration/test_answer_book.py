@@ -10,11 +10,9 @@ from typing import Any
 
 import pytest
 
-from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.worker import BridgeWorker
-from ray_alpcrun.client import AsyncClient
 from ray_alpcrun.runtime import Outcome
-from tests.support.bridge_support import assert_exactly_once
+from tests.support.bridge_support import assert_exactly_once, async_client_for, worker_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,28 +46,13 @@ async def test_a_batch_delivered_again_after_its_stream_broke_is_not_run_again(
     # Issue 23's outside chaos run: most re-queued batches came from link cuts; each
     # ran again from the start on its next delivery, which the next fault could cost
     # too, and the third was dead-lettered.
-    settings = WorkerSettings(
-        queue_address=devserver.queue_address,
-        cache_address=devserver.node_cache_address,
-        api_key=devserver.api_key,
-        proto_package=devserver.proto_package,
-        node="n",
-        pod="p",
-        slots=1,
-        session_linger_s=5.0,
-        backoff_initial_s=0.05,
-    )
+    settings = worker_settings(devserver, session_linger_s=5.0, backoff_initial_s=0.05)
     processor = HeldEcho()
     worker = BridgeWorker(settings, processor)
     running = asyncio.ensure_future(worker.run())
     await asyncio.wait_for(worker.first_registered.wait(), 30)
     n = 4
-    async with AsyncClient(
-        devserver.queue_address,
-        devserver.central_cache_address,
-        api_key=devserver.api_key,
-        proto_package=devserver.proto_package,
-    ) as client:
+    async with async_client_for(devserver) as client:
         session = await client.create_session(app_id="kept")
         run = asyncio.ensure_future(
             session.run([b"t%d" % i for i in range(n)], batch_size=n, timeout_s=60)

@@ -7,11 +7,9 @@ from typing import Any
 
 import pytest
 
-from ray_alpcrun.bridge.settings import WorkerSettings
 from ray_alpcrun.bridge.worker import BridgeWorker
-from ray_alpcrun.client import AsyncClient
 from ray_alpcrun.runtime import Outcome
-from tests.support.bridge_support import assert_exactly_once
+from tests.support.bridge_support import assert_exactly_once, async_client_for, worker_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,16 +48,7 @@ async def registered(worker: BridgeWorker, count: int) -> None:
 
 
 async def test_slots_grow_and_retire_while_a_session_runs(devserver: Any) -> None:
-    settings = WorkerSettings(
-        queue_address=devserver.queue_address,
-        cache_address=devserver.node_cache_address,
-        api_key=devserver.api_key,
-        proto_package=devserver.proto_package,
-        node="n",
-        pod="p",
-        slots=1,
-        session_linger_s=0.1,
-    )
+    settings = worker_settings(devserver, session_linger_s=0.1)
     n = 300
     processor = SlowEcho(signal_after=n // 3)
     worker = BridgeWorker(settings, processor)
@@ -67,12 +56,7 @@ async def test_slots_grow_and_retire_while_a_session_runs(devserver: Any) -> Non
     await asyncio.wait_for(registered(worker, 1), 30)
     worker.resize(3)
     await asyncio.wait_for(registered(worker, 3), 30)
-    async with AsyncClient(
-        devserver.queue_address,
-        devserver.central_cache_address,
-        api_key=devserver.api_key,
-        proto_package=devserver.proto_package,
-    ) as client:
+    async with async_client_for(devserver) as client:
         session = await client.create_session(app_id="follow")
         run = asyncio.ensure_future(
             session.run([b"t%d" % i for i in range(n)], batch_size=5, timeout_s=60)

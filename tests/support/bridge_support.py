@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ray_alpcrun.client import Client, TaskResult
+from ray_alpcrun.bridge.settings import WorkerSettings
+from ray_alpcrun.client import AsyncClient, Client, TaskResult
 from ray_alpcrun.config import BridgeConfig, PoolConfig, ServiceConfig
 
 
@@ -28,6 +29,29 @@ def bridge_config(svc: Any, handler: str, actors: int = 2, **kw: Any) -> BridgeC
         **path,
     )
     return BridgeConfig(services=services, handler=handler, pool=pool, **kw)
+
+
+def worker_settings(svc: Any, **kw: Any) -> WorkerSettings:
+    """A one-slot ``BridgeWorker``'s settings for the services ``svc`` (node "n", pod "p")."""
+    return WorkerSettings(
+        queue_address=svc.queue_address,
+        cache_address=svc.node_cache_address,
+        api_key=svc.api_key,
+        proto_package=svc.proto_package,
+        node="n",
+        pod="p",
+        slots=1,
+        **kw,
+    )
+
+
+def async_client_for(svc: Any) -> AsyncClient:
+    return AsyncClient(
+        svc.queue_address,
+        svc.central_cache_address,
+        api_key=svc.api_key,
+        proto_package=svc.proto_package,
+    )
 
 
 def client_for(svc: Any) -> Client:

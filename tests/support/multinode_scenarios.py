@@ -30,8 +30,9 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
-from ray_alpcrun.client import AsyncClient, TaskResult
+from ray_alpcrun.client import TaskResult
 from ray_alpcrun.config import DevServerConfig
+from tests.support.bridge_support import async_client_for
 
 FREE_PORTS = DevServerConfig(queue_port=0, central_cache_port=0, node_cache_port=0)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,13 +53,7 @@ def gpu_nodes() -> int:
     return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0)
 
 
-def client(svc: Any) -> AsyncClient:
-    return AsyncClient(
-        svc.queue_address,
-        svc.central_cache_address,
-        api_key=svc.api_key,
-        proto_package=svc.proto_package,
-    )
+client = async_client_for
 
 
 # -- three nodes: shared data per node, a node removed mid-session -----------------
