@@ -134,7 +134,14 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
         results = await run
         await session.close()
     check_once(results, n)
-    status = await handle.status()
+    # The lost node's actors are found lost (its node bridge's end, a failed call)
+    # and replaced in the background: the session may finish first.
+    for _ in range(600):
+        status = await handle.status()
+        hosts = {a["node_id"] for a in status["actors"]["actors"]}
+        if status["actor_restarts"] >= 1 and victim.node_id not in hosts:
+            break
+        await asyncio.sleep(0.1)  # ok: polling the bridge's status
     # /metrics: one series per bridge, labelled by its node; the sum without labels
     # is theirs (both read in one scrape).
     metrics = await handle.actor.metrics_text.remote()
