@@ -204,8 +204,8 @@ class NodeBridge(Bridge):
         """What the coordinator polls: load, logical workers, counters (``stats``,
         summed into the coordinator's ``/metrics``), batches in flight per logical
         worker, the latency histogram's counts, readiness; ``kept``: the batches
-        this node keeps unsent since the last poll (their streams broke). It brings
-        ``elsewhere``: what other nodes keep, and their handles."""
+        whose delivery here ended unanswered since the last poll (their streams
+        broke). It brings ``elsewhere``: such batches of other nodes, and their handles."""
         pool, worker = self.pool, self.worker
         out: dict[str, Any] = {
             "node": self.settings.node,

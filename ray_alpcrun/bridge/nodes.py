@@ -50,8 +50,6 @@ PLACEHOLDER_HOLD_S = 30.0
 START_HOLD_S = 10.0
 # A call to a node bridge that takes longer than this counts as no answer.
 CALL_TIMEOUT_S = 10.0
-# Reports of kept answers are passed on this long (a node keeps them as long).
-KEPT_S = KEEP_S
 
 
 @dataclass
@@ -290,7 +288,7 @@ class NodeBridges:
     def _kept_news(self, n: _Node, now: float) -> list[tuple[list[Any], Any]]:
         """What the other node bridges reported kept since ``n`` was last told
         (bridge.answerbook: a batch whose stream broke is answered from it)."""
-        while self._kept and now - self._kept[0][1] > KEPT_S:
+        while self._kept and now - self._kept[0][1] > KEEP_S:  # as long as a node keeps them
             self._kept.popleft()
         news = [(keys, holder) for seq, _, node_id, keys, holder in self._kept
                 if seq > n.told and node_id != n.node_id]  # fmt: skip

@@ -56,7 +56,7 @@ async def test_deliveries_share_one_computation_until_it_is_sent() -> None:
     first, again = book.work(key, compute)
     assert not again
     waiting = asyncio.ensure_future(asyncio.shield(first))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # ok: one turn of the loop: the first delivery awaits it
     waiting.cancel()  # the first delivery's stream ended: the computation goes on
     second, again = book.work(key, compute)
     assert again and second is first
@@ -80,7 +80,7 @@ async def test_a_batch_that_failed_as_a_whole_is_not_kept() -> None:
     work, _ = book.work(key, fails)
     with pytest.raises(RuntimeError):
         await work
-    await asyncio.sleep(0)  # the book's done callback
+    await asyncio.sleep(0)  # ok: one turn of the loop runs the done callbacks
     assert len(book) == 0
     assert not book.work(key, fails)[1]
     await asyncio.gather(book.work(key, fails)[0], return_exceptions=True)
@@ -93,7 +93,7 @@ async def test_what_is_kept_goes_after_keep_s_or_past_its_bounds() -> None:
     async def kept(name: str, size: int) -> bool:
         work, again = book.work(batch_key("S", batch(name, "1")), lambda: answer(size))
         await work
-        await asyncio.sleep(0)  # the book's done callback
+        await asyncio.sleep(0)  # ok: one turn of the loop runs the done callbacks
         return again
 
     async def answer(size: int) -> list[Outcome]:
@@ -140,7 +140,7 @@ async def test_what_a_broken_stream_left_is_published_at_once() -> None:
     book.orphaned(key)  # its stream broke while it ran
     assert book.take_published() == [key] and book.take_published() == []
     asking = asyncio.ensure_future(book.outcomes(key))  # a peer asks before it ends
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # ok: one turn of the loop: the peer's ask waits on the computation
     assert not asking.done()
     release.set()
     assert await asking == [(b"r", None)]
