@@ -168,6 +168,9 @@ def make_metrics(bridge: Bridge) -> BridgeMetrics:
               _of_scale(bridge, "requested"))  # fmt: skip
     m.counter("alpcrun_pool_actors_released_total", "idle actors released by scaling down",
               _of_scale(bridge, "released"))  # fmt: skip
+    m.counter("alpcrun_pool_actors_released_under_load_total",
+              "of those, released while the bridge held batches",
+              _of_scale(bridge, "released_under_load"))  # fmt: skip
     m.counter(
         "alpcrun_actor_restarts_total",
         "pool actors replaced after dying or hanging",
@@ -181,7 +184,7 @@ def make_metrics(bridge: Bridge) -> BridgeMetrics:
     for key, name, help_text in _BRIDGE_GAUGES:
         m.labelled_gauge(name, help_text, "node", _per_bridge(bridge, key))
     for key, name, help_text in _BRIDGE_COUNTERS:
-        m.labelled_counter(name, help_text, "node", _per_bridge(bridge, key))
+        m.labelled_counter(name, help_text, "node", _per_node_count(bridge, key))
     m.labelled_gauge(
         "alpcrun_worker_batches_in_flight",
         "batches in flight on one logical worker",
@@ -231,6 +234,22 @@ def _summed(bridge: Bridge) -> Callable[[str], Callable[[], float]]:
 
 def _per_bridge(bridge: Bridge, key: str) -> Callable[[], list[tuple[str, float]]]:
     return lambda: [(str(b["node"]), float(b.get(key) or 0)) for b in _bridges(bridge)]
+
+
+def _per_node_count(bridge: Bridge, key: str) -> Callable[[], list[tuple[str, float]]]:
+    """A counter per node name: its live bridges' and those that ended there
+    (a replaced node bridge's count is kept, so the series never goes back)."""
+
+    def read() -> list[tuple[str, float]]:
+        totals: dict[str, float] = {}
+        ended = bridge.nodes.ended_counts() if bridge.nodes is not None else {}
+        for node, counts in ended.items():
+            totals[node] = float(counts.get(key, 0))
+        for b in _bridges(bridge):
+            totals[str(b["node"])] = totals.get(str(b["node"]), 0.0) + float(b.get(key) or 0)
+        return sorted(totals.items())
+
+    return read
 
 
 def _per_slot(bridge: Bridge) -> list[tuple[Labels, float]]:

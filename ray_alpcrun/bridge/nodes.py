@@ -31,7 +31,7 @@ from typing import Any
 
 from ray_alpcrun.bridge.answerbook import KEEP_S
 from ray_alpcrun.bridge.settings import WorkerSettings
-from ray_alpcrun.bridge.stats import BridgeStats, summed
+from ray_alpcrun.bridge.stats import COUNTER_FIELDS, BridgeStats, summed
 from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.handler import HandlerSpec
 from ray_alpcrun.logs import fields
@@ -102,6 +102,9 @@ class NodeBridges:
         # What node bridges reported kept unsent: (seq, when, node, keys, holder handle).
         self._kept: deque[tuple[int, float, str, list[Any], Any]] = deque()
         self._seq = 0
+        # What ended node bridges counted (their last poll), per node name: the
+        # deployment's counters never go back when a node bridge dies or stops.
+        self._ended_counts: dict[str, dict[str, int]] = {}
         self.replaced = 0
         """Node bridges started again after theirs died."""
         self.stopped_empty = 0
@@ -157,7 +160,8 @@ class NodeBridges:
     def summed(self, own: BridgeStats) -> BridgeStats:
         live = self._live()
         latencies = [n.load["latency"] for n in live if "latency" in n.load]
-        return summed(own, [n.load.get("stats", {}) for n in live], latencies)
+        counts = [n.load.get("stats", {}) for n in live] + list(self._ended_counts.values())
+        return summed(own, counts, latencies)
 
     async def withdraw_actor(self, actor: Any) -> None:
         """Before ``actor`` is released: its node bridge stops giving it work."""
@@ -169,7 +173,20 @@ class NodeBridges:
                     await self._call(n, n.handle.forget.remote(index))
 
     def stats_sum(self, name: str) -> int:
-        return sum(int(n.load.get("stats", {}).get(name, 0)) for n in self._live())
+        live = sum(int(n.load.get("stats", {}).get(name, 0)) for n in self._live())
+        return live + sum(c.get(name, 0) for c in self._ended_counts.values())
+
+    def ended_counts(self) -> dict[str, dict[str, int]]:
+        """Per node name, the counters of its node bridges that ended (as last polled)."""
+        return self._ended_counts
+
+    def _count_ended(self, n: _Node) -> None:
+        """Keep what node bridge ``n`` counted; called once, as it stops being live."""
+        stats, node = n.load.get("stats", {}), n.load.get("node")
+        if stats and node:
+            into = self._ended_counts.setdefault(str(node), {})
+            for name in COUNTER_FIELDS:
+                into[name] = into.get(name, 0) + int(stats.get(name, 0))
 
     def served_elsewhere(self, index: int) -> int:
         """Tasks in flight on member ``index`` in its node bridge (last poll)."""
@@ -318,6 +335,7 @@ class NodeBridges:
         if n.stopping or self._closed:
             return
         n.dead = True
+        self._count_ended(n)
         reason = str(error).splitlines()[0] if error else f"run ended: {ref.result()!r}"
         log.warning("node bridge ended; replacing it",
                     extra=fields(node_id=n.node_id, reason=reason))  # fmt: skip
@@ -350,6 +368,8 @@ class NodeBridges:
         self.stopped_empty += 1
         if self._nodes.get(n.node_id) is n:
             del self._nodes[n.node_id]
+            if not n.dead:
+                self._count_ended(n)
 
     async def _stop(self, n: _Node, drain: bool) -> None:
         import ray
@@ -358,6 +378,9 @@ class NodeBridges:
         try:
             await asyncio.wait_for(n.handle.stop.remote(drain), CALL_TIMEOUT_S * 3)
             await asyncio.wait_for(asyncio.shield(n.run_ref), CALL_TIMEOUT_S * 3)
+            final = await asyncio.wait_for(n.handle.load.remote(), CALL_TIMEOUT_S)
+            if isinstance(final, dict):
+                n.load = final  # its counters up to its end (the drain included)
         except Exception as exc:
             log.debug("node bridge stop: %s", exc)
         finally:

@@ -141,6 +141,9 @@ STAT_FIELDS = (
     "batches_undecodable",
     "batches_answered_again",
 )
+# Of those, the counters (batches_in_flight is a gauge): what an ended node
+# bridge counted stays in the deployment's sums (NodeBridges.ended_counts).
+COUNTER_FIELDS = tuple(name for name in STAT_FIELDS if name != "batches_in_flight")
 
 
 def summed(

@@ -19,18 +19,28 @@ from ray_alpcrun.config import PoolConfig
 
 
 class FakeNodes:
-    """What the coordinator's figures read of NodeBridges: describe() and summed()."""
+    """What the coordinator's figures read of NodeBridges: describe(), summed()
+    and ended_counts() (what ended node bridges counted, per node name)."""
 
-    def __init__(self, entries: list[dict[str, Any]], latency: LatencyHistogram) -> None:
+    def __init__(
+        self,
+        entries: list[dict[str, Any]],
+        latency: LatencyHistogram,
+        ended: dict[str, dict[str, int]] | None = None,
+    ) -> None:
         self.entries = entries
         self.latency = latency
+        self.ended = ended or {}
 
     def describe(self) -> list[dict[str, Any]]:
         return [dict(e) for e in self.entries]
 
     def summed(self, own: BridgeStats) -> BridgeStats:
         live = [e for e in self.entries if not e["dead"]]
-        return summed(own, live, [self.latency.snapshot()])
+        return summed(own, live + list(self.ended.values()), [self.latency.snapshot()])
+
+    def ended_counts(self) -> dict[str, dict[str, int]]:
+        return self.ended
 
 
 @pytest.fixture
@@ -65,9 +75,10 @@ def test_node_bridges_are_summed_and_labelled(coordinator: Bridge) -> None:
             node_entry(None, registered=0, tasks_ok=0, tasks_failed=0, slots_in_flight=[]),
         ],
         latency,
+        ended={"gpu-2": {"tasks_ok": 1000}},  # what the dead one counted, kept
     )
     text = coordinator.metrics.render()
-    assert "alpcrun_tasks_processed_total 12.0" in text  # 5 own + 7; the dead one is not summed
+    assert "alpcrun_tasks_processed_total 1012.0" in text  # 5 own + 7 + 1000 (ended)
     assert "alpcrun_shared_data_fetches_total 4.0" in text
     assert "alpcrun_shared_data_bytes_total 100.0" in text
     assert "alpcrun_shared_data_level_max 3.0" in text
@@ -77,7 +88,10 @@ def test_node_bridges_are_summed_and_labelled(coordinator: Bridge) -> None:
     assert 'alpcrun_node_bridge_ready{node="head"} 0.0' in text
     assert 'alpcrun_node_bridge_ready{node="gpu-1"} 1.0' in text
     assert 'alpcrun_worker_batches_in_flight{node="gpu-1",slot="1"} 3.0' in text
-    assert 'node="gpu-2"' not in text and 'node="id-None"' not in text
+    # The dead bridge: no gauges any more; its counters carry on under its node.
+    assert 'alpcrun_node_bridge_tasks_processed_total{node="gpu-2"} 1000.0' in text
+    assert 'alpcrun_node_bridge_ready{node="gpu-2"}' not in text
+    assert 'node="id-None"' not in text
     assert 'alpcrun_batch_latency_seconds_bucket{le="0.00025"} 1.0' in text
 
 

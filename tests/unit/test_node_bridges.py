@@ -403,3 +403,34 @@ async def test_at_start_the_placeholder_waits_for_the_node_bridges_on_their_way(
         nodes._closed = True
         if nodes._task is not None:
             nodes._task.cancel()
+
+
+async def test_what_an_ended_node_bridge_counted_stays_in_the_deployments_counters() -> None:
+    # The three-node scenario hung on CI: a killed node bridge's counts left the
+    # sums with it, so tasks_ok went back (to below what the test waited for).
+    from ray_alpcrun.bridge.figures import _per_node_count
+    from ray_alpcrun.bridge.stats import BridgeStats
+
+    nodes = _nodes()
+    loop = asyncio.get_running_loop()
+
+    def node(name: str, ok: int) -> _Node:
+        stats = {"tasks_ok": ok, "batches_in_flight": 2}
+        return _Node(name, None, loop.create_future(), load={"node": "w1", "stats": stats})
+
+    first = node("n1", 5)
+    nodes._nodes["n1"] = first
+    assert nodes.stats_sum("tasks_ok") == 5
+    first.run_ref.set_exception(RuntimeError("killed"))
+    nodes._ended(first, first.run_ref)  # dead: replaced on the same node
+    nodes._nodes["n1"] = node("n1", 3)
+    assert nodes.stats_sum("tasks_ok") == 8
+    assert nodes.stats_sum("batches_in_flight") == 2  # a gauge: the live one's only
+    assert nodes.summed(BridgeStats(tasks_ok=1)).tasks_ok == 9
+    bridge = SimpleNamespace(
+        nodes=nodes, worker=None, pool=None, settings=SimpleNamespace(node="head"),
+        _idle_stats=BridgeStats(tasks_ok=1), ready_here=False,
+    )  # fmt: skip
+    assert _per_node_count(bridge, "tasks_ok")() == [("head", 1.0), ("w1", 8.0)]  # type: ignore[arg-type]
+    nodes._nodes["n1"].run_ref.cancel()
+    await asyncio.sleep(0)  # ok: the probe task of the dead one ends
