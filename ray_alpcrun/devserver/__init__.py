@@ -27,6 +27,9 @@ unbind timers                  nothing queued or in flight for ``unbind_idle_aft
                                fails the stream (its batches re-queued, late answer dropped)
 stream lost                    a bound worker whose stream ends from its side is unbound;
                                its batches in flight go to the front of the queue
+connection lost                a call that breaks (cancelled by its worker's end) keeps
+                               the other streams of its connection (gRPC peer) from new
+                               batches for ``LOST_PEER_S`` (0.5 s): they break with it
 delivery count                 a batch delivered ``max_deliveries`` (3) times without an
                                answer is dead-lettered ("delivered N times ...")
 batch order                    highest ``Batch.priority`` first, FIFO within a priority

@@ -198,6 +198,8 @@ class WorkerBinding:
         """The ``WorkerStream`` call ended (answered, broken or ended by the server)."""
         ended_by_worker = not conn.closed
         if ended_by_worker:
+            if conn.lost:  # before its batches go back: not to the streams dying with it
+                self.flow.connection_lost(conn.peer)
             self.flow.release_stream(conn, requeue=True)
         w = conn.worker
         if ended_by_worker and w.bound is conn.session and conn.session.id not in w.streams:

@@ -16,7 +16,13 @@ Decisions (the docs are silent):
 * A batch re-queued after ``max_deliveries`` deliveries goes to dead letters
   with the error "delivered N times without an answer".
 * When a worker stream ends (broken, or the worker half-closed), its batches
-  in flight go back to the front of the queue.
+  in flight go back to the front of the queue. When it broke (cancelled, or
+  its requests failed), the other streams of its connection (gRPC's peer
+  address: one worker process's logical workers share it) get no batch for
+  ``LOST_PEER_S``: a worker process that dies breaks them all within
+  milliseconds, and handing them its batches meanwhile used up two of a batch's
+  three deliveries in one fault (a killed node bridge, then a lost node, and a
+  batch was dead-lettered).
 * A result batch answers the tasks whose id (``related_id``, else ``id``)
   matches a task of the batch in flight; unknown or repeated answers are
   dropped. ``related_id`` (and an empty ``id``) is filled in with the task id
@@ -40,7 +46,10 @@ Decisions (the docs are silent):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,6 +62,9 @@ from ray_alpcrun.types import Batch, Message
 from ray_alpcrun.wire import batch_header_bytes
 
 log = logging.getLogger("ray_alpcrun.devserver")
+
+# After a stream of a connection broke, its other streams get no batch this long.
+LOST_PEER_S = 0.5
 
 
 @dataclass
@@ -93,6 +105,7 @@ class TaskFlow:
         self._max_deliveries = max_deliveries
         self._max_message_bytes = max_message_bytes
         self._on_work = on_work  # work was queued: the scheduler may want to bind a worker
+        self._lost_peers: dict[str, float] = {}  # connection -> when one of its streams broke
 
     # --- client side -------------------------------------------------------
 
@@ -151,6 +164,13 @@ class TaskFlow:
             if conn.draining:
                 if not conn.inflight:
                     return None
+            elif (wait := self._peer_lost_for(conn)) > 0:
+                # Its connection is breaking: leave the batches to other streams.
+                s.wake_one_hungry()
+                conn.wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(conn.wake.wait(), wait)
+                continue
             elif len(conn.inflight) < s.window:
                 p = s.tasks.pop()
                 if p is not None:
@@ -158,6 +178,18 @@ class TaskFlow:
                 s.hungry[conn] = None
             conn.wake.clear()
             await conn.wake.wait()
+
+    def connection_lost(self, peer: str) -> None:
+        """A stream of connection ``peer`` broke: the others are about to (module doc)."""
+        if peer:
+            now = time.monotonic()  # real time, not the injected clock: it is the transport's
+            self._lost_peers = {p: t for p, t in self._lost_peers.items() if now - t < LOST_PEER_S}
+            self._lost_peers[peer] = now
+
+    def _peer_lost_for(self, conn: StreamConn) -> float:
+        """Seconds ``conn`` still gets no batch because its connection broke (0: none)."""
+        since = self._lost_peers.get(conn.peer) if conn.peer else None
+        return 0.0 if since is None else max(0.0, LOST_PEER_S - (time.monotonic() - since))
 
     def _deliver(self, conn: StreamConn, p: Pending) -> Batch:
         s = conn.session

@@ -216,6 +216,8 @@ class StreamConn:
     closed: bool = False
     peer_done: bool = False  # the worker half-closed: no more results will come
     failure: BaseException | None = None
+    peer: str = ""  # the worker's connection (gRPC's peer address): its streams share it
+    lost: bool = False  # ended by a broken call (cancelled, or its requests failed)
 
     def __hash__(self) -> int:
         return id(self)

@@ -150,6 +150,7 @@ class QueueServicer:
 
         failures: list[BaseException] = []
         reader: asyncio.Task[None] | None = None
+        broke = False
         try:
             await context.send_initial_metadata(((MD_WORKER_ID, worker.id),))
             reader = asyncio.create_task(read())
@@ -162,9 +163,14 @@ class QueueServicer:
                         raise failures[0]
                     return
                 yield instruction
+        except asyncio.CancelledError:  # the call broke (context.cancelled() is not set yet)
+            broke = True
+            raise
         finally:
             if reader is not None:
                 await _stop(reader)
+            if broke or failures:  # before its streams' batches go back (flow: LOST_PEER_S)
+                binding.flow.connection_lost(context.peer() or "")
             binding.unregister_worker(worker)
 
     async def WorkerStream(
@@ -187,6 +193,7 @@ class QueueServicer:
             )
         core = self.core
         conn = await checked(context, core.binding.open_stream, sid, node, pod, wid)
+        conn.peer = context.peer() or ""
 
         async def read() -> None:
             try:
@@ -207,6 +214,10 @@ class QueueServicer:
                 if batch is None:
                     return
                 yield batch
+        except asyncio.CancelledError:  # the call broke (context.cancelled() is not set yet)
+            conn.lost = True
+            raise
         finally:
             await _stop(reader)
+            conn.lost = conn.lost or conn.failure is not None
             core.binding.close_stream(conn)

@@ -207,6 +207,40 @@ async def test_broken_worker_stream_requeues_and_unbinds(
     assert svc.stats()["redeliveries"] == 2
 
 
+async def test_a_batch_of_a_broken_stream_skips_the_streams_of_its_connection(
+    svc: LocalServices, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A killed node bridge breaks its logical workers' streams one after the
+    # other; the first one's batch went to the next (dying) one at once, and a
+    # lost node later used up the third delivery (the three-node scenario on CI).
+    from ray_alpcrun.devserver import flow
+
+    monkeypatch.setattr(flow, "LOST_PEER_S", 30.0)  # the test, not the clock, decides
+    s = await create_session(svc, channel, max_inflight_batches_per_worker=2)
+    # One connection for two logical workers, as a bridge has.
+    shared = grpc.aio.insecure_channel(
+        svc.queue_address, options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    async with RawClient(svc) as client:
+        for b in tasks(s.id, 3):
+            client.send(b)
+        async with (
+            RawWorker(svc, pod="a", answer=hold, channel=shared) as a,
+            RawWorker(svc, pod="b", answer=hold, channel=shared) as b,
+        ):
+            await wait_for(lambda: len(a.received) + len(b.received) == 3)
+            # The holder's window is full; its sibling has room for one more.
+            holder, sibling = (a, b) if len(a.received) == 2 else (b, a)
+            await holder.kill()  # its process dies: the sibling's stream would go next
+            async with RawWorker(svc, pod="other") as other:  # another connection
+                answers = await asyncio.wait_for(client.read(2), 20)
+            assert len(sibling.received) == 1 and len(other.received) == 2
+    held = {m.id for batch in holder.received for m in batch.messages}
+    assert {m.related_id for m in answers} == held
+    await shared.close(None)
+    assert svc.stats()["redeliveries"] == 2
+
+
 @pytest.mark.parametrize("kind", ["stream", "registration"])
 async def test_a_call_aborted_by_the_queue_manager_ends_unavailable_and_requeues(
     svc: LocalServices, channel: grpc.aio.Channel, kind: str

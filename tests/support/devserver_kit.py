@@ -92,8 +92,10 @@ class RawWorker:
         tls: transport.TlsFiles | None = None,
         report_once: bool = False,
         stream_by_id: bool = False,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.svc, self.node, self.pod, self.answer, self.tls = svc, node, pod, answer, tls
+        self._shared_channel = channel  # one connection for several workers (a bridge's)
         self.report_once = report_once  # half-close WorkerUpdate after the first IDLE
         self.stream_by_id = stream_by_id  # WorkerStream with workerid instead of node/pod
         self.worker_id = ""
@@ -108,7 +110,9 @@ class RawWorker:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> RawWorker:
-        self._channel = transport.open_channel(self.svc.queue_address, self.tls)
+        self._channel = self._shared_channel or transport.open_channel(
+            self.svc.queue_address, self.tls
+        )
         self._stub = queue_stub(self.svc, self._channel)
         self._update = self._stub.WorkerUpdate(
             _drain(self._states), metadata=md(self.svc, node=self.node, pod=self.pod)
@@ -136,7 +140,8 @@ class RawWorker:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await self._task
-        await self._channel.close(None)
+        if self._shared_channel is None:
+            await self._channel.close(None)
 
     def break_stream(self) -> None:
         """Cut the current WorkerStream (the registration stays)."""
