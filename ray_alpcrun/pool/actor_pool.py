@@ -74,6 +74,8 @@ class ActorPool:
         """The elastic pool's latest scale decision (target and why)."""
         self.waiting_for = ""
         """What the pool waits for, while it has fewer live actors than it wants."""
+        self.released_under_load = 0
+        """Actors released while the bridge held batches: the pool shrank under load."""
 
     @property
     def size(self) -> int:
@@ -238,6 +240,8 @@ class ActorPool:
             if decision.start:
                 membership.grow(decision.start)
             released = membership.release(decision.release) if decision.release else 0
+            if released and self.load() > 0:
+                self.released_under_load += released
             if decision.start or released:
                 log.info(
                     "pool scaling: %s",
@@ -362,6 +366,7 @@ class ActorPool:
             "reason": self.decision.reason,
             "batches": d.batches if d is not None else 0,
             "released": m.released if m is not None else 0,
+            "released_under_load": self.released_under_load,
             "requested": m.requested if m is not None else 0,
             "waiting_for": self.waiting_for,
         }

@@ -173,6 +173,7 @@ class NodePool:
             "reason": "actors handed over by the coordinator",
             "batches": d.batches if d is not None else 0,
             "released": 0,
+            "released_under_load": 0,
             "requested": 0,
             "waiting_for": "",
         }

@@ -236,3 +236,16 @@ async def test_a_memory_hog_fails_only_its_own_task_under_the_actor_memory_cap()
         assert out[1][0] is None and out[1][1] is not None and "MemoryError" in out[1][1]
         assert pool.restarts == 0  # contained in the task: the actor lives on
         assert await pool.run("s", [b"c"]) == [(b"c", None)]
+
+
+async def test_an_elastic_pool_counts_the_actors_it_releases_while_it_holds_batches() -> None:
+    config = small(min_actors=1, max_actors=2, downscale_delay_s=0.2)
+    async with ActorPool("tests.support.handlers:nap", config) as pool:
+        # Two batches grow the pool to two actors; the short one ends while the
+        # long one still runs, so one actor is idle and released under load.
+        long = asyncio.ensure_future(pool.run("s", [b"nap:4"]))
+        assert await pool.run("s", [b"nap:0.3"]) == [(b"nap:0.3", None)]
+        assert await long == [(b"nap:4", None)]
+        scale = pool.scale_status()
+        assert scale["requested"] == 1 and scale["released"] == 1, scale
+        assert scale["released_under_load"] == 1 and pool.live == 1, scale
