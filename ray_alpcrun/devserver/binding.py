@@ -112,7 +112,7 @@ class WorkerBinding:
             s.bound.pop(w.id, None)
             w.bound = None
         for conn in list(w.streams.values()):
-            self.flow.release_stream(conn, requeue=True)
+            self._give_back(conn, aborted=isinstance(w.failure, Rejected))
         w.outbox.put_nowait(None)
         log.info("worker %s unregistered", w.id)
         self.request_schedule()
@@ -198,9 +198,7 @@ class WorkerBinding:
         """The ``WorkerStream`` call ended (answered, broken or ended by the server)."""
         ended_by_worker = not conn.closed
         if ended_by_worker:
-            if conn.lost:  # before its batches go back: not to the streams dying with it
-                self.flow.connection_lost(conn.peer)
-            self.flow.release_stream(conn, requeue=True)
+            self._give_back(conn, aborted=isinstance(conn.failure, Rejected))
         w = conn.worker
         if ended_by_worker and w.bound is conn.session and conn.session.id not in w.streams:
             # A worker that lost its stream would otherwise hold a place in the session
@@ -208,6 +206,16 @@ class WorkerBinding:
             self.unbind(w, "its WorkerStream ended")
         self._maybe_idle_without_report(w)
         self.request_schedule()
+
+    def _give_back(self, conn: StreamConn, aborted: bool) -> None:
+        """Re-queue what a stream held that did not end by the server's doing. A
+        stream that broke, or ended with batches unanswered (a worker's connection
+        that dies may end its calls as if half-closed), marks its connection lost
+        first: its batches do not go to the streams that die with it
+        (flow.LOST_PEER_S). A call the server ``aborted`` (a fault injected) does not."""
+        if not aborted and (conn.lost or conn.inflight):
+            self.flow.connection_lost(conn.peer)
+        self.flow.release_stream(conn, requeue=True)
 
     # --- fault injection ---------------------------------------------------
 

@@ -219,5 +219,5 @@ class QueueServicer:
             raise
         finally:
             await _stop(reader)
-            conn.lost = conn.lost or conn.failure is not None
+            conn.lost = conn.lost or conn.failure is not None  # a Rejected one: see _give_back
             core.binding.close_stream(conn)
