@@ -85,6 +85,15 @@ async def shared_copies() -> dict[str, Any]:
             "decodes": decodes}  # fmt: skip
 
 
+async def answered(handle: Any, count: int, timeout_s: float = 120.0) -> None:
+    """Wait (bounded) until the bridge's deployment counted ``count`` tasks answered."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while (status := await handle.status())["tasks_ok"] < count:
+        assert loop.time() < end, f"{status['tasks_ok']} of {count} tasks answered in time"
+        await asyncio.sleep(0.1)  # ok: polling the bridge's counters (no event to wait on)
+
+
 async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, Any]:
     import ray
 
@@ -105,13 +114,10 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
         run = asyncio.ensure_future(
             session.run([f"t{i}:50".encode() for i in range(n)], batch_size=10, timeout_s=240)
         )
-        while True:  # polling the bridge's counters: it has no event to wait on
-            if (await handle.status())["tasks_ok"] >= n // 4:
-                break
-            await asyncio.sleep(0.1)  # ok: polling period
+        await answered(handle, n // 4)
         # The queue manager sees each node's logical workers under that node's name
         # (a node bridge registers once its first actor is handed over to it).
-        hosting = {a["node_id"] for a in (await handle.status())["actors"]["actors"]}
+        hosting = {a.get("node_id") for a in (await handle.status())["actors"]["actors"]}
         expected = {f"mn-node-{i}" for i, x in enumerate(nodes) if x.node_id in hosting}
         for _ in range(600):
             names = {w.node for w in svc.core.workers.by_id.values()}
@@ -123,11 +129,8 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
         assert bridges, "no node bridge started"
         killed_bridge = bridges[0]
         ray.kill(ray.get_actor(killed_bridge["name"]), no_restart=True)
-        while True:  # polling the bridge's counters: it has no event to wait on
-            if (await handle.status())["tasks_ok"] >= n // 2:
-                break
-            await asyncio.sleep(0.1)  # ok: polling period
-        busy = {a["node_id"] for a in (await handle.status())["actors"]["actors"]}
+        await answered(handle, n // 2)
+        busy = {a.get("node_id") for a in (await handle.status())["actors"]["actors"]}
         victim = next(x for x in nodes if x.node_id in busy)
         cluster.remove_node(victim, allow_graceful=False)
         removed_at = (await handle.status())["tasks_ok"]
@@ -138,8 +141,9 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
     # and replaced in the background: the session may finish first.
     for _ in range(600):
         status = await handle.status()
-        hosts = {a["node_id"] for a in status["actors"]["actors"]}
-        if status["actor_restarts"] >= 1 and victim.node_id not in hosts:
+        # An actor whose status call failed (lost, not yet replaced) has no node_id.
+        hosts = {a.get("node_id") for a in status["actors"]["actors"]}
+        if status["actor_restarts"] >= 1 and not hosts & {victim.node_id, None}:
             break
         await asyncio.sleep(0.1)  # ok: polling the bridge's status
     # /metrics: one series per bridge, labelled by its node; the sum without labels
@@ -157,7 +161,7 @@ async def node_removed(cluster: Any, nodes: list[Any], svc: Any) -> dict[str, An
     code, reason = await handle.run_ref
     assert code == 0, reason
     assert status["actor_restarts"] >= 1, status
-    assert victim.node_id not in {a["node_id"] for a in status["actors"]["actors"]}
+    assert not {a.get("node_id") for a in status["actors"]["actors"]} & {victim.node_id, None}
     ray.kill(handle.actor)
     return {"tasks": n, "answered_before_removal": removed_at,
             "restarts": status["actor_restarts"], "nodes_used": len(ran_on),
