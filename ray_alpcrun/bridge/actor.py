@@ -384,9 +384,9 @@ class Bridge:
         """Every asyncio task here and where it waits (``bridge/debugging.py``)."""
         return describe_tasks(frames)
 
-    async def debug_memory(self, top: int = 15) -> list[str]:
-        """Where Python memory grew since the last call (``PYTHONTRACEMALLOC`` only)."""
-        return self._memory.growth(top)
+    async def debug_memory(self, top: int = 15, trim: bool = False) -> list[str]:
+        """The C heap, and where Python memory grew (``PYTHONTRACEMALLOC`` only)."""
+        return self._memory.growth(top, trim)
 
     async def status(self) -> dict[str, Any]:
         w = self.worker

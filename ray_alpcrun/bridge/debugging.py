@@ -5,6 +5,8 @@ and ``Bridge.debug_memory``; the chaos run prints both, see docs/performance.md)
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import os
 import tracemalloc
@@ -28,21 +30,69 @@ def describe_tasks(frames: int = 6) -> list[str]:
     return sorted(out)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost",
+    )]  # fmt: skip
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return libc
+    except (OSError, AttributeError):  # not glibc (2.33+): no heap figures
+        return None
+
+
+def heap_line(trim: bool = False) -> str | None:
+    """The C heap as glibc's malloc sees it (every arena): bytes in use, bytes
+    freed but held, and the process's VmRSS; with ``trim``, after
+    ``malloc_trim(0)`` too. Tells a leak (in use grows) from memory freed and
+    not given back (held grows). None where the libc is not glibc."""
+    libc = _libc()
+    if libc is None:
+        return None
+
+    def one() -> str:
+        m = libc.mallinfo2()
+        in_use, held = (m.uordblks + m.hblkhd) / 2**20, m.fordblks / 2**20
+        return f"in use {in_use:.1f} MB, held free {held:.1f} MB, rss {_rss_mb():.1f} MB"
+
+    line = f"heap: {one()}"
+    if trim:
+        libc.malloc_trim(0)
+        line += f"; after malloc_trim: {one()}"
+    return line
+
+
+def _rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 class MemoryTrace:
     """Snapshots of ``tracemalloc`` (on only under ``PYTHONTRACEMALLOC``)."""
 
     def __init__(self) -> None:
         self._base: tracemalloc.Snapshot | None = None
 
-    def growth(self, top: int = 15) -> list[str]:
-        """Where memory grew since the previous call (nothing on the first)."""
+    def growth(self, top: int = 15, trim: bool = False) -> list[str]:
+        """The C heap's figures (:func:`heap_line`), then, under tracemalloc,
+        where Python memory grew since the previous call (nothing on the first)."""
+        heap = heap_line(trim)
+        lines = [heap] if heap else []
         if not tracemalloc.is_tracing():
-            return []
+            return lines
         snapshot = tracemalloc.take_snapshot()
         base, self._base = self._base, snapshot
         if base is None:
-            return []
-        lines = [f"objects tracked by gc: {len(gc.get_objects())}"]
+            return lines
+        lines.append(f"objects tracked by gc: {len(gc.get_objects())}")
         for stat in snapshot.compare_to(base, "traceback")[:top]:
             where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in stat.traceback)
             kib = stat.size_diff / 1024

@@ -345,16 +345,17 @@ class Run:
     # -- faults -----------------------------------------------------------------
 
     async def memory_baseline(self) -> None:
-        """Under ``CHAOS_TRACEMALLOC``: the coordinator's Python memory at warm-up
-        (``memory_report`` prints where it grew since)."""
-        if os.environ.get("CHAOS_TRACEMALLOC"):
-            await self.progress.reach(int(WARM_UP * self.progress.total))
-            await self.handle.actor.debug_memory.remote()
+        """The coordinator's C heap at warm-up (and under ``CHAOS_TRACEMALLOC``
+        its Python memory: ``memory_report`` prints where it grew since)."""
+        await self.progress.reach(int(WARM_UP * self.progress.total))
+        for line in await self.handle.actor.debug_memory.remote(0):
+            log(f"CHAOS MEMORY coordinator at warm-up: {line}")
 
     async def memory_report(self) -> None:
-        if os.environ.get("CHAOS_TRACEMALLOC"):
-            for line in await self.handle.actor.debug_memory.remote(25):
-                log(f"CHAOS MEMORY coordinator {line}")
+        """The C heap once drained, before and after ``malloc_trim`` (what grew
+        and is in use, against what was freed and not given back)."""
+        for line in await self.handle.actor.debug_memory.remote(25, True):
+            log(f"CHAOS MEMORY coordinator {line}")
 
     async def inject(self) -> None:
         for f in self.plan.faults:

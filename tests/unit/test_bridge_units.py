@@ -9,6 +9,7 @@ import random
 import pytest
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge import debugging
 from ray_alpcrun.bridge.settings import WorkerSettings, backoff_delay, fatal_for
 from ray_alpcrun.shared_data import SharedDataCache
 from ray_alpcrun.transport import TlsFiles
@@ -132,3 +133,20 @@ async def test_a_node_cache_down_for_seconds_is_waited_for_then_given_up_on() ->
     with pytest.raises(errors.SharedDataUnavailable, match="UNAVAILABLE"):
         await cache.get("S", 2)
     assert now[0] >= 15.0 and tries == 15
+
+
+@pytest.mark.skipif(debugging._libc() is None, reason="glibc's mallinfo2 only")
+def test_heap_line_tells_memory_in_use_from_memory_held_free() -> None:
+    import re
+
+    figures = r"in use ([\d.]+) MB, held free ([\d.]+) MB, rss ([\d.]+) MB"
+    blocks = [bytearray(4096) for _ in range(20_000)]  # ~80 MB in use
+    busy = re.fullmatch(f"heap: {figures}", debugging.heap_line() or "")
+    assert busy is not None and float(busy.group(1)) >= 60
+    del blocks
+    line = debugging.heap_line(trim=True) or ""
+    after = re.fullmatch(f"heap: {figures}; after malloc_trim: {figures}", line)
+    assert after is not None, line
+    assert float(after.group(1)) < float(busy.group(1)) - 60  # freed: no longer in use
+    assert float(after.group(6)) <= float(after.group(3))  # trimming gives back, never takes
+    assert debugging.MemoryTrace().growth()[0].startswith("heap: ")
