@@ -11,7 +11,7 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from ray_alpcrun.bridge.background import (
     _export_ray_metrics,
     _follow_pool,
     _read_actor_counters,
+    _trim_heap,
 )
 from ray_alpcrun.bridge.debugging import MemoryTrace, describe_tasks
 from ray_alpcrun.bridge.figures import ActorTally, make_metrics
@@ -132,10 +133,12 @@ class Bridge:
     async def run(self) -> tuple[int, str]:
         """Serve until stopped; returns (exit code, reason) — never raises for config errors."""
 
-        announcer: asyncio.Task[None] | None = None
-        exporter: asyncio.Task[None] | None = None
-        follower: asyncio.Task[None] | None = None
-        reader: asyncio.Task[None] | None = None
+        background: list[asyncio.Task[None]] = []
+
+        def spawn(loop: Coroutine[Any, Any, None], name: str) -> None:
+            background.append(asyncio.create_task(loop, name=name))
+            background[-1].add_done_callback(log_task_failure)
+
         try:
             if self.health_port is not None:
                 self.health = HealthServer(
@@ -168,21 +171,18 @@ class Bridge:
             self._started.set()
             if self._stop_requested:
                 return errors.EXIT_OK, ""
-            announcer = asyncio.create_task(self._announce(worker), name="announce")
-            announcer.add_done_callback(log_task_failure)
+            spawn(self._announce(worker), "announce")
+            spawn(_trim_heap(), "heap-trim")
             if self.exports_metrics:
-                exporter = asyncio.create_task(_export_ray_metrics(self), name="ray-metrics")
-                exporter.add_done_callback(log_task_failure)
-                reader = asyncio.create_task(_read_actor_counters(self), name="actor-counters")
-                reader.add_done_callback(log_task_failure)
+                spawn(_export_ray_metrics(self), "ray-metrics")
+                spawn(_read_actor_counters(self), "actor-counters")
             if self.bridges == "per-node" and self.node_bridge_class is not None:
                 from ray_alpcrun.bridge.nodes import start_node_bridges
 
                 self.nodes = start_node_bridges(self)
                 self.update_intake()  # the coordinator's slots: its own node's actors
             if self.auto_slots:
-                follower = asyncio.create_task(_follow_pool(self), name="slots-follow-pool")
-                follower.add_done_callback(log_task_failure)
+                spawn(_follow_pool(self), "slots-follow-pool")
             await self.worker.run()
             return errors.EXIT_OK, ""
         except errors.FatalError as exc:
@@ -193,9 +193,6 @@ class Bridge:
             return errors.EXIT_CONFIG, str(exc)
         finally:
             self._started.set()
-            background = [
-                task for task in (announcer, exporter, follower, reader) if task is not None
-            ]
             for task in background:
                 task.cancel()
             # Ended before the pool closes; a failure was logged when it happened.

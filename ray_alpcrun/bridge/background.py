@@ -9,6 +9,7 @@ import asyncio
 import logging
 from typing import Any
 
+from ray_alpcrun.bridge.debugging import trim_heap
 from ray_alpcrun.bridge.stats import LATENCY_BUCKETS_S, LATENCY_HELP, LATENCY_NAME
 
 log = logging.getLogger(__name__)
@@ -68,3 +69,11 @@ async def _read_actor_counters(bridge: Bridge, period_s: float = 2.0) -> None:
             else:
                 bridge.decodes.update(status.get("actors", []))
         await asyncio.sleep(period_s)  # ok: sampling period
+
+
+async def _trim_heap(period_s: float = 30.0) -> None:
+    """Hand the C heap's freed memory back every ``period_s`` (:func:`trim_heap`),
+    off the event loop: a bridge lives as long as its deployment."""
+    while True:
+        await asyncio.sleep(period_s)  # ok: trimming period
+        await asyncio.to_thread(trim_heap)

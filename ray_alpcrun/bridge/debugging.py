@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import tracemalloc
@@ -37,6 +38,7 @@ class _MallInfo2(ctypes.Structure):
     )]  # fmt: skip
 
 
+@functools.cache
 def _libc() -> Any:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -65,6 +67,17 @@ def heap_line(trim: bool = False) -> str | None:
         libc.malloc_trim(0)
         line += f"; after malloc_trim: {one()}"
     return line
+
+
+def trim_heap() -> None:
+    """Give the memory malloc holds free back to the system (``malloc_trim(0)``,
+    glibc; elsewhere nothing). A bridge's Ray and gRPC threads allocate in
+    arenas of their own, and what they free stays held there: in a 46-minute
+    chaos run (1,251 actors replaced) the coordinator's held-free memory grew
+    from 12 to 24 MB, and one trim at the end took its VmRSS from 151 to 141 MB."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _rss_mb() -> float:
