@@ -60,11 +60,12 @@ def heap_line(trim: bool = False) -> str | None:
     def one() -> str:
         m = libc.mallinfo2()
         in_use, held = (m.uordblks + m.hblkhd) / 2**20, m.fordblks / 2**20
-        return f"in use {in_use:.1f} MB, held free {held:.1f} MB, rss {_rss_mb():.1f} MB"
+        rss = (rss_kb(os.getpid()) or 0) / 1024
+        return f"in use {in_use:.1f} MB, held free {held:.1f} MB, rss {rss:.1f} MB"
 
     line = f"heap: {one()}"
     if trim:
-        libc.malloc_trim(0)
+        trim_heap()
         line += f"; after malloc_trim: {one()}"
     return line
 
@@ -80,12 +81,16 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _rss_mb() -> float:
-    with open(f"/proc/{os.getpid()}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+def rss_kb(pid: int) -> int | None:
+    """VmRSS of process ``pid`` in KiB (Linux), None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 class MemoryTrace:

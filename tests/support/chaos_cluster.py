@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_alpcrun import errors
+from ray_alpcrun.bridge.debugging import rss_kb
 from ray_alpcrun.client import AsyncClient, AsyncSession
 from tests.support.chaos_machine import (
     MARK,
@@ -53,7 +54,6 @@ from tests.support.chaos_machine import (
     Nodes,
     marked,
     node_of,
-    rss_kb,
 )
 from tests.support.chaos_plan import (
     Fault,

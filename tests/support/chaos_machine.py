@@ -49,16 +49,6 @@ def node_of(pid: int) -> str:
     return "?"
 
 
-def rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 # -- the cluster ------------------------------------------------------------------
 
 
