@@ -166,7 +166,8 @@ def make_metrics(bridge: Bridge) -> BridgeMetrics:
         m.gauge(name, help_text, _of_scale(bridge, key))
     m.counter("alpcrun_pool_actors_requested_total", "actors asked for by scaling up",
               _of_scale(bridge, "requested"))  # fmt: skip
-    m.counter("alpcrun_pool_actors_released_total", "idle actors released by scaling down",
+    m.counter("alpcrun_pool_actors_released_total",
+              "actors released by scaling down (idle or still starting)",
               _of_scale(bridge, "released"))  # fmt: skip
     m.counter("alpcrun_pool_actors_released_under_load_total",
               "of those, released while the bridge held batches",

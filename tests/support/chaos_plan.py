@@ -23,7 +23,7 @@ HEAVY = {
     "link cut": 11,  # the bridges' connections to the queue manager down 1-3 s
     "node cache outage": 4,  # the node cache unreachable 1-3 s
     "session closed": 3,  # CloseSession while its batches run
-    "lull": 4,  # every lane but one pauses: the elastic pool shrinks under load
+    "lull": 5,  # every lane but one pauses: the elastic pool shrinks under load
 }
 CHEAP = {
     "stream aborted": 80,  # the queue manager ends a WorkerStream (UNAVAILABLE)
