@@ -56,6 +56,7 @@ from tests.support.chaos_machine import (
     node_of,
 )
 from tests.support.chaos_plan import (
+    MINIMUMS,
     Fault,
     Plan,
     Tally,
@@ -76,6 +77,10 @@ MAX_PENDING = 96  # tasks a wave holds at a time
 TASK_TIMEOUT_S = 0.5
 DOWNSCALE_DELAY_S = 3.0
 LULL_S = DOWNSCALE_DELAY_S + 2.5
+# A lull that saw no scale-down under load goes on up to this long while the run
+# still lacks its minimum: faults that land in a lull (a link cut leaves the
+# bridges no batch to hold) cost CI runs their second one ("1 < 2", twice).
+LULL_MAX_S = 3 * LULL_S
 LULL_NAP_MS = 120  # each task of the lane that goes on through a lull (under TASK_TIMEOUT_S)
 TICK_S = 10.0  # a line of where the run stands
 # No answer for this long: the run stops and reports where the tasks are.
@@ -163,6 +168,7 @@ class Run:
         self.lull_lane: int | None = None
         self.lull_over = asyncio.Event()
         self.lull_over.set()
+        self.shrank = asyncio.Event()  # set by each scale-down under load counted
         self.outages: dict[str, int] = Counter()
         self.background: set[asyncio.Task[Any]] = set()
         # (node, why, since, bridges seen then); seconds until a node serves again
@@ -184,6 +190,8 @@ class Run:
 
     def fault(self, kind: str, detail: str = "", count: int = 1) -> None:
         self.faults[kind] += count
+        if kind == "scale-down under load":
+            self.shrank.set()
         entry = {"t": round(self.now(), 2), "p": round(self.progress.fraction, 3), "kind": kind,
                  "detail": detail}  # fmt: skip
         self.fault_log.append(entry)
@@ -452,8 +460,15 @@ class Run:
         self.lull_over.clear()
         self.notes["lulls"] += 1
         log(f"CHAOS LULL t={self.now():.2f}s lanes pause but s{self.lull_lane} ({LULL_S:g} s)")
+        kind, start = "scale-down under load", self.now()
+        self.shrank.clear()
         try:
             await asyncio.sleep(LULL_S)  # ok: the lull lasts this long
+            if not self.shrank.is_set() and self.faults[kind] < MINIMUMS[kind]:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.shrank.wait(), LULL_MAX_S - LULL_S)
+            if self.now() - start > LULL_S + 0.25:
+                log(f"CHAOS LULL over t={self.now():.2f}s (held {self.now() - start:.1f} s)")
         finally:
             self.lull_lane = None
             self.lull_over.set()
