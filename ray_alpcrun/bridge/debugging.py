@@ -48,18 +48,25 @@ def _libc() -> Any:
         return None
 
 
-def heap_line(trim: bool = False) -> str | None:
-    """The C heap as glibc's malloc sees it (every arena): bytes in use, bytes
-    freed but held, and the process's VmRSS; with ``trim``, after
-    ``malloc_trim(0)`` too. Tells a leak (in use grows) from memory freed and
-    not given back (held grows). None where the libc is not glibc."""
+def heap_bytes() -> tuple[int, int] | None:
+    """This process's C heap (every arena of glibc's malloc): bytes in use and
+    bytes freed but held. None where the libc is not glibc."""
     libc = _libc()
     if libc is None:
         return None
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd, m.fordblks
+
+
+def heap_line(trim: bool = False) -> str | None:
+    """:func:`heap_bytes` and the process's VmRSS as a line; with ``trim``, after
+    ``malloc_trim(0)`` too. Tells a leak (in use grows) from memory freed and
+    not given back (held grows). None where the libc is not glibc."""
+    if heap_bytes() is None:
+        return None
 
     def one() -> str:
-        m = libc.mallinfo2()
-        in_use, held = (m.uordblks + m.hblkhd) / 2**20, m.fordblks / 2**20
+        in_use, held = (b / 2**20 for b in heap_bytes() or (0, 0))
         rss = (rss_kb(os.getpid()) or 0) / 1024
         return f"in use {in_use:.1f} MB, held free {held:.1f} MB, rss {rss:.1f} MB"
 
