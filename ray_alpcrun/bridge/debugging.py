@@ -62,18 +62,18 @@ def heap_line(trim: bool = False) -> str | None:
     """:func:`heap_bytes` and the process's VmRSS as a line; with ``trim``, after
     ``malloc_trim(0)`` too. Tells a leak (in use grows) from memory freed and
     not given back (held grows). None where the libc is not glibc."""
-    if heap_bytes() is None:
+    figures = heap_bytes()
+    if figures is None:
         return None
 
-    def one() -> str:
-        in_use, held = (b / 2**20 for b in heap_bytes() or (0, 0))
+    def one(in_use: int, held: int) -> str:
         rss = (rss_kb(os.getpid()) or 0) / 1024
-        return f"in use {in_use:.1f} MB, held free {held:.1f} MB, rss {rss:.1f} MB"
+        return f"in use {in_use / 2**20:.1f} MB, held free {held / 2**20:.1f} MB, rss {rss:.1f} MB"
 
-    line = f"heap: {one()}"
+    line = f"heap: {one(*figures)}"
     if trim:
         trim_heap()
-        line += f"; after malloc_trim: {one()}"
+        line += f"; after malloc_trim: {one(*(heap_bytes() or figures))}"
     return line
 
 
