@@ -14,9 +14,10 @@ pool serves at all) lives in :mod:`ray_alpcrun.pool.membership`; splitting,
 least-loaded assignment, retries and timeouts in :mod:`ray_alpcrun.pool.dispatch`
 (which sees the membership only as a ``Roster``); the calls to the actors in
 :mod:`ray_alpcrun.pool.backend`. This module wires them on Ray and sizes the
-pool. Ray's own retries are off (``max_restarts=0``, ``max_task_retries=0``):
-the dispatcher retries, so no task is answered twice. Nothing here blocks the
-event loop: ObjectRefs are awaited.
+pool. Ray's task retries are off (``max_task_retries=0``): the dispatcher
+retries, so no task is answered twice. Ray restarts a lost actor
+(``max_restarts=-1``), and that restart replaces it in the pool. Nothing here
+blocks the event loop: ObjectRefs are awaited.
 """
 
 from __future__ import annotations
@@ -144,13 +145,17 @@ class ActorPool:
         options: dict[str, object] = {
             "num_cpus": cfg.cpus_per_actor,
             "num_gpus": cfg.gpus_per_actor,
-            "max_restarts": 0,
+            # Ray restarts an actor whose process dies, and the pool takes that
+            # restart as the lost actor's replacement (same actor id, backend.py).
+            # Ray never retries a call: the dispatcher does, so no task runs twice.
+            "max_restarts": -1,
             "max_task_retries": 0,
         }
         options.update(cfg.actor_options)
         # concurrency_groups cannot go through .options(); it belongs to the class.
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(PoolActor)
-        calls = RayBackend(actor_class.options(**options), blob, cfg)
+        restartable = options["max_restarts"] != 0
+        calls = RayBackend(actor_class.options(**options), blob, cfg, restartable=restartable)
         backend: RayBackend | DirectBackend = calls
         if cfg.data_path == "direct":
             backend = DirectBackend(calls)

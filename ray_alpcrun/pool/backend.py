@@ -37,12 +37,26 @@ log = logging.getLogger(__name__)
 # the round trip (~1 ms of CPU over two processes) is small beside its work.
 WORTH_A_CALL_S = 0.002
 
+# A recycled actor's next incarnation must answer ``ready`` within this many
+# tries, RECYCLE_RETRY_S apart, of those that fail (the call met the old process
+# dying) or reach the old process still running; else a new actor is started.
+# A restart that waits for room waits without limit, like a new actor. (Measured
+# with Ray 2.60: a restart after SIGKILL answers in about 2 s, after one
+# ActorUnavailableError; an actor killed for good raises ActorDiedError at once.)
+RECYCLE_TRIES = 50
+RECYCLE_RETRY_S = 0.1
+
 
 class RayBackend:
     """The dispatcher's :class:`~ray_alpcrun.pool.dispatch.Backend` on Ray actors."""
 
     def __init__(
-        self, actor_class: PoolActorClass, handler_blob: bytes, config: PoolConfig
+        self,
+        actor_class: PoolActorClass,
+        handler_blob: bytes,
+        config: PoolConfig,
+        *,
+        restartable: bool = False,
     ) -> None:
         import ray
 
@@ -61,6 +75,13 @@ class RayBackend:
         self.handles: dict[int, PoolActorHandle] = {}
         # The Ray node each actor was placed on (id(actor) -> node id), from its ready().
         self.node_of: dict[int, str] = {}
+        # Lost actors that Ray restarts (``max_restarts=-1``), each with the worker
+        # id of the incarnation that was lost; the next start takes one (below).
+        self._restartable = restartable
+        self._spares: list[tuple[PoolActorHandle, object]] = []
+        self._worker_of: dict[int, object] = {}
+        self.recycled = 0
+        """Lost actors that came back as restarts of the same Ray actor."""
         # Sub-batches that queue for a busy actor travel together in one Ray call.
         self._calls: Coalescer[PoolActorHandle, RunArgs, RunReply] = Coalescer(
             self.run_one, self._run_many, max_outstanding=1, worth_a_call=self.worth_a_call
@@ -74,6 +95,23 @@ class RayBackend:
         return self._calls.calls
 
     async def start_actor(self) -> PoolActorHandle:
+        """A new actor, or a lost one that Ray restarted: its owner (this process)
+        keeps about 5.6 KB per actor id for good (Ray's core worker never drops an
+        actor handle, ``benchmarks/actor_churn.py``), so a pool that replaced its
+        actors with new ones grew by that much per loss."""
+        while self._spares:
+            actor, was = self._spares.pop()
+            self.handles[id(actor)] = actor
+            try:
+                restarted = await self._restarted(actor, was)
+            except BaseException:
+                self.kill(actor)  # released while it restarted, or its handler failed
+                raise
+            if restarted is not None:
+                self.recycled += 1
+                return self._ready(actor, restarted)
+            log.info("a lost pool actor was not restarted; starting a new one")
+            self.kill(actor)
         cfg = self._config
         actor = self._actor_class.remote(
             self._blob,
@@ -98,6 +136,9 @@ class RayBackend:
                 raise HandlerError(f"pool actor failed to start: {first_line(exc)}") from exc
             # Its process died (killed, OOM, node lost): another start may well work.
             raise ActorLost(f"pool actor died while it started: {first_line(exc)}") from exc
+        return self._ready(actor, info)
+
+    def _ready(self, actor: PoolActorHandle, info: ActorInfo) -> PoolActorHandle:
         if "error" in info:
             self.kill(actor)
             kind = ConfigError if info.get("error_kind") == "device" else HandlerError
@@ -106,7 +147,26 @@ class RayBackend:
         node_id = info.get("node_id")
         if isinstance(node_id, str):
             self.node_of[id(actor)] = node_id
+        self._worker_of[id(actor)] = info.get("worker_id")
         return actor
+
+    async def _restarted(self, actor: PoolActorHandle, was: object) -> ActorInfo | None:
+        """``ready`` of the recycled ``actor``'s next incarnation, or None when Ray
+        does not bring one (RECYCLE_TRIES)."""
+        for _ in range(RECYCLE_TRIES):
+            try:
+                info = await actor.ready.remote()
+            except self._ray.exceptions.ActorDiedError as exc:
+                if getattr(exc, "actor_init_failed", False):
+                    raise HandlerError(f"pool actor failed to start: {first_line(exc)}") from exc
+                return None  # dead for good (ray.kill with no_restart): not restarted
+            except self.lost_errors:
+                pass  # ActorUnavailableError: the call met the old process dying
+            else:
+                if was is None or info.get("worker_id") != was:
+                    return info
+            await asyncio.sleep(RECYCLE_RETRY_S)  # ok: until Ray has restarted it
+        return None
 
     async def call(
         self,
@@ -161,7 +221,25 @@ class RayBackend:
         """Forget ``actor`` without stopping it (another process owns it)."""
         self.handles.pop(id(actor), None)
         self.node_of.pop(id(actor), None)
+        self._worker_of.pop(id(actor), None)
         self._calls.forget(id(actor))
+
+    def recycle(self, actor: PoolActorHandle) -> None:
+        """Kill a lost actor so that Ray restarts it under the same actor id; the
+        next :meth:`start_actor` waits for that restart."""
+        if not self._restartable:
+            self.kill(actor)
+            return
+        was = self._worker_of.get(id(actor))
+        self.detach(actor)
+        try:
+            self._ray.kill(actor, no_restart=False)
+        except Exception as exc:  # gone for good: the next start makes a new one
+            log.debug("ray.kill failed: %s", exc)
+            self.kill(actor)
+            return
+        self.handles[id(actor)] = actor  # ours until killed: a failed start kills it
+        self._spares.append((actor, was))
 
     def kill(self, actor: PoolActorHandle) -> None:
         self.detach(actor)
@@ -183,7 +261,10 @@ class RayBackend:
             raise ActorLost(first_line(exc)) from exc
 
     async def close(self) -> None:
-        """End the calls still in flight (the pool kills the actors)."""
+        """End the calls still in flight (the pool kills the actors) and kill the
+        lost actors no start took."""
+        while self._spares:
+            self.kill(self._spares.pop()[0])
         await self._calls.close()
 
     async def status(self, actor: PoolActorHandle, timeout_s: float) -> ActorInfo:

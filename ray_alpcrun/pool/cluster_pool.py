@@ -75,6 +75,9 @@ class _Withdrawing:
     def kill(self, actor: PoolActorHandle) -> None:
         self._inner.kill(actor)
 
+    def recycle(self, actor: PoolActorHandle) -> None:
+        self._inner.recycle(actor)
+
     async def retire(self, actor: PoolActorHandle) -> None:
         await self._pool.before_retire(actor)
         await self._inner.retire(actor)

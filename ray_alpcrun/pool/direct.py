@@ -208,6 +208,10 @@ class DirectBackend:
         self._disconnect(actor)
         self._inner.kill(actor)
 
+    def recycle(self, actor: PoolActorHandle) -> None:
+        self._disconnect(actor)  # its next incarnation opens a new socket as it starts
+        self._inner.recycle(actor)
+
     async def end_session(self, actor: PoolActorHandle, session_id: str) -> None:
         await self._inner.end_session(actor, session_id)
 

@@ -40,6 +40,10 @@ class Lifecycle(Protocol[A]):
     def kill(self, actor: A) -> None:
         """Stop the actor now (it may already be dead)."""
 
+    def recycle(self, actor: A) -> None:
+        """Stop a lost actor now, for the next :meth:`start_actor` to start it
+        again (or :meth:`kill` it, where it cannot be started again)."""
+
     async def retire(self, actor: A) -> None:
         """Retire an idle actor: run every session's end hook there, then stop it."""
 

@@ -198,9 +198,11 @@ class Membership(Generic[A]):
             "replacing actor",
             extra=fields(actor=member.index, reason=reason, restarts=self.restarts),
         )
-        # It may only be unreachable, or hung: make sure it is gone.
-        self._backend.kill(member.actor)
-        if not self._closed:
+        # It may only be unreachable, or hung: make sure it is gone (recycled: Ray restarts it).
+        if self._closed:
+            self._backend.kill(member.actor)
+        else:
+            self._backend.recycle(member.actor)
             self._spawn(member.index)
         self._changed()
 

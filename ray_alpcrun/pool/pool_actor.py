@@ -290,9 +290,10 @@ class PoolActor:
 
     def _identity(self) -> ActorInfo:
         try:
-            node_id = ray.get_runtime_context().get_node_id()
+            context = ray.get_runtime_context()
+            node_id, worker_id = context.get_node_id(), context.get_worker_id()
         except Exception:
-            node_id = None
+            node_id = worker_id = None
         device: Mapping[str, object] | None = None
         if self._device is not None:
             try:
@@ -303,6 +304,7 @@ class PoolActor:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "node_id": node_id,
+            "worker_id": worker_id,  # one per incarnation: a restart has a new one
             "device": device,
         }
 

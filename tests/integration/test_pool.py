@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +16,9 @@ from ray_alpcrun.config import PoolConfig
 from ray_alpcrun.errors import ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.handler import Handler, HandlerSpec, SessionContext
 from ray_alpcrun.pool.actor_pool import ActorPool
+from ray_alpcrun.pool.backend import RayBackend, actor_key
+from ray_alpcrun.pool.direct import DirectBackend
+from ray_alpcrun.pool.interfaces import Member
 from tests.support import handlers
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -24,6 +29,18 @@ def small(**kwargs: Any) -> PoolConfig:
     kwargs.setdefault("min_chunk", 1)
     kwargs.setdefault("min_chunk_work_s", 0.0)  # split even tiny tasks: tests reach every actor
     return PoolConfig(**kwargs)
+
+
+def ray_backend(pool: ActorPool) -> RayBackend:
+    backend = pool._backend
+    inner = backend._inner if isinstance(backend, DirectBackend) else backend
+    assert isinstance(inner, RayBackend)
+    return inner
+
+
+def members_of(pool: ActorPool) -> list[Member[Any]]:
+    assert pool._membership is not None
+    return pool._membership.members()
 
 
 @pytest.fixture
@@ -190,11 +207,47 @@ async def test_actor_killed_mid_batch_loses_nothing(ray_session: Any) -> None:
             out = await running
             assert out == [(p, None) for p in batch]
             assert pool.restarts == 1
+            await pool.settle()
+            assert ray_backend(pool).recycled == 0  # killed for good: a new actor
             # The victim answered nothing; the survivors answered each task once.
             await pool.settle()
             status = await pool.status()
             assert status["live"] == 2
             assert sum(a["tasks_done"] for a in status["actors"]) == len(batch)
+    finally:
+        ray.kill(gate)
+
+
+async def test_an_actor_whose_process_dies_comes_back_as_the_same_ray_actor(
+    ray_session: Any,
+) -> None:
+    """Its owner keeps Ray's state per actor id for good (``benchmarks/actor_churn.py``):
+    a lost actor's process comes back as a restart of the same actor, not a new one."""
+    ray = ray_session
+    name = f"gate-{uuid.uuid4().hex}"
+    gate = ray.remote(num_cpus=0)(handlers.Gate).options(name=name).remote()
+    try:
+        async with ActorPool("tests.support.handlers:gated", small()) as pool:
+            ids = {actor_key(m.actor) for m in members_of(pool)}
+            ref = pool.put_shared("s", 1, name.encode())
+            batch = [f"t{i}".encode() for i in range(10)]
+            batch[3] = b"block"
+            running = asyncio.create_task(pool.run("s", batch, shared=ref))
+            [victim] = await gate.wait_entered.remote()
+            pid = int((await victim.status.remote())["pid"])
+            os.kill(pid, signal.SIGKILL)
+            out = await running
+            assert out == [(p, None) for p in batch]
+            assert pool.restarts == 1
+            await pool.settle()
+            assert ray_backend(pool).recycled == 1
+            assert {actor_key(m.actor) for m in members_of(pool)} == ids
+            status = await pool.status()
+            pids = [a["pid"] for a in status["actors"]]
+            assert status["live"] == 2 and pid not in pids, pids
+            # The restarted actor serves: a session on every actor answers.
+            many = [f"u{i}".encode() for i in range(20)]
+            assert await pool.run("s2", many, shared=ref) == [(p, None) for p in many]
     finally:
         ray.kill(gate)
 

@@ -98,6 +98,9 @@ class FakeBackend:
         actor.dead = True
         self.killed.append(actor)
 
+    def recycle(self, actor: FakeActor) -> None:
+        self.kill(actor)  # a fake actor is never started again: the next start makes one
+
     async def end_session(self, actor: FakeActor, session_id: str) -> None:
         if actor.dead:
             raise ActorLost("dead")
