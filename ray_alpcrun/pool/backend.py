@@ -37,12 +37,16 @@ log = logging.getLogger(__name__)
 # the round trip (~1 ms of CPU over two processes) is small beside its work.
 WORTH_A_CALL_S = 0.002
 
-# A recycled actor's next incarnation must answer ``ready`` within this many
-# tries, RECYCLE_RETRY_S apart, of those that fail (the call met the old process
-# dying) or reach the old process still running; else a new actor is started.
-# A restart that waits for room waits without limit, like a new actor. (Measured
-# with Ray 2.60: a restart after SIGKILL answers in about 2 s, after one
-# ActorUnavailableError; an actor killed for good raises ActorDiedError at once.)
+# A recycled (lost) actor is asked ``ready`` until its next incarnation answers.
+# Its old process, still there (hung, or unreachable from the dispatcher), is
+# killed so that Ray restarts it; one that does not answer within
+# RECYCLE_CHECK_S counts as still there. One that Ray restarts by itself (the
+# process died) is not killed again. After RECYCLE_TRIES answers from the old
+# process or failed calls, RECYCLE_RETRY_S apart, a new actor is started; a
+# restart that waits for room waits without limit, like a new actor. (Ray 2.60:
+# a restart after SIGKILL answers in about 2 s, after one ActorUnavailableError;
+# an actor killed for good raises ActorDiedError at once.)
+RECYCLE_CHECK_S = 2.0
 RECYCLE_TRIES = 50
 RECYCLE_RETRY_S = 0.1
 
@@ -151,22 +155,36 @@ class RayBackend:
         return actor
 
     async def _restarted(self, actor: PoolActorHandle, was: object) -> ActorInfo | None:
-        """``ready`` of the recycled ``actor``'s next incarnation, or None when Ray
-        does not bring one (RECYCLE_TRIES)."""
+        """``ready`` of the recycled ``actor``'s next incarnation (``was`` is the lost
+        one's worker id), or None when Ray does not bring one."""
+        killed = was is None
+        if killed:
+            self._restart(actor)
         for _ in range(RECYCLE_TRIES):
+            ready = actor.ready.remote()
             try:
-                info = await actor.ready.remote()
+                info = await (ready if killed else asyncio.wait_for(ready, RECYCLE_CHECK_S))
+            except asyncio.TimeoutError:
+                info = {"worker_id": was}  # no answer: as if the old process were there
             except self._ray.exceptions.ActorDiedError as exc:
                 if getattr(exc, "actor_init_failed", False):
                     raise HandlerError(f"pool actor failed to start: {first_line(exc)}") from exc
                 return None  # dead for good (ray.kill with no_restart): not restarted
             except self.lost_errors:
-                pass  # ActorUnavailableError: the call met the old process dying
-            else:
-                if was is None or info.get("worker_id") != was:
-                    return info
+                info = None  # ActorUnavailableError: Ray is restarting it
+            if info is not None and (was is None or info.get("worker_id") != was):
+                return info
+            if info is not None and not killed:
+                self._restart(actor)  # the old process is still there: hung or cut off
+                killed = True
             await asyncio.sleep(RECYCLE_RETRY_S)  # ok: until Ray has restarted it
         return None
+
+    def _restart(self, actor: PoolActorHandle) -> None:
+        try:
+            self._ray.kill(actor, no_restart=False)
+        except Exception as exc:  # gone already: the next ready says how
+            log.debug("ray.kill failed: %s", exc)
 
     async def call(
         self,
@@ -225,19 +243,14 @@ class RayBackend:
         self._calls.forget(id(actor))
 
     def recycle(self, actor: PoolActorHandle) -> None:
-        """Kill a lost actor so that Ray restarts it under the same actor id; the
-        next :meth:`start_actor` waits for that restart."""
+        """Keep a lost actor for the next :meth:`start_actor`, which waits for Ray
+        to restart it under the same actor id (and kills the old process first
+        when it is still there)."""
         if not self._restartable:
             self.kill(actor)
             return
         was = self._worker_of.get(id(actor))
         self.detach(actor)
-        try:
-            self._ray.kill(actor, no_restart=False)
-        except Exception as exc:  # gone for good: the next start makes a new one
-            log.debug("ray.kill failed: %s", exc)
-            self.kill(actor)
-            return
         self.handles[id(actor)] = actor  # ours until killed: a failed start kills it
         self._spares.append((actor, was))
 
