@@ -4,10 +4,11 @@ The long chaos run (`python -m tests.support.chaos_cluster --faults 20000`)
 finds the coordinator's C heap in use growing by about 6 KB per pool actor
 replaced. This measures a plain Ray driver doing only that, two ways:
 
-- ``new``: create an actor, call it, ``ray.kill`` it (what the pool does when
-  an actor dies: a new actor, a new ActorID);
+- ``new``: create an actor, call it, ``ray.kill`` it (what the pool did when
+  an actor died, until 2026-12-07: a new actor, a new ActorID);
 - ``restart``: one actor with ``max_restarts=-1``, killed with
-  ``no_restart=False`` and called again once Ray restarted it (same ActorID).
+  ``no_restart=False`` and called again once Ray restarted it (same ActorID;
+  what the pool does now, ``RayBackend.recycle``).
 
     python benchmarks/actor_churn.py --actors 300           # both ways, ~8 min on 2 cores
 

@@ -154,6 +154,12 @@ class RayBackend:
         self._worker_of[id(actor)] = info.get("worker_id")
         return actor
 
+    def same_process(self, actor: PoolActorHandle, info: ActorInfo) -> bool:
+        """Whether ``info`` (from ``status``) came from the incarnation that started,
+        not from one that Ray restarted by itself (after its process or node died)."""
+        was = self._worker_of.get(id(actor))
+        return was is None or info.get("worker_id") in (None, was)
+
     async def _restarted(self, actor: PoolActorHandle, was: object) -> ActorInfo | None:
         """``ready`` of the recycled ``actor``'s next incarnation (``was`` is the lost
         one's worker id), or None when Ray does not bring one."""

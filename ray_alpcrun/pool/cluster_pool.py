@@ -127,7 +127,11 @@ class ClusterPool(ActorPool):
         if backend is None:
             return False
         info = await backend.status(member.actor, PROBE_TIMEOUT_S)
-        return "error" not in info
+        # One that Ray restarted by itself (its node was lost with the node bridge)
+        # may be on another node now: replaced, so that the pool learns where it
+        # is. (Taken as live, it kept the lost node wanted: the long chaos run
+        # started 544 node bridges there, each failing "not schedulable".)
+        return "error" not in info and backend.same_process(member.actor, info)
 
     def member_lost(self, index: int, key: str, reason: str, killed: bool) -> bool:
         """A node bridge lost member ``index`` (actor ``key``): replace it, unless

@@ -208,6 +208,9 @@ class DirectBackend:
         self._disconnect(actor)
         self._inner.kill(actor)
 
+    def same_process(self, actor: PoolActorHandle, info: ActorInfo) -> bool:
+        return self._inner.same_process(actor, info)
+
     def recycle(self, actor: PoolActorHandle) -> None:
         self._disconnect(actor)  # its next incarnation opens a new socket as it starts
         self._inner.recycle(actor)

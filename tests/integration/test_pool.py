@@ -17,6 +17,7 @@ from ray_alpcrun.errors import ConfigError, HandlerError, SessionSetupError
 from ray_alpcrun.handler import Handler, HandlerSpec, SessionContext
 from ray_alpcrun.pool.actor_pool import ActorPool
 from ray_alpcrun.pool.backend import RayBackend, actor_key
+from ray_alpcrun.pool.cluster_pool import ClusterPool
 from ray_alpcrun.pool.direct import DirectBackend
 from ray_alpcrun.pool.interfaces import Member
 from tests.support import handlers
@@ -250,6 +251,31 @@ async def test_an_actor_whose_process_dies_comes_back_as_the_same_ray_actor(
             assert await pool.run("s2", many, shared=ref) == [(p, None) for p in many]
     finally:
         ray.kill(gate)
+
+
+async def test_the_probe_replaces_an_actor_that_ray_restarted_by_itself(ray_session: Any) -> None:
+    """A node bridge died with its node: the coordinator probes the actors it served.
+    Ray restarts a lost one by itself (elsewhere); answering, it was taken as live,
+    so the pool kept the lost node wanted and started node bridges there (544 in
+    the long chaos run), each failing "not schedulable"."""
+    ray = ray_session
+    own = ray.get_runtime_context().get_node_id()
+    async with ClusterPool("tests.support.handlers:echo", small(), own) as pool:
+        member = members_of(pool)[0]
+        assert await pool.probe(member)
+        pid = int((await member.actor.status.remote())["pid"])
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(300):  # bounded: Ray restarts it in about 2 s
+            try:
+                if int((await member.actor.status.remote())["pid"]) != pid:
+                    break
+            except ray.exceptions.RayActorError:
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("Ray did not restart the actor")
+        assert not await pool.probe(member)
+        assert await pool.probe(members_of(pool)[1])
 
 
 async def test_hung_task_times_out_and_the_rest_succeed() -> None:
