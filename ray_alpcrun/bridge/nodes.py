@@ -93,6 +93,7 @@ class NodeBridges:
         self._log = (log_level, log_json)
         self._fixed_slots = fixed_slots
         self._nodes: dict[str, _Node] = {}
+        self._gone: set[str] = set()  # nodes Ray could not place a node bridge on: lost
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
@@ -261,7 +262,8 @@ class NodeBridges:
                 del self._nodes[node_id]
                 if n.syncing is not None:
                     n.syncing.cancel()
-        for node_id in wanted.keys() - self._nodes.keys():
+        # Not on a lost node, whose actors stay wanted there until their probe ends.
+        for node_id in wanted.keys() - self._nodes.keys() - self._gone:
             self._nodes[node_id] = self._spawn(node_id, now)
         for node_id, n in self._nodes.items():
             if n.syncing is None or n.syncing.done():
@@ -332,6 +334,8 @@ class NodeBridges:
         # Retrieved first: a bridge killed while it stops ends with ActorDiedError,
         # which asyncio would log as "never retrieved" (seen in the chaos run).
         error = ref.exception() if not ref.cancelled() else None
+        if type(error).__name__ == "ActorUnschedulableError":  # a node id never comes back
+            self._gone.add(n.node_id)
         if n.stopping or self._closed:
             return
         n.dead = True

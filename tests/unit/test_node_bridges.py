@@ -209,6 +209,50 @@ async def test_a_node_bridge_that_does_not_answer_holds_up_no_other_node(
                 task.cancel()
 
 
+async def test_no_node_bridge_starts_again_on_a_node_that_is_gone() -> None:
+    # The long chaos run: a node lost with its node bridge stayed wanted while the
+    # probe of its actors ran (up to 3 s), and every round started a node bridge
+    # there that failed "not schedulable" (47 in the first third of the run).
+    from ray.exceptions import ActorUnschedulableError
+
+    gone_id = "ef" * 28
+    members: list[tuple[Any, str]] = [(SimpleNamespace(index=0, actor="a0"), gone_id)]
+    pool = SimpleNamespace(
+        watch=lambda listener: None,
+        members_with_nodes=lambda: list(members),
+        probe=lambda member: asyncio.sleep(30, True),  # ok: a probe still running
+    )
+    handles: list[_FakeNodeBridge] = []
+
+    def spawn(**options: Any) -> Any:
+        handle = _FakeNodeBridge(options["scheduling_strategy"].node_id, stuck=False)
+        handles.append(handle)
+        return SimpleNamespace(remote=lambda *args: handle)
+
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "head", "pod", 1)
+    nodes = NodeBridges(
+        pool, "head", None, "h:x", PoolConfig(), settings, "info", False, None,
+        lambda: SimpleNamespace(options=spawn),
+    )  # fmt: skip
+    nodes.start()
+    try:
+        first = await _handle_for(handles, gone_id)
+        first.ended.set_exception(ActorUnschedulableError("the node is gone"))
+        for _ in range(5):  # rounds that would each have started one
+            nodes._kick.set()
+            await asyncio.sleep(0.05)  # ok: lets the rounds run
+        assert handles == [first] and nodes.replaced == 1
+        other = "ab" * 28  # another node still gets its node bridge
+        members.append((SimpleNamespace(index=1, actor="a1"), other))
+        nodes._kick.set()
+        await _handle_for(handles, other)
+    finally:
+        nodes._closed = True
+        for task in [nodes._task, *nodes._tasks, *(n.syncing for n in nodes._nodes.values())]:
+            if task is not None:
+                task.cancel()
+
+
 async def _handle_for(
     handles: list[_FakeNodeBridge], node_id: str, after: _FakeNodeBridge | None = None
 ) -> _FakeNodeBridge:
