@@ -171,24 +171,11 @@ async def test_a_node_bridge_that_does_not_answer_holds_up_no_other_node(
     monkeypatch.setattr(nodes_module, "CALL_TIMEOUT_S", 60.0)
     stuck_id, fine_id = "ab" * 28, "cd" * 28  # node ids: 28 bytes in hex
     members: list[tuple[Any, str]] = [(SimpleNamespace(index=0, actor="a0"), stuck_id)]
-    pool = SimpleNamespace(
-        watch=lambda listener: None,
-        members_with_nodes=lambda: list(members),
-        probe=lambda member: asyncio.sleep(0, True),  # ok: a coroutine answering True
-    )
-    handles: list[_FakeNodeBridge] = []
 
-    def spawn(**options: Any) -> Any:
-        node_id = options["scheduling_strategy"].node_id
-        handle = _FakeNodeBridge(node_id, stuck=node_id == stuck_id)
-        handles.append(handle)
-        return SimpleNamespace(remote=lambda *args: handle)
+    async def probe(member: Any) -> bool:
+        return True
 
-    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "head", "pod", 1)
-    nodes = NodeBridges(
-        pool, "head", None, "h:x", PoolConfig(), settings, "info", False, None,
-        lambda: SimpleNamespace(options=spawn),
-    )  # fmt: skip
+    nodes, handles = _spawning(members, probe, stuck=stuck_id)
     nodes.start()
     try:
         stuck = await _handle_for(handles, stuck_id)
@@ -202,11 +189,7 @@ async def test_a_node_bridge_that_does_not_answer_holds_up_no_other_node(
         await asyncio.wait_for(again.asked.wait(), 2)
         assert again.adopted == [1] and nodes.replaced == 1
     finally:
-        nodes._closed = True
-        syncs = [n.syncing for n in nodes._nodes.values()]
-        for task in [nodes._task, *nodes._tasks, *syncs]:
-            if task is not None:
-                task.cancel()
+        _stop(nodes)
 
 
 async def test_no_node_bridge_starts_again_on_a_node_that_is_gone() -> None:
@@ -217,23 +200,12 @@ async def test_no_node_bridge_starts_again_on_a_node_that_is_gone() -> None:
 
     gone_id = "ef" * 28
     members: list[tuple[Any, str]] = [(SimpleNamespace(index=0, actor="a0"), gone_id)]
-    pool = SimpleNamespace(
-        watch=lambda listener: None,
-        members_with_nodes=lambda: list(members),
-        probe=lambda member: asyncio.sleep(30, True),  # ok: a probe still running
-    )
-    handles: list[_FakeNodeBridge] = []
 
-    def spawn(**options: Any) -> Any:
-        handle = _FakeNodeBridge(options["scheduling_strategy"].node_id, stuck=False)
-        handles.append(handle)
-        return SimpleNamespace(remote=lambda *args: handle)
+    async def probe(member: Any) -> bool:
+        await asyncio.sleep(30)  # ok: a probe still running when the test ends
+        return True
 
-    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "head", "pod", 1)
-    nodes = NodeBridges(
-        pool, "head", None, "h:x", PoolConfig(), settings, "info", False, None,
-        lambda: SimpleNamespace(options=spawn),
-    )  # fmt: skip
+    nodes, handles = _spawning(members, probe)
     nodes.start()
     try:
         first = await _handle_for(handles, gone_id)
@@ -247,10 +219,38 @@ async def test_no_node_bridge_starts_again_on_a_node_that_is_gone() -> None:
         nodes._kick.set()
         await _handle_for(handles, other)
     finally:
-        nodes._closed = True
-        for task in [nodes._task, *nodes._tasks, *(n.syncing for n in nodes._nodes.values())]:
-            if task is not None:
-                task.cancel()
+        _stop(nodes)
+
+
+def _spawning(
+    members: list[tuple[Any, str]], probe: Any, stuck: str | None = None
+) -> tuple[NodeBridges, list[_FakeNodeBridge]]:
+    """NodeBridges for ``members`` over fake node bridges, and the handles it starts
+    (the one on node ``stuck`` never answers ``adopt``)."""
+    pool = SimpleNamespace(
+        watch=lambda listener: None, members_with_nodes=lambda: list(members), probe=probe
+    )
+    handles: list[_FakeNodeBridge] = []
+
+    def spawn(**options: Any) -> Any:
+        node_id = options["scheduling_strategy"].node_id
+        handle = _FakeNodeBridge(node_id, stuck=node_id == stuck)
+        handles.append(handle)
+        return SimpleNamespace(remote=lambda *args: handle)
+
+    settings = WorkerSettings("q:1", "c:1", "k", "ghpc.v1", "head", "pod", 1)
+    nodes = NodeBridges(
+        pool, "head", None, "h:x", PoolConfig(), settings, "info", False, None,
+        lambda: SimpleNamespace(options=spawn),
+    )  # fmt: skip
+    return nodes, handles
+
+
+def _stop(nodes: NodeBridges) -> None:
+    nodes._closed = True
+    for task in [nodes._task, *nodes._tasks, *(n.syncing for n in nodes._nodes.values())]:
+        if task is not None:
+            task.cancel()
 
 
 async def _handle_for(
