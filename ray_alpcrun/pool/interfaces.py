@@ -41,8 +41,9 @@ class Lifecycle(Protocol[A]):
         """Stop the actor now (it may already be dead)."""
 
     def recycle(self, actor: A) -> None:
-        """Stop a lost actor now, for the next :meth:`start_actor` to start it
-        again (or :meth:`kill` it, where it cannot be started again)."""
+        """Hand a lost actor to the next :meth:`start_actor`, which takes it back
+        once started again (stopping its old process first if that is still
+        there), or :meth:`kill` it where it cannot be started again."""
 
     async def retire(self, actor: A) -> None:
         """Retire an idle actor: run every session's end hook there, then stop it."""

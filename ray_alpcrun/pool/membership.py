@@ -198,7 +198,7 @@ class Membership(Generic[A]):
             "replacing actor",
             extra=fields(actor=member.index, reason=reason, restarts=self.restarts),
         )
-        # It may only be unreachable, or hung: make sure it is gone (recycled: Ray restarts it).
+        # It may only be unreachable, or hung: the backend makes sure that process goes.
         if self._closed:
             self._backend.kill(member.actor)
         else:
