@@ -333,8 +333,10 @@ class NodeBridges:
     def _ended(self, n: _Node, ref: asyncio.Future[Any]) -> None:
         # Retrieved first: a bridge killed while it stops ends with ActorDiedError,
         # which asyncio would log as "never retrieved" (seen in the chaos run).
+        import ray
+
         error = ref.exception() if not ref.cancelled() else None
-        if type(error).__name__ == "ActorUnschedulableError":  # a node id never comes back
+        if isinstance(error, ray.exceptions.ActorUnschedulableError):  # a node id never comes back
             self._gone.add(n.node_id)
         if n.stopping or self._closed:
             return

@@ -104,8 +104,7 @@ class RayBackend:
         actor handle, ``benchmarks/actor_churn.py``), so a pool that replaced its
         actors with new ones grew by that much per loss."""
         while self._spares:
-            actor, was = self._spares.pop()
-            self.handles[id(actor)] = actor
+            actor, was = self._spares.pop()  # still in self.handles (recycle)
             try:
                 restarted = await self._restarted(actor, was)
             except BaseException:
@@ -178,11 +177,12 @@ class RayBackend:
                 return None  # dead for good (ray.kill with no_restart): not restarted
             except self.lost_errors:
                 info = None  # ActorUnavailableError: Ray is restarting it
-            if info is not None and (was is None or info.get("worker_id") != was):
-                return info
-            if info is not None and not killed:
-                self._restart(actor)  # the old process is still there: hung or cut off
-                killed = True
+            if info is not None:
+                if was is None or info.get("worker_id") != was:
+                    return info
+                if not killed:
+                    self._restart(actor)  # the old process is still there: hung or cut off
+                    killed = True
             await asyncio.sleep(RECYCLE_RETRY_S)  # ok: until Ray has restarted it
         return None
 
